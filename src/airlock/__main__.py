@@ -1,0 +1,5 @@
+"""``python -m airlock`` runs the CLI."""
+
+from airlock.cli import main
+
+main()

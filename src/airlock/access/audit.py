@@ -1,0 +1,171 @@
+"""The audit trail: every request, allowed or denied, becomes one row, written in batches.
+
+Events are queued by the request path and committed by one background thread in group commits
+(DESIGN.md: ~6k rows/s committing singly vs >200k/s in batches of 100 on SQLite), so auditing
+costs the request microseconds. The queue is flushed at most ``flush_interval`` after an event
+arrives and on shutdown; ``flush()`` blocks until everything queued so far is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from airlock.access.models import AuditEvent, Grant
+from airlock.db import Database, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AuditRecord:
+    """One audit event before it is written."""
+
+    request_id: str
+    method: str
+    path: str
+    status_code: int
+    outcome: str
+    actor_type: str = "anonymous"
+    actor: str | None = None
+    evaluator_id: str | None = None
+    grant_id: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    version_id: str | None = None
+    variant: str | None = None
+    scope: str | None = None
+    error_code: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_ms: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+    ts: datetime = field(default_factory=utcnow)
+
+
+_STOP = object()
+
+
+class AuditWriter:
+    """Background, batching writer of audit events."""
+
+    def __init__(self, db: Database, *, flush_interval: float = 0.05, batch_size: int = 200) -> None:
+        self._db = db
+        self._interval = flush_interval
+        self._batch = batch_size
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="airlock-audit", daemon=True)
+        self._started = False
+        self._lock = threading.Lock()
+        self.written = 0
+
+    def start(self) -> None:
+        """Start the writer thread (idempotent)."""
+        with self._lock:
+            if not self._started:
+                self._thread.start()
+                self._started = True
+
+    def record(self, event: AuditRecord) -> None:
+        """Queue an event; never blocks on the database."""
+        if not self._started:
+            self.start()
+        self._queue.put(event)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until every event queued before this call has been committed."""
+        if not self._started:
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout):
+            log.error("audit flush timed out after %.1fs", timeout)
+
+    def close(self) -> None:
+        """Write everything still queued and stop the thread."""
+        if not self._started:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch: list[AuditRecord] = []
+            waiters: list[threading.Event] = []
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    waiters.append(item)
+                else:
+                    batch.append(item)
+                if stop or len(batch) >= self._batch:
+                    break
+                try:
+                    item = self._queue.get(timeout=self._interval if batch else 0.0)
+                except queue.Empty:
+                    break
+            if batch:
+                self._write(batch)
+            for waiter in waiters:
+                waiter.set()
+
+    def _write(self, batch: list[AuditRecord]) -> None:
+        rows = [asdict(e) for e in batch]
+        # Token usage is charged to grants in the same transaction as the audit rows, so the
+        # quota counters and the audit trail can never disagree after a crash.
+        usage: dict[str, int] = {}
+        for e in batch:
+            if e.grant_id and (e.tokens_in or e.tokens_out):
+                usage[e.grant_id] = usage.get(e.grant_id, 0) + e.tokens_in + e.tokens_out
+        for attempt in range(5):
+            try:
+                with self._db.session() as session:
+                    session.execute(insert(AuditEvent), rows)
+                    for grant_id, tokens in sorted(usage.items()):
+                        session.execute(
+                            update(Grant).where(Grant.id == grant_id).values(tokens_used=Grant.tokens_used + tokens)
+                        )
+                self.written += len(rows)
+                return
+            except Exception:  # the writer must survive a transient DB error (locked, restarted)
+                log.exception("writing %d audit events failed (attempt %d)", len(rows), attempt + 1)
+                threading.Event().wait(0.2 * (attempt + 1))
+        log.critical("dropping %d audit events after repeated failures", len(rows))
+
+
+def tail(session: Session, limit: int = 20, *, grant_id: str | None = None) -> list[AuditEvent]:
+    """Return the newest ``limit`` audit events, oldest first."""
+    stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if grant_id:
+        stmt = stmt.where(AuditEvent.grant_id == grant_id)
+    return list(reversed(list(session.scalars(stmt))))
+
+
+def summary(session: Session, *, since_id: int = 0) -> list[dict[str, Any]]:
+    """Return counts and token totals grouped by evaluator, variant and outcome."""
+    stmt = (
+        select(
+            AuditEvent.actor,
+            AuditEvent.variant,
+            AuditEvent.outcome,
+            AuditEvent.status_code,
+            func.count(),
+            func.coalesce(func.sum(AuditEvent.tokens_in), 0),
+            func.coalesce(func.sum(AuditEvent.tokens_out), 0),
+        )
+        .where(AuditEvent.id > since_id)
+        .group_by(AuditEvent.actor, AuditEvent.variant, AuditEvent.outcome, AuditEvent.status_code)
+        .order_by(AuditEvent.actor, AuditEvent.variant, AuditEvent.status_code)
+    )
+    keys = ("actor", "variant", "outcome", "status_code", "requests", "tokens_in", "tokens_out")
+    return [dict(zip(keys, row, strict=True)) for row in session.execute(stmt)]

@@ -1,0 +1,94 @@
+"""Quota enforcement: requests per minute (in-process or Redis) and total tokens (database)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from typing import Any, Protocol
+
+from airlock.access.models import Grant
+from airlock.errors import RateLimitError
+
+
+class RateLimiter(Protocol):
+    """Counts requests per grant in a sliding 60-second window."""
+
+    def hit(self, grant_id: str, limit: int) -> None:
+        """Count one request, raising RateLimitError when ``limit`` per minute is exceeded."""
+
+
+class MemoryRateLimiter:
+    """Sliding-window limiter for a single gateway process (the embedded default)."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self._window = window_s
+        self._hits: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def hit(self, grant_id: str, limit: int) -> None:
+        """Count one request for ``grant_id``; raise when over ``limit`` in the window."""
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits[grant_id]
+            while hits and hits[0] <= now - self._window:
+                hits.popleft()
+            if len(hits) >= limit:
+                retry = hits[0] + self._window - now
+                raise RateLimitError(
+                    f"rate limit of {limit} requests/min reached for your grant; retry in {math.ceil(retry)}s",
+                    retry_after=retry,
+                )
+            hits.append(now)
+
+
+class RedisRateLimiter:
+    """Sliding-window limiter shared by several gateway replicas through Redis sorted sets."""
+
+    _SCRIPT = """
+    local key, now, window, limit, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+    local count = redis.call('ZCARD', key)
+    if count >= limit then
+      local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      return {0, tostring(oldest[2])}
+    end
+    redis.call('ZADD', key, now, member)
+    redis.call('PEXPIRE', key, math.ceil(window * 1000))
+    return {1, ''}
+    """
+
+    def __init__(self, url: str, window_s: float = 60.0, prefix: str = "airlock:rpm:") -> None:
+        import redis
+
+        self._client: Any = redis.Redis.from_url(url)
+        self._window = window_s
+        self._prefix = prefix
+        self._script = self._client.register_script(self._SCRIPT)
+
+    def hit(self, grant_id: str, limit: int) -> None:
+        """Count one request for ``grant_id`` atomically in Redis; raise when over ``limit``."""
+        now = time.time()
+        member = f"{now:.6f}:{threading.get_ident()}:{time.perf_counter_ns()}"
+        ok, oldest = self._script(keys=[self._prefix + grant_id], args=[now, self._window, limit, member])
+        if not int(ok):
+            retry = float(oldest) + self._window - now if oldest else self._window
+            raise RateLimitError(
+                f"rate limit of {limit} requests/min reached for your grant; retry in {math.ceil(retry)}s",
+                retry_after=retry,
+            )
+
+
+def check_token_quota(grant: Grant) -> None:
+    """Raise RateLimitError when the grant has used its total-token quota."""
+    if grant.quota_total_tokens is not None and grant.tokens_used >= grant.quota_total_tokens:
+        raise RateLimitError(
+            f"your grant's quota of {grant.quota_total_tokens} tokens is used up",
+            code="insufficient_quota",
+        )
+
+
+def make_rate_limiter(redis_url: str | None) -> RateLimiter:
+    """Return a Redis-backed limiter when ``redis_url`` is set, else an in-process one."""
+    return RedisRateLimiter(redis_url) if redis_url else MemoryRateLimiter()

@@ -1,0 +1,117 @@
+"""Admin routes for evaluators, grants, keys and the audit trail (lab admin token required)."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from fastapi import APIRouter, Query
+
+from airlock.access import audit as audit_service
+from airlock.access import service
+from airlock.access.schemas import (
+    AuditEventPublic,
+    EvaluatorCreate,
+    EvaluatorPublic,
+    GrantCreate,
+    GrantPublic,
+    GrantRevoke,
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+)
+from airlock.db import utcnow
+from airlock.errors import InvalidRequestError
+from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+
+router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: access"])
+
+
+@router.post("/evaluators", response_model=EvaluatorPublic, status_code=201)
+def create_evaluator(body: EvaluatorCreate, session: SessionDep, admin: AdminDep) -> EvaluatorPublic:
+    """Register an evaluator organisation."""
+    return EvaluatorPublic.of(service.create_evaluator(session, body.name, body.contact))
+
+
+@router.get("/evaluators", response_model=list[EvaluatorPublic])
+def list_evaluators(session: SessionDep, admin: AdminDep) -> list[EvaluatorPublic]:
+    """List evaluator organisations."""
+    return [EvaluatorPublic.of(e) for e in service.list_evaluators(session)]
+
+
+@router.post("/grants", response_model=GrantPublic, status_code=201)
+def create_grant(body: GrantCreate, session: SessionDep, admin: AdminDep) -> GrantPublic:
+    """Issue a grant."""
+    if body.expires_in and body.not_after:
+        raise InvalidRequestError("give either expires_in or not_after, not both")
+    for value in (body.not_before, body.not_after):
+        if value is not None and value.tzinfo is None:
+            raise InvalidRequestError("timestamps must carry a timezone, e.g. 2026-12-01T00:00:00Z")
+    not_after = body.not_after
+    if body.expires_in:
+        not_after = (body.not_before or utcnow()) + service.parse_duration(body.expires_in)
+    grant = service.create_grant(
+        session,
+        service.GrantRequest(
+            evaluator=body.evaluator,
+            model=body.model,
+            versions=body.versions,
+            variants=body.variants,
+            scopes=body.scopes,
+            not_before=body.not_before.astimezone(UTC) if body.not_before else None,
+            not_after=not_after,
+            quota_requests_per_minute=body.quota_requests_per_minute,
+            quota_total_tokens=body.quota_total_tokens,
+            embargo_days=body.embargo_days,
+            notes=body.notes,
+            created_by=admin.name,
+        ),
+    )
+    return GrantPublic.of(service.get_grant(session, grant.id))
+
+
+@router.get("/grants", response_model=list[GrantPublic])
+def list_grants(
+    session: SessionDep, admin: AdminDep, evaluator: str | None = None, include_revoked: bool = True
+) -> list[GrantPublic]:
+    """List grants, newest first."""
+    return [
+        GrantPublic.of(g) for g in service.list_grants(session, evaluator=evaluator, include_revoked=include_revoked)
+    ]
+
+
+@router.get("/grants/{grant_id}", response_model=GrantPublic)
+def get_grant(grant_id: str, session: SessionDep, admin: AdminDep) -> GrantPublic:
+    """Show one grant."""
+    return GrantPublic.of(service.get_grant(session, grant_id))
+
+
+@router.post("/grants/{grant_id}/revoke", response_model=GrantPublic)
+def revoke_grant(grant_id: str, body: GrantRevoke, session: SessionDep, admin: AdminDep) -> GrantPublic:
+    """Revoke a grant at once."""
+    return GrantPublic.of(service.revoke_grant(session, grant_id, body.reason))
+
+
+@router.post("/grants/{grant_id}/keys", response_model=KeyCreated, status_code=201)
+def create_key(grant_id: str, body: KeyCreate, session: SessionDep, admin: AdminDep) -> KeyCreated:
+    """Create an API key for a grant (the key is in this response only)."""
+    key, token = service.create_api_key(session, grant_id, body.name)
+    return KeyCreated(id=key.id, grant_id=key.grant_id, key=token, display_prefix=key.display_prefix)
+
+
+@router.post("/keys/{key_id}/revoke", response_model=KeyPublic)
+def revoke_key(key_id: str, session: SessionDep, admin: AdminDep) -> KeyPublic:
+    """Revoke one API key."""
+    return KeyPublic.of(service.revoke_api_key(session, key_id))
+
+
+@router.get("/audit", response_model=list[AuditEventPublic])
+def audit_tail(
+    state: StateDep,
+    session: SessionDep,
+    admin: AdminDep,
+    limit: int = Query(default=50, ge=1, le=1000),
+    grant_id: str | None = None,
+) -> list[AuditEventPublic]:
+    """Return the newest audit events (oldest first)."""
+    state.audit.flush()
+    return [AuditEventPublic.of(e) for e in audit_service.tail(session, limit, grant_id=grant_id)]

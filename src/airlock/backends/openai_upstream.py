@@ -1,0 +1,496 @@
+"""A backend that forwards requests to an OpenAI-compatible upstream (vLLM, TGI, a lab's API).
+
+The upstream is the operator's model server: Airlock authenticates to it with the operator's
+key (``api_key`` or ``api_key_env``), never with the evaluator's. The client is ``aiohttp``
+with one pooled session per backend; ``httpx`` measured about 8x slower at 32 concurrent
+requests on the development machines (DESIGN.md).
+
+Failures map onto Airlock's error tree: unreachable or timed-out upstream -> 503; upstream
+429 -> 429; upstream 400/422 -> 400 with the upstream's message (the evaluator's request was
+bad); upstream 401/403/404 and 5xx or unparseable bodies -> 502 (the operator's setup or
+server is at fault, and its details are logged, not shown to the evaluator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from airlock.backends.base import ModelBackend
+from airlock.backends.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    SamplingFields,
+    Usage,
+)
+from airlock.errors import (
+    AirlockError,
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    InvalidRequestError,
+    RateLimitError,
+)
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls"})
+# Older and non-OpenAI servers use other finish reasons; map them onto the wire model's set.
+_FINISH_ALIASES = {"function_call": "tool_calls", "eos_token": "stop", "eos": "stop", "max_tokens": "length"}
+# Error text copied from upstream bodies into logs or 4xx messages is clipped to this length.
+_MAX_ERROR_CHARS = 500
+# SSE lines are read whole; a chunk with many top_logprobs can exceed aiohttp's 256 KiB default.
+_READ_BUFSIZE = 1 << 20
+
+
+class UpstreamConfig(BaseModel):
+    """Manifest configuration of an ``openai_upstream`` backend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(description="Upstream API root including /v1, e.g. http://127.0.0.1:9000/v1.")
+    model: str = Field(min_length=1, description="Model id the upstream serves.")
+    api_key: SecretStr | None = Field(default=None, description="Operator's upstream key (prefer api_key_env).")
+    api_key_env: str | None = Field(default=None, min_length=1, description="Env var holding the upstream key.")
+    timeout_s: float = Field(default=120.0, gt=0, description="Whole-request timeout; idle timeout for streams.")
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=64, ge=1)
+    max_retries: int = Field(default=2, ge=0, le=10, description="Retries of non-streaming calls on connect/503.")
+    supports_logprobs: bool = True
+    supports_echo: bool = False
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:9000/v1")
+        return value.rstrip("/")
+
+    @field_validator("extra_headers")
+    @classmethod
+    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
+        if any(k.lower() == "authorization" for k in value):
+            raise ValueError("set the upstream key with api_key or api_key_env, not an Authorization header")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> UpstreamConfig:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
+
+
+class OpenAIUpstreamBackend(ModelBackend):
+    """Forwards chat and text completions to an OpenAI-compatible server with the operator's key."""
+
+    kind = "openai_upstream"
+
+    def __init__(self, config: UpstreamConfig, api_key: str | None = None) -> None:
+        self.config = config
+        self.base_url = config.base_url
+        self.model = config.model
+        self._api_key = api_key or None
+        # Capabilities depend on the upstream, so they are per instance (ModelBackend declares
+        # them as class variables for the common case of fixed capabilities).
+        self.supports_logprobs = config.supports_logprobs  # type: ignore[misc]
+        self.supports_echo = config.supports_echo  # type: ignore[misc]
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s)
+        # Streams may legitimately run for minutes; bound the silence between chunks instead.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
+        )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> OpenAIUpstreamBackend:
+        """Build the backend from its manifest config; raise ``ConfigError`` when it is invalid."""
+        try:
+            parsed = UpstreamConfig.model_validate(dict(config))
+        except ValidationError as exc:
+            # Only locations and messages: pydantic's full text would echo input values (the key).
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"openai_upstream backend: invalid config: {problems}") from None
+        api_key: str | None = None
+        if parsed.api_key is not None:
+            api_key = parsed.api_key.get_secret_value()
+        elif parsed.api_key_env is not None:
+            api_key = os.environ.get(parsed.api_key_env)
+            if not api_key:
+                raise ConfigError(
+                    f"openai_upstream backend: environment variable {parsed.api_key_env!r} (api_key_env) is not set"
+                )
+        return cls(parsed, api_key)
+
+    def __repr__(self) -> str:
+        return f"OpenAIUpstreamBackend(base_url={self.base_url!r}, model={self.model!r})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **self.config.extra_headers}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created lazily too, because a backend may be used without start() (tests, CLI).
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers(), read_bufsize=_READ_BUFSIZE
+            )
+        return self._session
+
+    async def start(self) -> None:
+        """Open the pooled HTTP session."""
+        self._get_session()
+
+    async def aclose(self) -> None:
+        """Close the HTTP session and its connections."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def _redact(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return text[:_MAX_ERROR_CHARS]
+
+    def _payload(self, request: SamplingFields, *, stream: bool) -> bytes:
+        # Only the fields the client set: the upstream applies its own defaults for the rest.
+        body = request.model_dump(mode="json", exclude_unset=True)
+        body["model"] = self.model
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        else:
+            body.pop("stream_options", None)
+        return json.dumps(body).encode()
+
+    def _check_chat(self, request: ChatCompletionRequest) -> None:
+        if request.wants_logprobs() and not self.supports_logprobs:
+            raise InvalidRequestError("this model does not return log-probabilities", param="logprobs")
+
+    def _check_completion(self, request: CompletionRequest) -> None:
+        if request.wants_logprobs() and not self.supports_logprobs:
+            raise InvalidRequestError("this model does not return log-probabilities", param="logprobs")
+        if request.echo and request.wants_logprobs() and not self.supports_echo:
+            raise InvalidRequestError("this model does not return prompt log-probabilities (echo)", param="echo")
+
+    def _error_message(self, raw: bytes) -> tuple[str, str | None]:
+        """Return the upstream's error message and param from an error body (OpenAI or FastAPI style)."""
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return self._redact(text.strip()) or "no details", None
+        if isinstance(data, dict):
+            error = data.get("error")
+            if isinstance(error, dict) and error.get("message"):
+                param = error.get("param")
+                return self._redact(str(error["message"])), str(param) if isinstance(param, str) else None
+            if isinstance(error, str):
+                return self._redact(error), None
+            if "detail" in data:
+                return self._redact(
+                    json.dumps(data["detail"]) if not isinstance(data["detail"], str) else data["detail"]
+                ), None
+            if data.get("message"):
+                return self._redact(str(data["message"])), None
+        return self._redact(text.strip()) or "no details", None
+
+    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        status = response.status
+        if status < 400:
+            return
+        message, param = self._error_message(await response.read())
+        if status in (401, 403):
+            logger.error("upstream %s rejected Airlock's credentials (HTTP %d): %s", self.base_url, status, message)
+            raise BackendError(
+                f"the upstream model server rejected the gateway's credentials (HTTP {status}); "
+                "the operator must check the upstream API key",
+                code="upstream_auth_failed",
+            )
+        if status == 404:
+            # Path and model id come from the operator's config, never from the evaluator.
+            logger.error("upstream %s answered 404 for model %r: %s", self.base_url, self.model, message)
+            raise BackendError("the upstream model server does not serve the configured model or path (HTTP 404)")
+        if status == 429:
+            raise RateLimitError(
+                f"the upstream model server is rate limiting requests: {message}",
+                code="upstream_rate_limited",
+                retry_after=_retry_after(response),
+            )
+        if status == 503:
+            logger.warning("upstream %s unavailable (HTTP 503): %s", self.base_url, message)
+            raise BackendUnavailableError("the upstream model server is unavailable (HTTP 503)")
+        if status < 500:
+            raise InvalidRequestError(f"upstream rejected the request: {message}", param=param)
+        logger.warning("upstream %s failed (HTTP %d): %s", self.base_url, status, message)
+        raise BackendError(f"the upstream model server failed (HTTP {status})")
+
+    def _unreachable(self, exc: BaseException) -> NoReturn:
+        logger.warning("upstream %s unreachable: %s", self.base_url, self._redact(repr(exc)))
+        raise BackendUnavailableError("the upstream model server is unreachable") from None
+
+    def _timed_out(self) -> NoReturn:
+        logger.warning("upstream %s timed out after %.1fs", self.base_url, self.config.timeout_s)
+        raise BackendUnavailableError(
+            f"the upstream model server did not answer within {self.config.timeout_s:g}s", code="upstream_timeout"
+        ) from None
+
+    def _bad_response(self, detail: str) -> NoReturn:
+        logger.warning("upstream %s sent an invalid response: %s", self.base_url, self._redact(detail))
+        raise BackendError("the upstream model server sent an invalid response") from None
+
+    async def _post_json(self, path: str, body: bytes) -> dict[str, Any]:
+        """POST ``body`` and return the JSON object answered, retrying connect failures and 503s."""
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            try:
+                async with self._get_session().post(url, data=body, timeout=self._timeout) as response:
+                    if response.status == 503 and attempt < self.config.max_retries:
+                        delay = _retry_after(response)
+                        await response.read()
+                        attempt += 1
+                        await asyncio.sleep(_backoff(attempt, delay))
+                        continue
+                    await self._raise_for_status(response)
+                    raw = await response.read()
+            except AirlockError:
+                raise
+            except (
+                aiohttp.ClientConnectorError,
+                aiohttp.ConnectionTimeoutError,
+                aiohttp.ServerDisconnectedError,
+            ) as exc:
+                # The request never reached a working upstream (or a pooled keep-alive connection
+                # went stale); generation has no side effects, so retrying is safe.
+                if attempt < self.config.max_retries:
+                    attempt += 1
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                self._unreachable(exc)
+            except TimeoutError:
+                # Not retried: the upstream may still be generating, and a retry would double its load.
+                self._timed_out()
+            except aiohttp.ClientConnectionError as exc:
+                self._unreachable(exc)
+            except (aiohttp.ClientError, HttpProcessingError) as exc:
+                self._bad_response(repr(exc))
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                self._bad_response(f"body is not JSON: {raw[:200]!r}")
+            if not isinstance(data, dict):
+                self._bad_response(f"body is not a JSON object: {raw[:200]!r}")
+            return data
+
+    async def _stream_events(self, path: str, body: bytes) -> AsyncIterator[dict[str, Any]]:
+        """POST ``body`` with ``stream: true`` and yield each SSE ``data:`` event as a JSON object."""
+        url = self.base_url + path
+        try:
+            async with self._get_session().post(url, data=body, timeout=self._stream_timeout) as response:
+                await self._raise_for_status(response)
+                content_type = response.headers.get("Content-Type", "")
+                if "text/event-stream" not in content_type:
+                    self._bad_response(f"expected an event stream, got {content_type!r}")
+                async for data in _sse_data(response.content):
+                    if data == "[DONE]":
+                        return
+                    try:
+                        event = json.loads(data)
+                    except ValueError:
+                        self._bad_response(f"stream event is not JSON: {data[:200]!r}")
+                    if not isinstance(event, dict):
+                        self._bad_response(f"stream event is not a JSON object: {data[:200]!r}")
+                    if "error" in event and not event.get("choices"):
+                        message, _ = self._error_message(json.dumps(event).encode())
+                        logger.warning("upstream %s reported an error mid-stream: %s", self.base_url, message)
+                        raise BackendError("the upstream model server failed while streaming")
+                    yield event
+        except AirlockError:
+            raise
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            self._unreachable(exc)
+        except TimeoutError:
+            self._timed_out()
+        except (aiohttp.ClientError, HttpProcessingError, UnicodeDecodeError, ValueError) as exc:
+            self._bad_response(f"stream interrupted: {exc!r}")
+
+    # ------------------------------------------------------------ chat
+
+    def _chat_usage(self, request: ChatCompletionRequest, texts: Mapping[int, list[str]]) -> Usage:
+        prompt = sum(self.count_tokens(m.text()) for m in request.messages)
+        completion = sum(self.count_tokens("".join(parts)) for parts in texts.values() if parts)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        """Forward a chat completion to the upstream."""
+        self._check_chat(request)
+        data = await self._post_json("/chat/completions", self._payload(request, stream=False))
+        _normalize_choices(data)
+        try:
+            result = ChatCompletion.model_validate(data)
+        except ValidationError as exc:
+            self._bad_response(f"chat completion does not validate: {exc.errors(include_input=False)}")
+        if data.get("usage") is None:
+            texts = {c.index: [c.message.content or ""] for c in result.choices}
+            result = result.model_copy(update={"usage": self._chat_usage(request, texts)})
+        return result
+
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        """Stream a chat completion from the upstream; the final chunk carries usage."""
+        self._check_chat(request)
+        usage: Usage | None = None
+        texts: dict[int, list[str]] = {}
+        last: ChatCompletionChunk | None = None
+        async for event in self._stream_events("/chat/completions", self._payload(request, stream=True)):
+            _normalize_choices(event)
+            event.setdefault("id", last.id if last else "chatcmpl-upstream")
+            event.setdefault("model", self.model)
+            try:
+                chunk = ChatCompletionChunk.model_validate(event)
+            except ValidationError as exc:
+                self._bad_response(f"chat chunk does not validate: {exc.errors(include_input=False)}")
+            last = chunk
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        texts.setdefault(choice.index, []).append(choice.delta.content)
+                # Usage is reported once, on the final chunk, whatever the upstream did.
+                yield chunk.model_copy(update={"usage": None}) if chunk.usage is not None else chunk
+        if usage is None:
+            usage = self._chat_usage(request, texts)
+        if last is None:
+            yield ChatCompletionChunk(id="chatcmpl-upstream", model=self.model, choices=[], usage=usage)
+        else:
+            yield ChatCompletionChunk(id=last.id, model=last.model, created=last.created, choices=[], usage=usage)
+
+    # ------------------------------------------------------------ completions
+
+    def _completion_usage(self, request: CompletionRequest, texts: Mapping[int, list[str]]) -> Usage:
+        prompt = 0
+        for item in request.prompts():
+            prompt += self.count_tokens(item) if isinstance(item, str) else len(item)
+        completion = sum(self.count_tokens("".join(parts)) for parts in texts.values() if parts)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """Forward a text completion to the upstream."""
+        self._check_completion(request)
+        data = await self._post_json("/completions", self._payload(request, stream=False))
+        _normalize_choices(data)
+        try:
+            result = Completion.model_validate(data)
+        except ValidationError as exc:
+            self._bad_response(f"completion does not validate: {exc.errors(include_input=False)}")
+        if data.get("usage") is None:
+            texts = {c.index: [c.text] for c in result.choices}
+            result = result.model_copy(update={"usage": self._completion_usage(request, texts)})
+        return result
+
+    async def complete_stream(self, request: CompletionRequest) -> AsyncIterator[Completion]:
+        """Stream a text completion from the upstream; the final chunk carries usage."""
+        self._check_completion(request)
+        usage: Usage | None = None
+        texts: dict[int, list[str]] = {}
+        last: Completion | None = None
+        async for event in self._stream_events("/completions", self._payload(request, stream=True)):
+            _normalize_choices(event)
+            event.setdefault("id", last.id if last else "cmpl-upstream")
+            event.setdefault("model", self.model)
+            raw_usage = event.get("usage")
+            try:
+                # Completion.usage defaults to zeros; a chunk without usage must not look like one with it.
+                chunk = Completion.model_validate({**event, "usage": None})
+                if raw_usage is not None:
+                    usage = Usage.model_validate(raw_usage)
+            except ValidationError as exc:
+                self._bad_response(f"completion chunk does not validate: {exc.errors(include_input=False)}")
+            last = chunk
+            if chunk.choices:
+                for choice in chunk.choices:
+                    if choice.text:
+                        texts.setdefault(choice.index, []).append(choice.text)
+                yield chunk
+        if usage is None:
+            usage = self._completion_usage(request, texts)
+        if last is None:
+            yield Completion(id="cmpl-upstream", model=self.model, choices=[], usage=usage)
+        else:
+            yield Completion(id=last.id, model=last.model, created=last.created, choices=[], usage=usage)
+
+
+async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """Yield the data of each server-sent event (multi-line data joined with newlines)."""
+    data_lines: list[str] = []
+    async for raw in content:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data_lines:
+                yield "\n".join(data_lines)
+                data_lines = []
+            continue
+        if line.startswith(":"):
+            continue  # comment / keep-alive
+        field, _, value = line.partition(":")
+        if field == "data":
+            data_lines.append(value[1:] if value.startswith(" ") else value)
+    if data_lines:
+        yield "\n".join(data_lines)
+
+
+def _normalize_choices(data: dict[str, Any]) -> None:
+    """Map non-standard finish reasons onto the wire model's set, in place."""
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        reason = choice.get("finish_reason")
+        if reason is not None and reason not in _FINISH_REASONS:
+            choice["finish_reason"] = _FINISH_ALIASES.get(str(reason), "stop")
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _backoff(attempt: int, hint: float | None = None) -> float:
+    """Return the delay before retry ``attempt`` (1-based): exponential with jitter, capped at 5 s."""
+    base = min(5.0, 0.2 * 2 ** (attempt - 1))
+    delay = base * (0.5 + random.random() / 2)
+    if hint is not None:
+        delay = max(delay, min(hint, 5.0))
+    return delay

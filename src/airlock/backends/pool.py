@@ -1,0 +1,93 @@
+"""Live backends and per-variant mitigation pipelines, created on first use and shared."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from airlock.backends.base import ModelBackend, create_backend
+from airlock.registry.models import Variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VariantRuntimeSpec:
+    """What is needed to serve a variant, detached from the database session."""
+
+    variant_id: str
+    backend: str
+    backend_config: dict[str, Any]
+    mitigations: list[dict[str, Any]]
+
+    @classmethod
+    def from_row(cls, variant: Variant) -> VariantRuntimeSpec:
+        """Snapshot a variant row (with mitigations loaded)."""
+        return cls(
+            variant_id=variant.id,
+            backend=variant.backend,
+            backend_config=dict(variant.backend_config),
+            mitigations=[
+                {"name": m.name, "kind": m.kind, "config": dict(m.config), "stance": m.stance}
+                for m in variant.mitigations
+            ],
+        )
+
+    def backend_key(self) -> str:
+        """Identify the underlying backend: variants with equal backend settings share one."""
+        return self.backend + ":" + json.dumps(self.backend_config, sort_keys=True)
+
+    def pipeline_key(self) -> str:
+        """Identify the pipeline: changes to backend or mitigations make a new one."""
+        body = json.dumps([self.backend_key(), self.mitigations], sort_keys=True)
+        return self.variant_id + ":" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+class BackendPool:
+    """Creates, starts and caches backends and variant pipelines."""
+
+    def __init__(self) -> None:
+        self._backends: dict[str, ModelBackend] = {}
+        self._pipelines: dict[str, ModelBackend] = {}
+        self._lock = asyncio.Lock()
+
+    async def backend(self, spec: VariantRuntimeSpec) -> ModelBackend:
+        """Return the started raw backend for ``spec`` (no mitigations)."""
+        key = spec.backend_key()
+        backend = self._backends.get(key)
+        if backend is not None:
+            return backend
+        async with self._lock:
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = create_backend(spec.backend, spec.backend_config)
+                log.info("starting %s backend for variant %s", spec.backend, spec.variant_id)
+                await backend.start()
+                self._backends[key] = backend
+            return backend
+
+    async def pipeline(self, spec: VariantRuntimeSpec) -> ModelBackend:
+        """Return the variant's backend wrapped in its mitigations, in order."""
+        key = spec.pipeline_key()
+        pipeline = self._pipelines.get(key)
+        if pipeline is None:
+            from airlock.backends.mitigations import build_pipeline
+
+            inner = await self.backend(spec)
+            pipeline = build_pipeline(inner, spec.mitigations)
+            self._pipelines[key] = pipeline
+        return pipeline
+
+    async def aclose(self) -> None:
+        """Close every backend."""
+        for backend in self._backends.values():
+            try:
+                await backend.aclose()
+            except Exception:  # closing must go on for the others
+                log.exception("closing backend failed")
+        self._backends.clear()
+        self._pipelines.clear()

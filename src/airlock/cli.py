@@ -1,0 +1,451 @@
+"""The ``airlock`` command line: set up a lab, issue grants and keys, serve, read the audit trail."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from airlock.config import Settings, get_settings, reset_settings
+from airlock.db import Database
+from airlock.errors import AirlockError
+
+app = typer.Typer(help="Airlock: structured pre-deployment access for external evaluators.", no_args_is_help=True)
+evaluator_app = typer.Typer(help="Evaluator organisations.", no_args_is_help=True)
+grant_app = typer.Typer(help="Grants: what an evaluator may do with which variants.", no_args_is_help=True)
+key_app = typer.Typer(help="Evaluator API keys.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail of every request.", no_args_is_help=True)
+models_app = typer.Typer(help="Models, versions and variants in the registry.", no_args_is_help=True)
+admin_app = typer.Typer(help="Lab admin tokens for the admin API.", no_args_is_help=True)
+app.add_typer(evaluator_app, name="evaluator")
+app.add_typer(grant_app, name="grant")
+app.add_typer(key_app, name="key")
+app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
+app.add_typer(admin_app, name="admin")
+
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@contextmanager
+def _database(migrate: bool = True) -> Iterator[tuple[Settings, Database]]:
+    settings = get_settings()
+    db = Database(settings.db_url)
+    try:
+        if migrate:
+            db.migrate()
+        yield settings, db
+    finally:
+        db.dispose()
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body, turning Airlock errors into one red line and exit code 1."""
+    try:
+        return fn()
+    except AirlockError as exc:
+        raise _fail(exc.message) from None
+
+
+def _ts(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+# ---------------------------------------------------------------- setup
+
+
+def starter_manifest() -> str:
+    """Return the starter ``airlock.yaml`` declaring the embedded model."""
+    return resources.files("airlock").joinpath("data/starter-airlock.yaml").read_text()
+
+
+@app.command()
+def init(
+    force: Annotated[bool, typer.Option(help="Overwrite an existing airlock.yaml.")] = False,
+    admin_token: Annotated[bool, typer.Option(help="Create a lab admin token if none exists.")] = True,
+) -> None:
+    """Create the data dir, the database and a starter airlock.yaml for the embedded model."""
+    from sqlalchemy import select
+
+    from airlock.access.models import AdminToken
+    from airlock.access.service import create_admin_token
+
+    def body() -> None:
+        with _database() as (settings, db):
+            settings.home_dir.mkdir(parents=True, exist_ok=True)
+            path = settings.manifest_path
+            if path.exists() and not force:
+                console.print(f"kept existing manifest {path}")
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(starter_manifest())
+                console.print(f"wrote starter manifest {path}")
+            console.print(f"database {settings.db_url}")
+            if admin_token:
+                with db.session() as session:
+                    if session.scalar(select(AdminToken).where(AdminToken.revoked_at.is_(None))) is None:
+                        row, token = create_admin_token(session, "initial-admin")
+                        token_file = settings.home_dir / "admin-token"
+                        token_file.write_text(token + "\n")
+                        token_file.chmod(0o600)
+                        console.print(f"admin token (saved to {token_file}, mode 600): [bold]{token}[/]")
+            console.print("next: [bold]airlock serve[/]")
+
+    _run(body)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default AIRLOCK_HOST or 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default AIRLOCK_PORT or 8000).")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Sync airlock.yaml into the registry and serve the gateway."""
+    import uvicorn
+
+    from airlock.gateway.app import bootstrap, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    db = Database(settings.db_url)
+    # Sync before binding the port, so a bad manifest fails the start with a clear message.
+    _run(lambda: bootstrap(settings, db))
+    application = create_app(settings, db=db, sync_manifest=False)
+    uvicorn.run(
+        application,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+    )
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List models, versions, variants and mitigation stances."""
+    from airlock.registry.service import list_models
+
+    with _database() as (_settings, db), db.session() as session:
+        table = Table("model@version", "stage", "hash", "variant", "backend", "mitigations (stance)")
+        for model in list_models(session):
+            for version in model.versions:
+                for variant in version.variants:
+                    mitigations = ", ".join(f"{m.name} ({m.stance or 'UNSET'})" for m in variant.mitigations) or "-"
+                    table.add_row(
+                        f"{model.name}@{version.label}",
+                        version.stage,
+                        version.content_hash[:12],
+                        variant.name,
+                        variant.backend,
+                        mitigations,
+                    )
+        console.print(table)
+
+
+@models_app.command("sync")
+def models_sync(
+    manifest: Annotated[Path | None, typer.Argument(help="Manifest file (default: the data dir's).")] = None,
+) -> None:
+    """Sync a manifest into the registry without serving."""
+    from airlock.registry.service import load_manifest, sync_manifest
+
+    def body() -> None:
+        with _database() as (settings, db):
+            parsed = load_manifest(manifest or settings.manifest_path)
+            with db.session() as session:
+                report = sync_manifest(session, parsed, actor="cli")
+        for line in report.created:
+            console.print(f"[green]created[/] {line}")
+        for line in report.updated:
+            console.print(f"[yellow]updated[/] {line}")
+        console.print(f"{len(report.unchanged)} unchanged")
+
+    _run(body)
+
+
+# ---------------------------------------------------------------- evaluators
+
+
+@evaluator_app.command("add")
+def evaluator_add(
+    name: Annotated[str, typer.Argument(help="Organisation name (unique).")],
+    contact: Annotated[str, typer.Option(help="Contact address.")] = "",
+) -> None:
+    """Register an evaluator organisation."""
+    from airlock.access.service import create_evaluator
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            evaluator = create_evaluator(session, name, contact)
+            console.print(f"evaluator {evaluator.name} ({evaluator.id})")
+
+    _run(body)
+
+
+@evaluator_app.command("list")
+def evaluator_list() -> None:
+    """List evaluator organisations."""
+    from airlock.access.service import list_evaluators
+
+    with _database() as (_s, db), db.session() as session:
+        table = Table("id", "name", "contact", "created")
+        for e in list_evaluators(session):
+            table.add_row(e.id, e.name, e.contact, _ts(e.created_at))
+        console.print(table)
+
+
+# ---------------------------------------------------------------- grants
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+@grant_app.command("create")
+def grant_create(
+    evaluator: Annotated[str, typer.Option(help="Evaluator name or id.")],
+    model: Annotated[str, typer.Option(help="Model name, optionally name@version (default: latest version).")],
+    variants: Annotated[str, typer.Option(help="Comma-separated variant names.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: sample,logprobs,finetune,interp,redteam.")] = "sample",
+    expires: Annotated[str | None, typer.Option(help="Validity from now, e.g. 30d, 12h.")] = None,
+    not_before: Annotated[datetime | None, typer.Option(help="Start of validity (UTC).")] = None,
+    versions: Annotated[str | None, typer.Option(help="Comma-separated version labels.")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Quota: requests per minute.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Quota: total tokens.")] = None,
+    notes: Annotated[str, typer.Option(help="Free-text notes.")] = "",
+) -> None:
+    """Issue a grant; prints its id."""
+    from airlock.access.service import GrantRequest, create_grant, parse_duration
+    from airlock.db import utcnow
+
+    def body() -> None:
+        start = not_before.replace(tzinfo=UTC) if not_before and not_before.tzinfo is None else not_before
+        not_after = (start or utcnow()) + parse_duration(expires) if expires else None
+        with _database() as (_s, db), db.session() as session:
+            grant = create_grant(
+                session,
+                GrantRequest(
+                    evaluator=evaluator,
+                    model=model,
+                    versions=_split(versions) if versions else None,
+                    variants=_split(variants),
+                    scopes=_split(scopes),
+                    not_before=start,
+                    not_after=not_after,
+                    quota_requests_per_minute=rpm,
+                    quota_total_tokens=tokens,
+                    notes=notes,
+                    created_by="cli",
+                ),
+            )
+            print(grant.id)
+
+    _run(body)
+
+
+@grant_app.command("list")
+def grant_list(
+    evaluator: Annotated[str | None, typer.Option(help="Only this evaluator's grants.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List grants with their status."""
+    from airlock.access.schemas import GrantPublic
+    from airlock.access.service import list_grants
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            grants = [GrantPublic.of(g) for g in list_grants(session, evaluator=evaluator)]
+        if as_json:
+            print(json.dumps([g.model_dump(mode="json") for g in grants], indent=2))
+            return
+        table = Table("id", "evaluator", "variants", "scopes", "status", "valid until", "tokens used")
+        for g in grants:
+            table.add_row(
+                g.id, g.evaluator, ",".join(g.variants), ",".join(g.scopes), g.status, _ts(g.not_after), str(g.tokens_used)
+            )
+        console.print(table)
+
+    _run(body)
+
+
+@grant_app.command("revoke")
+def grant_revoke(
+    grant_id: Annotated[str, typer.Argument(help="Grant id.")],
+    reason: Annotated[str, typer.Option(help="Why (kept with the grant).")] = "",
+) -> None:
+    """Revoke a grant at once: every key of it stops working."""
+    from airlock.access.service import revoke_grant
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            grant = revoke_grant(session, grant_id, reason)
+            console.print(f"revoked {grant.id} at {_ts(grant.revoked_at)}")
+
+    _run(body)
+
+
+# ---------------------------------------------------------------- keys
+
+
+@key_app.command("create")
+def key_create(
+    grant: Annotated[str, typer.Option(help="Grant id the key is bound to.")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+) -> None:
+    """Create an API key for a grant; the key is printed once and stored only as a hash."""
+    from airlock.access.service import create_api_key
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            _key, token = create_api_key(session, grant, name)
+            print(token)
+
+    _run(body)
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: Annotated[str, typer.Argument(help="Key id (key_...).")]) -> None:
+    """Revoke one API key."""
+    from airlock.access.service import revoke_api_key
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            revoke_api_key(session, key_id)
+            console.print(f"revoked {key_id}")
+
+    _run(body)
+
+
+# ---------------------------------------------------------------- admin tokens
+
+
+@admin_app.command("token")
+def admin_token(name: Annotated[str, typer.Argument(help="Who the token is for.")]) -> None:
+    """Create a lab admin token for the admin API (printed once)."""
+    from airlock.access.service import create_admin_token
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            _row, token = create_admin_token(session, name)
+            print(token)
+
+    _run(body)
+
+
+# ---------------------------------------------------------------- audit
+
+
+def _audit_table(events: list[Any]) -> Table:
+    table = Table("id", "time", "actor", "model", "scope", "status", "outcome", "in", "out", "ms")
+    for e in events:
+        table.add_row(
+            str(e.id),
+            _ts(e.ts),
+            e.actor or e.actor_type,
+            e.model or e.path,
+            e.scope or "-",
+            str(e.status_code),
+            e.outcome + (f" ({e.error_code})" if e.error_code else ""),
+            str(e.tokens_in),
+            str(e.tokens_out),
+            f"{e.latency_ms:.0f}",
+        )
+    return table
+
+
+@audit_app.command("tail")
+def audit_tail(
+    n: Annotated[int, typer.Option("-n", help="Number of events.")] = 20,
+    grant: Annotated[str | None, typer.Option(help="Only this grant's events.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """Show the newest audit events."""
+    from airlock.access.audit import tail
+    from airlock.access.schemas import AuditEventPublic
+
+    with _database() as (_s, db):
+        last = 0
+        while True:
+            with db.session() as session:
+                events = [e for e in tail(session, n, grant_id=grant) if e.id > last]
+            if events:
+                last = events[-1].id
+                if as_json:
+                    for e in events:
+                        print(AuditEventPublic.of(e).model_dump_json())
+                else:
+                    console.print(_audit_table(events))
+            if not follow:
+                return
+            time.sleep(1.0)
+
+
+@audit_app.command("summary")
+def audit_summary() -> None:
+    """Requests and tokens per evaluator, variant and outcome."""
+    from airlock.access.audit import summary
+
+    with _database() as (_s, db), db.session() as session:
+        console.print(summary_table(summary(session)))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> Table:
+    """Render an audit summary as a table."""
+    table = Table("actor", "variant", "status", "outcome", "requests", "tokens in", "tokens out")
+    for r in rows:
+        table.add_row(
+            r["actor"] or "-",
+            r["variant"] or "-",
+            str(r["status_code"]),
+            r["outcome"],
+            str(r["requests"]),
+            str(r["tokens_in"]),
+            str(r["tokens_out"]),
+        )
+    return table
+
+
+# ---------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    home: Annotated[Path, typer.Option(help="Data dir for the demo (its database is recreated).")] = Path(".demo"),
+) -> None:
+    """Run the end-to-end demo on the embedded model."""
+    os.environ["AIRLOCK_HOME"] = str(home.resolve())
+    reset_settings()
+    from airlock.demo import run_demo
+
+    raise typer.Exit(run_demo(home.resolve()))
+
+
+def main() -> None:
+    """Entry point for ``python -m airlock``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The FastAPI application factory: wires settings, database, audit, backends and routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from airlock import __version__
+from airlock.access.audit import AuditWriter
+from airlock.access.quotas import make_rate_limiter
+from airlock.backends.pool import BackendPool
+from airlock.config import Settings, get_settings
+from airlock.db import Database
+from airlock.gateway.deps import GatewayState
+from airlock.gateway.errors import install_error_handlers
+from airlock.gateway.middleware import AuditMiddleware
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
+    """Migrate the schema and, when a manifest exists, sync it into the registry."""
+    from airlock.registry.service import load_manifest, sync_manifest
+
+    db.migrate()
+    path = settings.manifest_path
+    if sync and path.exists():
+        manifest = load_manifest(path)
+        with db.session() as session:
+            report = sync_manifest(session, manifest)
+        for line in report.created + report.updated:
+            log.info("manifest: %s", line)
+
+
+def create_app(settings: Settings | None = None, *, db: Database | None = None, sync_manifest: bool = True) -> FastAPI:
+    """Build the Airlock HTTP application."""
+    settings = settings or get_settings()
+    db = db or Database(settings.db_url)
+    audit = AuditWriter(db, flush_interval=settings.audit_flush_interval_s, batch_size=settings.audit_batch_size)
+    state = GatewayState(
+        settings=settings, db=db, audit=audit, pool=BackendPool(), limiter=make_rate_limiter(settings.redis_url)
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(bootstrap, settings, db, sync=sync_manifest)
+        audit.start()
+        try:
+            yield
+        finally:
+            await state.pool.aclose()
+            audit.close()
+
+    app = FastAPI(
+        title="Airlock",
+        version=__version__,
+        summary="Structured pre-deployment access to frontier models for external evaluators.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    install_error_handlers(app)
+
+    from airlock.access.routes import router as access_router
+    from airlock.gateway.routes import router as openai_router
+    from airlock.registry.routes import router as registry_router
+
+    app.include_router(openai_router)
+    app.include_router(registry_router)
+    app.include_router(access_router)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness and database check."""
+        from sqlalchemy import text
+
+        with db.session() as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ok", "version": __version__}
+
+    app.add_middleware(AuditMiddleware, writer=audit, max_body_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,95 @@
+"""Typed FastAPI dependencies: a route's signature is its list of requirements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from airlock.access.audit import AuditWriter
+from airlock.access.quotas import RateLimiter
+from airlock.access.service import AdminPrincipal, Principal, authenticate_admin, authenticate_key
+from airlock.backends.pool import BackendPool
+from airlock.config import Settings
+from airlock.db import Database
+from airlock.gateway.middleware import AuditContext
+
+
+@dataclass
+class GatewayState:
+    """Process-wide objects the routes share."""
+
+    settings: Settings
+    db: Database
+    audit: AuditWriter
+    pool: BackendPool
+    limiter: RateLimiter
+
+
+def get_state(request: Request) -> GatewayState:
+    """Return the gateway state attached to the app."""
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+def get_audit(request: Request) -> AuditContext:
+    """Return the audit context of this request (created by AuditMiddleware)."""
+    ctx = request.scope.get("airlock.audit")
+    if ctx is None:  # unaudited paths still get a scratch context so routes need no branches
+        ctx = AuditContext(request_id="unaudited")
+        request.scope["airlock.audit"] = ctx
+    assert isinstance(ctx, AuditContext)
+    return ctx
+
+
+def get_session(state: Annotated[GatewayState, Depends(get_state)]) -> Iterator[Session]:
+    """Yield a database session that commits when the route succeeds."""
+    with state.db.session() as session:
+        yield session
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def get_principal(
+    request: Request,
+    state: Annotated[GatewayState, Depends(get_state)],
+    audit: Annotated[AuditContext, Depends(get_audit)],
+) -> Principal:
+    """Authenticate the evaluator key of this request (401 otherwise) and note it for the audit."""
+    audit.actor_type = "evaluator"
+    with state.db.session() as session:
+        principal = authenticate_key(session, _bearer(request))
+    audit.actor = principal.evaluator_name
+    audit.evaluator_id = principal.evaluator_id
+    audit.grant_id = principal.grant_id
+    audit.key_id = principal.key_id
+    return principal
+
+
+def get_admin(
+    request: Request,
+    state: Annotated[GatewayState, Depends(get_state)],
+    audit: Annotated[AuditContext, Depends(get_audit)],
+) -> AdminPrincipal:
+    """Authenticate the lab admin token of this request (401 otherwise)."""
+    audit.actor_type = "admin"
+    with state.db.session() as session:
+        admin = authenticate_admin(session, _bearer(request))
+    audit.actor = admin.name
+    return admin
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+SessionDep = Annotated[Session, Depends(get_session)]
+AuditDep = Annotated[AuditContext, Depends(get_audit)]
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[AdminPrincipal, Depends(get_admin)]

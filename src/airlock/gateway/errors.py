@@ -1,0 +1,95 @@
+"""One factory that turns every exception into an OpenAI-shaped JSON error; nothing else leaks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from airlock.errors import AirlockError, RateLimitError
+
+log = logging.getLogger(__name__)
+
+_HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """Return an OpenAI error body."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _audit_error(request: Request, code: str | None) -> None:
+    ctx = request.scope.get("airlock.audit")
+    if ctx is not None and code:
+        ctx.error_code = code
+
+
+def _format_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    param = None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return "the request body is not valid JSON", None
+        if param is None and loc:
+            param = loc[0]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register handlers so every error leaves as ``{"error": {...}}`` with the right status."""
+
+    @app.exception_handler(AirlockError)
+    async def _airlock(request: Request, exc: AirlockError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message)
+        _audit_error(request, exc.code)
+        headers = {}
+        if isinstance(exc, RateLimitError) and exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _format_validation(exc)
+        _audit_error(request, "invalid_request")
+        return JSONResponse(
+            error_body(message, "invalid_request_error", "invalid_request", param), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+        _audit_error(request, code)
+        message = str(exc.detail) if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
+        return JSONResponse(
+            error_body(message, _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        ctx = request.scope.get("airlock.audit")
+        request_id = getattr(ctx, "request_id", "?")
+        log.exception("unhandled error in request %s", request_id)
+        _audit_error(request, "internal_error")
+        return JSONResponse(
+            error_body(f"internal error (request {request_id}); the operator has the details", "internal_error"),
+            status_code=500,
+        )

@@ -1,0 +1,129 @@
+"""ASGI middleware that audits every request after its response has been fully sent."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from airlock.access.audit import AuditRecord, AuditWriter
+from airlock.backends.protocol import new_id
+
+UNAUDITED = ("/healthz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
+
+
+@dataclass
+class AuditContext:
+    """Facts about one request, filled in by dependencies and routes as they learn them."""
+
+    request_id: str
+    actor_type: str = "anonymous"
+    actor: str | None = None
+    evaluator_id: str | None = None
+    grant_id: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    version_id: str | None = None
+    variant: str | None = None
+    scope: str | None = None
+    outcome: str | None = None
+    error_code: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _outcome(ctx: AuditContext, status: int) -> str:
+    if ctx.outcome:
+        return ctx.outcome
+    if status < 400:
+        return "allowed"
+    if status in (401, 403, 429):
+        return "denied"
+    return "error" if status >= 500 else "rejected"
+
+
+class AuditMiddleware:
+    """Creates the request's AuditContext, enforces the body size limit, and records the event."""
+
+    def __init__(self, app: ASGIApp, writer: AuditWriter, max_body_bytes: int) -> None:
+        self.app = app
+        self.writer = writer
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] != "http" or scope["path"] in UNAUDITED:
+            await self.app(scope, receive, send)
+            return
+        ctx = AuditContext(request_id=new_id("req_"))
+        scope["airlock.audit"] = ctx
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", ctx.request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            length = dict(scope.get("headers", [])).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                ctx.error_code = "request_too_large"
+                await _send_json(
+                    send_wrapper,
+                    413,
+                    {
+                        "error": {
+                            "message": f"request body exceeds {self.max_body_bytes} bytes",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "request_too_large",
+                        }
+                    },
+                )
+                return
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.writer.record(
+                AuditRecord(
+                    request_id=ctx.request_id,
+                    method=scope["method"],
+                    path=scope["path"][:200],
+                    status_code=status,
+                    outcome=_outcome(ctx, status),
+                    actor_type=ctx.actor_type,
+                    actor=ctx.actor,
+                    evaluator_id=ctx.evaluator_id,
+                    grant_id=ctx.grant_id,
+                    key_id=ctx.key_id,
+                    model=ctx.model[:200] if ctx.model else None,
+                    version_id=ctx.version_id,
+                    variant=ctx.variant,
+                    scope=ctx.scope,
+                    error_code=ctx.error_code,
+                    tokens_in=ctx.tokens_in,
+                    tokens_out=ctx.tokens_out,
+                    latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                    detail=ctx.detail,
+                )
+            )
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,158 @@
+"""The sampling path: authorize, check quotas, run the variant pipeline, account tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from airlock.access.quotas import check_token_quota
+from airlock.access.service import Principal, authorize
+from airlock.backends.base import ModelBackend
+from airlock.backends.mitigations import VERDICTS, Verdict
+from airlock.backends.pool import VariantRuntimeSpec
+from airlock.backends.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    Usage,
+)
+from airlock.errors import AirlockError, InvalidRequestError
+from airlock.gateway.deps import GatewayState
+from airlock.gateway.middleware import AuditContext
+from airlock.registry.service import parse_model_id
+
+
+@dataclass
+class Target:
+    """The authorized variant a request will be served by."""
+
+    public_id: str
+    backend: ModelBackend
+
+
+async def prepare(
+    state: GatewayState,
+    principal: Principal,
+    audit: AuditContext,
+    request: ChatCompletionRequest | CompletionRequest,
+) -> Target:
+    """Authorize the request against the grant, enforce quotas and return its pipeline."""
+    ref = parse_model_id(request.model)
+    audit.model = request.model
+    audit.variant = ref.variant
+    scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
+    audit.scope = ",".join(scopes)
+
+    def _authorize() -> VariantRuntimeSpec:
+        with state.db.session() as session:
+            _model, version, variant = authorize(session, principal, ref, scopes)
+            audit.version_id = version.id
+            return VariantRuntimeSpec.from_row(variant)
+
+    spec = await run_in_threadpool(_authorize)
+    check_token_quota(principal.grant)
+    if principal.grant.quota_requests_per_minute:
+        state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
+    backend = await state.pool.pipeline(spec)
+    if request.wants_logprobs() and not backend.supports_logprobs:
+        raise InvalidRequestError(f"variant {ref.variant!r} cannot return log-probabilities", param="logprobs")
+    if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
+        raise InvalidRequestError(f"variant {ref.variant!r} does not support echo", param="echo")
+    return Target(public_id=request.model, backend=backend)
+
+
+def _account(audit: AuditContext, usage: Usage | None, verdicts: list[Verdict]) -> None:
+    if usage is not None:
+        audit.tokens_in = usage.prompt_tokens
+        audit.tokens_out = usage.completion_tokens
+    if verdicts:
+        audit.detail["mitigations"] = [
+            {"name": v.mitigation, "kind": v.kind, "stage": v.stage, "blocked": v.blocked, "reason": v.reason}
+            for v in verdicts
+        ]
+        if any(v.blocked for v in verdicts):
+            audit.outcome = "blocked"
+
+
+async def chat(target: Target, request: ChatCompletionRequest, audit: AuditContext) -> ChatCompletion:
+    """Serve a non-streaming chat completion."""
+    verdicts: list[Verdict] = []
+    token = VERDICTS.set(verdicts)
+    try:
+        result = await target.backend.chat(request)
+    finally:
+        VERDICTS.reset(token)
+    result.model = target.public_id
+    _account(audit, result.usage, verdicts)
+    return result
+
+
+async def complete(target: Target, request: CompletionRequest, audit: AuditContext) -> Completion:
+    """Serve a non-streaming text completion."""
+    verdicts: list[Verdict] = []
+    token = VERDICTS.set(verdicts)
+    try:
+        result = await target.backend.complete(request)
+    finally:
+        VERDICTS.reset(token)
+    result.model = target.public_id
+    _account(audit, result.usage, verdicts)
+    return result
+
+
+def _sse(obj: BaseModel | dict[str, Any]) -> str:
+    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+async def stream(
+    target: Target,
+    request: ChatCompletionRequest | CompletionRequest,
+    audit: AuditContext,
+) -> AsyncIterator[str]:
+    """Serve a completion as server-sent events, accounting usage from the final chunk.
+
+    The stream's first event is produced before the HTTP response starts (see routes), so
+    errors that happen before any token (bad input, backend down) still get a proper status.
+    """
+    verdicts: list[Verdict] = []
+    # Not reset afterwards: the stream's tail runs in another task (Starlette's task group),
+    # where a reset token is invalid; each request has its own context anyway.
+    VERDICTS.set(verdicts)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    usage: Usage | None = None
+    sent = False
+    try:
+        chunks: AsyncIterator[ChatCompletionChunk] | AsyncIterator[Completion]
+        if isinstance(request, ChatCompletionRequest):
+            chunks = target.backend.chat_stream(request)
+        else:
+            chunks = target.backend.complete_stream(request)
+        async for chunk in chunks:
+            chunk.model = target.public_id
+            if chunk.usage is not None and not chunk.choices:
+                usage = chunk.usage
+                if include_usage:
+                    yield _sse(chunk)
+                continue
+            if not include_usage:
+                chunk.usage = None
+            yield _sse(chunk)
+            sent = True
+    except AirlockError as exc:
+        if not sent:
+            raise  # nothing sent yet: the route turns it into a proper HTTP error status
+        # Headers are already sent: report the failure in-band, as OpenAI does.
+        audit.error_code = exc.code
+        audit.outcome = "error"
+        yield _sse(exc.to_openai())
+    finally:
+        _account(audit, usage, verdicts)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,88 @@
+"""Admin routes for the registry: sync a manifest, list models, change a version's stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from airlock.errors import ConfigError, InvalidRequestError
+from airlock.gateway.deps import AdminDep, SessionDep
+from airlock.registry import service
+from airlock.registry.schemas import (
+    MitigationPublic,
+    ModelPublic,
+    Stage,
+    SyncReport,
+    VariantPublic,
+    VersionPublic,
+)
+
+router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: registry"])
+
+
+class StageChangeRequest(BaseModel):
+    """Move a version to another stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: Stage
+
+
+def _public(models: list[Any]) -> list[ModelPublic]:
+    return [
+        ModelPublic(
+            id=m.id,
+            name=m.name,
+            description=m.description,
+            versions=[
+                VersionPublic(
+                    id=v.id,
+                    label=v.label,
+                    content_hash=v.content_hash,
+                    stage=v.stage,
+                    created_at=v.created_at,
+                    variants=[
+                        VariantPublic(
+                            id=var.id,
+                            name=var.name,
+                            backend=var.backend,
+                            mitigations=[
+                                MitigationPublic(name=x.name, kind=x.kind, stance=x.stance, position=x.position)
+                                for x in var.mitigations
+                            ],
+                        )
+                        for var in v.variants
+                    ],
+                )
+                for v in m.versions
+            ],
+        )
+        for m in models
+    ]
+
+
+@router.post("/manifest", response_model=SyncReport)
+def sync_manifest(body: dict[str, Any], session: SessionDep, admin: AdminDep) -> SyncReport:
+    """Create or update models, versions, variants and mitigations from a manifest document."""
+    try:
+        manifest = service.parse_manifest(body, source="manifest")
+        return service.sync_manifest(session, manifest, actor=admin.name)
+    except ConfigError as exc:  # the operator's document is the request here: a 400, not a 500
+        raise InvalidRequestError(exc.message, code="invalid_manifest") from None
+
+
+@router.get("/models", response_model=list[ModelPublic])
+def list_models(session: SessionDep, admin: AdminDep) -> list[ModelPublic]:
+    """List every model with its versions, variants and mitigation stances."""
+    return _public(service.list_models(session))
+
+
+@router.post("/models/{model}/versions/{label}/stage", response_model=list[ModelPublic])
+def change_stage(model: str, label: str, body: StageChangeRequest, session: SessionDep, admin: AdminDep) -> Any:
+    """Move a version to another lifecycle stage."""
+    row = service.get_version(session, service.get_model(session, model), label)
+    if row.stage != body.stage:
+        service.set_stage(session, row, body.stage, actor=admin.name)
+    session.flush()
+    return _public([service.get_model(session, model)])

@@ -1,0 +1,282 @@
+"""Registry logic: manifest loading and sync, model-id parsing, version and variant lookup."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from airlock.db import utcnow
+from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from airlock.registry.models import Mitigation, Model, ModelVersion, StageChange, Variant
+from airlock.registry.schemas import Manifest, ModelSpec, SyncReport, VariantSpec, VersionSpec
+
+log = logging.getLogger(__name__)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Render a pydantic error as one readable line per problem, with the location of each."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a lab manifest file."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"manifest {path} does not exist; run `airlock init` to create one") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"manifest {path} is not valid YAML: {exc}") from None
+    return parse_manifest(raw, source=str(path))
+
+
+def parse_manifest(raw: Any, *, source: str = "manifest") -> Manifest:
+    """Validate a manifest given as plain data."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a `models` list")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is invalid: {format_validation_error(exc)}") from None
+
+
+def version_hash(spec: VersionSpec) -> str:
+    """Return the content hash of a version: explicit, or computed from its weights."""
+    if spec.content_hash:
+        return spec.content_hash
+    assert spec.weights is not None  # guaranteed by VersionSpec validation
+    from airlock.backends.weights import weights_content_hash
+
+    return weights_content_hash(spec.weights)
+
+
+def sync_manifest(session: Session, manifest: Manifest, *, actor: str = "manifest") -> SyncReport:
+    """Create or update every model, version, variant and mitigation the manifest declares.
+
+    Sync is additive: objects absent from the manifest are kept, since grants and results may
+    refer to them. A version label may never be re-pointed at different weights.
+    """
+    report = SyncReport()
+    for model_spec in manifest.models:
+        _sync_model(session, model_spec, report, actor)
+    session.flush()
+    return report
+
+
+def _sync_model(session: Session, spec: ModelSpec, report: SyncReport, actor: str) -> None:
+    model = session.scalar(select(Model).where(Model.name == spec.name))
+    if model is None:
+        model = Model(name=spec.name, description=spec.description)
+        session.add(model)
+        session.flush()
+        report.created.append(f"model {spec.name}")
+    elif model.description != spec.description:
+        model.description = spec.description
+        report.updated.append(f"model {spec.name}")
+    for version_spec in spec.versions:
+        _sync_version(session, model, version_spec, report, actor)
+
+
+def _sync_version(session: Session, model: Model, spec: VersionSpec, report: SyncReport, actor: str) -> None:
+    content_hash = version_hash(spec)
+    label = spec.label or content_hash[:12]
+    where = f"{model.name}@{label}"
+    by_label = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.label == label))
+    by_hash = session.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.content_hash == content_hash)
+    )
+    if by_label is not None and by_label.content_hash != content_hash:
+        raise ConflictError(
+            f"{where}: the label already names weights {by_label.content_hash[:12]}…, not {content_hash[:12]}…; "
+            "give the new weights a new label"
+        )
+    if by_label is None and by_hash is not None:
+        raise ConflictError(f"{where}: these weights are already registered as {model.name}@{by_hash.label}")
+    version = by_label
+    if version is None:
+        version = ModelVersion(model_id=model.id, label=label, content_hash=content_hash, stage=spec.stage)
+        session.add(version)
+        session.flush()
+        session.add(StageChange(version_id=version.id, from_stage=None, to_stage=spec.stage, actor=actor))
+        report.created.append(f"version {where} ({spec.stage})")
+    elif version.stage != spec.stage:
+        set_stage(session, version, spec.stage, actor=actor)
+        report.updated.append(f"version {where} stage -> {spec.stage}")
+    else:
+        report.unchanged.append(f"version {where}")
+    for variant_spec in spec.variants:
+        _sync_variant(session, version, spec, variant_spec, report, where)
+
+
+def _backend_config(version_spec: VersionSpec, spec: VariantSpec) -> dict[str, Any]:
+    config = dict(spec.backend_config)
+    # A local variant serves the version's own weights unless told otherwise.
+    if spec.backend == "local" and "model" not in config and version_spec.weights:
+        config["model"] = version_spec.weights
+    return config
+
+
+def _sync_variant(
+    session: Session, version: ModelVersion, version_spec: VersionSpec, spec: VariantSpec, report: SyncReport, where: str
+) -> None:
+    from airlock.backends.mitigations import build_mitigation
+
+    for m in spec.mitigations:
+        build_mitigation(m.name, m.kind, m.config)  # validates the config now, not at first request
+    backend_config = _backend_config(version_spec, spec)
+    wanted = [(m.name, m.kind, m.config, m.stance) for m in spec.mitigations]
+    variant = session.scalar(select(Variant).where(Variant.version_id == version.id, Variant.name == spec.name))
+    label = f"variant {where}/{spec.name}"
+    if variant is None:
+        variant = Variant(
+            version_id=version.id,
+            name=spec.name,
+            description=spec.description,
+            backend=spec.backend,
+            backend_config=backend_config,
+        )
+        session.add(variant)
+        session.flush()
+        _replace_mitigations(session, variant, spec)
+        report.created.append(label)
+        return
+    current = [(m.name, m.kind, m.config, m.stance) for m in variant.mitigations]
+    changed = (
+        variant.backend != spec.backend
+        or variant.backend_config != backend_config
+        or variant.description != spec.description
+        or current != wanted
+    )
+    if not changed:
+        report.unchanged.append(label)
+        return
+    variant.backend = spec.backend
+    variant.backend_config = backend_config
+    variant.description = spec.description
+    _replace_mitigations(session, variant, spec)
+    report.updated.append(label)
+
+
+def _replace_mitigations(session: Session, variant: Variant, spec: VariantSpec) -> None:
+    variant.mitigations.clear()
+    session.flush()
+    for position, m in enumerate(spec.mitigations):
+        variant.mitigations.append(
+            Mitigation(position=position, name=m.name, kind=m.kind, config=m.config, stance=m.stance)
+        )
+    session.flush()
+
+
+def set_stage(session: Session, version: ModelVersion, stage: str, *, actor: str) -> None:
+    """Move ``version`` to ``stage``, recording the transition."""
+    session.add(StageChange(version_id=version.id, from_stage=version.stage, to_stage=stage, actor=actor))
+    version.stage = stage
+    version.stage_changed_at = utcnow()
+
+
+# ---------------------------------------------------------------- lookups
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model id: ``{model}/{variant}`` or ``{model}@{version}/{variant}``."""
+
+    model: str
+    version: str | None
+    variant: str
+
+    def __str__(self) -> str:
+        at = f"@{self.version}" if self.version else ""
+        return f"{self.model}{at}/{self.variant}"
+
+
+def parse_model_id(model_id: str) -> ModelRef:
+    """Parse an OpenAI ``model`` field into model, optional version and variant."""
+    head, sep, variant = model_id.rpartition("/")
+    if not sep or not head or not variant:
+        raise InvalidRequestError(
+            f"model {model_id!r} is not of the form '{{model}}/{{variant}}' or '{{model}}@{{version}}/{{variant}}'",
+            code="invalid_model",
+            param="model",
+        )
+    model, _, version = head.partition("@")
+    if not model or "/" in model or (version == "" and "@" in head):
+        raise InvalidRequestError(f"model {model_id!r} is malformed", code="invalid_model", param="model")
+    return ModelRef(model=model, version=version or None, variant=variant)
+
+
+def get_model(session: Session, name: str) -> Model:
+    """Return the model called ``name`` or raise NotFoundError."""
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFoundError(f"model {name!r} does not exist", code="model_not_found")
+    return model
+
+
+def latest_version(session: Session, model: Model) -> ModelVersion:
+    """Return the most recently registered version of ``model``."""
+    version = session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model.id)
+        .order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
+        .limit(1)
+    )
+    if version is None:
+        raise NotFoundError(f"model {model.name!r} has no versions", code="model_not_found")
+    return version
+
+
+def get_version(session: Session, model: Model, label: str | None) -> ModelVersion:
+    """Return the version of ``model`` with ``label`` (or hash prefix); the latest when None."""
+    if label is None:
+        return latest_version(session, model)
+    version = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.label == label))
+    if version is None and len(label) >= 8:
+        version = session.scalar(
+            select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.content_hash.startswith(label))
+        )
+    if version is None:
+        raise NotFoundError(f"model {model.name!r} has no version {label!r}", code="model_not_found")
+    return version
+
+
+def get_variant(session: Session, version: ModelVersion, name: str) -> Variant:
+    """Return the variant ``name`` of ``version`` with its mitigations loaded."""
+    variant = session.scalar(
+        select(Variant)
+        .where(Variant.version_id == version.id, Variant.name == name)
+        .options(selectinload(Variant.mitigations))
+    )
+    if variant is None:
+        raise NotFoundError(
+            f"model version {version.label!r} has no variant {name!r}", code="model_not_found", param="model"
+        )
+    return variant
+
+
+def resolve(session: Session, ref: ModelRef) -> tuple[Model, ModelVersion, Variant]:
+    """Resolve a parsed model id to its rows, raising NotFoundError for any unknown part."""
+    model = get_model(session, ref.model)
+    version = get_version(session, model, ref.version)
+    variant = get_variant(session, version, ref.variant)
+    return model, version, variant
+
+
+def list_models(session: Session) -> list[Model]:
+    """Return every model with versions, variants and mitigations loaded."""
+    stmt = (
+        select(Model)
+        .order_by(Model.name)
+        .options(selectinload(Model.versions).selectinload(ModelVersion.variants).selectinload(Variant.mitigations))
+    )
+    return list(session.scalars(stmt))

@@ -1,0 +1,234 @@
+"""Shared fixtures: isolated data dirs, both databases, a live HTTP server and a fake backend."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from airlock.config import reset_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_ADMIN_URL = os.environ.get("AIRLOCK_TEST_PG_URL", f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test")
+
+
+def _pg_reachable() -> bool:
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+PG_AVAILABLE = _pg_reachable()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from tests.fakes import register_fake_backend
+
+    register_fake_backend()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"PostgreSQL at {PG_HOST}:{PG_PORT}: {'reachable' if PG_AVAILABLE else 'NOT reachable (its tests skip)'}"
+
+
+@pytest.fixture(autouse=True)
+def airlock_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Give every test its own data dir; share the converted-model cache across runs."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("AIRLOCK_HOME", str(home))
+    monkeypatch.setenv("AIRLOCK_MODEL_CACHE", str(REPO / ".cache" / "models"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("AIRLOCK_DATABASE_URL", "AIRLOCK_MANIFEST", "AIRLOCK_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    reset_settings()
+    yield home
+    reset_settings()
+
+
+def _pg_database() -> Iterator[str]:
+    import psycopg
+
+    name = f"airlock_t_{secrets.token_hex(6)}"
+    with psycopg.connect(PG_ADMIN_URL.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database URL: SQLite, and PostgreSQL when reachable (always in CI)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'airlock.db'}"
+        return
+    if not PG_AVAILABLE:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL must be reachable in CI (127.0.0.1:5432)")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    yield from _pg_database()
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Any]:
+    """A migrated Database on a fresh SQLite or PostgreSQL database."""
+    from airlock.db import Database
+
+    database = Database(db_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+class LiveServer:
+    """Runs an ASGI app under uvicorn on a free loopback port in a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = 0
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the test server failed to start")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test server did not start in 120 s")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:41234``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def flush_audit(self) -> None:
+        """Wait until every audit event so far is in the database."""
+        self.app.state.gateway.audit.flush()
+
+
+FAKE_MANIFEST: dict[str, Any] = {
+    "models": [
+        {
+            "name": "m1",
+            "versions": [
+                {
+                    "label": "v1",
+                    "stage": "external-candidate",
+                    "content_hash": "a" * 64,
+                    "variants": [
+                        {
+                            "name": "production",
+                            "backend": "fake",
+                            "mitigations": [
+                                {
+                                    "name": "safety-prompt",
+                                    "kind": "system_prompt",
+                                    "stance": "disabled_for_eval",
+                                    "config": {"prompt": "be safe"},
+                                },
+                                {
+                                    "name": "input-filter",
+                                    "kind": "input_filter",
+                                    "stance": "claimed",
+                                    "config": {"patterns": ["zyloxin"], "classifier": "none"},
+                                },
+                                {
+                                    "name": "output-filter",
+                                    "kind": "output_filter",
+                                    "stance": "claimed",
+                                    "config": {"patterns": ["CANARY"], "classifier": "none"},
+                                },
+                            ],
+                        },
+                        {"name": "helpful-only", "backend": "fake"},
+                        {"name": "base", "backend": "fake"},
+                    ],
+                }
+            ],
+        },
+        {
+            "name": "m2",
+            "versions": [
+                {"label": "v1", "content_hash": "b" * 64, "variants": [{"name": "production", "backend": "fake"}]}
+            ],
+        },
+    ]
+}
+
+
+class Lab:
+    """A running gateway over a fake-backend manifest, with helpers to issue grants and keys."""
+
+    def __init__(self, db: Any, server: LiveServer, admin_token: str) -> None:
+        self.db = db
+        self.server = server
+        self.admin_token = admin_token
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def grant(self, evaluator: str = "org-a", *, model: str = "m1", **kwargs: Any) -> tuple[str, str]:
+        """Issue a grant (creating the evaluator if needed) and a key; returns (grant_id, key)."""
+        from airlock.access import service
+
+        kwargs.setdefault("variants", ["production", "helpful-only"])
+        kwargs.setdefault("scopes", ["sample", "logprobs"])
+        with self.db.session() as session:
+            try:
+                service.get_evaluator(session, evaluator)
+            except Exception:
+                service.create_evaluator(session, evaluator)
+            grant = service.create_grant(session, service.GrantRequest(evaluator=evaluator, model=model, **kwargs))
+            _key, token = service.create_api_key(session, grant.id)
+            return grant.id, token
+
+    def audit_rows(self) -> list[Any]:
+        from sqlalchemy import select
+
+        from airlock.access.models import AuditEvent
+
+        self.server.flush_audit()
+        with self.db.session() as session:
+            return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+
+
+@pytest.fixture
+def lab(db: Any) -> Iterator[Lab]:
+    """A live gateway (real HTTP, uvicorn) on a fresh database with the fake manifest synced."""
+    from airlock.access.service import create_admin_token
+    from airlock.config import get_settings
+    from airlock.gateway.app import create_app
+    from airlock.registry.service import parse_manifest, sync_manifest
+
+    with db.session() as session:
+        sync_manifest(session, parse_manifest(FAKE_MANIFEST))
+        _row, admin_token = create_admin_token(session, "test-admin")
+    app = create_app(get_settings(), db=db, sync_manifest=False)
+    with LiveServer(app) as server:
+        yield Lab(db, server, admin_token)

@@ -1,0 +1,116 @@
+"""A deterministic, torch-free backend for fast plumbing tests of the gateway and access control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airlock.backends.base import ModelBackend, register_backend
+from airlock.backends.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+FAKE_HASH = "f" * 64
+
+
+class EchoBackend(ModelBackend):
+    """Answers ``echo: <system prompt?> | <last user message>``; one word = one token."""
+
+    kind = "fake"
+    supports_logprobs = True
+    supports_echo = True
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.calls = 0
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        self.calls += 1
+        system = " ".join(m.text() for m in request.messages if m.role in ("system", "developer"))
+        last = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
+        words = (f"echo: [{system}] {last}" if system else f"echo: {last}").split()
+        budget = request.max_new_tokens(64)
+        out, finish = words[:budget], "stop" if len(words) <= budget else "length"
+        logprobs = None
+        if request.logprobs:
+            k = request.top_logprobs or 0
+            logprobs = ChoiceLogprobs(
+                content=[
+                    TokenLogprob(
+                        token=w, logprob=-0.5, top_logprobs=[TopLogprob(token=w, logprob=-0.5)][:k] if k else []
+                    )
+                    for w in out
+                ]
+            )
+        prompt_tokens = sum(self.count_tokens(m.text()) for m in request.messages)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=" ".join(out)),
+                finish_reason=finish,  # type: ignore[arg-type]
+                logprobs=logprobs,
+            )
+            for i in range(request.n)
+        ]
+        return ChatCompletion(
+            model=request.model,
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(out) * request.n,
+                total_tokens=prompt_tokens + len(out) * request.n,
+            ),
+        )
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.calls += 1
+        choices = []
+        prompt_tokens = completion_tokens = 0
+        for i, prompt in enumerate(request.prompts()):
+            text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+            words = text.split()
+            prompt_tokens += len(words)
+            gen = [w.upper() for w in words][: request.max_tokens]
+            completion_tokens += len(gen)
+            out_words = (words if request.echo else []) + gen
+            logprobs = None
+            if request.logprobs is not None:
+                values: list[float | None] = [-1.0 for _ in out_words]
+                if request.echo and values:
+                    values[0] = None
+                logprobs = CompletionLogprobs(
+                    tokens=out_words,
+                    token_logprobs=values,
+                    top_logprobs=[None if v is None else {w: v} for w, v in zip(out_words, values, strict=True)],
+                    text_offset=[0] * len(out_words),
+                )
+            choices.append(CompletionChoice(index=i, text=" ".join(out_words), logprobs=logprobs))
+        return Completion(
+            model=request.model,
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+
+def register_fake_backend() -> None:
+    """Make ``backend: fake`` available to manifests in tests."""
+    register_backend("fake", EchoBackend)
+
+
