@@ -210,6 +210,7 @@ def evaluator_list() -> None:
 
     with _database() as (_s, db), db.session() as session:
         table = Table("id", "name", "contact", "created")
+        table.columns[0].no_wrap = True
         for e in list_evaluators(session):
             table.add_row(e.id, e.name, e.contact, _ts(e.created_at))
         console.print(table)
@@ -280,6 +281,7 @@ def grant_list(
             print(json.dumps([g.model_dump(mode="json") for g in grants], indent=2))
             return
         table = Table("id", "evaluator", "variants", "scopes", "status", "valid until", "tokens used")
+        table.columns[0].no_wrap = True
         for g in grants:
             table.add_row(
                 g.id, g.evaluator, ",".join(g.variants), ",".join(g.scopes), g.status, _ts(g.not_after), str(g.tokens_used)

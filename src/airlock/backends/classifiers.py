@@ -159,12 +159,24 @@ def get_encoder() -> SentenceTransformer:
     return _ENCODER
 
 
-def _windows(text: str, size: int, stride: int) -> list[str]:
-    """Split ``text`` into overlapping word windows so content past the encoder's 256-token limit is seen."""
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _pieces(text: str, size: int, stride: int) -> list[str]:
+    """Split ``text`` into the pieces the encoder scores: overlapping word windows, plus sentences.
+
+    Windows keep content past the encoder's 256-token limit visible; single sentences keep a
+    disallowed request from being diluted by a long benign text around it.
+    """
     words = text.split()
     if len(words) <= size:
-        return [text]
-    return [" ".join(words[i : i + size]) for i in range(0, max(1, len(words) - size + stride), stride)]
+        pieces = [text]
+    else:
+        pieces = [" ".join(words[i : i + size]) for i in range(0, max(1, len(words) - size + stride), stride)]
+    sentences = [s for s in _SENTENCE_END.split(text) if len(s.split()) >= 3]
+    if len(sentences) > 1:
+        pieces.extend(dict.fromkeys(sentences))  # deduplicated, order kept
+    return pieces
 
 
 class EmbeddingSimilarityClassifier(Classifier):
@@ -209,7 +221,7 @@ class EmbeddingSimilarityClassifier(Classifier):
         for i, text in enumerate(texts):
             if not text.strip():
                 continue
-            for piece in _windows(text, self.window_words, self.window_stride):
+            for piece in _pieces(text, self.window_words, self.window_stride):
                 owners.append(i)
                 pieces.append(piece)
         results: list[Score] = [(0.0, "empty text") for _ in texts]

@@ -54,6 +54,9 @@ _FINISH_ALIASES = {"function_call": "tool_calls", "eos_token": "stop", "eos": "s
 _MAX_ERROR_CHARS = 500
 # SSE lines are read whole; a chunk with many top_logprobs can exceed aiohttp's 256 KiB default.
 _READ_BUFSIZE = 1 << 20
+# Failures where the request never reached a working upstream, or a pooled keep-alive
+# connection had gone stale: generation has no side effects, so these are safe to retry.
+_RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
 
 
 class UpstreamConfig(BaseModel):
@@ -284,8 +287,6 @@ class OpenAIUpstreamBackend(ModelBackend):
                 aiohttp.ConnectionTimeoutError,
                 aiohttp.ServerDisconnectedError,
             ) as exc:
-                # The request never reached a working upstream (or a pooled keep-alive connection
-                # went stale); generation has no side effects, so retrying is safe.
                 if attempt < self.config.max_retries:
                     attempt += 1
                     await asyncio.sleep(_backoff(attempt))
@@ -489,7 +490,7 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
 
 def _backoff(attempt: int, hint: float | None = None) -> float:
     """Return the delay before retry ``attempt`` (1-based): exponential with jitter, capped at 5 s."""
-    base = min(5.0, 0.2 * 2 ** (attempt - 1))
+    base = min(5.0, 0.2 * 2.0 ** (attempt - 1))
     delay = base * (0.5 + random.random() / 2)
     if hint is not None:
         delay = max(delay, min(hint, 5.0))
