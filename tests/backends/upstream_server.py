@@ -26,7 +26,9 @@ from aiohttp import web
 STATE: dict[str, Any] = {"requests": [], "seen_tags": set(), "abandoned_streams": 0, "attempts": {}}
 
 
-def _error(status: int, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
+def _error(
+    status: int, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     body = {"error": {"message": message, "type": "test_error", "param": param, "code": None}}
     return web.json_response(body, status=status, headers=headers)
 

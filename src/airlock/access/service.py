@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from airlock.access.models import SCOPES, AdminToken, ApiKey, Evaluator, Grant
 from airlock.db import utcnow
@@ -22,8 +22,8 @@ from airlock.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from airlock.registry.models import Model, ModelVersion, Variant
-from airlock.registry.service import ModelRef, get_model, get_version, resolve
+from airlock.registry.models import Model, ModelVersion
+from airlock.registry.service import ResolvedVariant, get_model, get_version
 
 KEY_PREFIX = "ak_"
 ADMIN_PREFIX = "at_"
@@ -252,9 +252,7 @@ def authenticate_key(session: Session, token: str | None) -> Principal:
     """Return the principal for an evaluator key; 401 for unknown, revoked keys or revoked grants."""
     digest = _bearer_hash(token)
     key = session.scalar(
-        select(ApiKey)
-        .where(ApiKey.key_hash == digest)
-        .options(selectinload(ApiKey.grant).selectinload(Grant.evaluator))
+        select(ApiKey).where(ApiKey.key_hash == digest).options(joinedload(ApiKey.grant).joinedload(Grant.evaluator))
     )
     # compare_digest on the stored hash keeps the check constant-time after the indexed lookup.
     if key is None or not hmac.compare_digest(key.key_hash, digest):
@@ -295,31 +293,29 @@ def check_window(grant: Grant, now: datetime | None = None) -> None:
         )
 
 
-def authorize(
-    session: Session, principal: Principal, ref: ModelRef, scopes: Iterable[str]
-) -> tuple[Model, ModelVersion, Variant]:
-    """Resolve ``ref`` and check the principal's grant covers it with every scope in ``scopes``.
+def authorize(principal: Principal, target: ResolvedVariant, scopes: Iterable[str]) -> None:
+    """Check the principal's grant covers ``target`` with every scope in ``scopes`` (403 otherwise).
 
-    Raises 404 for a model/version/variant that does not exist, 403 when the grant does not cover
-    it (other model, version, variant, scope, or outside its window).
+    The target has already been resolved, so an unknown model, version or variant was a 404
+    before this check; here everything that exists but is not granted is a 403.
     """
     grant = principal.grant
     check_window(grant)
-    model, version, variant = resolve(session, ref)
-    if model.id != grant.model_id:
-        raise PermissionDeniedError(f"your grant does not cover model {model.name!r}", code="model_not_granted")
-    if version.id not in grant.version_ids:
+    if target.model_id != grant.model_id:
+        raise PermissionDeniedError(f"your grant does not cover model {target.model_name!r}", code="model_not_granted")
+    if target.version_id not in grant.version_ids:
         raise PermissionDeniedError(
-            f"your grant does not cover version {version.label!r} of {model.name!r}", code="version_not_granted"
+            f"your grant does not cover version {target.version_label!r} of {target.model_name!r}",
+            code="version_not_granted",
         )
-    if variant.name not in grant.variants:
+    if target.variant_name not in grant.variants:
         raise PermissionDeniedError(
-            f"your grant does not cover variant {variant.name!r} of {model.name!r}", code="variant_not_granted"
+            f"your grant does not cover variant {target.variant_name!r} of {target.model_name!r}",
+            code="variant_not_granted",
         )
     missing = [s for s in scopes if s not in grant.scopes]
     if missing:
         raise PermissionDeniedError(f"your grant lacks the scope(s) {missing}", code="scope_not_granted")
-    return model, version, variant
 
 
 def granted_model_ids(session: Session, principal: Principal) -> list[str]:

@@ -105,7 +105,7 @@ class PatternClassifier(Classifier):
             if hit is None:
                 results.append((0.0, "no pattern matched"))
             else:
-                results.append((1.0, f"matched pattern {_clip(hit.pattern)!r}"))
+                results.append((1.0, f"matched pattern /{_clip(hit.pattern)}/"))
         return results
 
 

@@ -14,11 +14,12 @@ server is at fault, and its details are logged, not shown to the evaluator).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -113,6 +114,7 @@ class OpenAIUpstreamBackend(ModelBackend):
         self.supports_logprobs = config.supports_logprobs  # type: ignore[misc]
         self.supports_echo = config.supports_echo  # type: ignore[misc]
         self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s)
         # Streams may legitimately run for minutes; bound the silence between chunks instead.
         self._stream_timeout = aiohttp.ClientTimeout(
@@ -154,11 +156,19 @@ class OpenAIUpstreamBackend(ModelBackend):
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created lazily too, because a backend may be used without start() (tests, CLI).
+        loop = asyncio.get_running_loop()
+        if self._session is not None and not self._session.closed and self._session_loop is not loop:
+            # Started on another event loop (e.g. ``asyncio.run(backend.start())``): that session's
+            # connections belong to the old loop and cannot be used or closed from this one.
+            logger.debug("upstream %s: event loop changed, opening a new HTTP session", self.base_url)
+            self._session.detach()
+            self._session = None
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.config.max_connections, limit_per_host=0)
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers(), read_bufsize=_READ_BUFSIZE
             )
+            self._session_loop = loop
         return self._session
 
     async def start(self) -> None:
@@ -168,8 +178,12 @@ class OpenAIUpstreamBackend(ModelBackend):
     async def aclose(self) -> None:
         """Close the HTTP session and its connections."""
         session, self._session = self._session, None
-        if session is not None and not session.closed:
+        if session is None or session.closed:
+            return
+        if self._session_loop is asyncio.get_running_loop():
             await session.close()
+        else:
+            session.detach()
 
     # ------------------------------------------------------------ helpers
 
@@ -282,11 +296,7 @@ class OpenAIUpstreamBackend(ModelBackend):
                     raw = await response.read()
             except AirlockError:
                 raise
-            except (
-                aiohttp.ClientConnectorError,
-                aiohttp.ConnectionTimeoutError,
-                aiohttp.ServerDisconnectedError,
-            ) as exc:
+            except _RETRYABLE as exc:
                 if attempt < self.config.max_retries:
                     attempt += 1
                     await asyncio.sleep(_backoff(attempt))
@@ -307,7 +317,7 @@ class OpenAIUpstreamBackend(ModelBackend):
                 self._bad_response(f"body is not a JSON object: {raw[:200]!r}")
             return data
 
-    async def _stream_events(self, path: str, body: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def _stream_events(self, path: str, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         """POST ``body`` with ``stream: true`` and yield each SSE ``data:`` event as a JSON object."""
         url = self.base_url + path
         try:
@@ -366,23 +376,26 @@ class OpenAIUpstreamBackend(ModelBackend):
         usage: Usage | None = None
         texts: dict[int, list[str]] = {}
         last: ChatCompletionChunk | None = None
-        async for event in self._stream_events("/chat/completions", self._payload(request, stream=True)):
-            _normalize_choices(event)
-            event.setdefault("id", last.id if last else "chatcmpl-upstream")
-            event.setdefault("model", self.model)
-            try:
-                chunk = ChatCompletionChunk.model_validate(event)
-            except ValidationError as exc:
-                self._bad_response(f"chat chunk does not validate: {exc.errors(include_input=False)}")
-            last = chunk
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if chunk.choices:
-                for choice in chunk.choices:
-                    if choice.delta.content:
-                        texts.setdefault(choice.index, []).append(choice.delta.content)
-                # Usage is reported once, on the final chunk, whatever the upstream did.
-                yield chunk.model_copy(update={"usage": None}) if chunk.usage is not None else chunk
+        events = self._stream_events("/chat/completions", self._payload(request, stream=True))
+        # Closed deterministically, so an error or an abandoned stream releases the connection now.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                _normalize_choices(event)
+                event.setdefault("id", last.id if last else "chatcmpl-upstream")
+                event.setdefault("model", self.model)
+                try:
+                    chunk = ChatCompletionChunk.model_validate(event)
+                except ValidationError as exc:
+                    self._bad_response(f"chat chunk does not validate: {exc.errors(include_input=False)}")
+                last = chunk
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.choices:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            texts.setdefault(choice.index, []).append(choice.delta.content)
+                    # Usage is reported once, on the final chunk, whatever the upstream did.
+                    yield chunk.model_copy(update={"usage": None}) if chunk.usage is not None else chunk
         if usage is None:
             usage = self._chat_usage(request, texts)
         if last is None:
@@ -419,24 +432,27 @@ class OpenAIUpstreamBackend(ModelBackend):
         usage: Usage | None = None
         texts: dict[int, list[str]] = {}
         last: Completion | None = None
-        async for event in self._stream_events("/completions", self._payload(request, stream=True)):
-            _normalize_choices(event)
-            event.setdefault("id", last.id if last else "cmpl-upstream")
-            event.setdefault("model", self.model)
-            raw_usage = event.get("usage")
-            try:
-                # Completion.usage defaults to zeros; a chunk without usage must not look like one with it.
-                chunk = Completion.model_validate({**event, "usage": None})
-                if raw_usage is not None:
-                    usage = Usage.model_validate(raw_usage)
-            except ValidationError as exc:
-                self._bad_response(f"completion chunk does not validate: {exc.errors(include_input=False)}")
-            last = chunk
-            if chunk.choices:
-                for choice in chunk.choices:
-                    if choice.text:
-                        texts.setdefault(choice.index, []).append(choice.text)
-                yield chunk
+        events = self._stream_events("/completions", self._payload(request, stream=True))
+        # Closed deterministically, so an error or an abandoned stream releases the connection now.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                _normalize_choices(event)
+                event.setdefault("id", last.id if last else "cmpl-upstream")
+                event.setdefault("model", self.model)
+                raw_usage = event.get("usage")
+                try:
+                    # Completion.usage defaults to zeros; a chunk without usage must not look like one with it.
+                    chunk = Completion.model_validate({**event, "usage": None})
+                    if raw_usage is not None:
+                        usage = Usage.model_validate(raw_usage)
+                except ValidationError as exc:
+                    self._bad_response(f"completion chunk does not validate: {exc.errors(include_input=False)}")
+                last = chunk
+                if chunk.choices:
+                    for choice in chunk.choices:
+                        if choice.text:
+                            texts.setdefault(choice.index, []).append(choice.text)
+                    yield chunk
         if usage is None:
             usage = self._completion_usage(request, texts)
         if last is None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airlock.backends.base import ModelBackend, create_backend
-from airlock.registry.models import Variant
+from airlock.registry.service import ResolvedVariant
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,13 @@ class VariantRuntimeSpec:
     mitigations: list[dict[str, Any]]
 
     @classmethod
-    def from_row(cls, variant: Variant) -> VariantRuntimeSpec:
-        """Snapshot a variant row (with mitigations loaded)."""
+    def of(cls, variant: ResolvedVariant) -> VariantRuntimeSpec:
+        """Take what serving needs from a resolved variant."""
         return cls(
-            variant_id=variant.id,
+            variant_id=variant.variant_id,
             backend=variant.backend,
-            backend_config=dict(variant.backend_config),
-            mitigations=[
-                {"name": m.name, "kind": m.kind, "config": dict(m.config), "stance": m.stance}
-                for m in variant.mitigations
-            ],
+            backend_config=variant.backend_config,
+            mitigations=variant.mitigations,
         )
 
     def backend_key(self) -> str:

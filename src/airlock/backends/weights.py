@@ -82,6 +82,9 @@ TINY_RANDOM_CONFIG: dict[str, Any] = {
     "max_position_embeddings": 8192,
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": True,
+    # Wider than Llama's 0.02 so greedy decoding wanders through the vocabulary (multi-byte
+    # tokens included) instead of repeating one token: better plumbing tests.
+    "initializer_range": 0.3,
 }
 _TINY_TOKENIZER_FROM = "smollm2-135m"
 

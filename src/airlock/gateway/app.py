@@ -18,6 +18,7 @@ from airlock.db import Database
 from airlock.gateway.deps import GatewayState
 from airlock.gateway.errors import install_error_handlers
 from airlock.gateway.middleware import AuditMiddleware
+from airlock.registry.service import RegistryCache
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,12 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     db = db or Database(settings.db_url)
     audit = AuditWriter(db, flush_interval=settings.audit_flush_interval_s, batch_size=settings.audit_batch_size)
     state = GatewayState(
-        settings=settings, db=db, audit=audit, pool=BackendPool(), limiter=make_rate_limiter(settings.redis_url)
+        settings=settings,
+        db=db,
+        audit=audit,
+        pool=BackendPool(),
+        limiter=make_rate_limiter(settings.redis_url),
+        registry=RegistryCache(),
     )
 
     @asynccontextmanager

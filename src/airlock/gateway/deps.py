@@ -16,6 +16,7 @@ from airlock.backends.pool import BackendPool
 from airlock.config import Settings
 from airlock.db import Database
 from airlock.gateway.middleware import AuditContext
+from airlock.registry.service import RegistryCache
 
 
 @dataclass
@@ -27,6 +28,7 @@ class GatewayState:
     audit: AuditWriter
     pool: BackendPool
     limiter: RateLimiter
+    registry: RegistryCache
 
 
 def get_state(request: Request) -> GatewayState:

@@ -50,13 +50,10 @@ async def prepare(
     scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
     audit.scope = ",".join(scopes)
 
-    def _authorize() -> VariantRuntimeSpec:
-        with state.db.session() as session:
-            _model, version, variant = authorize(session, principal, ref, scopes)
-            audit.version_id = version.id
-            return VariantRuntimeSpec.from_row(variant)
-
-    spec = await run_in_threadpool(_authorize)
+    resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
+    audit.version_id = resolved.version_id
+    authorize(principal, resolved, scopes)
+    spec = VariantRuntimeSpec.of(resolved)
     check_token_quota(principal.grant)
     if principal.grant.quota_requests_per_minute:
         state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from airlock.errors import ConfigError, InvalidRequestError
-from airlock.gateway.deps import AdminDep, SessionDep
+from airlock.gateway.deps import AdminDep, SessionDep, StateDep
 from airlock.registry import service
 from airlock.registry.schemas import (
     MitigationPublic,
@@ -63,11 +63,14 @@ def _public(models: list[Any]) -> list[ModelPublic]:
 
 
 @router.post("/manifest", response_model=SyncReport)
-def sync_manifest(body: dict[str, Any], session: SessionDep, admin: AdminDep) -> SyncReport:
+def sync_manifest(body: dict[str, Any], state: StateDep, session: SessionDep, admin: AdminDep) -> SyncReport:
     """Create or update models, versions, variants and mitigations from a manifest document."""
     try:
         manifest = service.parse_manifest(body, source="manifest")
-        return service.sync_manifest(session, manifest, actor=admin.name)
+        report = service.sync_manifest(session, manifest, actor=admin.name)
+        session.commit()
+        state.registry.clear()
+        return report
     except ConfigError as exc:  # the operator's document is the request here: a 400, not a 500
         raise InvalidRequestError(exc.message, code="invalid_manifest") from None
 
@@ -79,10 +82,13 @@ def list_models(session: SessionDep, admin: AdminDep) -> list[ModelPublic]:
 
 
 @router.post("/models/{model}/versions/{label}/stage", response_model=list[ModelPublic])
-def change_stage(model: str, label: str, body: StageChangeRequest, session: SessionDep, admin: AdminDep) -> Any:
+def change_stage(
+    model: str, label: str, body: StageChangeRequest, state: StateDep, session: SessionDep, admin: AdminDep
+) -> Any:
     """Move a version to another lifecycle stage."""
     row = service.get_version(session, service.get_model(session, model), label)
     if row.stage != body.stage:
         service.set_stage(session, row, body.stage, actor=admin.name)
-    session.flush()
+    session.commit()
+    state.registry.clear()
     return _public([service.get_model(session, model)])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +272,72 @@ def resolve(session: Session, ref: ModelRef) -> tuple[Model, ModelVersion, Varia
     version = get_version(session, model, ref.version)
     variant = get_variant(session, version, ref.variant)
     return model, version, variant
+
+
+@dataclass(frozen=True)
+class ResolvedVariant:
+    """A variant with its version and model, detached from the session: all serving needs."""
+
+    model_id: str
+    model_name: str
+    version_id: str
+    version_label: str
+    variant_id: str
+    variant_name: str
+    backend: str
+    backend_config: dict[str, Any] = field(hash=False)
+    mitigations: list[dict[str, Any]] = field(hash=False)
+
+
+def resolve_variant(session: Session, ref: ModelRef) -> ResolvedVariant:
+    """Resolve ``ref`` into a detached ResolvedVariant (NotFoundError for unknown parts)."""
+    model, version, variant = resolve(session, ref)
+    return ResolvedVariant(
+        model_id=model.id,
+        model_name=model.name,
+        version_id=version.id,
+        version_label=version.label,
+        variant_id=variant.id,
+        variant_name=variant.name,
+        backend=variant.backend,
+        backend_config=dict(variant.backend_config),
+        mitigations=[
+            {"name": m.name, "kind": m.kind, "config": dict(m.config), "stance": m.stance} for m in variant.mitigations
+        ],
+    )
+
+
+class RegistryCache:
+    """Caches model-id resolutions for a few seconds: the registry changes rarely, requests often.
+
+    Only registry lookups are cached, never keys or grants, so revocation stays immediate; a
+    newly synced version or changed mitigation is served at most ``ttl_s`` later.
+    """
+
+    def __init__(self, ttl_s: float = 2.0) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[ModelRef, tuple[float, ResolvedVariant]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_factory: Any, ref: ModelRef) -> ResolvedVariant:
+        """Return the cached resolution of ``ref`` or resolve it with a new session."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(ref)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        with session_factory() as session:
+            resolved = resolve_variant(session, ref)
+        with self._lock:
+            if len(self._entries) > 10_000:  # bound memory against callers cycling through ids
+                self._entries.clear()
+            self._entries[ref] = (now, resolved)
+        return resolved
+
+    def clear(self) -> None:
+        """Forget every cached resolution (after a sync in this process)."""
+        with self._lock:
+            self._entries.clear()
 
 
 def list_models(session: Session) -> list[Model]:
