@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -54,8 +53,12 @@ async def run_load(call: Any, n: int, concurrency: int) -> tuple[list[float], fl
 
 
 def body(i: int, model: str) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": f"request {i} hello"}], "max_tokens": 8,
-            "temperature": 0}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": f"request {i} hello"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
 
 
 class Server:
@@ -88,13 +91,27 @@ def setup_lab(home: Path, backend: str, model_spec: str) -> tuple[Any, str]:
     db = Database(settings.db_url)
     db.migrate()
     config = {"model": model_spec} if backend == "local" else {}
-    manifest = {"models": [{"name": "bench", "versions": [{"label": "v1", "content_hash": "0" * 64, "variants": [
-        {"name": "helpful-only", "backend": backend, "backend_config": config}]}]}]}
+    manifest = {
+        "models": [
+            {
+                "name": "bench",
+                "versions": [
+                    {
+                        "label": "v1",
+                        "content_hash": "0" * 64,
+                        "variants": [{"name": "helpful-only", "backend": backend, "backend_config": config}],
+                    }
+                ],
+            }
+        ]
+    }
     with db.session() as session:
         sync_manifest(session, parse_manifest(manifest))
         service.create_evaluator(session, "bench-org")
-        grant = service.create_grant(session, service.GrantRequest(
-            evaluator="bench-org", model="bench", variants=["helpful-only"], scopes=["sample"]))
+        grant = service.create_grant(
+            session,
+            service.GrantRequest(evaluator="bench-org", model="bench", variants=["helpful-only"], scopes=["sample"]),
+        )
         _key, token = service.create_api_key(session, grant.id)
     return create_app(settings, db=db, sync_manifest=False), token
 
@@ -116,8 +133,12 @@ async def measure(backend: ModelBackend, url: str, key: str, n: int, concurrency
         d_lat, d_wall = await run_load(direct, n, concurrency)
         g_lat, g_wall = await run_load(via_gateway, n, concurrency)
     return {
-        "direct_p50": percentile(d_lat, 0.5), "direct_p95": percentile(d_lat, 0.95), "direct_rps": n / d_wall,
-        "gw_p50": percentile(g_lat, 0.5), "gw_p95": percentile(g_lat, 0.95), "gw_rps": n / g_wall,
+        "direct_p50": percentile(d_lat, 0.5),
+        "direct_p95": percentile(d_lat, 0.95),
+        "direct_rps": n / d_wall,
+        "gw_p50": percentile(g_lat, 0.5),
+        "gw_p95": percentile(g_lat, 0.95),
+        "gw_rps": n / g_wall,
     }
 
 
@@ -138,18 +159,22 @@ def main() -> None:
         direct_backend = create_backend(backend_kind, {"model": args.model} if backend_kind == "local" else {})
         with Server(app) as url:
             print(f"gateway overhead, backend={args.model}, {args.requests} requests per run")
-            print(f"{'conc':>4} | {'direct p50':>10} {'p95':>8} {'req/s':>8} | {'gateway p50':>11} {'p95':>8} "
-                  f"{'req/s':>8} | {'+p50 ms':>7} {'thru ratio':>10}")
+            print(
+                f"{'conc':>4} | {'direct p50':>10} {'p95':>8} {'req/s':>8} | {'gateway p50':>11} {'p95':>8} "
+                f"{'req/s':>8} | {'+p50 ms':>7} {'thru ratio':>10}"
+            )
 
             async def go() -> None:
                 await direct_backend.start()
                 try:
                     for c in (int(x) for x in args.concurrency.split(",")):
                         r = await measure(direct_backend, url, key, args.requests, c)
-                        print(f"{c:>4} | {r['direct_p50']*1e3:>8.2f}ms {r['direct_p95']*1e3:>6.2f}ms "
-                              f"{r['direct_rps']:>8.0f} | {r['gw_p50']*1e3:>9.2f}ms {r['gw_p95']*1e3:>6.2f}ms "
-                              f"{r['gw_rps']:>8.0f} | {(r['gw_p50']-r['direct_p50'])*1e3:>7.2f} "
-                              f"{r['gw_rps']/r['direct_rps']:>10.3f}")
+                        print(
+                            f"{c:>4} | {r['direct_p50'] * 1e3:>8.2f}ms {r['direct_p95'] * 1e3:>6.2f}ms "
+                            f"{r['direct_rps']:>8.0f} | {r['gw_p50'] * 1e3:>9.2f}ms {r['gw_p95'] * 1e3:>6.2f}ms "
+                            f"{r['gw_rps']:>8.0f} | {(r['gw_p50'] - r['direct_p50']) * 1e3:>7.2f} "
+                            f"{r['gw_rps'] / r['direct_rps']:>10.3f}"
+                        )
                 finally:
                     await direct_backend.aclose()
 

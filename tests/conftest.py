@@ -128,7 +128,7 @@ class LiveServer:
 
     def flush_audit(self) -> None:
         """Wait until every audit event so far is in the database."""
-        self.app.state.gateway.audit.flush()
+        self.app.state.gateway.audit.wait_idle()
 
 
 FAKE_MANIFEST: dict[str, Any] = {

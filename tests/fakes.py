@@ -112,5 +112,3 @@ class EchoBackend(ModelBackend):
 def register_fake_backend() -> None:
     """Make ``backend: fake`` available to manifests in tests."""
     register_backend("fake", EchoBackend)
-
-

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import yaml
+from tests.conftest import FAKE_MANIFEST
 from typer.testing import CliRunner
 
 from airlock.cli import app
-from tests.conftest import FAKE_MANIFEST
 
 runner = CliRunner()
 
@@ -38,8 +38,18 @@ def test_grant_lifecycle_through_cli(airlock_env: Path) -> None:
     invoke("evaluator", "add", "Org A", "--contact", "a@example.org")
     assert "Org A" in invoke("evaluator", "list")
     grant_id = invoke(
-        "grant", "create", "--evaluator", "Org A", "--model", "m1", "--variants", "production,helpful-only",
-        "--scopes", "sample,logprobs", "--expires", "30d",
+        "grant",
+        "create",
+        "--evaluator",
+        "Org A",
+        "--model",
+        "m1",
+        "--variants",
+        "production,helpful-only",
+        "--scopes",
+        "sample,logprobs",
+        "--expires",
+        "30d",
     ).strip()
     assert grant_id.startswith("grant_")
     key = invoke("key", "create", "--grant", grant_id).strip()
@@ -64,8 +74,20 @@ def test_cli_errors_are_one_line_and_nonzero(airlock_env: Path) -> None:
         ["key", "create", "--grant", "grant_nope"],
     ]
     invoke("evaluator", "add", "Org B")
-    cases.append(["grant", "create", "--evaluator", "Org B", "--model", "m1", "--variants", "production",
-                  "--expires", "tomorrow"])
+    cases.append(
+        [
+            "grant",
+            "create",
+            "--evaluator",
+            "Org B",
+            "--model",
+            "m1",
+            "--variants",
+            "production",
+            "--expires",
+            "tomorrow",
+        ]
+    )
     cases.append(["grant", "create", "--evaluator", "Org B", "--model", "m1", "--variants", "nope"])
     for args in cases:
         result = runner.invoke(app, args)

@@ -102,7 +102,7 @@ def init(
             if admin_token:
                 with db.session() as session:
                     if session.scalar(select(AdminToken).where(AdminToken.revoked_at.is_(None))) is None:
-                        row, token = create_admin_token(session, "initial-admin")
+                        _row, token = create_admin_token(session, "initial-admin")
                         token_file = settings.home_dir / "admin-token"
                         token_file.write_text(token + "\n")
                         token_file.chmod(0o600)
@@ -284,7 +284,13 @@ def grant_list(
         table.columns[0].no_wrap = True
         for g in grants:
             table.add_row(
-                g.id, g.evaluator, ",".join(g.variants), ",".join(g.scopes), g.status, _ts(g.not_after), str(g.tokens_used)
+                g.id,
+                g.evaluator,
+                ",".join(g.variants),
+                ",".join(g.scopes),
+                g.status,
+                _ts(g.not_after),
+                str(g.tokens_used),
             )
         console.print(table)
 
@@ -406,7 +412,7 @@ def audit_tail(
 
 @audit_app.command("summary")
 def audit_summary() -> None:
-    """Requests and tokens per evaluator, variant and outcome."""
+    """Show requests and tokens per evaluator, variant and outcome."""
     from airlock.access.audit import summary
 
     with _database() as (_s, db), db.session() as session:

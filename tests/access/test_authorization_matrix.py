@@ -6,10 +6,10 @@ import itertools
 from datetime import timedelta
 
 import httpx
+from tests.conftest import Lab
 
 from airlock.access import service
 from airlock.db import utcnow
-from tests.conftest import Lab
 
 GRANTED = ["production", "helpful-only"]
 VARIANTS = [*GRANTED, "base"]  # base exists but is never granted here
@@ -87,8 +87,7 @@ def test_authorization_matrix(lab: Lab) -> None:
     assert len(rows) == sent
     statuses = sorted(r.status_code for r in rows)
     assert statuses.count(200) == sum(
-        expected_status(s, GRANT_SCOPES[n], v, r) == 200
-        for (s, n), v, r in itertools.product(keys, VARIANTS, REQUESTS)
+        expected_status(s, GRANT_SCOPES[n], v, r) == 200 for (s, n), v, r in itertools.product(keys, VARIANTS, REQUESTS)
     )
     for row in rows:
         assert row.outcome == ("allowed" if row.status_code == 200 else "denied")

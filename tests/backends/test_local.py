@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from airlock.backends.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     Completion,
     CompletionRequest,
 )
@@ -38,7 +39,7 @@ PROMPTS = [
 def chat(content: str = "Hello there!", **kwargs: Any) -> ChatCompletionRequest:
     kwargs.setdefault("temperature", 0.0)
     kwargs.setdefault("max_tokens", 8)
-    return ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": content}], **kwargs)
+    return ChatCompletionRequest(model="tiny", messages=[ChatMessage(role="user", content=content)], **kwargs)
 
 
 def text_of(result: ChatCompletion, index: int = 0) -> str:
@@ -49,7 +50,9 @@ def text_of(result: ChatCompletion, index: int = 0) -> str:
 
 def chat_ids(backend: LocalBackend, content: str) -> list[int]:
     tok = backend.tokenizer
-    rendered = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return list(tok(rendered, add_special_tokens=False)["input_ids"])
 
 
@@ -304,9 +307,9 @@ async def test_chat_logprobs_match_direct_forward(tiny_backend: LocalBackend) ->
 
 
 async def test_developer_role_is_system(tiny_backend: LocalBackend) -> None:
-    def ids(role: str) -> list[int]:
+    def ids(role: Literal["system", "developer"]) -> list[int]:
         req = ChatCompletionRequest(
-            model="t", messages=[{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+            model="t", messages=[ChatMessage(role=role, content="Be brief."), ChatMessage(role="user", content="Hi")]
         )
         return tiny_backend._chat_prompt(req.messages, None)
 
@@ -316,9 +319,9 @@ async def test_developer_role_is_system(tiny_backend: LocalBackend) -> None:
         temperature=0,
         max_tokens=3,
         messages=[
-            {"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
-            {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+            ChatMessage(role="user", content="Weather?"),
+            ChatMessage(role="assistant", content=None, tool_calls=[{"id": "c1", "type": "function"}]),
+            ChatMessage(role="tool", content="sunny", tool_call_id="c1"),
         ],
     )
     assert (await tiny_backend.chat(tool_chat)).usage.completion_tokens == 3
@@ -464,7 +467,9 @@ async def test_echo_with_one_generated_token(tiny_backend: LocalBackend) -> None
 
 
 async def test_completion_generation_logprobs_and_multiple_prompts(tiny_backend: LocalBackend) -> None:
-    req = CompletionRequest(model="t", prompt=["Once upon a time", "In a galaxy"], max_tokens=5, logprobs=2, n=2, temperature=0)
+    req = CompletionRequest(
+        model="t", prompt=["Once upon a time", "In a galaxy"], max_tokens=5, logprobs=2, n=2, temperature=0
+    )
     result = await tiny_backend.complete(req)
     assert [c.index for c in result.choices] == [0, 1, 2, 3]
     assert result.choices[0].text == result.choices[1].text  # greedy: both choices agree
@@ -477,7 +482,9 @@ async def test_completion_generation_logprobs_and_multiple_prompts(tiny_backend:
         assert all(top is not None and len(top) == 2 for top in lp.top_logprobs)
         assert lp.text_offset[0] == 0
     assert result.usage is not None and result.usage.completion_tokens == 20
-    single = await tiny_backend.complete(CompletionRequest(model="t", prompt="In a galaxy", max_tokens=5, temperature=0))
+    single = await tiny_backend.complete(
+        CompletionRequest(model="t", prompt="In a galaxy", max_tokens=5, temperature=0)
+    )
     assert single.choices[0].text == result.choices[2].text
     assert single.choices[0].logprobs is None
 
@@ -563,7 +570,7 @@ def test_stop_string_split_across_tokens_is_held_back(tiny_backend: LocalBackend
 async def test_smollm2_chat_answers_in_english(smol_backend: LocalBackend) -> None:
     req = ChatCompletionRequest(
         model="smol",
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        messages=[ChatMessage(role="user", content="What is the capital of France? Answer in one sentence.")],
         temperature=0,
         max_tokens=16,
     )

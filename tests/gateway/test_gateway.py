@@ -8,7 +8,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
 from tests.conftest import Lab
 
 
@@ -147,7 +146,7 @@ def test_malformed_requests_are_400(lab: Lab, body: Any, param: str | None) -> N
 
 
 def test_auth_and_lookup_errors(lab: Lab) -> None:
-    gid, key = lab.grant(variants=["helpful-only"])
+    _gid, key = lab.grant(variants=["helpful-only"])
     msg = {"messages": [{"role": "user", "content": "x"}]}
     assert _is_openai_error(_post(lab, None, {"model": "m1/helpful-only", **msg}), 401)["code"] == "missing_api_key"
     assert _is_openai_error(_post(lab, "ak_garbage", {"model": "m1/helpful-only", **msg}), 401)

@@ -1,0 +1,1 @@
+"""Access control: evaluators, grants, keys, quotas and the audit trail."""

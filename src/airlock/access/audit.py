@@ -64,6 +64,8 @@ class AuditWriter:
         self._thread = threading.Thread(target=self._run, name="airlock-audit", daemon=True)
         self._started = False
         self._lock = threading.Lock()
+        self._open = 0
+        self._idle = threading.Condition(self._lock)
         self.written = 0
 
     def start(self) -> None:
@@ -73,11 +75,26 @@ class AuditWriter:
                 self._thread.start()
                 self._started = True
 
-    def record(self, event: AuditRecord) -> None:
-        """Queue an event; never blocks on the database."""
+    def begin(self) -> None:
+        """Note that a request has started; its event will come through ``record(..., end=True)``."""
+        with self._lock:
+            self._open += 1
+
+    def record(self, event: AuditRecord, *, end: bool = False) -> None:
+        """Queue an event; never blocks on the database. ``end`` closes a ``begin()``."""
         if not self._started:
             self.start()
         self._queue.put(event)
+        if end:
+            with self._idle:
+                self._open -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every begun request has recorded its event, then flush (tests, shutdown)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._open <= 0, timeout)
+        self.flush(timeout)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every event queued before this call has been committed."""

@@ -284,9 +284,7 @@ def check_window(grant: Grant, now: datetime | None = None) -> None:
     status = grant_status(grant, now)
     if status == "expired":
         assert grant.not_after is not None
-        raise PermissionDeniedError(
-            f"grant {grant.id} expired at {grant.not_after.isoformat()}", code="grant_expired"
-        )
+        raise PermissionDeniedError(f"grant {grant.id} expired at {grant.not_after.isoformat()}", code="grant_expired")
     if status == "pending":
         raise PermissionDeniedError(
             f"grant {grant.id} is not valid before {grant.not_before.isoformat()}", code="grant_not_yet_valid"
@@ -328,7 +326,9 @@ def granted_model_ids(session: Session, principal: Principal) -> list[str]:
         return []
     versions = list(
         session.scalars(
-            select(ModelVersion).where(ModelVersion.id.in_(grant.version_ids)).options(selectinload(ModelVersion.variants))
+            select(ModelVersion)
+            .where(ModelVersion.id.in_(grant.version_ids))
+            .options(selectinload(ModelVersion.variants))
         )
     )
     latest = get_version(session, model, None)

@@ -1,0 +1,1 @@
+"""Model backends: the ModelBackend interface, local and upstream implementations, mitigations."""

@@ -26,9 +26,9 @@ class ModelBackend:
     #: Registry name used in ``airlock.yaml`` (``backend: local``).
     kind: ClassVar[str] = ""
     #: Whether the backend can return token log-probabilities.
-    supports_logprobs: ClassVar[bool] = False
+    supports_logprobs: bool = False
     #: Whether ``/v1/completions`` with ``echo`` returns prompt log-probabilities.
-    supports_echo: ClassVar[bool] = False
+    supports_echo: bool = False
 
     async def start(self) -> None:
         """Load weights / open connections; called once before the first request."""
@@ -69,7 +69,9 @@ async def _chat_as_stream(backend: ModelBackend, request: ChatCompletionRequest)
             choices=[
                 ChatChunkChoice(
                     index=choice.index,
-                    delta=ChatDelta(role="assistant", content=choice.message.content, tool_calls=choice.message.tool_calls),
+                    delta=ChatDelta(
+                        role="assistant", content=choice.message.content, tool_calls=choice.message.tool_calls
+                    ),
                     finish_reason=choice.finish_reason,
                     logprobs=choice.logprobs,
                 )

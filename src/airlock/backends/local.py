@@ -930,6 +930,11 @@ class LocalBackend(ModelBackend):
         return self._loaded.model
 
     @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a generation (after `start`)."""
+        return self._eos()
+
+    @property
     def tokenizer(self) -> Any:
         """The model's tokenizer (loaded on first use)."""
         return self._tok()
@@ -1256,11 +1261,13 @@ class LocalBackend(ModelBackend):
             job.cancelled = True
 
     def _table(self) -> _TokenTable:
-        assert self._engine is not None
+        if self._engine is None:
+            raise BackendUnavailableError("the local backend is not started")
         return self._engine.table
 
     def _eos(self) -> frozenset[int]:
-        assert self._engine is not None
+        if self._engine is None:
+            raise BackendUnavailableError("the local backend is not started")
         return self._engine.eos_ids
 
     def _fingerprint(self) -> str | None:

@@ -1,0 +1,1 @@
+"""The HTTP gateway: OpenAI-compatible routes, admin API, errors, audit middleware."""

@@ -68,15 +68,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _format_validation(exc)
         _audit_error(request, "invalid_request")
-        return JSONResponse(
-            error_body(message, "invalid_request_error", "invalid_request", param), status_code=400
-        )
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
         _audit_error(request, code)
-        message = str(exc.detail) if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
+        message = (
+            str(exc.detail) if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
+        )
         return JSONResponse(
             error_body(message, _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code),
             status_code=exc.status_code,

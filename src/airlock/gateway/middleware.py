@@ -63,6 +63,7 @@ class AuditMiddleware:
         scope["airlock.audit"] = ctx
         started = time.perf_counter()
         status = 500
+        self.writer.begin()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -113,7 +114,8 @@ class AuditMiddleware:
                     tokens_out=ctx.tokens_out,
                     latency_ms=round((time.perf_counter() - started) * 1000, 3),
                     detail=ctx.detail,
-                )
+                ),
+                end=True,
             )
 
 

@@ -93,7 +93,9 @@ def _sync_version(session: Session, model: Model, spec: VersionSpec, report: Syn
     content_hash = version_hash(spec)
     label = spec.label or content_hash[:12]
     where = f"{model.name}@{label}"
-    by_label = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.label == label))
+    by_label = session.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.label == label)
+    )
     by_hash = session.scalar(
         select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.content_hash == content_hash)
     )
@@ -129,7 +131,12 @@ def _backend_config(version_spec: VersionSpec, spec: VariantSpec) -> dict[str, A
 
 
 def _sync_variant(
-    session: Session, version: ModelVersion, version_spec: VersionSpec, spec: VariantSpec, report: SyncReport, where: str
+    session: Session,
+    version: ModelVersion,
+    version_spec: VersionSpec,
+    spec: VariantSpec,
+    report: SyncReport,
+    where: str,
 ) -> None:
     from airlock.backends.mitigations import build_mitigation
 
