@@ -95,8 +95,9 @@ def sequential_generate(backend: LocalBackend, n: int, max_tokens: int) -> Resul
     return Result("sequential generate()", total, time.perf_counter() - started)
 
 
-async def closed_loop(backend: LocalBackend, clients: int, n: int, max_tokens: int, label: str) -> Result:
+async def closed_loop(backend: LocalBackend, clients: int, n: int, max_tokens: int | list[int], label: str) -> Result:
     """``clients`` tasks each send the next request as soon as their previous one finished."""
+    budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens]
     pending = list(range(n))
     tokens = 0
     backend.stats.max_batch_rows_seen = 0
@@ -105,7 +106,7 @@ async def closed_loop(backend: LocalBackend, clients: int, n: int, max_tokens: i
         nonlocal tokens
         while pending:
             i = pending.pop(0)
-            result = await backend.chat(request(i, max_tokens))
+            result = await backend.chat(request(i, budgets[i % len(budgets)]))
             tokens += result.usage.completion_tokens
 
     started = time.perf_counter()
@@ -120,6 +121,9 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default: %(default)s)")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
     parser.add_argument("--no-static", action="store_true", help="skip the static-batching comparison")
+    parser.add_argument(
+        "--mixed", default="8,64,16,32", help="max tokens cycled in the mixed-length run (default: %(default)s)"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     max_batch = max(levels)
@@ -142,6 +146,14 @@ async def main() -> None:
             results.append(await closed_loop(continuous, c, args.requests, args.tokens, f"backend, {c} client(s)"))
             if c > 1 and not args.no_static:
                 results.append(await closed_loop(static, c, args.requests, args.tokens, f"  static batching, {c}"))
+        # Unequal lengths are where continuous batching should pay: a short request's slot is
+        # refilled at once instead of idling until the longest request of its batch finishes.
+        mixed = [int(t) for t in args.mixed.split(",")] if args.mixed else []
+        if mixed and not args.no_static:
+            clients = 4 if 4 in levels else levels[-1]
+            for backend, name in ((continuous, "continuous"), (static, "static")):
+                label = f"mixed {name}, {clients}"
+                results.append(await closed_loop(backend, clients, args.requests, mixed, label))
     finally:
         await continuous.aclose()
         await static.aclose()
