@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -232,3 +234,41 @@ def lab(db: Any) -> Iterator[Lab]:
     app = create_app(get_settings(), db=db, sync_manifest=False)
     with LiveServer(app) as server:
         yield Lab(db, server, admin_token)
+
+
+# ---------------------------------------------------------------- upstream test server
+
+UPSTREAM_SERVER = Path(__file__).parent / "backends" / "upstream_server.py"
+UPSTREAM_KEY = "sk-operator-" + secrets.token_hex(12)
+EVALUATOR_KEY = "ak-evaluator-" + secrets.token_hex(12)
+UPSTREAM_MODEL = "upstream-model"
+KEY_ENV = "AIRLOCK_TEST_UPSTREAM_KEY"
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start the test server in its own process; yield its root URL."""
+    log = tmp_path_factory.mktemp("upstream") / "server.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(UPSTREAM_SERVER), "--key", UPSTREAM_KEY, "--model", UPSTREAM_MODEL],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            proc.kill()
+            pytest.fail(f"upstream test server did not start: {line!r} {log.read_text()}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -6,15 +6,13 @@ import asyncio
 import json
 import secrets
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from tests.conftest import EVALUATOR_KEY, KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL
 
 from airlock.backends.base import create_backend
 from airlock.backends.mitigations import build_pipeline
@@ -27,41 +25,6 @@ from airlock.errors import (
     InvalidRequestError,
     RateLimitError,
 )
-
-SERVER = Path(__file__).with_name("upstream_server.py")
-UPSTREAM_KEY = "sk-operator-" + secrets.token_hex(12)
-EVALUATOR_KEY = "ak-evaluator-" + secrets.token_hex(12)
-UPSTREAM_MODEL = "upstream-model"
-KEY_ENV = "AIRLOCK_TEST_UPSTREAM_KEY"
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start the test server in its own process; yield its root URL."""
-    log = tmp_path_factory.mktemp("upstream") / "server.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(SERVER), "--key", UPSTREAM_KEY, "--model", UPSTREAM_MODEL],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("PORT "):
-            proc.kill()
-            pytest.fail(f"upstream test server did not start: {line!r} {log.read_text()}")
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def _debug(upstream: str, what: str) -> Any:

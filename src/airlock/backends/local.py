@@ -578,6 +578,10 @@ class _Engine:
         if current:
             groups.append((current, True))
         for group, full in groups:
+            if self.batch is not None and self.mergeable is False and any(r.max_new > 0 for r in group):
+                # This model's cache cannot be merged (e.g. sliding-window layers): wait for the batch.
+                self.pending.extendleft(reversed(group))
+                continue
             try:
                 batch = self._prefill(group, full)
             except Exception as exc:
@@ -595,6 +599,12 @@ class _Engine:
         for row in rows:
             which.append(unique.setdefault(tuple(row.prompt_ids), len(unique)))
         prompts = list(unique)
+        generating = [r for r in rows if r.max_new > 0]
+        if not generating and not full_logits:  # plain echo with max_tokens=0: nothing to compute
+            self.stats.rows += len(rows)
+            for job, events in _group((r.job, r.finish_empty()) for r in rows if not r.job.dead).items():
+                job.deliver(events)
+            return None
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -602,7 +612,6 @@ class _Engine:
             ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[u, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generating = [r for r in rows if r.max_new > 0]
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),

@@ -414,6 +414,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     resolved = _as_spec(spec, seed)
+    if resolved.kind in ("embedded", "gguf"):
+        converted_model_dir(resolved)  # first: the conversion also yields the tokenizer
     tokenizer = load_tokenizer(resolved)
     if resolved.kind == "tiny-random":
         model = _build_tiny_random(resolved, tokenizer, dtype)
