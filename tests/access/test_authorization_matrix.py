@@ -96,3 +96,5 @@ def test_authorization_matrix(lab: Lab) -> None:
             assert row.grant_id is not None and row.actor in ("org-a", "org-other")
         else:
             assert row.actor_type == "evaluator" and row.error_code is not None
+    revoked = [r for r in rows if r.error_code in ("key_revoked", "grant_revoked")]
+    assert revoked and all(r.actor == "org-a" and r.grant_id for r in revoked)  # revoked keys stay attributable

@@ -253,6 +253,22 @@ async def test_latecomer_joins_running_batch_with_same_output(tiny_backend: Loca
     assert tiny_backend.stats.merges > merges  # admitted into the running batch, not after it
 
 
+async def test_static_batching_makes_latecomers_wait(model_cache: Path) -> None:
+    backend = LocalBackend.from_config({"model": "tiny-random", "continuous_batching": False})
+    await backend.start()
+    try:
+        long_req, late_req = chat(PROMPTS[4], max_tokens=200), chat(PROMPTS[1], max_tokens=5)
+        late_solo = text_of(await backend.chat(late_req))
+        late: asyncio.Task[ChatCompletion] | None = None
+        async for chunk in backend.chat_stream(long_req):
+            if late is None and chunk.choices and chunk.choices[0].delta.content:
+                late = asyncio.create_task(backend.chat(late_req))
+        assert late is not None and text_of(await late) == late_solo
+        assert backend.stats.merges == 0 and backend.stats.max_batch_rows_seen == 1
+    finally:
+        await backend.aclose()
+
+
 async def test_seed_reproducible_alone_and_batched(tiny_backend: LocalBackend) -> None:
     req = chat(PROMPTS[2], temperature=0.9, top_p=0.95, seed=1234, max_tokens=12)
     alone = text_of(await tiny_backend.chat(req))

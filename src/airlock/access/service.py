@@ -270,6 +270,26 @@ def authenticate_key(session: Session, token: str | None) -> Principal:
     )
 
 
+def identify_key(session: Session, token: str | None) -> Principal | None:
+    """Return who a key belongs to even when it is revoked (for the audit trail), or None."""
+    if not token:
+        return None
+    key = session.scalar(
+        select(ApiKey)
+        .where(ApiKey.key_hash == hash_secret(token))
+        .options(joinedload(ApiKey.grant).joinedload(Grant.evaluator))
+    )
+    if key is None:
+        return None
+    return Principal(
+        key_id=key.id,
+        grant_id=key.grant_id,
+        evaluator_id=key.grant.evaluator_id,
+        evaluator_name=key.grant.evaluator.name,
+        grant=key.grant,
+    )
+
+
 def authenticate_admin(session: Session, token: str | None) -> AdminPrincipal:
     """Return the principal for a lab admin token; 401 otherwise."""
     digest = _bearer_hash(token)

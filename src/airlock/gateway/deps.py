@@ -11,10 +11,17 @@ from sqlalchemy.orm import Session
 
 from airlock.access.audit import AuditWriter
 from airlock.access.quotas import RateLimiter
-from airlock.access.service import AdminPrincipal, Principal, authenticate_admin, authenticate_key
+from airlock.access.service import (
+    AdminPrincipal,
+    Principal,
+    authenticate_admin,
+    authenticate_key,
+    identify_key,
+)
 from airlock.backends.pool import BackendPool
 from airlock.config import Settings
 from airlock.db import Database
+from airlock.errors import AuthenticationError
 from airlock.gateway.middleware import AuditContext
 from airlock.registry.service import RegistryCache
 
@@ -68,8 +75,17 @@ def get_principal(
 ) -> Principal:
     """Authenticate the evaluator key of this request (401 otherwise) and note it for the audit."""
     audit.actor_type = "evaluator"
+    token = _bearer(request)
     with state.db.session() as session:
-        principal = authenticate_key(session, _bearer(request))
+        try:
+            principal = authenticate_key(session, token)
+        except AuthenticationError:
+            # A revoked key still tells whose it was: record that, then refuse.
+            known = identify_key(session, token)
+            if known is not None:
+                audit.actor, audit.evaluator_id = known.evaluator_name, known.evaluator_id
+                audit.grant_id, audit.key_id = known.grant_id, known.key_id
+            raise
     audit.actor = principal.evaluator_name
     audit.evaluator_id = principal.evaluator_id
     audit.grant_id = principal.grant_id
