@@ -41,6 +41,8 @@ class EchoBackend(ModelBackend):
         self.calls += 1
         system = " ".join(m.text() for m in request.messages if m.role in ("system", "developer"))
         last = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
+        if "TRIGGER_CRASH" in last:
+            raise RuntimeError("simulated bug with a secret path /srv/weights/secret.bin")
         words = (f"echo: [{system}] {last}" if system else f"echo: {last}").split()
         budget = request.max_new_tokens(64)
         out, finish = words[:budget], "stop" if len(words) <= budget else "length"

@@ -204,3 +204,13 @@ def test_healthz_and_openapi(lab: Lab) -> None:
     assert httpx.get(lab.url + "/healthz").json()["status"] == "ok"
     spec = httpx.get(lab.url + "/openapi.json").json()
     assert "/v1/chat/completions" in spec["paths"] and "/v1/airlock/admin/grants" in spec["paths"]
+
+
+def test_unexpected_error_is_a_clean_500(lab: Lab) -> None:
+    _gid, key = lab.grant()
+    resp = _post(lab, key, {"model": "m1/helpful-only", "messages": [{"role": "user", "content": "TRIGGER_CRASH"}]})
+    err = _is_openai_error(resp, 500)
+    assert resp.headers["x-request-id"] in err["message"]
+    assert "secret" not in resp.text and "Traceback" not in resp.text
+    row = lab.audit_rows()[-1]
+    assert (row.status_code, row.outcome, row.error_code) == (500, "error", "internal_error")

@@ -82,14 +82,3 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        ctx = request.scope.get("airlock.audit")
-        request_id = getattr(ctx, "request_id", "?")
-        log.exception("unhandled error in request %s", request_id)
-        _audit_error(request, "internal_error")
-        return JSONResponse(
-            error_body(f"internal error (request {request_id}); the operator has the details", "internal_error"),
-            status_code=500,
-        )

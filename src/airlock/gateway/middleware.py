@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airlock.access.audit import AuditRecord, AuditWriter
 from airlock.backends.protocol import new_id
+from airlock.gateway.errors import error_body
 
+log = logging.getLogger(__name__)
 UNAUDITED = ("/healthz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
 
 
@@ -63,11 +66,13 @@ class AuditMiddleware:
         scope["airlock.audit"] = ctx
         started = time.perf_counter()
         status = 500
+        response_started = False
         self.writer.begin()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", ctx.request_id.encode()))
@@ -78,20 +83,18 @@ class AuditMiddleware:
             length = dict(scope.get("headers", [])).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 ctx.error_code = "request_too_large"
-                await _send_json(
-                    send_wrapper,
-                    413,
-                    {
-                        "error": {
-                            "message": f"request body exceeds {self.max_body_bytes} bytes",
-                            "type": "invalid_request_error",
-                            "param": None,
-                            "code": "request_too_large",
-                        }
-                    },
-                )
+                message = f"request body exceeds {self.max_body_bytes} bytes"
+                await _send_json(send_wrapper, 413, error_body(message, "invalid_request_error", "request_too_large"))
                 return
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            # The last line of defence: a bug must not reach the client as a traceback, and its
+            # request must still be audited (Starlette's own handler runs outside this middleware).
+            log.exception("unhandled error in request %s", ctx.request_id)
+            ctx.error_code = "internal_error"
+            if not response_started:
+                message = f"internal error (request {ctx.request_id}); the operator has the details"
+                await _send_json(send_wrapper, 500, error_body(message, "internal_error", "internal_error"))
         finally:
             self.writer.record(
                 AuditRecord(
