@@ -124,10 +124,12 @@ def serve(
     from airlock.gateway.app import bootstrap, create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = get_settings()
     db = Database(settings.db_url)
     # Sync before binding the port, so a bad manifest fails the start with a clear message.
     _run(lambda: bootstrap(settings, db))
+    _run(lambda: prepare_local_weights(db))
     application = create_app(settings, db=db, sync_manifest=False)
     uvicorn.run(
         application,
@@ -136,6 +138,28 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=10,
     )
+
+
+def prepare_local_weights(db: Database) -> None:
+    """Convert every GGUF a local variant serves before the first request needs it (slow once)."""
+    from sqlalchemy import select
+
+    from airlock.registry.models import Variant
+
+    with db.session() as session:
+        specs = sorted(
+            {str(v.backend_config.get("model")) for v in session.scalars(select(Variant)) if v.backend == "local"}
+        )
+    for spec in specs:
+        if spec.startswith("tiny-random") or spec == "None":
+            continue
+        from airlock.backends.weights import converted_model_dir, resolve_model_spec
+
+        if resolve_model_spec(spec).kind == "hf-dir":
+            continue
+        with console.status(f"preparing weights of {spec} (converted once, then cached)"):
+            path = converted_model_dir(spec)
+        console.print(f"weights of {spec}: {path}")
 
 
 # ---------------------------------------------------------------- models
