@@ -3,10 +3,15 @@
 The baseline is one-at-a-time greedy ``model.generate`` on the same model in the same process (no
 backend, no batching). Each configuration serves the same set of requests; clients run a closed
 loop (send, wait for the answer, send the next). Continuous batching (newcomers join a running
-batch between decode steps) is compared with static batching (they wait for the batch to drain).
+batch between decode steps) is compared with static batching (they wait for the batch to drain),
+also on a mixed-length workload, where continuous batching should pay.
 
     python bench/bench_batching.py                      # SmolLM2-135M, 32 tokens per request
     python bench/bench_batching.py --model tiny-random  # plumbing only: a 2-layer random model
+
+Only one thread runs torch at any time (the baseline's thread exits before the backends start,
+and the backends run one after the other): on a small CPU every live thread that has run torch
+ops keeps an OpenMP team, and surplus teams slow every other one down (see backends/local.py).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import argparse
 import asyncio
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -26,6 +33,7 @@ os.environ.setdefault("AIRLOCK_MODEL_CACHE", str(REPO / ".cache" / "models"))
 
 import torch  # noqa: E402
 
+from airlock.backends import weights  # noqa: E402
 from airlock.backends.local import LocalBackend  # noqa: E402
 from airlock.backends.protocol import ChatCompletionRequest, ChatMessage  # noqa: E402
 
@@ -71,28 +79,39 @@ def request(i: int, max_tokens: int) -> ChatCompletionRequest:
     )
 
 
-def sequential_generate(backend: LocalBackend, n: int, max_tokens: int) -> Result:
-    """Baseline: plain transformers greedy ``generate``, one request at a time."""
-    model, tok = backend.model, backend.tokenizer
-    total = 0
-    started = time.perf_counter()
-    for i in range(n):
-        messages = [m.model_dump(exclude_none=True) for m in request(i, max_tokens).messages]
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(
-                **ids,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )
-        # Count like the backend does: up to and including the end-of-sequence token.
-        for token in out[0, ids["input_ids"].shape[1] :].tolist():
-            total += 1
-            if token in backend.eos_token_ids:
-                break
-    return Result("sequential generate()", total, time.perf_counter() - started)
+def sequential_generate(model_spec: str, n: int, max_tokens: int) -> Result:
+    """Baseline: plain transformers greedy ``generate``, one request at a time, in a thread that then exits."""
+    box: list[Result] = []
+
+    def run() -> None:
+        loaded = weights.load_model(model_spec)
+        model: Any = loaded.model  # transformers' stubs type generate() oddly
+        tok = loaded.tokenizer
+        eos = {tok.eos_token_id, model.generation_config.eos_token_id}
+
+        def one(i: int, budget: int) -> int:
+            messages = [m.model_dump(exclude_none=True) for m in request(i, budget).messages]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id)
+            # Count like the backend does: up to and including the end-of-sequence token.
+            count = 0
+            for token in out[0, ids["input_ids"].shape[1] :].tolist():
+                count += 1
+                if token in eos:
+                    break
+            return count
+
+        one(0, 4)  # warm-up
+        started = time.perf_counter()
+        total = sum(one(i, max_tokens) for i in range(n))
+        box.append(Result("sequential generate()", total, time.perf_counter() - started))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return box[0]
 
 
 async def closed_loop(backend: LocalBackend, clients: int, n: int, max_tokens: int | list[int], label: str) -> Result:
@@ -121,42 +140,38 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per configuration (default: %(default)s)")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
     parser.add_argument("--no-static", action="store_true", help="skip the static-batching comparison")
-    parser.add_argument(
-        "--mixed", default="8,64,16,32", help="max tokens cycled in the mixed-length run (default: %(default)s)"
-    )
+    parser.add_argument("--mixed", default="8,64,16,32", help="max tokens cycled in the mixed-length run ('' to skip)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
-    max_batch = max(levels)
-
+    mixed = [int(t) for t in args.mixed.split(",")] if args.mixed else []
+    mixed_clients = 4 if 4 in levels else levels[-1]
     print(
-        f"model {args.model}, {args.requests} requests x {args.tokens} tokens, torch threads {torch.get_num_threads()}"
+        f"model {args.model}, {args.requests} requests x {args.tokens} tokens, {torch.get_num_threads()} torch threads"
     )
-    continuous = LocalBackend.from_config({"model": args.model, "max_batch_size": max_batch})
-    static = LocalBackend.from_config({"model": args.model, "max_batch_size": max_batch, "continuous_batching": False})
-    await continuous.start()
-    await static.start()
-    try:
-        # Warm up both paths (first calls allocate and pick kernels).
-        await continuous.chat(request(0, 4))
-        await static.chat(request(0, 4))
-        sequential_generate(continuous, 1, 4)
 
-        results = [sequential_generate(continuous, args.requests, args.tokens)]
-        for c in levels:
-            results.append(await closed_loop(continuous, c, args.requests, args.tokens, f"backend, {c} client(s)"))
-            if c > 1 and not args.no_static:
-                results.append(await closed_loop(static, c, args.requests, args.tokens, f"  static batching, {c}"))
-        # Unequal lengths are where continuous batching should pay: a short request's slot is
-        # refilled at once instead of idling until the longest request of its batch finishes.
-        mixed = [int(t) for t in args.mixed.split(",")] if args.mixed else []
-        if mixed and not args.no_static:
-            clients = 4 if 4 in levels else levels[-1]
-            for backend, name in ((continuous, "continuous"), (static, "static")):
-                label = f"mixed {name}, {clients}"
-                results.append(await closed_loop(backend, clients, args.requests, mixed, label))
-    finally:
-        await continuous.aclose()
-        await static.aclose()
+    results = [sequential_generate(args.model, args.requests, args.tokens)]
+    by_key: dict[str, list[Result]] = {}
+    for continuous in [True] if args.no_static else [True, False]:
+        config = {"model": args.model, "max_batch_size": max(levels), "continuous_batching": continuous}
+        backend = LocalBackend.from_config(config)
+        await backend.start()
+        try:
+            await backend.chat(request(0, 4))  # warm-up: first calls allocate and pick kernels
+            for c in levels:
+                if c == 1 and not continuous:
+                    continue  # one client: static and continuous batching are the same thing
+                label = f"backend, {c} client(s)" if continuous else f"  static batching, {c}"
+                result = await closed_loop(backend, c, args.requests, args.tokens, label)
+                by_key.setdefault(f"{c}", []).append(result)
+            if mixed:
+                label = f"mixed {'continuous' if continuous else 'static'}, {mixed_clients}"
+                by_key.setdefault("mixed", []).append(
+                    await closed_loop(backend, mixed_clients, args.requests, mixed, label)
+                )
+        finally:
+            await backend.aclose()  # its thread exits: the next backend runs alone
+    for key in [*map(str, levels), "mixed"]:
+        results += by_key.get(key, [])
 
     base = results[0].rate
     print(f"\n{'configuration':<28}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'vs seq':>8}{'max rows':>10}")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import pytest
 import torch
 
+from airlock.backends import local as local_module
 from airlock.backends import weights
 from airlock.backends.base import create_backend
 from airlock.backends.local import LocalBackend, LocalBackendConfig, _Engine, _Row, _TokenTable
@@ -440,8 +441,14 @@ async def test_count_tokens(tiny_backend: LocalBackend) -> None:
 # ---------------------------------------------------------------- completions
 
 
-async def test_echo_scoring_equals_direct_forward(tiny_backend: LocalBackend) -> None:
+@pytest.mark.parametrize("budget", ["default", "one-row-per-prefill"])
+async def test_echo_scoring_equals_direct_forward(
+    tiny_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch, budget: str
+) -> None:
     """lm-eval's loglikelihood request: max_tokens=0, echo=True, logprobs=1, token-id prompts."""
+    if budget != "default":  # full-vocabulary prompt logits are bounded per prefill: split every row
+        monkeypatch.setattr(local_module, "_ECHO_LOGITS_BUDGET", 1)
+    prefills = tiny_backend.stats.prefills
     tok = tiny_backend.tokenizer
     prompts = [tok("The cat sat on the mat.")["input_ids"], tok("Paris is in")["input_ids"], [42]]
     result = await tiny_backend.complete(
@@ -464,6 +471,7 @@ async def test_echo_scoring_equals_direct_forward(tiny_backend: LocalBackend) ->
             best = int(reference[pos - 1].argmax())
             assert top == {tbl.text(best): pytest.approx(float(reference[pos - 1, best]), abs=1e-4)}
         assert lp.text_offset == tbl.offsets(ids)
+    assert tiny_backend.stats.prefills - prefills == (1 if budget == "default" else len(prompts))
 
 
 async def test_echo_with_one_generated_token(tiny_backend: LocalBackend) -> None:

@@ -17,7 +17,6 @@ Each check yields a :class:`Verdict`; the pipeline appends verdicts to the list 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from airlock.backends.base import ModelBackend
-from airlock.backends.classifiers import Classifier, PatternClassifier, build_classifier
+from airlock.backends.classifiers import Classifier, PatternClassifier, build_classifier, run_inference
 from airlock.backends.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -344,7 +343,7 @@ class _ContentFilter(Mitigation):
     async def start(self) -> None:
         """Load the classifier's model so the first request does not pay for it."""
         if self.classifier is not None:
-            await asyncio.to_thread(self.classifier.load)
+            await run_inference(self.classifier.load)
 
     def _verdict(self, blocked: bool, reason: str, score: float | None) -> Verdict:
         return Verdict(
