@@ -38,13 +38,15 @@ class GatewayState:
     registry: RegistryCache
 
 
-def get_state(request: Request) -> GatewayState:
+# Trivial dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in the
+# thread pool, and each hop costs more than the work they do.
+async def get_state(request: Request) -> GatewayState:
     """Return the gateway state attached to the app."""
     state: GatewayState = request.app.state.gateway
     return state
 
 
-def get_audit(request: Request) -> AuditContext:
+async def get_audit(request: Request) -> AuditContext:
     """Return the audit context of this request (created by AuditMiddleware)."""
     ctx = request.scope.get("airlock.audit")
     if ctx is None:  # unaudited paths still get a scratch context so routes need no branches

@@ -326,13 +326,20 @@ class RegistryCache:
         self._entries: dict[ModelRef, tuple[float, ResolvedVariant]] = {}
         self._lock = threading.Lock()
 
+    def peek(self, ref: ModelRef) -> ResolvedVariant | None:
+        """Return a fresh cached resolution of ``ref`` without touching the database, or None."""
+        with self._lock:
+            hit = self._entries.get(ref)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        return None
+
     def get(self, session_factory: Any, ref: ModelRef) -> ResolvedVariant:
         """Return the cached resolution of ``ref`` or resolve it with a new session."""
         now = time.monotonic()
-        with self._lock:
-            hit = self._entries.get(ref)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
+        cached = self.peek(ref)
+        if cached is not None:
+            return cached
         with session_factory() as session:
             resolved = resolve_variant(session, ref)
         with self._lock:
