@@ -50,7 +50,9 @@ async def prepare(
     scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
     audit.scope = ",".join(scopes)
 
-    resolved = state.registry.peek(ref) or await run_in_threadpool(state.registry.get, state.db.sessions, ref)
+    resolved = state.registry.peek(ref)
+    if resolved is None:
+        resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
     audit.version_id = resolved.version_id
     authorize(principal, resolved, scopes)
     spec = VariantRuntimeSpec.of(resolved)
