@@ -214,3 +214,24 @@ def test_unexpected_error_is_a_clean_500(lab: Lab) -> None:
     assert "secret" not in resp.text and "Traceback" not in resp.text
     row = lab.audit_rows()[-1]
     assert (row.status_code, row.outcome, row.error_code) == (500, "error", "internal_error")
+
+
+def test_evaluator_can_read_own_grant_and_variant_provenance(lab: Lab) -> None:
+    gid, key = lab.grant(variants=["production"])
+    headers = {"Authorization": f"Bearer {key}"}
+    grant = httpx.get(lab.url + "/v1/airlock/grant", headers=headers).json()
+    assert (grant["grant_id"], grant["model"], grant["variants"], grant["status"]) == (
+        gid,
+        "m1",
+        ["production"],
+        "active",
+    )
+    info = httpx.get(lab.url + "/v1/airlock/models/m1/production", headers=headers).json()
+    assert info["version_hash"] == "a" * 64 and info["grant_id"] == gid and info["version"] == "v1"
+    assert [(m["name"], m["stance"]) for m in info["mitigations"]] == [
+        ("safety-prompt", "disabled_for_eval"),
+        ("input-filter", "claimed"),
+        ("output-filter", "claimed"),
+    ]
+    assert httpx.get(lab.url + "/v1/airlock/models/m1/helpful-only", headers=headers).status_code == 403
+    assert httpx.get(lab.url + "/v1/airlock/models/m1/nope", headers=headers).status_code == 404

@@ -71,10 +71,12 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     install_error_handlers(app)
 
     from airlock.access.routes import router as access_router
+    from airlock.gateway.routes import airlock_router
     from airlock.gateway.routes import router as openai_router
     from airlock.registry.routes import router as registry_router
 
     app.include_router(openai_router)
+    app.include_router(airlock_router)
     app.include_router(registry_router)
     app.include_router(access_router)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
-from airlock.access.service import granted_model_ids
+from airlock.access.service import authorize, grant_status, granted_model_ids
 from airlock.backends.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -19,6 +21,8 @@ from airlock.backends.protocol import (
 )
 from airlock.gateway import serving
 from airlock.gateway.deps import AuditDep, CurrentPrincipal, StateDep
+from airlock.registry.models import Model, ModelVersion
+from airlock.registry.service import parse_model_id
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -67,3 +71,89 @@ async def completions(
     if body.stream:
         return await _streaming_response(serving.stream(target, body, audit))
     return await serving.complete(target, body, audit)
+
+
+airlock_router = APIRouter(prefix="/v1/airlock", tags=["evaluator"])
+
+
+class GrantInfo(BaseModel):
+    """The caller's own grant, as the evaluator sees it."""
+
+    grant_id: str
+    evaluator: str
+    model: str
+    variants: list[str]
+    scopes: list[str]
+    not_before: datetime
+    not_after: datetime | None
+    status: str
+
+
+class MitigationInfo(BaseModel):
+    """A mitigation of a variant and the lab's stance on it."""
+
+    name: str
+    kind: str
+    stance: str | None
+
+
+class VariantInfo(BaseModel):
+    """Provenance of a granted variant: what an eval log must record about its target."""
+
+    id: str
+    model: str
+    version: str
+    version_hash: str
+    stage: str
+    variant: str
+    grant_id: str
+    mitigations: list[MitigationInfo]
+
+
+@airlock_router.get("/grant", response_model=GrantInfo)
+async def my_grant(state: StateDep, principal: CurrentPrincipal) -> GrantInfo:
+    """Describe the grant the calling key belongs to."""
+    grant = principal.grant
+
+    def _model_name() -> str:
+        with state.db.session() as session:
+            model = session.get(Model, grant.model_id)
+            return model.name if model else grant.model_id
+
+    return GrantInfo(
+        grant_id=grant.id,
+        evaluator=principal.evaluator_name,
+        model=await run_in_threadpool(_model_name),
+        variants=list(grant.variants),
+        scopes=list(grant.scopes),
+        not_before=grant.not_before,
+        not_after=grant.not_after,
+        status=grant_status(grant),
+    )
+
+
+@airlock_router.get("/models/{model_id:path}", response_model=VariantInfo)
+async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincipal, audit: AuditDep) -> VariantInfo:
+    """Describe a granted variant: version hash, stage and mitigation stances (for eval logs)."""
+    ref = parse_model_id(model_id)
+    audit.model, audit.variant = model_id, ref.variant
+    resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
+    authorize(principal, resolved, [])
+
+    def _version() -> tuple[str, str]:
+        with state.db.session() as session:
+            version = session.get(ModelVersion, resolved.version_id)
+            assert version is not None
+            return version.content_hash, version.stage
+
+    version_hash, stage = await run_in_threadpool(_version)
+    return VariantInfo(
+        id=model_id,
+        model=resolved.model_name,
+        version=resolved.version_label,
+        version_hash=version_hash,
+        stage=stage,
+        variant=resolved.variant_name,
+        grant_id=principal.grant_id,
+        mitigations=[MitigationInfo(name=m["name"], kind=m["kind"], stance=m["stance"]) for m in resolved.mitigations],
+    )

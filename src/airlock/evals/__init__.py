@@ -1,0 +1,1 @@
+"""Evaluations: Inspect provider and sandbox, built-in proxy suites, attested results."""
