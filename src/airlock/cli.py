@@ -28,12 +28,14 @@ key_app = typer.Typer(help="Evaluator API keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail of every request.", no_args_is_help=True)
 models_app = typer.Typer(help="Models, versions and variants in the registry.", no_args_is_help=True)
 admin_app = typer.Typer(help="Lab admin tokens for the admin API.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluator side: run suites, sign and submit results, compare.", no_args_is_help=True)
 app.add_typer(evaluator_app, name="evaluator")
 app.add_typer(grant_app, name="grant")
 app.add_typer(key_app, name="key")
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
 app.add_typer(admin_app, name="admin")
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 err = Console(stderr=True)
@@ -238,6 +240,52 @@ def evaluator_list() -> None:
         for e in list_evaluators(session):
             table.add_row(e.id, e.name, e.contact, _ts(e.created_at))
         console.print(table)
+
+
+@evaluator_app.command("keygen")
+def evaluator_keygen(
+    out: Annotated[Path | None, typer.Option(help="Where to write the private key (PEM, mode 600).")] = None,
+    register: Annotated[
+        bool, typer.Option(help="Register the public key with the lab (AIRLOCK_BASE_URL / AIRLOCK_API_KEY).")
+    ] = False,
+) -> None:
+    """Create the Ed25519 key that signs your eval results (evaluator side)."""
+    from airlock.evals.attestation import fingerprint, generate_key, load_private_key, public_key_b64
+    from airlock.evals.client import LabClient, default_key_path
+
+    def body() -> None:
+        path = out or default_key_path()
+        if path.exists():
+            key = load_private_key(path)
+            console.print(f"using existing key {path}")
+        else:
+            key = generate_key(path)
+            console.print(f"wrote private key {path} (mode 600; keep it secret)")
+        public = public_key_b64(key)
+        console.print(f"public key: {public}")
+        console.print(f"fingerprint: {fingerprint(public)}")
+        if register:
+            LabClient.from_env().register_key(public)
+            console.print("registered with the lab")
+
+    _run(body)
+
+
+@evaluator_app.command("add-signing-key")
+def evaluator_add_signing_key(
+    name: Annotated[str, typer.Argument(help="Evaluator name or id.")],
+    public_key: Annotated[str, typer.Argument(help="Base64 raw Ed25519 public key.")],
+) -> None:
+    """Register an evaluator's public signing key (lab side, e.g. received out of band)."""
+    from airlock.access.service import get_evaluator
+    from airlock.evals.service import register_signing_key
+
+    def body() -> None:
+        with _database() as (_s, db), db.session() as session:
+            row = register_signing_key(session, get_evaluator(session, name).id, public_key, registered_by="cli")
+            console.print(f"registered {row.fingerprint[:16]}… for {name}")
+
+    _run(body)
 
 
 # ---------------------------------------------------------------- grants
@@ -457,6 +505,183 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
             str(r["tokens_out"]),
         )
     return table
+
+
+# ---------------------------------------------------------------- evaluations
+
+
+def _parse_task_args(values: list[str]) -> dict[str, Any]:
+    import yaml
+
+    args: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"task argument {item!r} is not key=value")
+        args[key] = yaml.safe_load(raw)
+    return args
+
+
+@eval_app.command("run")
+def eval_run(
+    tasks: Annotated[list[str], typer.Argument(help="Built-in suite names or Inspect task files.")],
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Granted {model}/{variant}; repeatable.")],
+    limit: Annotated[int | None, typer.Option(help="Samples per task.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per sample.")] = None,
+    task_arg: Annotated[list[str] | None, typer.Option("--task-arg", "-T", help="Task argument key=value.")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Where logs go (default: a stable dir per run).")] = None,
+    max_connections: Annotated[int, typer.Option(help="Concurrent requests per model.")] = 8,
+    display: Annotated[str, typer.Option(help="Inspect display: full, rich, plain, none.")] = "rich",
+) -> None:
+    """Run suites against granted variants as a resumable Inspect eval set (re-run finishes what is missing)."""
+    from inspect_ai import eval_set
+
+    from airlock.evals.client import LabClient, resolve_tasks, run_dir_name
+
+    def body() -> None:
+        args = _parse_task_args(task_arg or [])
+        LabClient.from_env()  # fail early, before Inspect starts, if the lab is not configured
+        options = {"limit": limit, "epochs": epochs, "task_args": args}
+        directory = log_dir or get_settings().home_dir / "evals" / run_dir_name(tasks, model, options)
+        console.print(f"logs: {directory}")
+        success, logs = eval_set(
+            resolve_tasks(tasks, args),
+            model=[f"airlock/{m}" for m in model],
+            log_dir=str(directory),
+            limit=limit,
+            epochs=epochs,
+            max_connections=max_connections,
+            display=display,  # type: ignore[arg-type]
+            retry_attempts=2,
+        )
+        table = Table("task", "model", "status", "samples", "metrics")
+        for log in logs:
+            metrics = ""
+            if log.results:
+                metrics = ", ".join(
+                    f"{name}={m.value:.3f}" for score in log.results.scores for name, m in score.metrics.items()
+                )
+            samples = str(log.results.completed_samples) if log.results else "0"
+            table.add_row(log.eval.task, log.eval.model, log.status, samples, metrics)
+        console.print(table)
+        if not success:
+            raise AirlockError(f"some tasks did not finish; re-run the same command to resume (logs in {directory})")
+
+    _run(body)
+
+
+@eval_app.command("submit")
+def eval_submit(
+    paths: Annotated[list[Path], typer.Argument(help="Eval logs or directories of logs.")],
+    key: Annotated[Path | None, typer.Option(help="Signing key (default: the one keygen wrote).")] = None,
+) -> None:
+    """Sign each log's result and submit it to the lab, which verifies it against your grant."""
+    from airlock.evals.client import LabClient, attest_and_submit, default_key_path, find_logs
+
+    def body() -> None:
+        lab = LabClient.from_env()
+        key_path = key or default_key_path()
+        if not key_path.exists():
+            raise AirlockError(f"no signing key at {key_path}; run `airlock evaluator keygen --register` first")
+        table = Table("result", "task", "variant", "samples", "mean score (95% CI)")
+        failures = 0
+        for log in find_logs(paths):
+            try:
+                envelope, stored = attest_and_submit(log, lab, key_path)
+            except (AirlockError, ValueError) as exc:
+                failures += 1
+                err.print(f"[red]refused[/] {log.name}: {exc}")
+                continue
+            metric = envelope["attestation"]["metrics"]["mean_score"]
+            lo, hi = metric["ci95"]
+            table.add_row(
+                stored["id"],
+                stored["task"],
+                stored["variant"],
+                str(stored["samples"]),
+                f"{metric['value']:.3f} [{lo:.3f}, {hi:.3f}]",
+            )
+        console.print(table)
+        if failures:
+            raise AirlockError(f"{failures} result(s) were not accepted")
+
+    _run(body)
+
+
+@eval_app.command("results")
+def eval_results(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List your organisation's accepted results at the lab."""
+    from airlock.evals.client import LabClient
+
+    def body() -> None:
+        results = LabClient.from_env().results()
+        if as_json:
+            print(json.dumps(results, indent=2))
+            return
+        table = Table("id", "task", "variant", "samples", "mean score (95% CI)", "fine-tuned", "submitted")
+        for r in results:
+            metric = r["metrics"].get("mean_score", {})
+            lo, hi = metric.get("ci95", [float("nan")] * 2)
+            table.add_row(
+                r["id"],
+                r["task"],
+                r["variant"],
+                str(r["samples"]),
+                f"{metric.get('value', float('nan')):.3f} [{lo:.3f}, {hi:.3f}]",
+                "yes" if r["fine_tuned"] else "no",
+                r["created_at"][:19],
+            )
+        console.print(table)
+
+    _run(body)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    paths: Annotated[list[Path], typer.Argument(help="Eval logs or directories of logs.")],
+    a: Annotated[str, typer.Option(help="Baseline {model}/{variant}, e.g. smollm2-135m/production.")],
+    b: Annotated[str, typer.Option(help="Other {model}/{variant}, e.g. smollm2-135m/helpful-only.")],
+    png: Annotated[Path | None, typer.Option(help="Where to write the plot.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Compare two variants task by task: paired difference with a 95% CI, as a table and a PNG."""
+    from airlock.evals.client import find_logs
+    from airlock.evals.reporting import compare_logs, plot_comparison, summarize_log
+
+    def body() -> None:
+        latest: dict[tuple[str, str], Any] = {}
+        for log in find_logs(paths):
+            summary = summarize_log(log)
+            if summary.status == "success":
+                latest[(summary.task, summary.model_id)] = summary  # sorted names: later logs win
+        tasks = sorted({t for t, m in latest if m == a} & {t for t, m in latest if m == b})
+        if not tasks:
+            raise AirlockError(f"no task has finished logs for both {a} and {b}")
+        comparisons = [compare_logs(latest[(t, a)], latest[(t, b)]) for t in tasks]
+        if as_json:
+            print(json.dumps(comparisons, indent=2))
+        else:
+            table = Table("task", "paired n", f"a: {a}", f"b: {b}", "b - a (95% CI)")
+            for c in comparisons:
+                d = c["difference_b_minus_a"]
+                table.add_row(
+                    c["task"],
+                    str(c["paired_samples"]),
+                    _ci(c["a"]),
+                    _ci(c["b"]),
+                    f"{d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]",
+                )
+            console.print(table)
+        out = png or Path(paths[0] if paths[0].is_dir() else paths[0].parent) / (
+            f"compare-{a.replace('/', '_')}-vs-{b.replace('/', '_')}.png"
+        )
+        console.print(f"plot: {plot_comparison(comparisons, out)}")
+
+    _run(body)
+
+
+def _ci(stats: dict[str, Any]) -> str:
+    return f"{stats['value']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
 
 
 # ---------------------------------------------------------------- demo

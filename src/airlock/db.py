@@ -109,4 +109,5 @@ class Database:
 def import_all_models() -> None:
     """Import every table module so ``Base.metadata`` is complete."""
     import airlock.access.models
+    import airlock.evals.models
     import airlock.registry.models  # noqa: F401

@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     install_error_handlers(app)
 
     from airlock.access.routes import router as access_router
+    from airlock.evals.routes import admin_router as results_admin_router
+    from airlock.evals.routes import router as results_router
     from airlock.gateway.routes import airlock_router
     from airlock.gateway.routes import router as openai_router
     from airlock.registry.routes import router as registry_router
@@ -79,6 +81,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.include_router(airlock_router)
     app.include_router(registry_router)
     app.include_router(access_router)
+    app.include_router(results_router)
+    app.include_router(results_admin_router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

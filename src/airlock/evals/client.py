@@ -1,0 +1,145 @@
+"""Evaluator-side helpers: talk to a lab's Airlock, sign and submit results, run suites."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from airlock.config import get_settings
+from airlock.errors import AirlockError, AuthenticationError, InvalidRequestError
+from airlock.evals.attestation import load_private_key, sign
+from airlock.evals.reporting import LogSummary, build_attestation, summarize_log
+from airlock.evals.suites import SUITE_MODULES, suite_task
+
+
+def default_key_path() -> Path:
+    """Return where the evaluator's signing key lives by default."""
+    return get_settings().home_dir / "evaluator" / "signing-key.pem"
+
+
+@dataclass
+class LabClient:
+    """A small client for the evaluator endpoints of a lab's Airlock."""
+
+    base_url: str
+    api_key: str
+
+    @classmethod
+    def from_env(cls) -> LabClient:
+        """Build from ``AIRLOCK_BASE_URL`` (``http://host:port/v1``) and ``AIRLOCK_API_KEY``."""
+        base = os.environ.get("AIRLOCK_BASE_URL")
+        key = os.environ.get("AIRLOCK_API_KEY")
+        if not base or not key:
+            raise InvalidRequestError("set AIRLOCK_BASE_URL (e.g. http://lab:8000/v1) and AIRLOCK_API_KEY")
+        return cls(base.rstrip("/"), key)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = httpx.request(
+                method,
+                self.base_url + path,
+                headers={"Authorization": f"Bearer {self.api_key}"},
+                timeout=60,
+                **kwargs,
+            )
+        except httpx.HTTPError as exc:
+            raise AirlockError(f"cannot reach {self.base_url}: {exc}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = resp.text[:300]
+            error = AuthenticationError if resp.status_code == 401 else AirlockError
+            raise error(f"{method} {path}: HTTP {resp.status_code}: {message}")
+        return resp.json()
+
+    def grant(self) -> dict[str, Any]:
+        """Return the caller's grant."""
+        result: dict[str, Any] = self._request("GET", "/airlock/grant")
+        return result
+
+    def variant_info(self, model_id: str) -> dict[str, Any]:
+        """Return provenance (version hash, mitigations, grant) of a granted variant."""
+        result: dict[str, Any] = self._request("GET", f"/airlock/models/{model_id}")
+        return result
+
+    def register_key(self, public_key: str) -> dict[str, Any]:
+        """Register the evaluator's signing key with the lab."""
+        result: dict[str, Any] = self._request("POST", "/airlock/signing-keys", json={"public_key": public_key})
+        return result
+
+    def submit(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """Submit a signed result."""
+        result: dict[str, Any] = self._request("POST", "/airlock/results", json=envelope)
+        return result
+
+    def results(self) -> list[dict[str, Any]]:
+        """List the organisation's accepted results."""
+        result: list[dict[str, Any]] = self._request("GET", "/airlock/results")
+        return result
+
+
+def find_logs(paths: Sequence[Path]) -> list[Path]:
+    """Expand files and directories into ``.eval`` log files, sorted."""
+    logs: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            logs.extend(sorted(path.rglob("*.eval")))
+        elif path.suffix == ".eval" and path.exists():
+            logs.append(path)
+        else:
+            raise InvalidRequestError(f"{path} is neither an .eval log nor a directory")
+    return logs
+
+
+def provenance_for(summary: LogSummary, lab: LabClient) -> dict[str, Any]:
+    """Return the provenance recorded in the log by the native provider, else ask the lab."""
+    try:
+        from airlock.evals.provider import provenance_from_log
+    except ImportError:  # pragma: no cover - the provider ships with Airlock
+        recorded = None
+    else:
+        from inspect_ai.log import read_eval_log
+
+        recorded = provenance_from_log(read_eval_log(str(summary.path), header_only=True))
+    if recorded:
+        return dict(recorded)
+    return lab.variant_info(summary.model_id)
+
+
+def attest_and_submit(log: Path, lab: LabClient, key_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build, sign and submit the attestation of one log; returns (envelope, lab's stored result)."""
+    summary = summarize_log(log)
+    provenance = provenance_for(summary, lab)
+    attestation = build_attestation(summary, provenance, evaluator=lab.grant()["evaluator"])
+    envelope = sign(attestation, load_private_key(key_path))
+    log.with_suffix(".attestation.json").write_text(json.dumps(envelope, indent=2, sort_keys=True))
+    return envelope, lab.submit(envelope)
+
+
+def resolve_tasks(names: Sequence[str], task_args: dict[str, Any]) -> list[Any]:
+    """Turn suite names or Inspect task files into Inspect tasks / task specs."""
+    tasks: list[Any] = []
+    for name in names:
+        if name in SUITE_MODULES:
+            tasks.append(suite_task(name)(**task_args))
+        elif Path(name.split("@", 1)[0]).exists():
+            tasks.append(name)
+        else:
+            raise InvalidRequestError(
+                f"{name!r} is neither a built-in suite ({', '.join(SUITE_MODULES)}) nor an Inspect task file"
+            )
+    return tasks
+
+
+def run_dir_name(names: Sequence[str], models: Sequence[str], options: dict[str, Any]) -> str:
+    """Return a stable directory name for a run, so re-running it resumes the same eval set."""
+    key = json.dumps({"tasks": sorted(names), "models": sorted(models), **options}, sort_keys=True, default=str)
+    return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]

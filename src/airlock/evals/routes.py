@@ -1,0 +1,43 @@
+"""Evaluator routes for signing keys and attested results; admin route to list all results."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from airlock.evals import service
+from airlock.evals.schemas import EvalResultPublic, ResultEnvelope, SigningKeyCreate, SigningKeyPublic
+from airlock.gateway.deps import AdminDep, AuditDep, CurrentPrincipal, SessionDep
+
+router = APIRouter(prefix="/v1/airlock", tags=["evaluator: results"])
+admin_router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: results"])
+
+
+@router.post("/signing-keys", response_model=SigningKeyPublic, status_code=201)
+def register_key(body: SigningKeyCreate, session: SessionDep, principal: CurrentPrincipal) -> SigningKeyPublic:
+    """Register an Ed25519 public key that will sign your organisation's results."""
+    row = service.register_signing_key(
+        session, principal.evaluator_id, body.public_key, registered_by=f"key:{principal.key_id}"
+    )
+    return SigningKeyPublic.of(row)
+
+
+@router.post("/results", response_model=EvalResultPublic, status_code=201)
+def submit(body: ResultEnvelope, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep) -> EvalResultPublic:
+    """Submit a signed eval result; it is verified against your key and your grant before storing."""
+    audit.model = str(body.attestation.get("model_id", ""))[:200] or None
+    audit.variant = str(body.attestation.get("variant", ""))[:100] or None
+    row = service.submit_result(session, principal, body)
+    audit.detail["result_id"] = row.id
+    return EvalResultPublic.of(row)
+
+
+@router.get("/results", response_model=list[EvalResultPublic])
+def my_results(session: SessionDep, principal: CurrentPrincipal) -> list[EvalResultPublic]:
+    """List your organisation's accepted results."""
+    return [EvalResultPublic.of(r) for r in service.list_results(session, evaluator_id=principal.evaluator_id)]
+
+
+@admin_router.get("/results", response_model=list[EvalResultPublic])
+def all_results(session: SessionDep, admin: AdminDep, variant: str | None = None) -> list[EvalResultPublic]:
+    """List every accepted result."""
+    return [EvalResultPublic.of(r) for r in service.list_results(session, variant=variant)]

@@ -1,0 +1,138 @@
+"""Result intake: register evaluator signing keys, verify and store attested results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from airlock.access.models import Evaluator, Grant
+from airlock.access.service import Principal
+from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from airlock.evals.attestation import SCHEMA, fingerprint, parse_public_key, verify
+from airlock.evals.models import EvalResult, SigningKey
+from airlock.evals.schemas import Attestation, ResultEnvelope
+from airlock.registry.models import Model, ModelVersion
+from airlock.registry.service import format_validation_error
+
+
+def register_signing_key(session: Session, evaluator_id: str, public_b64: str, *, registered_by: str) -> SigningKey:
+    """Register a public key for an evaluator (idempotent for the same evaluator)."""
+    parse_public_key(public_b64)
+    fp = fingerprint(public_b64)
+    existing = session.scalar(select(SigningKey).where(SigningKey.fingerprint == fp))
+    if existing is not None:
+        if existing.evaluator_id != evaluator_id:
+            raise ConflictError("this public key is registered to another evaluator")
+        if existing.revoked_at is not None:
+            raise ConflictError("this public key was revoked; generate a new one")
+        return existing
+    row = SigningKey(evaluator_id=evaluator_id, public_key=public_b64, fingerprint=fp, registered_by=registered_by)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def submit_result(session: Session, principal: Principal, envelope: ResultEnvelope) -> EvalResult:
+    """Verify an attested result and store it; every failed check refuses it with a clear error."""
+    # 1. The key must be registered to the caller's organisation and not revoked.
+    fp = fingerprint(envelope.public_key) if _is_b64(envelope.public_key) else ""
+    key = session.scalar(select(SigningKey).where(SigningKey.fingerprint == fp)) if fp else None
+    if key is None or key.evaluator_id != principal.evaluator_id:
+        raise PermissionDeniedError(
+            "the signing key is not registered to your organisation (run `airlock evaluator keygen --register`)",
+            code="unknown_signing_key",
+        )
+    if key.revoked_at is not None:
+        raise PermissionDeniedError("the signing key has been revoked", code="signing_key_revoked")
+    # 2. The signature must cover exactly this attestation (canonical JSON).
+    if not verify(envelope.attestation, envelope.signature, key.public_key):
+        raise InvalidRequestError(
+            "the signature does not match the attestation: it was altered or signed with another key",
+            code="invalid_signature",
+        )
+    # 3. The attestation must be complete and well-formed.
+    try:
+        att = Attestation.model_validate(envelope.attestation)
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            f"invalid attestation: {format_validation_error(exc)}", code="invalid_attestation"
+        ) from None
+    if att.schema_ != SCHEMA:
+        raise InvalidRequestError(f"unsupported attestation schema {att.schema_!r}; expected {SCHEMA!r}")
+    evaluator = session.get(Evaluator, principal.evaluator_id)
+    assert evaluator is not None
+    if att.evaluator != evaluator.name:
+        raise PermissionDeniedError("the attestation names another evaluator", code="evaluator_mismatch")
+    # 4. The grant must be the caller's organisation's, and must have covered that version and variant.
+    grant = session.get(Grant, att.grant_id)
+    if grant is None or grant.evaluator_id != principal.evaluator_id:
+        raise PermissionDeniedError("the attestation's grant is not one of your organisation's", code="grant_mismatch")
+    model = session.scalar(select(Model).where(Model.name == att.model))
+    version = (
+        session.scalar(
+            select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.content_hash == att.version_hash)
+        )
+        if model is not None
+        else None
+    )
+    if model is None or version is None:
+        raise NotFoundError(f"no registered version of {att.model!r} has hash {att.version_hash[:12]}…")
+    if model.id != grant.model_id or version.id not in grant.version_ids or att.variant not in grant.variants:
+        raise PermissionDeniedError(
+            f"grant {grant.id} did not cover {att.model}@{version.label}/{att.variant}", code="not_covered_by_grant"
+        )
+    # 5. A result is accepted once.
+    if session.scalar(select(EvalResult.id).where(EvalResult.signature == envelope.signature)) is not None:
+        raise ConflictError("this result was already submitted")
+    fine_tuned = bool(att.elicitation.get("fine_tuned"))
+    row = EvalResult(
+        evaluator_id=principal.evaluator_id,
+        grant_id=grant.id,
+        model_id=model.id,
+        version_id=version.id,
+        variant=att.variant,
+        suite=att.suite,
+        task=att.task,
+        dataset_hash=att.dataset_hash,
+        samples=att.samples,
+        metrics={k: v.model_dump() for k, v in att.metrics.items()},
+        elicitation=att.elicitation,
+        fine_tuned=fine_tuned,
+        log_sha256=att.log_sha256,
+        attestation=envelope.attestation,
+        signature=envelope.signature,
+        key_fingerprint=key.fingerprint,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def verify_stored(session: Session, result: EvalResult) -> bool:
+    """Re-check a stored result's signature against its (still unrevoked) registered key."""
+    key = session.scalar(select(SigningKey).where(SigningKey.fingerprint == result.key_fingerprint))
+    if key is None or key.revoked_at is not None or key.evaluator_id != result.evaluator_id:
+        return False
+    return verify(result.attestation, result.signature, key.public_key)
+
+
+def list_results(session: Session, *, evaluator_id: str | None = None, **filters: Any) -> list[EvalResult]:
+    """Return results, newest first, optionally for one evaluator and matching column filters."""
+    stmt = select(EvalResult).order_by(EvalResult.created_at.desc())
+    if evaluator_id:
+        stmt = stmt.where(EvalResult.evaluator_id == evaluator_id)
+    for column, value in filters.items():
+        if value is not None:
+            stmt = stmt.where(getattr(EvalResult, column) == value)
+    return list(session.scalars(stmt))
+
+
+def _is_b64(value: str) -> bool:
+    try:
+        parse_public_key(value)
+    except InvalidRequestError:
+        return False
+    return True

@@ -1,0 +1,166 @@
+"""Signed results: statistics, signatures, and the lab's verification of each submission."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from airlock.evals.attestation import (
+    SCHEMA,
+    bootstrap_interval,
+    canonical_json,
+    generate_key,
+    mean_with_ci,
+    paired_difference,
+    public_key_b64,
+    sign,
+    verify,
+    wilson_interval,
+)
+from tests.conftest import Lab
+
+
+def test_wilson_interval_known_values() -> None:
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_bootstrap_is_seeded_and_brackets_the_mean() -> None:
+    values = [0.1, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8]
+    assert bootstrap_interval(values) == bootstrap_interval(values)
+    lo, hi = bootstrap_interval(values)
+    assert lo < sum(values) / len(values) < hi
+    assert mean_with_ci([1.0, 0.0, 1.0])["method"] == "wilson"
+    assert mean_with_ci([1.0, 0.5])["method"] == "bootstrap"
+
+
+def test_paired_difference() -> None:
+    result = paired_difference([0, 0, 1, 0, 0, 1, 0, 0], [1, 1, 1, 1, 0, 1, 1, 1])
+    assert result["value"] == pytest.approx(5 / 8)
+    assert 0 < result["ci95"][0] < result["value"] < result["ci95"][1] <= 1
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 0.0])
+
+
+def test_signature_covers_every_field(tmp_path: Path) -> None:
+    key = generate_key(tmp_path / "k.pem")
+    assert oct((tmp_path / "k.pem").stat().st_mode)[-3:] == "600"
+    with pytest.raises(FileExistsError):
+        generate_key(tmp_path / "k.pem")
+    att = {"a": 1, "nested": {"x": [1, 2]}, "text": "é"}
+    env = sign(att, key)
+    assert verify(env["attestation"], env["signature"], env["public_key"])
+    assert canonical_json({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
+    for tampered in ({**att, "a": 2}, {**att, "nested": {"x": [1, 3]}}, {**att, "extra": None}):
+        assert not verify(tampered, env["signature"], env["public_key"])
+    other = generate_key(tmp_path / "other.pem")
+    assert not verify(att, env["signature"], public_key_b64(other))
+    assert not verify(att, "not-base64!", env["public_key"])
+
+
+# ---------------------------------------------------------------- lab-side verification
+
+
+def attestation(lab: Lab, grant_id: str, **overrides: Any) -> dict[str, Any]:
+    base = {
+        "schema": SCHEMA,
+        "evaluator": "org-a",
+        "grant_id": grant_id,
+        "model": "m1",
+        "model_id": "m1/helpful-only",
+        "version": "v1",
+        "version_hash": "a" * 64,
+        "variant": "helpful-only",
+        "mitigations": [],
+        "suite": "knowledge_proxy",
+        "suite_version": "1.0.0",
+        "task": "knowledge_proxy",
+        "dataset_hash": "d" * 64,
+        "samples": 10,
+        "metrics": {"mean_score": {"value": 0.5, "ci95": [0.24, 0.76], "method": "wilson", "n": 10}},
+        "elicitation": {"epochs": 1, "solver": ["multiple_choice"], "fine_tuned": False},
+        "log_sha256": "e" * 64,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    return {**base, **overrides}
+
+
+@pytest.fixture
+def signer(lab: Lab, tmp_path: Path) -> dict[str, Any]:
+    grant_id, key = lab.grant("org-a")
+    private = generate_key(tmp_path / "org-a.pem")
+    http = httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"})
+    assert http.post("/signing-keys", json={"public_key": public_key_b64(private)}).status_code == 201
+    return {"grant_id": grant_id, "key": key, "private": private, "http": http}
+
+
+def test_valid_result_is_accepted_once(lab: Lab, signer: dict[str, Any]) -> None:
+    env = sign(attestation(lab, signer["grant_id"]), signer["private"])
+    resp = signer["http"].post("/results", json=env)
+    assert resp.status_code == 201, resp.text
+    stored = resp.json()
+    assert stored["variant"] == "helpful-only" and stored["metrics"]["mean_score"]["value"] == 0.5
+    assert signer["http"].post("/results", json=env).status_code == 409
+    assert [r["id"] for r in signer["http"].get("/results").json()] == [stored["id"]]
+    admin = httpx.get(
+        lab.url + "/v1/airlock/admin/results", headers={"Authorization": f"Bearer {lab.admin_token}"}
+    ).json()
+    assert [r["id"] for r in admin] == [stored["id"]]
+
+
+def test_forged_and_mismatched_results_are_refused(lab: Lab, signer: dict[str, Any], tmp_path: Path) -> None:
+    http, private, gid = signer["http"], signer["private"], signer["grant_id"]
+
+    def post(env: dict[str, Any]) -> tuple[int, str]:
+        resp = http.post("/results", json=env)
+        body = resp.json()
+        return resp.status_code, body.get("error", {}).get("code") or ""
+
+    good = sign(attestation(lab, gid), private)
+    forged = copy.deepcopy(good)
+    forged["attestation"]["metrics"]["mean_score"]["value"] = 0.01  # edited after signing
+    assert post(forged) == (400, "invalid_signature")
+
+    unregistered = sign(attestation(lab, gid), generate_key(tmp_path / "rogue.pem"))
+    assert post(unregistered) == (403, "unknown_signing_key")
+
+    other_gid, _ = lab.grant("org-b", variants=["helpful-only"])
+    assert post(sign(attestation(lab, other_gid), private)) == (403, "grant_mismatch")
+    assert post(sign(attestation(lab, gid, evaluator="org-b"), private)) == (403, "evaluator_mismatch")
+    assert post(sign(attestation(lab, gid, variant="base"), private)) == (403, "not_covered_by_grant")
+    assert post(sign(attestation(lab, gid, version_hash="0" * 64), private))[0] == 404
+    assert post(sign(attestation(lab, gid, model="m2", version_hash="b" * 64), private)) == (
+        403,
+        "not_covered_by_grant",
+    )
+    assert post(sign(attestation(lab, gid, samples=0), private)) == (400, "invalid_attestation")
+    assert post(sign(attestation(lab, gid, schema="other/v9"), private))[0] == 400
+    incomplete = attestation(lab, gid)
+    del incomplete["log_sha256"]
+    assert post(sign(incomplete, private)) == (400, "invalid_attestation")
+    assert http.post("/results", json={"attestation": {}, "signature": "x"}).status_code == 400
+    assert http.get("/results").json() == []
+
+
+def test_signing_key_belongs_to_one_evaluator(lab: Lab, signer: dict[str, Any]) -> None:
+    _gid, other_key = lab.grant("org-b")
+    resp = httpx.post(
+        lab.url + "/v1/airlock/signing-keys",
+        json={"public_key": public_key_b64(signer["private"])},
+        headers={"Authorization": f"Bearer {other_key}"},
+    )
+    assert resp.status_code == 409
+    bad = httpx.post(
+        lab.url + "/v1/airlock/signing-keys",
+        json={"public_key": "A" * 43 + "="},
+        headers={"Authorization": f"Bearer {other_key}"},
+    )
+    assert bad.status_code in (400, 201)  # 32 zero-ish bytes may or may not be a valid point; never a 500
