@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import yaml
-from tests.conftest import FAKE_MANIFEST
 from typer.testing import CliRunner
 
 from airlock.cli import app
+from tests.conftest import FAKE_MANIFEST
 
 runner = CliRunner()
 

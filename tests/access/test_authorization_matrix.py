@@ -6,10 +6,10 @@ import itertools
 from datetime import timedelta
 
 import httpx
-from tests.conftest import Lab
 
 from airlock.access import service
 from airlock.db import utcnow
+from tests.conftest import Lab
 
 GRANTED = ["production", "helpful-only"]
 VARIANTS = [*GRANTED, "base"]  # base exists but is never granted here

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from tests.conftest import EVALUATOR_KEY, KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL
 
 from airlock.backends.base import create_backend
 from airlock.backends.mitigations import build_pipeline
@@ -25,6 +24,7 @@ from airlock.errors import (
     InvalidRequestError,
     RateLimitError,
 )
+from tests.conftest import EVALUATOR_KEY, KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL
 
 
 def _debug(upstream: str, what: str) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from tests.conftest import Lab
 
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import openai
 import pytest
-from tests.conftest import KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab, LiveServer
 
 from airlock.access.service import create_admin_token
 from airlock.config import get_settings
 from airlock.gateway.app import create_app
 from airlock.registry.service import parse_manifest, sync_manifest
+from tests.conftest import KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab, LiveServer
 
 
 @pytest.fixture

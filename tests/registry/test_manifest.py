@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
-from tests.conftest import FAKE_MANIFEST
 
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from airlock.registry import service
 from airlock.registry.models import StageChange
+from tests.conftest import FAKE_MANIFEST
 
 
 def test_sync_creates_then_is_idempotent(db: Any) -> None:
