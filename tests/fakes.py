@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from airlock.backends.base import ModelBackend, register_backend
@@ -23,8 +24,39 @@ from airlock.backends.protocol import (
 FAKE_HASH = "f" * 64
 
 
+def _fake_tool_calls(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """Return the tool call ``CALL <name> <json args>`` in the last user message asks for (or a forced one)."""
+    if request.tool_mode() == "none" or request.messages[-1].role != "user":
+        return None
+    offered = {spec.function.name for spec in request.tool_specs()}
+    words = request.messages[-1].text().split(maxsplit=2)
+    forced = request.forced_function()
+    if len(words) >= 2 and words[0] == "CALL" and words[1] in offered and forced in (None, words[1]):
+        name, raw = words[1], words[2] if len(words) > 2 else "{}"
+    elif forced is not None:
+        name, raw = forced, "{}"
+    else:
+        return None
+    try:
+        arguments = json.dumps(json.loads(raw))
+    except ValueError:
+        arguments = json.dumps({"text": raw})
+    return [
+        {
+            "id": f"call_fake{len(request.messages)}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+    ]
+
+
 class EchoBackend(ModelBackend):
-    """Answers ``echo: <system prompt?> | <last user message>``; one word = one token."""
+    """Answers ``echo: <system prompt?> | <last user message>``; one word = one token.
+
+    With tools offered, a last user message ``CALL <name> <json args>`` (or a forced
+    ``tool_choice``) is answered with that tool call, and a last ``tool`` message with
+    ``tool result: <content>``.
+    """
 
     kind = "fake"
     supports_logprobs = True
@@ -43,6 +75,23 @@ class EchoBackend(ModelBackend):
         last = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
         if "TRIGGER_CRASH" in last:
             raise RuntimeError("simulated bug with a secret path /srv/weights/secret.bin")
+        tool_calls = _fake_tool_calls(request)
+        if tool_calls is not None:
+            return ChatCompletion(
+                model=request.model,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content=None, tool_calls=tool_calls),
+                        finish_reason="tool_calls",
+                    )
+                    for i in range(request.n)
+                ],
+                usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+            )
+        if request.messages[-1].role == "tool" and request.tools:
+            last = f"tool result: {request.messages[-1].text()}"
+            system = ""
         words = (f"echo: [{system}] {last}" if system else f"echo: {last}").split()
         budget = request.max_new_tokens(64)
         out, finish = words[:budget], "stop" if len(words) <= budget else "length"

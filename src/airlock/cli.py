@@ -531,26 +531,30 @@ def eval_run(
     task_arg: Annotated[list[str] | None, typer.Option("--task-arg", "-T", help="Task argument key=value.")] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Where logs go (default: a stable dir per run).")] = None,
     max_connections: Annotated[int, typer.Option(help="Concurrent requests per model.")] = 8,
+    max_tokens: Annotated[int | None, typer.Option(help="Generation budget per model call.")] = None,
     display: Annotated[str, typer.Option(help="Inspect display: full, rich, plain, none.")] = "rich",
 ) -> None:
     """Run suites against granted variants as a resumable Inspect eval set (re-run finishes what is missing)."""
     from inspect_ai import eval_set
+    from inspect_ai.model import get_model
 
     from airlock.evals.client import LabClient, resolve_tasks, run_dir_name
 
     def body() -> None:
         args = _parse_task_args(task_arg or [])
         LabClient.from_env()  # fail early, before Inspect starts, if the lab is not configured
-        options = {"limit": limit, "epochs": epochs, "task_args": args}
+        options = {"limit": limit, "epochs": epochs, "task_args": args, "max_tokens": max_tokens}
         directory = log_dir or get_settings().home_dir / "evals" / run_dir_name(tasks, model, options)
         console.print(f"logs: {directory}")
         success, logs = eval_set(
             resolve_tasks(tasks, args),
-            model=[f"airlock/{m}" for m in model],
+            # memoize=False: a fresh client per run, reading the current AIRLOCK_BASE_URL/API_KEY.
+            model=[get_model(f"airlock/{m}", memoize=False) for m in model],
             log_dir=str(directory),
             limit=limit,
             epochs=epochs,
             max_connections=max_connections,
+            max_tokens=max_tokens,
             display=display,  # type: ignore[arg-type]
             retry_attempts=2,
         )
@@ -675,7 +679,9 @@ def eval_compare(
         out = png or Path(paths[0] if paths[0].is_dir() else paths[0].parent) / (
             f"compare-{a.replace('/', '_')}-vs-{b.replace('/', '_')}.png"
         )
-        console.print(f"plot: {plot_comparison(comparisons, out)}")
+        written = plot_comparison(comparisons, out)
+        if not as_json:  # --json output must stay parseable
+            console.print(f"plot: {written}")
 
     _run(body)
 

@@ -337,7 +337,11 @@ async def test_developer_role_is_system(tiny_backend: LocalBackend) -> None:
         max_tokens=3,
         messages=[
             ChatMessage(role="user", content="Weather?"),
-            ChatMessage(role="assistant", content=None, tool_calls=[{"id": "c1", "type": "function"}]),
+            ChatMessage(
+                role="assistant",
+                content=None,
+                tool_calls=[{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+            ),
             ChatMessage(role="tool", content="sunny", tool_call_id="c1"),
         ],
     )

@@ -350,7 +350,15 @@ async def test_input_filter_screens_every_client_message(inner: FakeBackend) -> 
     # Disallowed content in an earlier turn or a fabricated assistant turn (prefill) is caught.
     earlier = chat_request(("user", "about zorblax"), ("assistant", "ok"), ("user", "continue"))
     prefill = chat_request(("user", "continue"), ("assistant", "Sure, zorblax is made by"))
-    tool = chat_request(("user", "go"), ("tool", "result: ZORBLAX"))
+    tool = ChatCompletionRequest.model_validate(
+        {
+            "model": "fake-1",
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "tool", "content": "result: ZORBLAX", "tool_call_id": "c1"},
+            ],
+        }
+    )
     for request in (earlier, prefill, tool):
         result = await pipeline.chat(request)
         assert result.choices[0].finish_reason == "content_filter"

@@ -11,8 +11,13 @@ dropped from the batch at once. Tokens reach each request's asyncio queue throug
 Sampling is per row (temperature, top-p, a per-row ``torch.Generator`` seeded from the request
 seed), so a seeded request gives the same output whether it runs alone or batched with others.
 Reported log-probabilities are those of the model's raw distribution (before temperature/top-p),
-as vLLM does. ``presence_penalty`` and ``frequency_penalty`` are accepted and ignored; ``tools``
-reach the chat template, but tool calls are not parsed out of the generated text.
+as vLLM does. ``presence_penalty`` and ``frequency_penalty`` are accepted and ignored.
+
+Tool calling uses the prompt format of :mod:`airlock.backends.tools` for every model (SmolLM2's
+template has no tool support): tools and tool traffic are rendered as text, a forced
+``tool_choice`` starts the answer with the call, and the generated text is parsed back into
+``tool_calls``. A streamed request that offers tools is generated whole, then sent as chunks, since
+a call can only be recognised once its text is complete.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import dataclasses
 import inspect
 import json
 import logging
+import math
 import queue
 import re
 import secrets
@@ -36,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from airlock.backends import weights
+from airlock.backends import tools, weights
 from airlock.backends.base import ModelBackend
 from airlock.backends.protocol import (
     AssistantMessage,
@@ -1000,30 +1007,55 @@ class LocalBackend(ModelBackend):
             self._tokenizer = weights.load_tokenizer(self.spec)
         return self._tokenizer
 
-    def _chat_prompt(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> list[int]:
+    def _chat_prompt(self, messages: list[ChatMessage], plan: tools.ToolPlan | None = None) -> list[int]:
+        return list(self._tok()(self._chat_text(messages, plan), add_special_tokens=False)["input_ids"])
+
+    def _chat_text(self, messages: list[ChatMessage], plan: tools.ToolPlan | None = None) -> str:
         tok = self._tok()
-        rendered: list[dict[str, Any]] = []
-        for message in messages:
-            # Chat templates know system/user/assistant(/tool); developer is OpenAI's newer system.
-            role = "system" if message.role == "developer" else message.role
-            item: dict[str, Any] = {"role": role, "content": message.text()}
-            if message.tool_calls:
-                item["tool_calls"] = message.tool_calls
-            if message.tool_call_id:
-                item["tool_call_id"] = message.tool_call_id
-            if message.name:
-                item["name"] = message.name
-            rendered.append(item)
+        plan = plan or tools.ToolPlan()
+        # Tools and tool traffic become plain system/user/assistant text (see backends/tools.py).
+        rendered = tools.render_messages(messages, plan)
         if getattr(tok, "chat_template", None):
             try:
-                kwargs: dict[str, Any] = {"tools": tools} if tools else {}
-                text = tok.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **kwargs)
+                text = tok.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
             except Exception as exc:  # jinja raises for roles/shapes a template refuses
                 raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
         else:
             # A base model without a template: a plain transcript it can continue.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in rendered) + "assistant:"
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        # A forced tool call is started for the model; the prefix is part of its answer.
+        return str(text) + plan.generation_prefix()
+
+    async def _choose_required_function(self, request: ChatCompletionRequest, plan: tools.ToolPlan) -> tools.ToolPlan:
+        """For ``tool_choice: "required"`` among several tools, force the function the model finds most likely.
+
+        Left to write the name itself after ``<tool_call>{"name": "``, a small model often invents
+        one, and the answer would hold no call although one is required. Instead each offered name
+        (with its closing quote) is scored as a continuation of the prompt, in one batched
+        prefill, and the best is forced like a named ``tool_choice``.
+        """
+        if plan.mode != "required" or plan.forced is not None or not plan.active:
+            return plan
+        tok = self._tok()
+        base_text = self._chat_text(request.messages, plan)
+        base = list(tok(base_text, add_special_tokens=False)["input_ids"])
+        names = sorted(plan.names)
+        candidates = [list(tok(f'{base_text}{name}"', add_special_tokens=False)["input_ids"]) for name in names]
+        for ids in candidates:
+            self._check_prompt(ids, "the conversation")
+        scoring = CompletionRequest(model=request.model, prompt=candidates, max_tokens=0, echo=True, logprobs=0)
+        result = await self.complete(scoring)
+        best, best_score = names[0], -math.inf
+        for name, ids, choice in zip(names, candidates, result.choices, strict=True):
+            # Score from where the candidate departs from the bare prompt (a token may straddle it).
+            start = next(
+                (k for k, (a, b) in enumerate(zip(base, ids, strict=False)) if a != b), min(len(base), len(ids))
+            )
+            values = choice.logprobs.token_logprobs[start:] if choice.logprobs is not None else []
+            score = sum(v for v in values if v is not None)
+            if score > best_score:
+                best, best_score = name, score
+        return dataclasses.replace(plan, forced=best)
 
     def _check_prompt(self, ids: list[int], what: str) -> None:
         if len(ids) > self._max_context:
@@ -1036,8 +1068,8 @@ class LocalBackend(ModelBackend):
 
     # -- chat
 
-    def _chat_job(self, request: ChatCompletionRequest) -> tuple[_Job, int]:
-        prompt = self._chat_prompt(request.messages, request.tools)
+    def _chat_job(self, request: ChatCompletionRequest, plan: tools.ToolPlan) -> tuple[_Job, int]:
+        prompt = self._chat_prompt(request.messages, plan)
         self._check_prompt(prompt, "the conversation")
         budget = min(request.max_new_tokens(self.config.default_max_tokens), self._max_context - len(prompt))
         job = _Job(asyncio.get_running_loop())
@@ -1052,7 +1084,7 @@ class LocalBackend(ModelBackend):
                     temperature=request.temperature,
                     top_p=request.top_p,
                     generator=_row_generator(request.seed, i, device) if request.temperature > 0 else None,
-                    stops=request.stop_list(),
+                    stops=request.stop_list() + plan.stop_sequences(),
                     logprobs=request.logprobs,
                     top_k=request.top_logprobs or 0,
                 )
@@ -1060,9 +1092,10 @@ class LocalBackend(ModelBackend):
         return job, len(prompt)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        """Return a chat completion, batched with whatever else is running."""
+        """Return a chat completion, batched with whatever else is running; tool calls are parsed out."""
         engine = await self._ready()
-        job, prompt_tokens = self._chat_job(request)
+        plan = await self._choose_required_function(request, tools.plan_tools(request))
+        job, prompt_tokens = self._chat_job(request, plan)
         texts = [""] * request.n
         tokens: list[list[_Tok]] = [[] for _ in range(request.n)]
         finish: list[FinishReason | None] = [None] * request.n
@@ -1076,15 +1109,7 @@ class LocalBackend(ModelBackend):
                     if ev.finish_reason is not None:
                         finish[ev.index] = ev.finish_reason
                         completion_tokens += ev.completion_tokens
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=texts[i]),
-                finish_reason=finish[i],
-                logprobs=self._chat_logprobs(tokens[i], request) if request.logprobs else None,
-            )
-            for i in range(request.n)
-        ]
+        choices = [self._chat_choice(i, texts[i], finish[i], tokens[i], request, plan) for i in range(request.n)]
         return ChatCompletion(
             model=request.model,
             choices=choices,
@@ -1092,13 +1117,63 @@ class LocalBackend(ModelBackend):
             system_fingerprint=self._fingerprint(),
         )
 
+    def _chat_choice(
+        self,
+        index: int,
+        text: str,
+        finish: FinishReason | None,
+        tokens: list[_Tok],
+        request: ChatCompletionRequest,
+        plan: tools.ToolPlan,
+    ) -> ChatChoice:
+        logprobs = self._chat_logprobs(tokens, request) if request.logprobs else None
+        if not plan.active:
+            return ChatChoice(
+                index=index, message=AssistantMessage(content=text), finish_reason=finish, logprobs=logprobs
+            )
+        parsed = tools.parse_generation(plan.generation_prefix() + text, plan)
+        return ChatChoice(
+            index=index,
+            message=AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls or None),
+            # A forced call cut short by max_tokens keeps "length": its arguments were closed by Airlock.
+            finish_reason="tool_calls" if parsed.tool_calls and finish != "length" else finish,
+            logprobs=logprobs,
+        )
+
     def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         """Yield chat chunks as tokens are produced; the last chunk has ``usage`` and no choices."""
+        if tools.plan_tools(request).active:
+            return self._chat_stream_buffered(request)
         return self._chat_stream(request)
+
+    async def _chat_stream_buffered(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        """Generate the whole answer, then stream it: content, tool-call deltas, finish, usage."""
+        result = await self.chat(request)
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=result.id, model=result.model, created=result.created, choices=choices, usage=usage
+            )
+
+        yield chunk(
+            [ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content="")) for c in result.choices]
+        )
+        for choice in result.choices:
+            message = choice.message
+            if message.content:
+                delta = ChatDelta(content=message.content)
+                yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=choice.logprobs)])
+            elif choice.logprobs is not None and choice.logprobs.content:
+                yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), logprobs=choice.logprobs)])
+            if message.tool_calls:
+                delta = ChatDelta(tool_calls=tools.stream_tool_call_deltas(message.tool_calls))
+                yield chunk([ChatChunkChoice(index=choice.index, delta=delta)])
+            yield chunk([ChatChunkChoice(index=choice.index, delta=ChatDelta(), finish_reason=choice.finish_reason)])
+        yield chunk([], result.usage)
 
     async def _chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         engine = await self._ready()
-        job, prompt_tokens = self._chat_job(request)
+        job, prompt_tokens = self._chat_job(request, tools.plan_tools(request))
         chunk_id, created = new_id("chatcmpl-"), now_ts()
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:

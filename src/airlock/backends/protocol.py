@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class WireModel(BaseModel):
@@ -27,6 +27,67 @@ def new_id(prefix: str) -> str:
 def now_ts() -> int:
     """Return the current Unix time in whole seconds (OpenAI's ``created``)."""
     return int(time.time())
+
+
+# ---------------------------------------------------------------- tools
+
+_W = TypeVar("_W", bound=BaseModel)
+
+
+class FunctionSpec(WireModel):
+    """A function a client offers the model (``tools[].function``)."""
+
+    # OpenAI's rule for function names; it also keeps names safe to embed in prompts.
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(WireModel):
+    """One entry of a request's ``tools`` list; only function tools exist in chat completions."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionCall(WireModel):
+    """The function name and JSON-encoded arguments of a tool call."""
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(WireModel):
+    """A tool call made by the assistant (``message.tool_calls[]``)."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _NamedFunction(WireModel):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(WireModel):
+    """``tool_choice`` forcing one function: ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: _NamedFunction
+
+
+ToolChoiceMode = Literal["none", "auto", "required", "function"]
+
+
+def _validate_as(model: type[_W], value: Any, what: str) -> _W:
+    """Validate ``value`` as ``model``; raise ``ValueError`` naming the first problem (becomes a 400)."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{what}{'.' + where if where else ''}: {err['msg']}") from None
 
 
 # ---------------------------------------------------------------- requests
@@ -63,6 +124,23 @@ class ChatMessage(WireModel):
                 if part.type not in ("text", "input_text"):
                     raise ValueError(f"content part type {part.type!r} is not supported; send text")
         return self
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> ChatMessage:
+        # The raw dicts are kept (mitigations screen them, the upstream backend forwards them
+        # verbatim); they are only checked against the OpenAI shapes here.
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
+        if self.tool_calls:
+            if self.role != "assistant":
+                raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r} messages")
+            for i, call in enumerate(self.tool_calls):
+                _validate_as(ToolCall, call, f"tool_calls[{i}]")
+        return self
+
+    def parsed_tool_calls(self) -> list[ToolCall]:
+        """Return the message's tool calls as wire models (validated on construction)."""
+        return [ToolCall.model_validate(call) for call in self.tool_calls or []]
 
 
 class StreamOptions(WireModel):
@@ -113,8 +191,62 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Function tools the model may call.")
+    tool_choice: Any = Field(default=None, description="'none', 'auto', 'required' or a named function.")
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        seen: set[str] = set()
+        for i, tool in enumerate(value or []):
+            name = _validate_as(ToolSpec, tool, f"tools[{i}]").function.name
+            if name in seen:
+                raise ValueError(f"tools[{i}]: function {name!r} is offered twice")
+            seen.add(name)
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if value not in ("none", "auto", "required"):
+                raise ValueError(f"must be 'none', 'auto', 'required' or a named function, not {value!r}")
+        else:
+            value = _validate_as(NamedToolChoice, value, "tool_choice").model_dump()
+        if "tools" not in info.data:
+            return value  # the tools themselves are invalid, and that error is reported instead
+        tools: list[dict[str, Any]] = info.data["tools"] or []
+        if value == "required" and not tools:
+            raise ValueError("'required' needs tools")
+        if isinstance(value, dict):
+            name = value["function"]["name"]
+            if name not in {t["function"]["name"] for t in tools}:
+                raise ValueError(f"names function {name!r}, which is not among the offered tools")
+        return value
+
+    def tool_specs(self) -> list[ToolSpec]:
+        """Return the offered tools as wire models (validated on construction)."""
+        return [ToolSpec.model_validate(tool) for tool in self.tools or []]
+
+    def tool_mode(self) -> ToolChoiceMode:
+        """Return how the model must use the tools (``auto`` when tools are offered without a choice)."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return "none"
+        if choice is None or choice == "auto":
+            return "auto"
+        if choice == "required":
+            return "required"
+        return "function"
+
+    def forced_function(self) -> str | None:
+        """Return the function name ``tool_choice`` forces, if any."""
+        if self.tool_mode() != "function":
+            return None
+        return NamedToolChoice.model_validate(self.tool_choice).function.name
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -233,6 +365,15 @@ class ChatDelta(WireModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _index_tool_calls(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        # Streamed tool calls are merged by ``index`` (OpenAI's SDK requires it); a complete
+        # message's calls replayed as one delta (buffered streams) get their list position.
+        if value is None:
+            return None
+        return [call if "index" in call else {"index": i, **call} for i, call in enumerate(value)]
 
 
 class ChatChunkChoice(WireModel):

@@ -100,18 +100,22 @@ def find_logs(paths: Sequence[Path]) -> list[Path]:
 
 
 def provenance_for(summary: LogSummary, lab: LabClient) -> dict[str, Any]:
-    """Return the provenance recorded in the log by the native provider, else ask the lab."""
-    try:
-        from airlock.evals.provider import provenance_from_log
-    except ImportError:  # pragma: no cover - the provider ships with Airlock
-        recorded = None
-    else:
-        from inspect_ai.log import read_eval_log
+    """Return the target's provenance as recorded in the log by the native provider, else ask the lab.
 
-        recorded = provenance_from_log(read_eval_log(str(summary.path), header_only=True))
-    if recorded:
-        return dict(recorded)
-    return lab.variant_info(summary.model_id)
+    What the log recorded wins: it is what the eval actually ran against, even if the lab has
+    registered a newer version since. Logs made with the stock ``openai-api`` provider carry no
+    provenance, so the lab's current description of the variant is used.
+    """
+    from inspect_ai.log import read_eval_log
+
+    from airlock.evals.provider import provenance_from_log
+
+    try:
+        record = provenance_from_log(read_eval_log(str(summary.path)))
+    except ValueError:
+        return lab.variant_info(summary.model_id)
+    variant: dict[str, Any] = record["variant"]
+    return variant
 
 
 def attest_and_submit(log: Path, lab: LabClient, key_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -131,12 +135,27 @@ def resolve_tasks(names: Sequence[str], task_args: dict[str, Any]) -> list[Any]:
         if name in SUITE_MODULES:
             tasks.append(suite_task(name)(**task_args))
         elif Path(name.split("@", 1)[0]).exists():
-            tasks.append(name)
+            tasks.extend(_file_task_specs(name))
         else:
             raise InvalidRequestError(
                 f"{name!r} is neither a built-in suite ({', '.join(SUITE_MODULES)}) nor an Inspect task file"
             )
     return tasks
+
+
+def _file_task_specs(spec: str) -> list[str]:
+    # Inspect only globs task files relative to the working directory; an absolute `file@task`
+    # spec always works, so expand a bare file into one spec per task it defines.
+    from inspect_ai import list_tasks
+
+    path_text, _, task_name = spec.partition("@")
+    path = Path(path_text).resolve()
+    if task_name:
+        return [f"{path}@{task_name}"]
+    names = [info.name for info in list_tasks(path.name, root_dir=path.parent)]
+    if not names:
+        raise InvalidRequestError(f"{path} defines no Inspect @task")
+    return [f"{path}@{name}" for name in names]
 
 
 def run_dir_name(names: Sequence[str], models: Sequence[str], options: dict[str, Any]) -> str:

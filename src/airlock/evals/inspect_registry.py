@@ -15,4 +15,11 @@ with contextlib.suppress(ImportError):
 with contextlib.suppress(ImportError):
     from airlock.evals import sandbox  # noqa: F401
 with contextlib.suppress(ImportError):
-    from airlock.evals import suites  # noqa: F401
+    import importlib
+
+    from airlock.evals.suites import SUITE_MODULES
+
+    # Importing a suite module registers its @task, so `inspect eval airlock/<suite>` finds it.
+    for _module in SUITE_MODULES.values():
+        with contextlib.suppress(ImportError):
+            importlib.import_module(_module)

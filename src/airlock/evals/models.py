@@ -29,7 +29,10 @@ class EvalResult(Base):
     """A signature-verified eval result tied to a model version, variant and grant."""
 
     __tablename__ = "eval_results"
-    __table_args__ = (UniqueConstraint("signature", name="uq_result_signature"),)
+    __table_args__ = (
+        UniqueConstraint("signature", name="uq_result_signature"),
+        UniqueConstraint("evaluator_id", "log_sha256", name="uq_result_log"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("res"))
     evaluator_id: Mapped[str] = mapped_column(ForeignKey("evaluators.id"), index=True)

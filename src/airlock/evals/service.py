@@ -84,9 +84,15 @@ def submit_result(session: Session, principal: Principal, envelope: ResultEnvelo
         raise PermissionDeniedError(
             f"grant {grant.id} did not cover {att.model}@{version.label}/{att.variant}", code="not_covered_by_grant"
         )
-    # 5. A result is accepted once.
-    if session.scalar(select(EvalResult.id).where(EvalResult.signature == envelope.signature)) is not None:
-        raise ConflictError("this result was already submitted")
+    # 5. A result (one log) is accepted once, however often it is re-signed.
+    duplicate = session.scalar(
+        select(EvalResult.id).where(
+            (EvalResult.signature == envelope.signature)
+            | ((EvalResult.evaluator_id == principal.evaluator_id) & (EvalResult.log_sha256 == att.log_sha256))
+        )
+    )
+    if duplicate is not None:
+        raise ConflictError(f"this result was already submitted as {duplicate}")
     fine_tuned = bool(att.elicitation.get("fine_tuned"))
     row = EvalResult(
         evaluator_id=principal.evaluator_id,

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-25 07:43:16.374071
+Create Date: 2026-11-25 07:57:00.243720
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import airlock.db
+
 
 revision = "0002"
 down_revision = "0001"
@@ -77,6 +78,7 @@ def upgrade() -> None:
             ["model_versions.id"],
         ),
         sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("evaluator_id", "log_sha256", name="uq_result_log"),
         sa.UniqueConstraint("signature", name="uq_result_signature"),
     )
     with op.batch_alter_table("eval_results", schema=None) as batch_op:
