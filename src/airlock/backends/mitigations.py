@@ -425,6 +425,9 @@ def chat_input_texts(request: ChatCompletionRequest) -> list[str]:
         if text:
             texts.append(text)
         texts.extend(_tool_call_texts(message.tool_calls))
+    # Tool names, descriptions and schemas are client-written text rendered into the prompt too.
+    for tool in request.tools or []:
+        texts.append(json.dumps(tool, sort_keys=True, default=str))
     return texts
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -131,15 +132,24 @@ def attest_and_submit(log: Path, lab: LabClient, key_path: Path) -> tuple[dict[s
 def resolve_tasks(names: Sequence[str], task_args: dict[str, Any]) -> list[Any]:
     """Turn suite names or Inspect task files into Inspect tasks / task specs."""
     tasks: list[Any] = []
+    used: set[str] = set()
     for name in names:
         if name in SUITE_MODULES:
-            tasks.append(suite_task(name)(**task_args))
+            task_fn = suite_task(name)
+            # One -T list serves several suites: give each suite the arguments it declares.
+            accepted = inspect.signature(task_fn).parameters
+            args = {k: v for k, v in task_args.items() if k in accepted}
+            used.update(args)
+            tasks.append(task_fn(**args))
         elif Path(name.split("@", 1)[0]).exists():
             tasks.extend(_file_task_specs(name))
         else:
             raise InvalidRequestError(
                 f"{name!r} is neither a built-in suite ({', '.join(SUITE_MODULES)}) nor an Inspect task file"
             )
+    unused = set(task_args) - used
+    if unused and all(name in SUITE_MODULES for name in names):
+        raise InvalidRequestError(f"no selected suite takes the task argument(s) {sorted(unused)}")
     return tasks
 
 
