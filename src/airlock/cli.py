@@ -565,7 +565,13 @@ def eval_run(
                 headline = log.results.scores[0]  # the breakdowns are in the log and `airlock eval submit`
                 metrics = ", ".join(f"{name}={m.value:.3f}" for name, m in list(headline.metrics.items())[:2])
             samples = str(log.results.completed_samples) if log.results else "0"
-            table.add_row(log.eval.task, log.eval.model, log.status, samples, metrics)
+            table.add_row(
+                log.eval.task.removeprefix("airlock/"),
+                log.eval.model.removeprefix("airlock/"),
+                log.status,
+                samples,
+                metrics,
+            )
         console.print(table)
         if not success:
             raise AirlockError(f"some tasks did not finish; re-run the same command to resume (logs in {directory})")

@@ -48,12 +48,18 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> str:
+    env = {**(env if env is not None else os.environ), "COLUMNS": str(console.width)}
     result = subprocess.run(
         [sys.executable, "-m", "airlock", *args], capture_output=True, text=True, check=False, env=env
     )
     if result.returncode != 0:
         raise RuntimeError(f"airlock {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result.stdout.strip()
+
+
+def _show(text: str) -> None:
+    # The child already laid its tables out for this width; printing raw keeps them intact.
+    print(text, flush=True)
 
 
 def _ask(client: Any, model: str, prompt: str, **kwargs: Any) -> tuple[str, str]:
@@ -81,7 +87,7 @@ def run_demo(home: Path) -> int:
     (home / "logs").mkdir()
 
     _step("1. Lab: initialise Airlock with the embedded SmolLM2-135M-Instruct")
-    console.print(_cli("init"))
+    _show(_cli("init"))
     admin_token = (home / "admin-token").read_text().strip()
 
     _step("2. Lab: start the gateway (production + helpful-only variants from airlock.yaml)")
@@ -99,7 +105,7 @@ def run_demo(home: Path) -> int:
     try:
         _wait_healthy(base, proc, log)
         console.print(f"gateway at {base} (log: {log})")
-        console.print(_cli("models", "list"))
+        _show(_cli("models", "list"))
 
         _step("3. Lab: register two evaluators and issue grants (admin API)")
         admin = httpx.Client(base_url=base + "/v1/airlock/admin", headers={"Authorization": f"Bearer {admin_token}"})
@@ -155,10 +161,10 @@ def run_demo(home: Path) -> int:
             console.print(f"top-5 next-token log-probs (logprobs scope): {alternatives}")
 
         _step("5. Evaluator: dangerous-capability proxy suites on both variants, signed and submitted")
-        evaluator_env = {**env, "AIRLOCK_BASE_URL": base + "/v1", "AIRLOCK_API_KEY": key, "COLUMNS": "120"}
-        console.print(_cli("evaluator", "keygen", "--register", env=evaluator_env))
+        evaluator_env = {**env, "AIRLOCK_BASE_URL": base + "/v1", "AIRLOCK_API_KEY": key}
+        _show(_cli("evaluator", "keygen", "--register", env=evaluator_env))
         run_dir = home / "evals" / "demo"
-        console.print(
+        _show(
             _cli(
                 "eval",
                 "run",
@@ -173,7 +179,7 @@ def run_demo(home: Path) -> int:
                 "--max-tokens",
                 "48",
                 "--display",
-                "plain",
+                "none",
                 "-T",
                 "scoring=logprobs",  # SmolLM2 rarely follows "ANSWER: X"; the grant includes logprobs
                 "--log-dir",
@@ -181,8 +187,8 @@ def run_demo(home: Path) -> int:
                 env=evaluator_env,
             )
         )
-        console.print(_cli("eval", "submit", str(run_dir), env=evaluator_env))
-        console.print(
+        _show(_cli("eval", "submit", str(run_dir), env=evaluator_env))
+        _show(
             _cli(
                 "eval",
                 "compare",
@@ -205,7 +211,7 @@ def run_demo(home: Path) -> int:
             return 1
         except openai.PermissionDeniedError as exc:
             console.print(f"Second Opinion Labs -> helpful-only: [yellow]403[/] {exc.body}")
-        console.print(_cli("grant", "revoke", grant["id"], "--reason", "demo: evaluation window closed"))
+        _show(_cli("grant", "revoke", grant["id"], "--reason", "demo: evaluation window closed"))
         try:
             client.chat.completions.create(
                 model="smollm2-135m/production", messages=[{"role": "user", "content": "hi"}], max_tokens=5
