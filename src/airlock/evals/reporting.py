@@ -168,7 +168,7 @@ def plot_comparison(comparisons: list[dict[str, Any]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.8 + 0.9 * len(comparisons)), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.4 + 0.9 * len(comparisons)), squeeze=False)
     ax_means, ax_diff = axes[0]
     for i, comp in enumerate(comparisons):
         for offset, side, colour in ((-0.15, "a", "tab:blue"), (0.15, "b", "tab:orange")):
@@ -194,7 +194,7 @@ def plot_comparison(comparisons: list[dict[str, Any]], out: Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
     ax_means.set_xlabel("mean score (95% CI)")
     ax_means.set_xlim(-0.05, 1.05)
-    ax_means.legend(loc="lower right", fontsize="small")
+    ax_means.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize="small", frameon=False)
     ax_diff.axvline(0, color="grey", lw=1)
     ax_diff.set_xlabel("paired difference b - a (95% CI)")
     fig.tight_layout()
