@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -220,20 +221,58 @@ class Lab:
             return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
 
 
-@pytest.fixture
-def lab(db: Any) -> Iterator[Lab]:
-    """A live gateway (real HTTP, uvicorn) on a fresh database with the fake manifest synced."""
+@contextmanager
+def running_lab(db: Any, manifest: dict[str, Any]) -> Iterator[Lab]:
+    """Sync ``manifest`` into a migrated ``db`` and serve it over real HTTP until the block ends."""
     from airlock.access.service import create_admin_token
     from airlock.config import get_settings
     from airlock.gateway.app import create_app
     from airlock.registry.service import parse_manifest, sync_manifest
 
     with db.session() as session:
-        sync_manifest(session, parse_manifest(FAKE_MANIFEST))
+        sync_manifest(session, parse_manifest(manifest))
         _row, admin_token = create_admin_token(session, "test-admin")
-    app = create_app(get_settings(), db=db, sync_manifest=False)
-    with LiveServer(app) as server:
+    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
         yield Lab(db, server, admin_token)
+
+
+@contextmanager
+def sqlite_lab(directory: Path, manifest: dict[str, Any]) -> Iterator[Lab]:
+    """A running lab on a new SQLite database in ``directory`` (for module-scoped model fixtures)."""
+    from airlock.db import Database
+
+    database = Database(f"sqlite:///{directory / 'airlock.db'}")
+    database.migrate()
+    try:
+        with running_lab(database, manifest) as lab:
+            yield lab
+    finally:
+        database.dispose()
+
+
+def single_variant_manifest(model: str, weights: str, variant: str = "helpful-only") -> dict[str, Any]:
+    """A manifest with one local-backend model version and one unmitigated variant."""
+    return {
+        "models": [{"name": model, "versions": [{"label": "v1", "weights": weights, "variants": [{"name": variant}]}]}]
+    }
+
+
+@pytest.fixture(scope="session")
+def starter_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The starter manifest (embedded SmolLM2, production filters) served once for every slow test."""
+    import yaml
+
+    from airlock.cli import starter_manifest
+
+    with sqlite_lab(tmp_path_factory.mktemp("starter"), yaml.safe_load(starter_manifest())) as running:
+        yield running
+
+
+@pytest.fixture
+def lab(db: Any) -> Iterator[Lab]:
+    """A live gateway (real HTTP, uvicorn) on a fresh database with the fake manifest synced."""
+    with running_lab(db, FAKE_MANIFEST) as running:
+        yield running
 
 
 # ---------------------------------------------------------------- upstream test server

@@ -4,36 +4,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
-import yaml
 
-from airlock.access.service import create_admin_token
-from airlock.cli import starter_manifest
-from airlock.config import get_settings
-from airlock.gateway.app import create_app
-from airlock.registry.service import parse_manifest, sync_manifest
-from tests.conftest import Lab, LiveServer
+from tests.conftest import Lab
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The starter manifest (embedded model, production filters) behind a live gateway, on SQLite."""
-    from airlock.db import Database
-
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('smol') / 'airlock.db'}")
-    db.migrate()
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(yaml.safe_load(starter_manifest())))
-        _row, admin_token = create_admin_token(session, "test-admin")
-    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
-        yield Lab(db, server, admin_token)
-    db.dispose()
+def smol_lab(starter_lab: Lab) -> Lab:
+    """The shared SmolLM2 lab (starter manifest: production filters and helpful-only)."""
+    return starter_lab
 
 
 @pytest.fixture(scope="module")

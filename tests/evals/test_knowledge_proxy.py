@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from airlock.backends.protocol import (
     AssistantMessage,
@@ -24,7 +23,7 @@ from airlock.backends.protocol import (
 )
 from airlock.evals.suites import knowledge_proxy as kp
 from airlock.evals.suites import suite_dataset_hash, suite_task
-from tests.conftest import Lab, LiveServer
+from tests.conftest import Lab
 from tests.fakes import EchoBackend
 
 ROWS = kp.load_rows()
@@ -285,23 +284,9 @@ def test_logprob_scoring_needs_the_logprobs_scope(lab: Lab, tmp_path: Path, monk
 
 
 @pytest.fixture(scope="module")
-def smol_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The starter manifest (embedded SmolLM2, production filters) behind a live gateway, on SQLite."""
-    from airlock.access.service import create_admin_token
-    from airlock.cli import starter_manifest
-    from airlock.config import get_settings
-    from airlock.db import Database
-    from airlock.gateway.app import create_app
-    from airlock.registry.service import parse_manifest, sync_manifest
-
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('smol-kp') / 'airlock.db'}")
-    db.migrate()
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(yaml.safe_load(starter_manifest())))
-        _row, admin_token = create_admin_token(session, "test-admin")
-    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
-        yield Lab(db, server, admin_token)
-    db.dispose()
+def smol_lab(starter_lab: Lab) -> Lab:
+    """The shared SmolLM2 lab (starter manifest: production filters and helpful-only)."""
+    return starter_lab
 
 
 @pytest.mark.slow

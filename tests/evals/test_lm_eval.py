@@ -8,41 +8,15 @@ from typing import Any
 
 import pytest
 
-from airlock.access.service import create_admin_token
-from airlock.config import get_settings
-from airlock.gateway.app import create_app
-from airlock.registry.service import parse_manifest, sync_manifest
-from tests.conftest import Lab, LiveServer
+from tests.conftest import Lab, single_variant_manifest, sqlite_lab
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "lmeval"
 
 
 @pytest.fixture
 def tiny_lab(tmp_path: Path) -> Iterator[Lab]:
-    from airlock.db import Database
-
-    db = Database(f"sqlite:///{tmp_path / 'airlock.db'}")
-    db.migrate()
-    manifest = {
-        "models": [
-            {
-                "name": "tiny",
-                "versions": [
-                    {
-                        "label": "v1",
-                        "weights": "tiny-random",
-                        "variants": [{"name": "base", "backend": "local"}],
-                    }
-                ],
-            }
-        ]
-    }
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(manifest))
-        _row, admin = create_admin_token(session, "t")
-    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
-        yield Lab(db, server, admin)
-    db.dispose()
+    with sqlite_lab(tmp_path, single_variant_manifest("tiny", "tiny-random", variant="base")) as lab:
+        yield lab
 
 
 def test_lm_eval_loglikelihood_task(tiny_lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from airlock.backends.protocol import AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Usage
 from airlock.evals.suites import refusal_robustness as rr
 from airlock.evals.suites import suite_dataset_hash, suite_task
-from tests.conftest import Lab, LiveServer
+from tests.conftest import Lab
 from tests.fakes import EchoBackend
 
 REQUESTS = rr.load_requests()
@@ -326,23 +325,9 @@ def test_model_grader_run_through_gateway(lab: Lab, tmp_path: Path, monkeypatch:
 
 
 @pytest.fixture(scope="module")
-def smol_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The starter manifest (embedded SmolLM2, production filters) behind a live gateway, on SQLite."""
-    from airlock.access.service import create_admin_token
-    from airlock.cli import starter_manifest
-    from airlock.config import get_settings
-    from airlock.db import Database
-    from airlock.gateway.app import create_app
-    from airlock.registry.service import parse_manifest, sync_manifest
-
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('smol-rr') / 'airlock.db'}")
-    db.migrate()
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(yaml.safe_load(starter_manifest())))
-        _row, admin_token = create_admin_token(session, "test-admin")
-    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
-        yield Lab(db, server, admin_token)
-    db.dispose()
+def smol_lab(starter_lab: Lab) -> Lab:
+    """The shared SmolLM2 lab (starter manifest: production filters and helpful-only)."""
+    return starter_lab
 
 
 @pytest.mark.slow

@@ -8,12 +8,8 @@ from typing import Any
 
 import pytest
 
-from airlock.access.service import create_admin_token
-from airlock.config import get_settings
 from airlock.evals.suites import SUITE_MODULES, suite_dataset_hash, suite_task
-from airlock.gateway.app import create_app
-from airlock.registry.service import parse_manifest, sync_manifest
-from tests.conftest import Lab, LiveServer
+from tests.conftest import Lab, single_variant_manifest, sqlite_lab
 
 SUITE_ARGS: dict[str, dict[str, Any]] = {
     "knowledge_proxy": {"scoring": "logprobs"},
@@ -23,35 +19,17 @@ SUITE_ARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _lab(tmp: Path, weights: str) -> Iterator[Lab]:
-    from airlock.db import Database
-
-    db = Database(f"sqlite:///{tmp / 'airlock.db'}")
-    db.migrate()
-    manifest = {
-        "models": [
-            {
-                "name": "target",
-                "versions": [{"label": "v1", "weights": weights, "variants": [{"name": "helpful-only"}]}],
-            }
-        ]
-    }
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(manifest))
-        _row, admin = create_admin_token(session, "t")
-    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
-        yield Lab(db, server, admin)
-    db.dispose()
-
-
 @pytest.fixture(scope="module")
 def tiny_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from _lab(tmp_path_factory.mktemp("tiny"), "tiny-random")
+    with sqlite_lab(tmp_path_factory.mktemp("tiny"), single_variant_manifest("target", "tiny-random")) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")
 def smol_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    yield from _lab(tmp_path_factory.mktemp("smol"), "embedded:smollm2-135m")
+    manifest = single_variant_manifest("target", "embedded:smollm2-135m")
+    with sqlite_lab(tmp_path_factory.mktemp("smol"), manifest) as lab:
+        yield lab
 
 
 def run_suite(lab: Lab, suite: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int) -> Any:

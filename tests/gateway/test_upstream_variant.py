@@ -9,11 +9,7 @@ from typing import Any
 import openai
 import pytest
 
-from airlock.access.service import create_admin_token
-from airlock.config import get_settings
-from airlock.gateway.app import create_app
-from airlock.registry.service import parse_manifest, sync_manifest
-from tests.conftest import KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab, LiveServer
+from tests.conftest import KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab, running_lab
 
 
 @pytest.fixture
@@ -60,11 +56,8 @@ def upstream_lab(db: Any, upstream: str, monkeypatch: pytest.MonkeyPatch) -> Any
             }
         ]
     }
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(manifest))
-        _row, admin_token = create_admin_token(session, "test-admin")
-    with LiveServer(create_app(get_settings(), db=db, sync_manifest=False)) as server:
-        yield Lab(db, server, admin_token)
+    with running_lab(db, manifest) as lab:
+        yield lab
 
 
 def test_upstream_variant_through_gateway(upstream_lab: Lab, upstream: str) -> None:
