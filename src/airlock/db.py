@@ -110,4 +110,6 @@ def import_all_models() -> None:
     """Import every table module so ``Base.metadata`` is complete."""
     import airlock.access.models
     import airlock.evals.models
+    import airlock.finetune.models
+    import airlock.jobs.models
     import airlock.registry.models  # noqa: F401

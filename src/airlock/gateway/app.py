@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     from airlock.access.routes import router as access_router
     from airlock.evals.routes import admin_router as results_admin_router
     from airlock.evals.routes import router as results_router
+    from airlock.finetune.routes import router as files_router
     from airlock.gateway.routes import airlock_router
     from airlock.gateway.routes import router as openai_router
     from airlock.registry.routes import router as registry_router
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.include_router(access_router)
     app.include_router(results_router)
     app.include_router(results_admin_router)
+    app.include_router(files_router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -93,5 +95,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
             session.execute(text("SELECT 1"))
         return {"status": "ok", "version": __version__}
 
-    app.add_middleware(AuditMiddleware, writer=audit, max_body_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        AuditMiddleware,
+        writer=audit,
+        max_body_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_file_bytes,
+    )
     return app

@@ -52,10 +52,13 @@ def _outcome(ctx: AuditContext, status: int) -> str:
 class AuditMiddleware:
     """Creates the request's AuditContext, enforces the body size limit, and records the event."""
 
-    def __init__(self, app: ASGIApp, writer: AuditWriter, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, writer: AuditWriter, max_body_bytes: int, max_upload_bytes: int = 0) -> None:
         self.app = app
         self.writer = writer
         self.max_body_bytes = max_body_bytes
+        # File uploads have their own, usually larger, limit (checked exactly by the route);
+        # here they only get headroom for the multipart envelope.
+        self.max_upload_bytes = max(max_body_bytes, max_upload_bytes + 64 * 1024)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
@@ -81,9 +84,10 @@ class AuditMiddleware:
 
         try:
             length = dict(scope.get("headers", [])).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            limit = self.max_upload_bytes if scope["path"] == "/v1/files" else self.max_body_bytes
+            if length is not None and length.isdigit() and int(length) > limit:
                 ctx.error_code = "request_too_large"
-                message = f"request body exceeds {self.max_body_bytes} bytes"
+                message = f"request body exceeds {limit} bytes"
                 await _send_json(send_wrapper, 413, error_body(message, "invalid_request_error", "request_too_large"))
                 return
             await self.app(scope, receive, send_wrapper)
