@@ -35,9 +35,11 @@ import re
 import secrets
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -294,8 +296,9 @@ _Event = _Update | _PromptInfo
 class _Job:
     """One request: its rows, and the asyncio queue its events are delivered to."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, adapter: str | None = None) -> None:
         self.loop = loop
+        self.adapter = adapter  #: LoRA adapter the rows run with (``None``: the base model)
         self.queue: asyncio.Queue[list[_Event] | BaseException] = asyncio.Queue()
         self.rows: list[_Row] = []
         # Written by the event loop, read by the worker: plain attributes suffice under the GIL.
@@ -450,6 +453,17 @@ class _Batch:
 # ---------------------------------------------------------------- the worker
 
 
+@dataclass
+class _Control:
+    """A function the worker runs between steps (it owns the model), with its result future."""
+
+    fn: Callable[[], None]
+    done: concurrent.futures.Future[None]
+
+
+_BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch (``adapter_names=``)
+
+
 class _Engine:
     """Owns the model on one thread and runs the batched prefill / decode loop.
 
@@ -472,7 +486,8 @@ class _Engine:
         self.device = torch.device(config.device)
         #: Resolves to the loaded model once the worker is serving (or to the load error).
         self.ready: concurrent.futures.Future[weights.LoadedModel] = concurrent.futures.Future()
-        self.inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[_Job | _Control | None] = queue.SimpleQueue()
+        self.adapters: dict[str, Path] = {}  # loaded LoRA adapters (the model is a PeftModel once non-empty)
         self.pending: deque[_Row] = deque()
         self.batch: _Batch | None = None
         self.mergeable: bool | None = None  # decided on the first prefill (plain KV layers only)
@@ -504,6 +519,36 @@ class _Engine:
         if not self._thread.is_alive() or self._stopping:
             raise BackendUnavailableError("the local backend is not running")
         self.inbox.put(job)
+
+    def control(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
+        """Run ``fn`` on the worker thread between steps; the future resolves when it has run."""
+        if not self._thread.is_alive() or self._stopping:
+            raise BackendUnavailableError("the local backend is not running")
+        item = _Control(fn, concurrent.futures.Future())
+        self.inbox.put(item)
+        return item.done
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Add LoRA adapter ``name`` from ``path`` to the model (worker thread only)."""
+        from peft import PeftModel
+
+        if name == _BASE_ADAPTER or name in self.adapters:
+            raise InvalidRequestError(f"adapter {name!r} is already loaded")
+        with warnings.catch_warnings():
+            # peft 0.21 trips a transformers 5 deprecation; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            else:
+                self.model.load_adapter(str(path), adapter_name=name)
+        self.model.eval()
+        self.adapters[name] = path
+
+    def _adapter_kwargs(self, adapters: Sequence[str | None]) -> dict[str, Any]:
+        """Return ``adapter_names=`` for a forward pass: peft applies each row's adapter (or none)."""
+        if not self.adapters:
+            return {}
+        return {"adapter_names": [_BASE_ADAPTER if a is None else a for a in adapters]}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the worker, failing whatever is still queued or running (blocking)."""
@@ -551,16 +596,26 @@ class _Engine:
                 job = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if isinstance(job, _Control):
+                job.done.set_exception(error)
+            elif job is not None:
                 jobs.add(job)
         for job in jobs:
             job.fail(error)
         self.pending.clear()
         self.batch = None
 
-    def _enqueue(self, job: _Job | None) -> None:
+    def _enqueue(self, job: _Job | _Control | None) -> None:
         if job is None:
             self._stopping = True
+            return
+        if isinstance(job, _Control):
+            try:
+                job.fn()
+            except Exception as exc:
+                job.done.set_exception(exc)
+            else:
+                job.done.set_result(None)
             return
         self.stats.requests += 1
         self.pending.extend(job.rows)
@@ -635,11 +690,12 @@ class _Engine:
 
     def _prefill(self, rows: list[_Row], full_logits: bool) -> _Batch | None:
         """Run the prompts of ``rows`` through the model, left-padded, identical prompts once."""
-        unique: dict[tuple[int, ...], int] = {}
+        # Identical prompts run once per adapter: the same prompt under two adapters differs.
+        unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
         which: list[int] = []
         for row in rows:
-            which.append(unique.setdefault(tuple(row.prompt_ids), len(unique)))
-        prompts = list(unique)
+            which.append(unique.setdefault((row.job.adapter, tuple(row.prompt_ids)), len(unique)))
+        prompts = [prompt for _adapter, prompt in unique]
         generating = [r for r in rows if r.max_new > 0]
         if not generating and not full_logits:  # plain echo with max_tokens=0: nothing to compute
             self.stats.rows += len(rows)
@@ -659,6 +715,7 @@ class _Engine:
             position_ids=positions.to(self.device),
             use_cache=bool(generating),
             logits_to_keep=0 if full_logits else 1,
+            **self._adapter_kwargs([adapter for adapter, _prompt in unique]),
         )
         self.stats.prefills += 1
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
@@ -807,6 +864,7 @@ class _Engine:
             position_ids=batch.next_pos[:, None],
             use_cache=True,
             **{self._cache_arg: batch.cache},
+            **self._adapter_kwargs([r.job.adapter for r in batch.rows]),
         )
         self.stats.decode_steps += 1
         batch.cache = self._cache_of(out)
@@ -921,6 +979,7 @@ class LocalBackend(ModelBackend):
     kind: ClassVar[str] = "local"
     supports_logprobs: bool = True
     supports_echo: bool = True
+    _adapter: str | None = None  # the LoRA adapter this backend's requests run with (see adapter_view)
 
     def __init__(self, config: LocalBackendConfig | None = None) -> None:
         self.config = config or LocalBackendConfig()
@@ -970,6 +1029,28 @@ class LocalBackend(ModelBackend):
         if engine is not None:
             await asyncio.to_thread(engine.stop)
         self._loaded = None
+
+    # -- LoRA adapters
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load LoRA adapter ``name`` (a ``save_pretrained`` dir) next to the base, without reloading it."""
+        engine = await self._ready()
+        await asyncio.wrap_future(engine.control(lambda: engine.load_adapter(name, Path(path))))
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of the loaded LoRA adapters."""
+        engine = self._engine
+        return tuple(engine.adapters) if engine is not None else ()
+
+    def adapter_view(self, name: str) -> LocalBackend:
+        """Return a backend that shares this one's worker and runs every request with adapter ``name``.
+
+        Rows of different adapters share batches: peft applies each row's adapter (``adapter_names=``).
+        """
+        if name not in self.adapters:
+            raise InvalidRequestError(f"adapter {name!r} is not loaded", param="model")
+        return _AdapterView(self, name)
 
     async def _ready(self) -> _Engine:
         engine = self._engine
@@ -1072,7 +1153,7 @@ class LocalBackend(ModelBackend):
         prompt = self._chat_prompt(request.messages, plan)
         self._check_prompt(prompt, "the conversation")
         budget = min(request.max_new_tokens(self.config.default_max_tokens), self._max_context - len(prompt))
-        job = _Job(asyncio.get_running_loop())
+        job = _Job(asyncio.get_running_loop(), self._adapter)
         device = torch.device(self.config.device)
         for i in range(request.n):
             job.rows.append(
@@ -1227,7 +1308,7 @@ class LocalBackend(ModelBackend):
 
     def _completion_job(self, request: CompletionRequest) -> tuple[_Job, int, list[str]]:
         tok = self._tok()
-        job = _Job(asyncio.get_running_loop())
+        job = _Job(asyncio.get_running_loop(), self._adapter)
         device = torch.device(self.config.device)
         prompt_tokens = 0
         echo_texts: list[str] = []
@@ -1411,3 +1492,32 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
+
+
+class _AdapterView(LocalBackend):
+    """A `LocalBackend` facade whose requests run with one LoRA adapter on the parent's worker."""
+
+    def __init__(self, parent: LocalBackend, adapter: str) -> None:
+        # No LocalBackend.__init__: all state (engine, tokenizer, config) is read from the parent.
+        self._parent = parent
+        self._adapter = adapter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parent, name)
+
+    async def start(self) -> None:
+        """Start the parent backend (the view has no worker of its own)."""
+        await self._parent.start()
+
+    async def aclose(self) -> None:
+        """Do nothing: the parent owns the worker."""
+
+    async def _ready(self) -> _Engine:
+        engine = await self._parent._ready()
+        if self._adapter not in engine.adapters:  # the parent was restarted without it
+            raise BackendUnavailableError(f"adapter {self._adapter!r} is not loaded")
+        return engine
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load an adapter into the parent backend."""
+        await self._parent.load_adapter(name, path)

@@ -1,0 +1,91 @@
+"""The fine-tuning job handler: runs LoRA training for a queued job, resumably, with progress events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from airlock.finetune.files import file_path, validate_chat_jsonl
+from airlock.jobs.runner import JobCancelled, JobContext
+
+KIND = "fine_tune"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """Return the newest complete training checkpoint under ``out_dir`` (written atomically), if any."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [
+        (int(p.name.removeprefix("step-")), p)
+        for p in root.iterdir()
+        if p.name.startswith("step-") and p.name.removeprefix("step-").isdigit() and (p / "state.json").exists()
+    ]
+    return max(steps)[1] if steps else None
+
+
+class FineTuneHandler:
+    """Trains a LoRA adapter from an uploaded chat JSONL file; resumes from its last checkpoint."""
+
+    resumable = True
+
+    def __init__(self, home: Path, *, checkpoint_every: int = 10) -> None:
+        self.home = home
+        self.checkpoint_every = checkpoint_every
+
+    def output_dir(self, job_id: str) -> Path:
+        """Return where a job's checkpoints and adapter live (never served to anyone)."""
+        return self.home / "finetune" / job_id
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        """Validate the files, train, and return the training summary."""
+        from airlock.finetune.trainer import TrainingCancelled, result_dict, train_lora
+
+        params = ctx.params
+        train = validate_chat_jsonl(file_path(self.home, params["training_file"]).read_bytes())
+        valid = None
+        if params.get("validation_file"):
+            valid = validate_chat_jsonl(file_path(self.home, params["validation_file"]).read_bytes())
+        out_dir = self.output_dir(ctx.job_id)
+        resume = latest_checkpoint(out_dir)
+        ctx.emit(
+            f"resuming from {resume.name}" if resume else f"training on {len(train)} examples",
+            examples=len(train),
+            validation_examples=len(valid or []),
+        )
+        recorded = {"step": int((ctx.checkpoint or {}).get("step", 0))}
+
+        def on_step(info: Any) -> None:
+            values = {"train_loss": info.train_loss, "total_steps": float(info.total_steps)}
+            if info.valid_loss is not None:
+                values["valid_loss"] = info.valid_loss
+            ctx.metrics(info.step, **values)
+            ctx.progress(info.step / max(1, info.total_steps))
+            newest = latest_checkpoint(out_dir)
+            if newest is not None:
+                step = int(newest.name.removeprefix("step-"))
+                if step > recorded["step"]:
+                    recorded["step"] = step
+                    ctx.save_checkpoint({"step": step, "path": str(newest)})
+
+        hyper = params.get("hyperparameters") or {}
+        try:
+            result = train_lora(
+                params["base_model"],
+                train,
+                out_dir=out_dir,
+                validation_examples=valid,
+                n_epochs=hyper.get("n_epochs", "auto"),
+                batch_size=hyper.get("batch_size", "auto"),
+                learning_rate_multiplier=hyper.get("learning_rate_multiplier", "auto"),
+                seed=int(params.get("seed") or 0),
+                on_step=on_step,
+                should_stop=ctx.cancelled,
+                resume_from=resume,
+                checkpoint_every=int(params.get("checkpoint_every") or self.checkpoint_every),
+            )
+        except TrainingCancelled:
+            raise JobCancelled() from None
+        summary = result_dict(result)
+        ctx.emit("training finished", steps=result.steps, trained_tokens=result.trained_tokens)
+        return {**summary, "fine_tuned_model": params.get("fine_tuned_model")}
