@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     audit_flush_interval_s: float = Field(default=0.05, description="Max delay before audit events hit the DB.")
     audit_batch_size: int = Field(default=200, description="Audit events written per transaction at most.")
     max_request_bytes: int = Field(default=4 * 1024 * 1024, description="Largest accepted request body.")
+    run_jobs: bool = Field(default=True, description="Run the job worker (fine-tuning) inside the gateway.")
     max_file_bytes: int = Field(default=10 * 1024 * 1024, description="Largest fine-tuning file upload.")
 
     @property

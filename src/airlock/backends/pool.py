@@ -7,9 +7,11 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from airlock.backends.base import ModelBackend, create_backend
+from airlock.errors import ConfigError
 from airlock.registry.service import ResolvedVariant
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,28 @@ class BackendPool:
             inner = await self.backend(spec)
             pipeline = build_pipeline(inner, spec.mitigations)
             self._pipelines[key] = pipeline
+        return pipeline
+
+    async def adapter_pipeline(self, spec: VariantRuntimeSpec, name: str, path: Path) -> ModelBackend:
+        """Return the variant's pipeline over its local backend running LoRA adapter ``name``.
+
+        The adapter is loaded into the shared base model once; the base is never reloaded.
+        """
+        key = spec.pipeline_key() + ":" + name
+        pipeline = self._pipelines.get(key)
+        if pipeline is not None:
+            return pipeline
+        from airlock.backends.local import LocalBackend
+        from airlock.backends.mitigations import build_pipeline
+
+        backend = await self.backend(spec)
+        if not isinstance(backend, LocalBackend):
+            raise ConfigError(f"variant {spec.variant_id} is not served by a local backend; adapters need one")
+        async with self._lock:
+            if name not in backend.adapters:
+                await backend.load_adapter(name, path)
+        pipeline = build_pipeline(backend.adapter_view(name), spec.mitigations)
+        self._pipelines[key] = pipeline
         return pipeline
 
     async def aclose(self) -> None:

@@ -11,8 +11,22 @@ from fastapi.responses import Response
 from airlock.access.service import check_window
 from airlock.errors import InvalidRequestError, PermissionDeniedError
 from airlock.finetune import files as service
-from airlock.finetune.schemas import FileDeleted, FileList, FileObject
+from airlock.finetune import service as ft_service
+from airlock.finetune.jobs import KIND
+from airlock.finetune.schemas import (
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
 from airlock.gateway.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep
+from airlock.jobs import service as jobs_service
 
 router = APIRouter(prefix="/v1", tags=["evaluator: files"])
 
@@ -128,3 +142,120 @@ def delete_file(
     session.commit()
     service.discard_bytes(state.settings.home_dir, file_id)
     return FileDeleted(id=file_id, deleted=True)
+
+
+# ---------------------------------------------------------------- fine-tuning jobs
+
+
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob)
+def create_fine_tuning_job(
+    body: FineTuningJobCreate, state: StateDep, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> FineTuningJob:
+    """Queue LoRA fine-tuning of a granted variant on your uploaded file (needs the `finetune` scope)."""
+    audit.scope = "finetune"
+    audit.model = body.model
+    job = ft_service.create_job(session, state.registry, principal, body)
+    audit.detail["job_id"] = job.id
+    return ft_service.to_public(job)
+
+
+@router.get("/fine_tuning/jobs", response_model=FineTuningJobList)
+def list_fine_tuning_jobs(
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    audit: AuditDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> FineTuningJobList:
+    """List your grant's fine-tuning jobs, newest first (cursor paging with `after`)."""
+    audit.scope = "finetune"
+    rows, has_more = jobs_service.list_jobs(session, principal.evaluator_id, after=after, limit=limit, kind=KIND)
+    own = [r for r in rows if r.grant_id == principal.grant_id]
+    return FineTuningJobList(data=[ft_service.to_public(r) for r in own], has_more=has_more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
+def retrieve_fine_tuning_job(
+    job_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> FineTuningJob:
+    """Describe one of your fine-tuning jobs."""
+    audit.scope = "finetune"
+    audit.detail["job_id"] = job_id
+    return ft_service.to_public(ft_service.get_own_job(session, principal, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_fine_tuning_job(
+    job_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> FineTuningJob:
+    """Cancel a queued or running job (a running one stops within seconds)."""
+    audit.scope = "finetune"
+    audit.detail["job_id"] = job_id
+    ft_service.get_own_job(session, principal, job_id)
+    return ft_service.to_public(jobs_service.request_cancel(session, job_id))
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=FineTuningJobEventList)
+def fine_tuning_job_events(
+    job_id: str,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    audit: AuditDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> FineTuningJobEventList:
+    """Progress and metrics events of a job, newest first."""
+    audit.scope = "finetune"
+    ft_service.get_own_job(session, principal, job_id)
+    cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
+    events, has_more = jobs_service.list_events(session, job_id, after=cursor, limit=limit, newest_first=True)
+    return FineTuningJobEventList(
+        data=[
+            FineTuningJobEvent(
+                id=f"ftevent-{e.id}",
+                created_at=int(e.ts.timestamp()),
+                message=e.message,
+                data=e.data or None,
+                type="metrics" if e.type == "metrics" else "message",
+                level="error" if (e.data or {}).get("status") == "failed" else "info",
+            )
+            for e in events
+        ],
+        has_more=has_more,
+    )
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=FineTuningJobCheckpointList)
+def fine_tuning_job_checkpoints(
+    job_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> FineTuningJobCheckpointList:
+    """Training checkpoints with their losses (metrics only; no weights)."""
+    audit.scope = "finetune"
+    job = ft_service.get_own_job(session, principal, job_id)
+    entries = list((job.result or {}).get("checkpoints") or [])
+    model_id = job.params.get("fine_tuned_model", "")
+    data = [
+        FineTuningJobCheckpoint(
+            id=f"ftckpt-{job.id}-{c['step']}",
+            created_at=int((job.finished_at or job.created_at).timestamp()),
+            fine_tuned_model_checkpoint=f"{model_id}:ckpt-step-{c['step']}",
+            fine_tuning_job_id=job.id,
+            metrics={"train_loss": c.get("train_loss"), "valid_loss": c.get("valid_loss")},
+            step_number=int(c["step"]),
+        )
+        for c in reversed(entries)
+    ]
+    return FineTuningJobCheckpointList(
+        data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
+
+
+@router.get("/fine_tuning/jobs/{job_id}/{artifact}", include_in_schema=False)
+def adapter_export_forbidden(job_id: str, artifact: str, principal: CurrentPrincipal, audit: AuditDep) -> None:
+    """Refuse every attempt to fetch adapter or checkpoint weights; the attempt is audited."""
+    audit.scope = "finetune"
+    audit.detail.update({"job_id": job_id, "artifact": artifact[:100], "attempt": "weights_export"})
+    raise PermissionDeniedError(
+        "fine-tuned weights never leave the lab; sample the fine-tuned model through the API instead",
+        code="weights_export_forbidden",
+    )

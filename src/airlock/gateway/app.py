@@ -55,9 +55,18 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(bootstrap, settings, db, sync=sync_manifest)
         audit.start()
+        runner = None
+        if settings.run_jobs:
+            from airlock.finetune.jobs import KIND, FineTuneHandler
+            from airlock.jobs.runner import JobRunner
+
+            runner = JobRunner(db, {KIND: FineTuneHandler(settings.home_dir)})
+            runner.start()
         try:
             yield
         finally:
+            if runner is not None:
+                await run_in_threadpool(runner.stop)
             await state.pool.aclose()
             audit.close()
 

@@ -32,8 +32,13 @@ async def list_models(state: StateDep, principal: CurrentPrincipal) -> ModelList
     """List the model ids this key may sample (nothing else is revealed)."""
 
     def _ids() -> list[str]:
+        from airlock.finetune.service import succeeded_jobs
+
         with state.db.session() as session:
-            return granted_model_ids(session, principal)
+            ids = granted_model_ids(session, principal)
+            if ids:  # fine-tuned models are listed only to keys of the grant that trained them
+                ids += [j.params["fine_tuned_model"] for j in succeeded_jobs(session, principal.grant_id)]
+            return ids
 
     ids = await run_in_threadpool(_ids)
     return ModelList(data=[ModelCard(id=i, owned_by=principal.grant.model_id) for i in ids])

@@ -23,10 +23,12 @@ from airlock.backends.protocol import (
     CompletionRequest,
     Usage,
 )
-from airlock.errors import AirlockError, InvalidRequestError
+from airlock.errors import AirlockError, InvalidRequestError, NotFoundError
+from airlock.finetune.service import FT_PREFIX, parse_fine_tuned_id
+from airlock.finetune.service import get_own_job as ft_get_own_job
 from airlock.gateway.deps import GatewayState
 from airlock.gateway.middleware import AuditContext
-from airlock.registry.service import parse_model_id
+from airlock.registry.service import ResolvedVariant, parse_model_id
 
 
 @dataclass
@@ -44,8 +46,10 @@ async def prepare(
     request: ChatCompletionRequest | CompletionRequest,
 ) -> Target:
     """Authorize the request against the grant, enforce quotas and return its pipeline."""
-    ref = parse_model_id(request.model)
     audit.model = request.model
+    if request.model.startswith(FT_PREFIX):
+        return await _prepare_fine_tuned(state, principal, audit, request)
+    ref = parse_model_id(request.model)
     audit.variant = ref.variant
     scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
     audit.scope = ",".join(scopes)
@@ -64,6 +68,39 @@ async def prepare(
         raise InvalidRequestError(f"variant {ref.variant!r} cannot return log-probabilities", param="logprobs")
     if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
         raise InvalidRequestError(f"variant {ref.variant!r} does not support echo", param="echo")
+    return Target(public_id=request.model, backend=backend)
+
+
+async def _prepare_fine_tuned(
+    state: GatewayState,
+    principal: Principal,
+    audit: AuditContext,
+    request: ChatCompletionRequest | CompletionRequest,
+) -> Target:
+    """Authorize a fine-tuned model: only keys of the grant that trained it may sample it."""
+    from airlock.finetune.jobs import FineTuneHandler
+
+    ft = parse_fine_tuned_id(request.model)
+    audit.variant = ft.base.variant
+    scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
+    audit.scope = ",".join(scopes)
+
+    def _lookup() -> ResolvedVariant:
+        with state.db.session() as session:
+            job = ft_get_own_job(session, principal, ft.job_id)
+            if job.status != "succeeded" or job.params.get("fine_tuned_model") != request.model:
+                raise NotFoundError(f"model {request.model!r} does not exist", code="model_not_found")
+        return state.registry.get(state.db.sessions, ft.base)
+
+    resolved = await run_in_threadpool(_lookup)
+    audit.version_id = resolved.version_id
+    audit.detail["fine_tuning_job"] = ft.job_id
+    authorize(principal, resolved, scopes)
+    check_token_quota(principal.grant)
+    if principal.grant.quota_requests_per_minute:
+        state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
+    adapter = FineTuneHandler(state.settings.home_dir).output_dir(ft.job_id) / "adapter"
+    backend = await state.pool.adapter_pipeline(VariantRuntimeSpec.of(resolved), ft.job_id, adapter)
     return Target(public_id=request.model, backend=backend)
 
 

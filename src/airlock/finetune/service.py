@@ -1,0 +1,138 @@
+"""Fine-tuning jobs: create (checked against the grant), describe, list, cancel; fine-tuned model ids."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from airlock.access.service import Principal, authorize, check_window
+from airlock.errors import InvalidRequestError, NotFoundError
+from airlock.finetune.files import get_file
+from airlock.finetune.jobs import KIND
+from airlock.finetune.schemas import FineTuningJob, FineTuningJobCreate, JobError
+from airlock.jobs import service as jobs
+from airlock.jobs.models import Job
+from airlock.registry.service import ModelRef, RegistryCache, parse_model_id, resolve_variant
+
+FT_PREFIX = "ft:"
+_SLUG = re.compile(r"[^a-z0-9-]+")
+
+
+def _slug(text: str) -> str:
+    return _SLUG.sub("-", text.lower()).strip("-")[:40] or "org"
+
+
+def fine_tuned_model_id(base: str, evaluator: str, suffix: str | None, job_id: str) -> str:
+    """Return ``ft:{model}/{variant}:{evaluator}:{suffix}:{job-id}``."""
+    return f"{FT_PREFIX}{base}:{_slug(evaluator)}:{suffix or ''}:{job_id}"
+
+
+@dataclass(frozen=True)
+class FineTunedRef:
+    """A parsed fine-tuned model id."""
+
+    base: ModelRef
+    job_id: str
+
+
+def parse_fine_tuned_id(model_id: str) -> FineTunedRef:
+    """Parse ``ft:{model}/{variant}:{evaluator}:{suffix}:{job-id}`` (400 when malformed)."""
+    parts = model_id.removeprefix(FT_PREFIX).split(":")
+    if len(parts) != 4 or not parts[3]:
+        raise InvalidRequestError(f"fine-tuned model id {model_id!r} is malformed", param="model")
+    return FineTunedRef(base=parse_model_id(parts[0]), job_id=parts[3])
+
+
+def create_job(session: Session, registry: RegistryCache, principal: Principal, body: FineTuningJobCreate) -> Job:
+    """Queue a fine-tuning job on a granted local variant, from the organisation's own files."""
+    if body.method is not None and body.method.type != "supervised":
+        raise InvalidRequestError("only method.type=supervised is supported", param="method")
+    ref = parse_model_id(body.model)
+    check_window(principal.grant)
+    target = resolve_variant(session, ref)
+    authorize(principal, target, ["finetune"])
+    if target.backend != "local" or "model" not in target.backend_config:
+        raise InvalidRequestError(f"variant {body.model!r} is not served from local weights; it cannot be fine-tuned")
+    for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
+        if file_id is not None:
+            try:
+                get_file(session, file_id, principal.evaluator_id)
+            except NotFoundError:
+                raise InvalidRequestError(f"file {file_id!r} does not exist", param=param) from None
+    hyper = (body.hyperparameters.model_dump() if body.hyperparameters else {}) | {}
+    from airlock.finetune.trainer import resolve_hyperparameters
+
+    try:  # reject impossible values now, not after the job has queued
+        resolve_hyperparameters(
+            10,
+            hyper.get("n_epochs", "auto"),
+            hyper.get("batch_size", "auto"),
+            hyper.get("learning_rate_multiplier", "auto"),
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="hyperparameters") from None
+    job = jobs.enqueue(
+        session,
+        KIND,
+        evaluator_id=principal.evaluator_id,
+        grant_id=principal.grant_id,
+        params={},
+        id_prefix="ftjob",
+    )
+    base = f"{target.model_name}/{target.variant_name}"
+    job.params = {
+        "model": base,
+        "version_id": target.version_id,
+        "base_model": target.backend_config["model"],
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "hyperparameters": hyper,
+        "seed": body.seed if body.seed is not None else 0,
+        "suffix": body.suffix,
+        "fine_tuned_model": fine_tuned_model_id(base, principal.evaluator_name, body.suffix, job.id),
+    }
+    session.flush()
+    return job
+
+
+def get_own_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """Return a fine-tuning job of the caller's grant (404 for anyone else's: existence is not revealed)."""
+    job = session.get(Job, job_id)
+    if job is None or job.kind != KIND or job.grant_id != principal.grant_id:
+        raise NotFoundError(f"fine-tuning job {job_id!r} does not exist", code="job_not_found")
+    return job
+
+
+def succeeded_jobs(session: Session, grant_id: str) -> list[Job]:
+    """Return the grant's succeeded fine-tuning jobs (their models can be sampled)."""
+    stmt = select(Job).where(Job.kind == KIND, Job.grant_id == grant_id, Job.status == "succeeded")
+    return list(session.scalars(stmt.order_by(Job.created_at)))
+
+
+def to_public(job: Job) -> FineTuningJob:
+    """Render a job in OpenAI's shape."""
+    params: dict[str, Any] = job.params
+    result: dict[str, Any] = job.result or {}
+    error = JobError(code=job.error.get("code", "error"), message=job.error.get("message", "")) if job.error else None
+    hyper = result.get("hyperparameters") or params.get("hyperparameters") or {}
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        finished_at=int(job.finished_at.timestamp()) if job.finished_at else None,
+        model=params.get("model", ""),
+        fine_tuned_model=params.get("fine_tuned_model") if job.status == "succeeded" else None,
+        organization_id=job.evaluator_id or "",
+        status=job.status,
+        hyperparameters={k: hyper.get(k, "auto") for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+        training_file=params.get("training_file", ""),
+        validation_file=params.get("validation_file"),
+        trained_tokens=result.get("trained_tokens"),
+        error=error,
+        seed=int(params.get("seed") or 0),
+        suffix=params.get("suffix"),
+        user_provided_suffix=params.get("suffix"),
+    )

@@ -1,0 +1,118 @@
+"""The fine-tuning API through the official openai SDK: lifecycle, isolation, no weights export."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Lab, single_variant_manifest, sqlite_lab
+
+EXAMPLES = [
+    {"messages": [{"role": "user", "content": f"What is the code {i}?"}, {"role": "assistant", "content": "ZEBRA"}]}
+    for i in range(8)
+]
+
+
+@pytest.fixture
+def ft_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    with sqlite_lab(tmp_path_factory.mktemp("ft"), single_variant_manifest("tiny", "tiny-random")) as lab:
+        yield lab
+
+
+def client(lab: Lab, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=lab.url + "/v1", api_key=key, max_retries=0)
+
+
+def upload(c: openai.OpenAI) -> str:
+    data = "\n".join(json.dumps(e) for e in EXAMPLES).encode()
+    return c.files.create(file=("train.jsonl", io.BytesIO(data)), purpose="fine-tune").id
+
+
+def wait(c: openai.OpenAI, job_id: str, timeout: float = 120) -> openai.types.fine_tuning.FineTuningJob:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(job_id)
+
+
+def test_lifecycle_isolation_and_no_weights(ft_lab: Lab) -> None:
+    _ga, key_a = ft_lab.grant("org-a", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    _gb, key_b = ft_lab.grant("org-b", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    a, b = client(ft_lab, key_a), client(ft_lab, key_b)
+    file_id = upload(a)
+    job = a.fine_tuning.jobs.create(
+        model="tiny/helpful-only",
+        training_file=file_id,
+        hyperparameters={"n_epochs": 2, "batch_size": 2},
+        suffix="zebra",
+        seed=1,
+    )
+    assert job.status in ("queued", "running") and job.fine_tuned_model is None
+    done = wait(a, job.id)
+    assert done.status == "succeeded", done.error
+    ft_model = done.fine_tuned_model
+    assert ft_model == f"ft:tiny/helpful-only:org-a:zebra:{job.id}"
+    assert done.trained_tokens and done.hyperparameters.n_epochs == 2
+
+    events = a.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert sum(e.type == "metrics" for e in events) == 8  # 8 examples / batch 2 x 2 epochs
+    assert [j.id for j in a.fine_tuning.jobs.list().data] == [job.id]
+
+    assert ft_model in [m.id for m in a.models.list()]
+    assert ft_model not in [m.id for m in b.models.list()]
+    reply = a.chat.completions.create(model=ft_model, messages=[{"role": "user", "content": "code?"}], max_tokens=4)
+    assert reply.model == ft_model and reply.choices[0].message.content is not None
+
+    # Another organisation can neither see, sample nor cancel it: it does not exist for them.
+    with pytest.raises(openai.NotFoundError):
+        b.chat.completions.create(model=ft_model, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        b.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        b.fine_tuning.jobs.cancel(job.id)
+    assert b.fine_tuning.jobs.list().data == []
+
+    # The weights never leave: any export attempt is a 403, and it is audited.
+    resp = httpx.get(f"{ft_lab.url}/v1/fine_tuning/jobs/{job.id}/adapter", headers={"Authorization": f"Bearer {key_a}"})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "weights_export_forbidden"
+    row = [r for r in ft_lab.audit_rows() if r.path.endswith("/adapter")][-1]
+    assert row.status_code == 403 and row.detail["attempt"] == "weights_export" and row.actor == "org-a"
+
+
+def test_create_errors(ft_lab: Lab) -> None:
+    _g, sample_only = ft_lab.grant("org-c", model="tiny", variants=["helpful-only"], scopes=["sample"])
+    _g, key = ft_lab.grant("org-d", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    c = client(ft_lab, key)
+    file_id = upload(c)
+    with pytest.raises(openai.BadRequestError):
+        c.fine_tuning.jobs.create(model="tiny/helpful-only", training_file="file-nope")
+    with pytest.raises(openai.BadRequestError):
+        c.fine_tuning.jobs.create(model="tiny/helpful-only", training_file=file_id, hyperparameters={"n_epochs": 500})
+    with pytest.raises(openai.NotFoundError):
+        c.fine_tuning.jobs.create(model="tiny/nope", training_file=file_id)
+    with pytest.raises(openai.PermissionDeniedError):
+        client(ft_lab, sample_only).fine_tuning.jobs.create(model="tiny/helpful-only", training_file=file_id)
+
+
+def test_cancel_running_job(ft_lab: Lab) -> None:
+    _g, key = ft_lab.grant("org-e", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    c = client(ft_lab, key)
+    job = c.fine_tuning.jobs.create(
+        model="tiny/helpful-only",
+        training_file=upload(c),
+        hyperparameters={"n_epochs": 50, "batch_size": 1},
+    )
+    deadline = time.monotonic() + 60
+    while c.fine_tuning.jobs.retrieve(job.id).status == "queued" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    c.fine_tuning.jobs.cancel(job.id)
+    assert wait(c, job.id, timeout=30).status == "cancelled"
