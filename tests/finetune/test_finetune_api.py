@@ -71,6 +71,8 @@ def test_lifecycle_isolation_and_no_weights(ft_lab: Lab) -> None:
     assert ft_model not in [m.id for m in b.models.list()]
     reply = a.chat.completions.create(model=ft_model, messages=[{"role": "user", "content": "code?"}], max_tokens=4)
     assert reply.model == ft_model and reply.choices[0].message.content is not None
+    info = httpx.get(f"{ft_lab.url}/v1/airlock/models/{ft_model}", headers={"Authorization": f"Bearer {key_a}"})
+    assert info.json()["fine_tuning_job"] == job.id and info.json()["variant"] == "helpful-only"
 
     # Another organisation can neither see, sample nor cancel it: it does not exist for them.
     with pytest.raises(openai.NotFoundError):

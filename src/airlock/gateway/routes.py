@@ -19,6 +19,9 @@ from airlock.backends.protocol import (
     ModelCard,
     ModelList,
 )
+from airlock.errors import NotFoundError
+from airlock.finetune.service import FT_PREFIX, parse_fine_tuned_id
+from airlock.finetune.service import get_own_job as ft_get_own_job
 from airlock.gateway import serving
 from airlock.gateway.deps import AuditDep, CurrentPrincipal, StateDep
 from airlock.registry.models import Model, ModelVersion
@@ -113,6 +116,7 @@ class VariantInfo(BaseModel):
     variant: str
     grant_id: str
     mitigations: list[MitigationInfo]
+    fine_tuning_job: str | None = None
 
 
 @airlock_router.get("/grant", response_model=GrantInfo)
@@ -139,8 +143,25 @@ async def my_grant(state: StateDep, principal: CurrentPrincipal) -> GrantInfo:
 
 @airlock_router.get("/models/{model_id:path}", response_model=VariantInfo)
 async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincipal, audit: AuditDep) -> VariantInfo:
-    """Describe a granted variant: version hash, stage and mitigation stances (for eval logs)."""
-    ref = parse_model_id(model_id)
+    """Describe a granted variant: version hash, stage and mitigation stances (for eval logs).
+
+    A fine-tuned model (``ft:...``) of the caller's grant is described by its base variant, with
+    the job that trained it.
+    """
+    job_id = None
+    if model_id.startswith(FT_PREFIX):
+        ft = parse_fine_tuned_id(model_id)
+
+        def _own_job() -> None:
+            with state.db.session() as session:
+                job = ft_get_own_job(session, principal, ft.job_id)
+                if job.status != "succeeded" or job.params.get("fine_tuned_model") != model_id:
+                    raise NotFoundError(f"model {model_id!r} does not exist", code="model_not_found")
+
+        await run_in_threadpool(_own_job)
+        ref, job_id = ft.base, ft.job_id
+    else:
+        ref = parse_model_id(model_id)
     audit.model, audit.variant = model_id, ref.variant
     resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
     authorize(principal, resolved, [])
@@ -161,4 +182,5 @@ async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincip
         variant=resolved.variant_name,
         grant_id=principal.grant_id,
         mitigations=[MitigationInfo(name=m["name"], kind=m["kind"], stance=m["stance"]) for m in resolved.mitigations],
+        fine_tuning_job=job_id,
     )
