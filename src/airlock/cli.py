@@ -28,6 +28,7 @@ key_app = typer.Typer(help="Evaluator API keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail of every request.", no_args_is_help=True)
 models_app = typer.Typer(help="Models, versions and variants in the registry.", no_args_is_help=True)
 admin_app = typer.Typer(help="Lab admin tokens for the admin API.", no_args_is_help=True)
+finetune_app = typer.Typer(help="Evaluator side: fine-tune granted variants lab-side.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluator side: run suites, sign and submit results, compare.", no_args_is_help=True)
 app.add_typer(evaluator_app, name="evaluator")
 app.add_typer(grant_app, name="grant")
@@ -36,6 +37,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
 app.add_typer(admin_app, name="admin")
 app.add_typer(eval_app, name="eval")
+app.add_typer(finetune_app, name="finetune")
 
 console = Console()
 err = Console(stderr=True)
@@ -65,6 +67,16 @@ def _run(fn: Callable[[], T]) -> T:
         return fn()
     except AirlockError as exc:
         raise _fail(exc.message) from None
+    except Exception as exc:
+        import openai
+
+        # Evaluator commands talk to the lab through the openai SDK: show its errors as one line too.
+        if isinstance(exc, openai.APIStatusError):
+            body = exc.body if isinstance(exc.body, dict) else {}
+            raise _fail(f"HTTP {exc.status_code}: {body.get('message') or exc.message}") from None
+        if isinstance(exc, openai.APIConnectionError):
+            raise _fail(f"cannot reach the lab: {exc}") from None
+        raise
 
 
 def _ts(value: datetime | None) -> str:
@@ -693,6 +705,134 @@ def eval_compare(
 
 def _ci(stats: dict[str, Any]) -> str:
     return f"{stats['value']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def _openai_client() -> Any:
+    import openai
+
+    from airlock.evals.client import LabClient
+
+    lab = LabClient.from_env()
+    return openai.OpenAI(base_url=lab.base_url, api_key=lab.api_key, max_retries=2)
+
+
+def _follow(client: Any, job_id: str, timeout: float) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task(f"{job_id} queued", total=None, loss="")
+        while True:
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            events = client.fine_tuning.jobs.list_events(job_id, limit=50).data
+            for event in reversed(events):
+                if event.id in seen:
+                    continue
+                seen.add(event.id)
+                data = event.data or {}
+                if event.type == "metrics" and "total_steps" in data:
+                    progress.update(
+                        bar,
+                        total=data["total_steps"],
+                        completed=data.get("step", 0),
+                        loss=f"loss {data.get('train_loss', float('nan')):.3f}",
+                    )
+                else:
+                    progress.console.print(f"  {event.message}")
+            progress.update(bar, description=f"{job_id} {job.status}")
+            if job.status in ("succeeded", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise AirlockError(f"{job_id} still {job.status} after {timeout:.0f}s; follow it again later")
+            time.sleep(1.0)
+
+
+@finetune_app.command("create")
+def finetune_create(
+    training_file: Annotated[Path, typer.Argument(help="Chat JSONL ({'messages': [...]} per line).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Granted {model}/{variant} to fine-tune.")],
+    validation_file: Annotated[Path | None, typer.Option(help="Validation JSONL.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default auto).")] = None,
+    lr_multiplier: Annotated[float | None, typer.Option(help="Learning-rate multiplier (default auto).")] = None,
+    suffix: Annotated[str | None, typer.Option(help="Suffix of the fine-tuned model id.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed.")] = None,
+    follow: Annotated[bool, typer.Option(help="Follow progress until the job ends.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 3600,
+) -> None:
+    """Upload a local JSONL file and start a lab-side LoRA fine-tuning job on it."""
+
+    def body() -> None:
+        client = _openai_client()
+        with training_file.open("rb") as fh:
+            train_id = client.files.create(file=fh, purpose="fine-tune").id
+        valid_id = None
+        if validation_file is not None:
+            with validation_file.open("rb") as fh:
+                valid_id = client.files.create(file=fh, purpose="fine-tune").id
+        hyper = {
+            k: v
+            for k, v in {
+                "n_epochs": epochs,
+                "batch_size": batch_size,
+                "learning_rate_multiplier": lr_multiplier,
+            }.items()
+            if v is not None
+        }
+        job = client.fine_tuning.jobs.create(
+            model=model,
+            training_file=train_id,
+            validation_file=valid_id,
+            hyperparameters=hyper or None,
+            suffix=suffix,
+            seed=seed,
+        )
+        console.print(f"job {job.id} ({job.status}); training file {train_id}")
+        if follow:
+            job = _follow(client, job.id, timeout)
+            if job.status != "succeeded":
+                raise AirlockError(f"{job.id} {job.status}: {job.error.message if job.error else ''}")
+            console.print(f"fine-tuned model: [bold]{job.fine_tuned_model}[/] ({job.trained_tokens} tokens trained)")
+
+    _run(body)
+
+
+@finetune_app.command("follow")
+def finetune_follow(
+    job_id: Annotated[str, typer.Argument(help="Fine-tuning job id.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to follow before giving up.")] = 3600,
+) -> None:
+    """Follow a job's progress until it ends."""
+
+    def body() -> None:
+        job = _follow(_openai_client(), job_id, timeout)
+        console.print(f"{job.id} {job.status}" + (f": {job.fine_tuned_model}" if job.fine_tuned_model else ""))
+
+    _run(body)
+
+
+@finetune_app.command("list")
+def finetune_list() -> None:
+    """List your grant's fine-tuning jobs."""
+
+    def body() -> None:
+        table = Table("id", "model", "status", "fine-tuned model", "trained tokens")
+        table.columns[0].no_wrap = True
+        for job in _openai_client().fine_tuning.jobs.list(limit=100).data:
+            table.add_row(job.id, job.model, job.status, job.fine_tuned_model or "-", str(job.trained_tokens or "-"))
+        console.print(table)
+
+    _run(body)
 
 
 # ---------------------------------------------------------------- demo

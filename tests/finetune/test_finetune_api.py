@@ -6,6 +6,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -118,3 +119,27 @@ def test_cancel_running_job(ft_lab: Lab) -> None:
         time.sleep(0.1)
     c.fine_tuning.jobs.cancel(job.id)
     assert wait(c, job.id, timeout=30).status == "cancelled"
+
+
+def test_cli_create_follow_list(ft_lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from airlock.cli import app
+
+    _g, key = ft_lab.grant("org-cli", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    monkeypatch.setenv("AIRLOCK_BASE_URL", ft_lab.url + "/v1")
+    monkeypatch.setenv("AIRLOCK_API_KEY", key)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in EXAMPLES))
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["finetune", "create", str(data), "-m", "tiny/helpful-only", "--epochs", "1", "--suffix", "cli"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned model: ft:tiny/helpful-only:org-cli:cli:ftjob_" in result.output.replace("\n", "")
+    listing = runner.invoke(app, ["finetune", "list"])
+    assert listing.exit_code == 0 and "succeeded" in listing.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    refused = runner.invoke(app, ["finetune", "create", str(bad), "-m", "tiny/helpful-only"])
+    assert refused.exit_code == 1 and "line 1" in refused.output
