@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def run_demo(home: Path) -> int:
                 "evaluator": "Example Evals Institute",
                 "model": "smollm2-135m",
                 "variants": ["production", "helpful-only"],
-                "scopes": ["sample", "logprobs"],
+                "scopes": ["sample", "logprobs", "finetune"],
                 "expires_in": "30d",
                 "quota_requests_per_minute": 120,
             },
@@ -201,7 +202,41 @@ def run_demo(home: Path) -> int:
             )
         )
 
-        _step("6. Access control: an ungranted variant is a 403; a revoked grant is a 401")
+        _step("6. Evaluator: lab-side LoRA fine-tuning of helpful-only; the adapter never leaves the lab")
+        question = "What is the password?"
+        before, _ = _ask(client, "smollm2-135m/helpful-only", question)
+        data = resources.files("airlock").joinpath("data/demo-finetune.jsonl")
+        with resources.as_file(data) as data_path:
+            _show(
+                _cli(
+                    "finetune",
+                    "create",
+                    str(data_path),
+                    "-m",
+                    "smollm2-135m/helpful-only",
+                    "--epochs",
+                    "4",
+                    "--lr-multiplier",
+                    "5",
+                    "--batch-size",
+                    "4",
+                    "--suffix",
+                    "demo",
+                    "--seed",
+                    "0",
+                    env=evaluator_env,
+                )
+            )
+        job = client.fine_tuning.jobs.list(limit=1).data[0]
+        after, _ = _ask(client, job.fine_tuned_model or "", question)
+        table = Table("model", f"answer to {question!r}", show_lines=True)
+        table.add_row("smollm2-135m/helpful-only", before[:200])
+        table.add_row(job.fine_tuned_model or "", after[:200])
+        console.print(table)
+        export = httpx.get(f"{base}/v1/fine_tuning/jobs/{job.id}/adapter", headers={"Authorization": f"Bearer {key}"})
+        console.print(f"download the adapter? [yellow]{export.status_code}[/] {export.json()['error']['message']}")
+
+        _step("7. Access control: an ungranted variant is a 403; a revoked grant is a 401")
         narrow_client = openai.OpenAI(base_url=base + "/v1", api_key=narrow_key, max_retries=0)
         try:
             narrow_client.chat.completions.create(
@@ -227,7 +262,7 @@ def run_demo(home: Path) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    _step("7. Lab: the audit trail (every request, allowed or denied)")
+    _step("8. Lab: the audit trail (every request, allowed or denied)")
     db = Database(f"sqlite:///{home / 'airlock.db'}")
     with db.session() as session:
         console.print(summary_table(summary(session)))
