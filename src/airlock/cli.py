@@ -318,6 +318,9 @@ def grant_create(
     versions: Annotated[str | None, typer.Option(help="Comma-separated version labels.")] = None,
     rpm: Annotated[int | None, typer.Option(help="Quota: requests per minute.")] = None,
     tokens: Annotated[int | None, typer.Option(help="Quota: total tokens.")] = None,
+    ft_jobs: Annotated[int | None, typer.Option(help="Quota: fine-tuning jobs.")] = None,
+    trained_tokens: Annotated[int | None, typer.Option(help="Quota: tokens trained on, all jobs.")] = None,
+    file_bytes: Annotated[int | None, typer.Option(help="Quota: bytes of training files held.")] = None,
     notes: Annotated[str, typer.Option(help="Free-text notes.")] = "",
 ) -> None:
     """Issue a grant; prints its id."""
@@ -340,6 +343,9 @@ def grant_create(
                     not_after=not_after,
                     quota_requests_per_minute=rpm,
                     quota_total_tokens=tokens,
+                    quota_finetune_jobs=ft_jobs,
+                    quota_trained_tokens=trained_tokens,
+                    quota_file_bytes=file_bytes,
                     notes=notes,
                     created_by="cli",
                 ),

@@ -143,3 +143,24 @@ def test_cli_create_follow_list(ft_lab: Lab, tmp_path: Path, monkeypatch: pytest
     bad.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
     refused = runner.invoke(app, ["finetune", "create", str(bad), "-m", "tiny/helpful-only"])
     assert refused.exit_code == 1 and "line 1" in refused.output
+
+
+def test_fine_tuning_quotas(ft_lab: Lab) -> None:
+    _g, key = ft_lab.grant(
+        "org-q",
+        model="tiny",
+        variants=["helpful-only"],
+        scopes=["sample", "finetune"],
+        quota_finetune_jobs=1,
+        quota_file_bytes=1500,
+    )
+    c = client(ft_lab, key)
+    file_id = upload(c)  # ~800 bytes
+    with pytest.raises(openai.RateLimitError) as info:
+        upload(c)  # a second copy would pass 1500 bytes
+    assert "file bytes" in str(info.value)
+    job = c.fine_tuning.jobs.create(model="tiny/helpful-only", training_file=file_id, hyperparameters={"n_epochs": 1})
+    with pytest.raises(openai.RateLimitError) as info:
+        c.fine_tuning.jobs.create(model="tiny/helpful-only", training_file=file_id)
+    assert "fine-tuning jobs" in str(info.value)
+    assert wait(c, job.id).status == "succeeded"

@@ -49,6 +49,9 @@ class GrantCreate(_In):
     expires_in: str | None = Field(default=None, description="Alternative to not_after, e.g. `30d`.")
     quota_requests_per_minute: int | None = Field(default=None, gt=0)
     quota_total_tokens: int | None = Field(default=None, gt=0)
+    quota_finetune_jobs: int | None = Field(default=None, gt=0, description="Fine-tuning jobs the grant may start.")
+    quota_trained_tokens: int | None = Field(default=None, gt=0, description="Tokens all its jobs may train on.")
+    quota_file_bytes: int | None = Field(default=None, gt=0, description="Bytes of training files it may hold.")
     embargo_days: int | None = Field(default=None, ge=0, description="Publication embargo after deployment.")
     notes: str = ""
 
@@ -73,6 +76,9 @@ class GrantPublic(BaseModel):
     status: str
     quota_requests_per_minute: int | None
     quota_total_tokens: int | None
+    quota_finetune_jobs: int | None = None
+    quota_trained_tokens: int | None = None
+    quota_file_bytes: int | None = None
     tokens_used: int
     created_at: datetime
     revoked_at: datetime | None
@@ -93,6 +99,9 @@ class GrantPublic(BaseModel):
             status=grant_status(row),
             quota_requests_per_minute=row.quota_requests_per_minute,
             quota_total_tokens=row.quota_total_tokens,
+            quota_finetune_jobs=row.quota_finetune_jobs,
+            quota_trained_tokens=row.quota_trained_tokens,
+            quota_file_bytes=row.quota_file_bytes,
             tokens_used=row.tokens_used,
             created_at=row.created_at,
             revoked_at=row.revoked_at,

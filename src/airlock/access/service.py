@@ -92,6 +92,9 @@ class GrantRequest:
     not_after: datetime | None = None
     quota_requests_per_minute: int | None = None
     quota_total_tokens: int | None = None
+    quota_finetune_jobs: int | None = None
+    quota_trained_tokens: int | None = None
+    quota_file_bytes: int | None = None
     embargo_days: int | None = None
     notes: str = ""
     created_by: str = "admin"
@@ -124,7 +127,14 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
     not_before = req.not_before or utcnow()
     if req.not_after is not None and req.not_after <= not_before:
         raise InvalidRequestError("the grant would end before it starts (not_after <= not_before)")
-    for quota, label in ((req.quota_requests_per_minute, "requests/min"), (req.quota_total_tokens, "total tokens")):
+    quotas = (
+        (req.quota_requests_per_minute, "requests/min"),
+        (req.quota_total_tokens, "total tokens"),
+        (req.quota_finetune_jobs, "fine-tuning jobs"),
+        (req.quota_trained_tokens, "trained tokens"),
+        (req.quota_file_bytes, "file bytes"),
+    )
+    for quota, label in quotas:
         if quota is not None and quota <= 0:
             raise InvalidRequestError(f"quota {label} must be positive")
     grant = Grant(
@@ -137,6 +147,9 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         not_after=req.not_after,
         quota_requests_per_minute=req.quota_requests_per_minute,
         quota_total_tokens=req.quota_total_tokens,
+        quota_finetune_jobs=req.quota_finetune_jobs,
+        quota_trained_tokens=req.quota_trained_tokens,
+        quota_file_bytes=req.quota_file_bytes,
         embargo_days=req.embargo_days,
         notes=req.notes,
         created_by=req.created_by,

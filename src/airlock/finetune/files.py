@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from airlock.access.models import Grant
 from airlock.config import get_settings
 from airlock.db import utcnow
-from airlock.errors import InvalidRequestError, NotFoundError
+from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.models import TrainingFile
 
 PURPOSES = ("fine-tune",)
@@ -151,6 +152,16 @@ def create_file(
         raise InvalidRequestError(
             f"file is {len(data)} bytes, over the limit of {limit} bytes", code="file_too_large", param="file"
         )
+    quota = session.scalar(select(Grant.quota_file_bytes).where(Grant.id == grant_id))
+    if quota is not None:
+        held = session.scalar(
+            select(func.coalesce(func.sum(TrainingFile.bytes), 0)).where(TrainingFile.grant_id == grant_id)
+        )
+        if int(held or 0) + len(data) > quota:
+            raise RateLimitError(
+                f"this file would take your grant past its quota of {quota} file bytes ({held} held); delete some",
+                code="insufficient_quota",
+            )
     examples = validate_chat_jsonl(data)
     file_id = f"file-{secrets.token_hex(12)}"
     path = file_path(home, file_id)

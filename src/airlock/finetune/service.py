@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airlock.access.service import Principal, authorize, check_window
-from airlock.errors import InvalidRequestError, NotFoundError
+from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.files import get_file
 from airlock.finetune.jobs import KIND
 from airlock.finetune.schemas import FineTuningJob, FineTuningJobCreate, JobError
@@ -75,6 +75,7 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
         )
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="hyperparameters") from None
+    enforce_job_quotas(session, principal)
     job = jobs.enqueue(
         session,
         KIND,
@@ -97,6 +98,24 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
     }
     session.flush()
     return job
+
+
+def enforce_job_quotas(session: Session, principal: Principal) -> None:
+    """Refuse a new job (429) when the grant has used its fine-tuning job or trained-token quota."""
+    grant = principal.grant
+    if grant.quota_finetune_jobs is None and grant.quota_trained_tokens is None:
+        return
+    rows = list(session.scalars(select(Job).where(Job.kind == KIND, Job.grant_id == grant.id)))
+    if grant.quota_finetune_jobs is not None and len(rows) >= grant.quota_finetune_jobs:
+        raise RateLimitError(
+            f"your grant's quota of {grant.quota_finetune_jobs} fine-tuning jobs is used up", code="insufficient_quota"
+        )
+    trained = sum(int((r.result or {}).get("trained_tokens") or 0) for r in rows)
+    if grant.quota_trained_tokens is not None and trained >= grant.quota_trained_tokens:
+        raise RateLimitError(
+            f"your grant's quota of {grant.quota_trained_tokens} trained tokens is used up ({trained} used)",
+            code="insufficient_quota",
+        )
 
 
 def get_own_job(session: Session, principal: Principal, job_id: str) -> Job:
