@@ -67,6 +67,7 @@ def test_lifecycle_isolation_and_no_weights(ft_lab: Lab) -> None:
     events = a.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert sum(e.type == "metrics" for e in events) == 8  # 8 examples / batch 2 x 2 epochs
     assert [j.id for j in a.fine_tuning.jobs.list().data] == [job.id]
+    assert a.fine_tuning.jobs.checkpoints.list(job.id).data == []  # 8 steps: under the 10-step interval
 
     assert ft_model in [m.id for m in a.models.list()]
     assert ft_model not in [m.id for m in b.models.list()]
@@ -109,16 +110,20 @@ def test_create_errors(ft_lab: Lab) -> None:
 def test_cancel_running_job(ft_lab: Lab) -> None:
     _g, key = ft_lab.grant("org-e", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
     c = client(ft_lab, key)
+    file_id = upload(c)
     job = c.fine_tuning.jobs.create(
         model="tiny/helpful-only",
-        training_file=upload(c),
+        training_file=file_id,
         hyperparameters={"n_epochs": 50, "batch_size": 1},
     )
+    with pytest.raises(openai.ConflictError):  # an unfinished job still needs its file
+        c.files.delete(file_id)
     deadline = time.monotonic() + 60
     while c.fine_tuning.jobs.retrieve(job.id).status == "queued" and time.monotonic() < deadline:
         time.sleep(0.1)
     c.fine_tuning.jobs.cancel(job.id)
     assert wait(c, job.id, timeout=30).status == "cancelled"
+    assert c.files.delete(file_id).deleted
 
 
 def test_cli_create_follow_list(ft_lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,3 +169,15 @@ def test_fine_tuning_quotas(ft_lab: Lab) -> None:
         c.fine_tuning.jobs.create(model="tiny/helpful-only", training_file=file_id)
     assert "fine-tuning jobs" in str(info.value)
     assert wait(c, job.id).status == "succeeded"
+
+
+def test_checkpoints_are_listed_with_losses(ft_lab: Lab) -> None:
+    _g, key = ft_lab.grant("org-k", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    c = client(ft_lab, key)
+    job = c.fine_tuning.jobs.create(
+        model="tiny/helpful-only", training_file=upload(c), hyperparameters={"n_epochs": 6, "batch_size": 2}
+    )
+    assert wait(c, job.id).status == "succeeded"
+    checkpoints = c.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [cp.step_number for cp in checkpoints] == [20, 10]  # newest first; 24 steps, every 10
+    assert all(cp.metrics.train_loss is not None and cp.fine_tuning_job_id == job.id for cp in checkpoints)

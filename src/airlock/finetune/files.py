@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from airlock.access.models import Grant
 from airlock.config import get_settings
 from airlock.db import utcnow
-from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
+from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.models import TrainingFile
 
 PURPOSES = ("fine-tune",)
@@ -253,7 +253,16 @@ def read_content(session: Session, home: Path, file_id: str, evaluator_id: str) 
 
 def delete_file(session: Session, file_id: str, evaluator_id: str) -> str:
     """Delete the row (the caller removes the bytes with ``discard_bytes`` once committed)."""
+    from airlock.jobs.models import Job
+
     row = get_file(session, file_id, evaluator_id)
+    # A queued or running job reads the file when it starts or resumes: deleting it would fail the job.
+    active = session.scalars(
+        select(Job).where(Job.evaluator_id == evaluator_id, Job.status.in_(("queued", "running")))
+    ).all()
+    users = [j.id for j in active if file_id in (j.params.get("training_file"), j.params.get("validation_file"))]
+    if users:
+        raise ConflictError(f"file {file_id} is used by unfinished job(s) {users}; cancel them or wait")
     session.delete(row)
     session.flush()
     return file_id
