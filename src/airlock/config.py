@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     audit_batch_size: int = Field(default=200, description="Audit events written per transaction at most.")
     max_request_bytes: int = Field(default=4 * 1024 * 1024, description="Largest accepted request body.")
     run_jobs: bool = Field(default=True, description="Run the job worker (fine-tuning) inside the gateway.")
+    job_stale_after_s: float = Field(
+        default=30.0, gt=0, description="A running job whose heartbeat is older than this is recovered."
+    )
     max_file_bytes: int = Field(default=10 * 1024 * 1024, description="Largest fine-tuning file upload.")
 
     @property

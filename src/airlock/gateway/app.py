@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
             from airlock.finetune.jobs import KIND, FineTuneHandler
             from airlock.jobs.runner import JobRunner
 
-            runner = JobRunner(db, {KIND: FineTuneHandler(settings.home_dir)})
+            runner = JobRunner(db, {KIND: FineTuneHandler(settings.home_dir)}, stale_after=settings.job_stale_after_s)
             runner.start()
         try:
             yield
