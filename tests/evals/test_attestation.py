@@ -164,3 +164,28 @@ def test_signing_key_belongs_to_one_evaluator(lab: Lab, signer: dict[str, Any]) 
         headers={"Authorization": f"Bearer {other_key}"},
     )
     assert bad.status_code in (400, 201)  # 32 zero-ish bytes may or may not be a valid point; never a 500
+
+
+def test_attestation_records_fine_tuned_model_and_job(tmp_path: Path) -> None:
+    from airlock.evals.reporting import LogSummary, build_attestation
+
+    log = tmp_path / "run.eval"
+    log.write_bytes(b"log")
+    summary = LogSummary(
+        path=log,
+        task="knowledge_proxy",
+        model_id="ft:m1/helpful-only:org-a:probe:ftjob_0123",
+        status="success",
+        per_sample={("1", 1): 1.0, ("2", 1): 0.0},
+        reported={},
+        eval_metadata={},
+        elicitation={"epochs": 1},
+        dataset_hash="d" * 64,
+        suite="knowledge_proxy",
+        suite_version="1.0.0",
+    )
+    provenance = {"grant_id": "grant_x", "model": "m1", "version": "v1", "version_hash": "a" * 64}
+    att = build_attestation(summary, {**provenance, "variant": "helpful-only"}, evaluator="org-a")
+    assert att["elicitation"]["fine_tuned"] is True and att["elicitation"]["finetune_job"] == "ftjob_0123"
+    assert att["model_id"].startswith("ft:") and att["variant"] == "helpful-only"
+    assert att["metrics"]["mean_score"]["value"] == 0.5
