@@ -37,6 +37,22 @@ def _pg_reachable() -> bool:
 PG_AVAILABLE = _pg_reachable()
 
 
+def _bwrap_problem() -> str | None:
+    from airlock.sandbox import BwrapSandbox, SandboxError
+
+    try:
+        result = BwrapSandbox().run_sync(["true"])
+    except SandboxError as exc:
+        return exc.message
+    return None if result.ok else result.stderr_text
+
+
+BWRAP_PROBLEM = _bwrap_problem()
+if BWRAP_PROBLEM and os.environ.get("CI"):
+    raise RuntimeError(f"bubblewrap must work in CI: {BWRAP_PROBLEM}")
+needs_bwrap = pytest.mark.skipif(BWRAP_PROBLEM is not None, reason=f"bubblewrap cannot run here: {BWRAP_PROBLEM}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from tests.fakes import register_fake_backend
 

@@ -30,22 +30,12 @@ from airlock.sandbox import (
     remove_tree,
     safe_open_beneath,
 )
+from tests.conftest import needs_bwrap
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _usable() -> str | None:
-    try:
-        result = BwrapSandbox().run_sync(["true"])
-    except SandboxError as exc:
-        return exc.message
-    return None if result.ok else result.stderr_text
-
-
-_UNUSABLE = _usable()
-if _UNUSABLE and os.environ.get("CI"):
-    raise RuntimeError(f"bubblewrap must work in CI: {_UNUSABLE}")
-pytestmark = pytest.mark.skipif(_UNUSABLE is not None, reason=f"bubblewrap cannot run here: {_UNUSABLE}")
+pytestmark = needs_bwrap
 
 
 def sandbox(**limits: object) -> BwrapSandbox:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,22 +16,7 @@ from inspect_ai.tool import ToolChoice, ToolInfo
 from airlock.evals.sandbox import BwrapSandboxConfig, BwrapSandboxEnvironment
 from airlock.evals.suites import canonical_hash, suite_dataset_hash, suite_task
 from airlock.evals.suites.autonomy_lite import CHECK_COMMAND, SUITE_VERSION, autonomy_lite, dataset_hash, load_tasks
-from airlock.sandbox import BwrapSandbox, SandboxError
-from tests.conftest import Lab
-
-
-def _usable() -> str | None:
-    try:
-        result = BwrapSandbox().run_sync(["true"])
-    except SandboxError as exc:
-        return exc.message
-    return None if result.ok else result.stderr_text
-
-
-_UNUSABLE = _usable()
-if _UNUSABLE and os.environ.get("CI"):
-    raise RuntimeError(f"bubblewrap must work in CI: {_UNUSABLE}")
-needs_bwrap = pytest.mark.skipif(_UNUSABLE is not None, reason=f"bubblewrap cannot run here: {_UNUSABLE}")
+from tests.conftest import Lab, needs_bwrap
 
 TASKS = load_tasks()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -26,22 +25,7 @@ from airlock.evals.suites.cyber_ctf_lite import (
     flag_scorer,
     load_challenges,
 )
-from airlock.sandbox import BwrapSandbox, SandboxError
-from tests.conftest import Lab
-
-
-def _usable() -> str | None:
-    try:
-        result = BwrapSandbox().run_sync(["true"])
-    except SandboxError as exc:
-        return exc.message
-    return None if result.ok else result.stderr_text
-
-
-_UNUSABLE = _usable()
-if _UNUSABLE and os.environ.get("CI"):
-    raise RuntimeError(f"bubblewrap must work in CI: {_UNUSABLE}")
-needs_bwrap = pytest.mark.skipif(_UNUSABLE is not None, reason=f"bubblewrap cannot run here: {_UNUSABLE}")
+from tests.conftest import Lab, needs_bwrap
 
 CHALLENGES = load_challenges()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,21 +11,10 @@ import pytest
 from inspect_ai.util import OutputLimitExceededError, SandboxEnvironment, SandboxUserUnsupportedError
 
 from airlock.evals.sandbox import SANDBOX_NAME, BwrapSandboxConfig, BwrapSandboxEnvironment
-from airlock.sandbox import BwrapSandbox, ResourceLimits, SandboxError, remove_tree
+from airlock.sandbox import ResourceLimits, remove_tree
+from tests.conftest import needs_bwrap
 
-
-def _usable() -> str | None:
-    try:
-        result = BwrapSandbox().run_sync(["true"])
-    except SandboxError as exc:
-        return exc.message
-    return None if result.ok else result.stderr_text
-
-
-_UNUSABLE = _usable()
-if _UNUSABLE and os.environ.get("CI"):
-    raise RuntimeError(f"bubblewrap must work in CI: {_UNUSABLE}")
-pytestmark = pytest.mark.skipif(_UNUSABLE is not None, reason=f"bubblewrap cannot run here: {_UNUSABLE}")
+pytestmark = needs_bwrap
 
 CONFIG = BwrapSandboxConfig(limits=ResourceLimits(wall_timeout_s=20, output_bytes=256 * 1024))
 
