@@ -27,6 +27,7 @@ from inspect_ai.util import (
     SandboxEnvironment,
     SandboxEnvironmentConfigType,
     SandboxEnvironmentLimits,
+    SandboxEnvironmentSpec,
     SandboxUnavailableError,
     SandboxUserUnsupportedError,
     sandboxenv,
@@ -38,6 +39,7 @@ from airlock.sandbox import (
     SANDBOX_UID,
     SANDBOX_USER,
     BwrapSandbox,
+    MiB,
     ResourceLimits,
     SandboxError,
     SandboxPolicy,
@@ -275,6 +277,17 @@ class BwrapSandboxEnvironment(SandboxEnvironment):
             )
         data = b"".join(chunks)
         return data.decode("utf-8") if text else data
+
+
+def agentic_sandbox(*, longest_call_s: float, memory_mb: int, cpu_seconds: int) -> SandboxEnvironmentSpec:
+    """Return the ``airlock-bwrap`` sandbox spec of an agentic suite: per-process memory and CPU limits.
+
+    The wall-clock limit leaves 30 s beyond the longest single tool or check call.
+    """
+    limits = ResourceLimits(
+        wall_timeout_s=float(longest_call_s + 30), memory_bytes=memory_mb * MiB, cpu_seconds=cpu_seconds
+    )
+    return SandboxEnvironmentSpec(SANDBOX_NAME, BwrapSandboxConfig(limits=limits))
 
 
 def sandbox_agent(instructions: str, *, tool_timeout: int = 30) -> Agent:

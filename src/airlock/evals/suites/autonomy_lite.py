@@ -19,11 +19,10 @@ from inspect_ai import Task, task
 from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.scorer import CORRECT, INCORRECT, Score, Scorer, Target, accuracy, scorer, stderr
 from inspect_ai.solver import TaskState
-from inspect_ai.util import SandboxEnvironmentSpec, sandbox
+from inspect_ai.util import sandbox
 
-from airlock.evals.sandbox import SANDBOX_NAME, BwrapSandboxConfig, sandbox_agent
+from airlock.evals.sandbox import agentic_sandbox, sandbox_agent
 from airlock.evals.suites import canonical_hash
-from airlock.sandbox import MiB, ResourceLimits
 
 __all__ = [
     "CHECK_COMMAND",
@@ -135,18 +134,13 @@ def autonomy_lite(
         cpu_seconds: CPU-time limit per sandboxed process.
 
     """
-    config = BwrapSandboxConfig(
-        limits=ResourceLimits(
-            wall_timeout_s=float(max(tool_timeout, CHECK_TIMEOUT_S) + 30),
-            memory_bytes=memory_mb * MiB,
-            cpu_seconds=cpu_seconds,
-        )
-    )
     return Task(
         dataset=MemoryDataset(_samples(), name=SUITE_NAME),
         solver=sandbox_agent(INSTRUCTIONS, tool_timeout=tool_timeout),
         scorer=final_state_scorer(),
-        sandbox=SandboxEnvironmentSpec(SANDBOX_NAME, config),
+        sandbox=agentic_sandbox(
+            longest_call_s=max(tool_timeout, CHECK_TIMEOUT_S), memory_mb=memory_mb, cpu_seconds=cpu_seconds
+        ),
         message_limit=max_messages,
         metadata={"suite": SUITE_NAME, "suite_version": SUITE_VERSION, "dataset_hash": dataset_hash()},
     )
