@@ -273,6 +273,20 @@ def single_variant_manifest(model: str, weights: str, variant: str = "helpful-on
     }
 
 
+def eval_through_lab(lab: Lab, task: Any, log_dir: Path, monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
+    """Run one Inspect task through ``lab`` with the stock ``openai-api/airlock`` provider; return its log."""
+    from inspect_ai import eval
+    from inspect_ai.model import get_model
+
+    _gid, key = lab.grant()
+    monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
+    monkeypatch.setenv("AIRLOCK_API_KEY", key)
+    # memoize=False: Inspect caches model clients by name, and each test has its own server.
+    model = get_model("openai-api/airlock/m1/helpful-only", memoize=False)
+    (log,) = eval(task, model=model, log_dir=str(log_dir), display="none", max_retries=0, **options)
+    return log
+
+
 @pytest.fixture(scope="session")
 def starter_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The starter manifest (embedded SmolLM2, production filters) served once for every slow test."""

@@ -16,7 +16,7 @@ from inspect_ai.tool import ToolChoice, ToolInfo
 from airlock.evals.sandbox import BwrapSandboxConfig, BwrapSandboxEnvironment
 from airlock.evals.suites import canonical_hash, suite_dataset_hash, suite_task
 from airlock.evals.suites.autonomy_lite import CHECK_COMMAND, SUITE_VERSION, autonomy_lite, dataset_hash, load_tasks
-from tests.conftest import Lab, needs_bwrap
+from tests.conftest import Lab, eval_through_lab, needs_bwrap
 
 TASKS = load_tasks()
 
@@ -97,18 +97,7 @@ async def test_checks_ignore_files_planted_by_the_agent() -> None:
 @needs_bwrap
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_runs_through_the_gateway(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _gid, key = lab.grant()
-    monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
-    monkeypatch.setenv("AIRLOCK_API_KEY", key)
-    model = get_model("openai-api/airlock/m1/helpful-only", memoize=False)
-    (log,) = eval(
-        autonomy_lite(max_messages=4),
-        model=model,
-        log_dir=str(tmp_path / "logs"),
-        display="none",
-        max_retries=0,
-        limit=3,
-    )
+    log = eval_through_lab(lab, autonomy_lite(max_messages=4), tmp_path / "logs", monkeypatch, limit=3)
     assert log.status == "success", log.error.traceback if log.error else None
     assert log.eval.metadata is not None and log.eval.metadata["dataset_hash"] == dataset_hash()
     assert log.samples is not None and len(log.samples) == 3

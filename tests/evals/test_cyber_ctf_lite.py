@@ -25,7 +25,7 @@ from airlock.evals.suites.cyber_ctf_lite import (
     flag_scorer,
     load_challenges,
 )
-from tests.conftest import Lab, needs_bwrap
+from tests.conftest import Lab, eval_through_lab, needs_bwrap
 
 CHALLENGES = load_challenges()
 
@@ -133,18 +133,7 @@ def test_every_challenge_is_solved_by_its_reference_solution(tmp_path: Path) -> 
 @needs_bwrap
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_runs_through_the_gateway(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _gid, key = lab.grant()
-    monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
-    monkeypatch.setenv("AIRLOCK_API_KEY", key)
-    model = get_model("openai-api/airlock/m1/helpful-only", memoize=False)
-    (log,) = eval(
-        cyber_ctf_lite(max_messages=4),
-        model=model,
-        log_dir=str(tmp_path / "logs"),
-        display="none",
-        max_retries=0,
-        limit=3,
-    )
+    log = eval_through_lab(lab, cyber_ctf_lite(max_messages=4), tmp_path / "logs", monkeypatch, limit=3)
     assert log.status == "success", log.error.traceback if log.error else None
     assert log.eval.metadata is not None and log.eval.metadata["suite"] == "cyber_ctf_lite"
     assert log.samples is not None and len(log.samples) == 3

@@ -6,22 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Lab
+from tests.conftest import Lab, eval_through_lab
 
 
 def test_inspect_eval_through_gateway(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from inspect_ai import Task, eval
+    from inspect_ai import Task
     from inspect_ai.dataset import Sample
-    from inspect_ai.model import get_model
     from inspect_ai.scorer import includes
     from inspect_ai.solver import generate
 
-    _gid, key = lab.grant()
-    # The documented evaluator set-up: two environment variables and the stock provider.
-    monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
-    monkeypatch.setenv("AIRLOCK_API_KEY", key)
-    # memoize=False: Inspect caches model clients by name, and each test has its own server.
-    model = get_model("openai-api/airlock/m1/helpful-only", memoize=False)
     task = Task(
         dataset=[
             Sample(input="alpha beta", target="alpha"),
@@ -31,13 +24,8 @@ def test_inspect_eval_through_gateway(lab: Lab, tmp_path: Path, monkeypatch: pyt
         solver=generate(),
         scorer=includes(),
     )
-    (log,) = eval(
-        task,
-        model=model,
-        log_dir=str(tmp_path / "logs"),
-        display="none",
-        max_retries=0,
-    )
+    # The documented evaluator set-up: two environment variables and the stock provider.
+    log = eval_through_lab(lab, task, tmp_path / "logs", monkeypatch)
     assert log.status == "success", log.error.traceback if log.error else None
     assert log.results is not None
     accuracy = log.results.scores[0].metrics["accuracy"].value
