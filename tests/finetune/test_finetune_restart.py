@@ -20,6 +20,7 @@ import yaml
 
 from airlock.access import service
 from airlock.db import Database
+from airlock.finetune.jobs import latest_checkpoint
 from tests.conftest import single_variant_manifest
 
 EXAMPLES = [
@@ -81,11 +82,12 @@ def test_job_resumes_after_the_server_is_killed(home: Path) -> None:
         job = client.fine_tuning.jobs.create(
             model="tiny/helpful-only", training_file=file_id, hyperparameters={"n_epochs": 25, "batch_size": 1}
         )
-        checkpoints = home / "finetune" / job.id / "checkpoints"
+        out_dir = home / "finetune" / job.id
         deadline = time.monotonic() + 60
-        while not (checkpoints.is_dir() and any(checkpoints.iterdir())) and time.monotonic() < deadline:
+        # Only a complete checkpoint counts: a temporary directory still being written does not.
+        while latest_checkpoint(out_dir) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert checkpoints.is_dir(), "no checkpoint was written"
+        assert latest_checkpoint(out_dir) is not None, "no checkpoint was written"
     finally:
         proc.send_signal(signal.SIGKILL)  # no graceful shutdown: the job is left "running"
         proc.wait()
