@@ -6,20 +6,22 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from airlock.config import Settings, get_settings, reset_settings
+from airlock.cli_support import console, err, fmt_ts, open_database, openai_client, run_command
+from airlock.config import get_settings, reset_settings
 from airlock.db import Database
 from airlock.errors import AirlockError
+from airlock.governance import cli as governance_cli
+from airlock.interp import cli as interp_cli
+from airlock.ledger import cli as ledger_cli
+from airlock.publish import cli as publish_cli
 
 app = typer.Typer(help="Airlock: structured pre-deployment access for external evaluators.", no_args_is_help=True)
 evaluator_app = typer.Typer(help="Evaluator organisations.", no_args_is_help=True)
@@ -38,49 +40,12 @@ app.add_typer(models_app, name="models")
 app.add_typer(admin_app, name="admin")
 app.add_typer(eval_app, name="eval")
 app.add_typer(finetune_app, name="finetune")
+app.add_typer(interp_cli.app, name="interp")
+app.add_typer(governance_cli.app, name="gate")
+app.add_typer(ledger_cli.app, name="ledger")
+app.add_typer(publish_cli.app, name="report")
 
-console = Console()
-err = Console(stderr=True)
 T = TypeVar("T")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-@contextmanager
-def _database(migrate: bool = True) -> Iterator[tuple[Settings, Database]]:
-    settings = get_settings()
-    db = Database(settings.db_url)
-    try:
-        if migrate:
-            db.migrate()
-        yield settings, db
-    finally:
-        db.dispose()
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Run a command body, turning Airlock errors into one red line and exit code 1."""
-    try:
-        return fn()
-    except AirlockError as exc:
-        raise _fail(exc.message) from None
-    except Exception as exc:
-        import openai
-
-        # Evaluator commands talk to the lab through the openai SDK: show its errors as one line too.
-        if isinstance(exc, openai.APIStatusError):
-            body = exc.body if isinstance(exc.body, dict) else {}
-            raise _fail(f"HTTP {exc.status_code}: {body.get('message') or exc.message}") from None
-        if isinstance(exc, openai.APIConnectionError):
-            raise _fail(f"cannot reach the lab: {exc}") from None
-        raise
-
-
-def _ts(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
 
 
 # ---------------------------------------------------------------- setup
@@ -103,7 +68,7 @@ def init(
     from airlock.access.service import create_admin_token
 
     def body() -> None:
-        with _database() as (settings, db):
+        with open_database() as (settings, db):
             settings.home_dir.mkdir(parents=True, exist_ok=True)
             path = settings.manifest_path
             if path.exists() and not force:
@@ -123,7 +88,7 @@ def init(
                         console.print(f"admin token (saved to {token_file}, mode 600): [bold]{token}[/]")
             console.print("next: [bold]airlock serve[/]")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
@@ -142,8 +107,8 @@ def serve(
     settings = get_settings()
     db = Database(settings.db_url)
     # Sync before binding the port, so a bad manifest fails the start with a clear message.
-    _run(lambda: bootstrap(settings, db))
-    _run(lambda: prepare_local_weights(db))
+    run_command(lambda: bootstrap(settings, db))
+    run_command(lambda: prepare_local_weights(db))
     application = create_app(settings, db=db, sync_manifest=False)
     uvicorn.run(
         application,
@@ -184,7 +149,7 @@ def models_list() -> None:
     """List models, versions, variants and mitigation stances."""
     from airlock.registry.service import list_models
 
-    with _database() as (_settings, db), db.session() as session:
+    with open_database() as (_settings, db), db.session() as session:
         table = Table("model@version", "stage", "hash", "variant", "backend", "mitigations (stance)")
         for model in list_models(session):
             for version in model.versions:
@@ -209,7 +174,7 @@ def models_sync(
     from airlock.registry.service import load_manifest, sync_manifest
 
     def body() -> None:
-        with _database() as (settings, db):
+        with open_database() as (settings, db):
             parsed = load_manifest(manifest or settings.manifest_path)
             with db.session() as session:
                 report = sync_manifest(session, parsed, actor="cli")
@@ -219,7 +184,7 @@ def models_sync(
             console.print(f"[yellow]updated[/] {line}")
         console.print(f"{len(report.unchanged)} unchanged")
 
-    _run(body)
+    run_command(body)
 
 
 # ---------------------------------------------------------------- evaluators
@@ -234,11 +199,11 @@ def evaluator_add(
     from airlock.access.service import create_evaluator
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             evaluator = create_evaluator(session, name, contact)
             console.print(f"evaluator {evaluator.name} ({evaluator.id})")
 
-    _run(body)
+    run_command(body)
 
 
 @evaluator_app.command("list")
@@ -246,11 +211,11 @@ def evaluator_list() -> None:
     """List evaluator organisations."""
     from airlock.access.service import list_evaluators
 
-    with _database() as (_s, db), db.session() as session:
+    with open_database() as (_s, db), db.session() as session:
         table = Table("id", "name", "contact", "created")
         table.columns[0].no_wrap = True
         for e in list_evaluators(session):
-            table.add_row(e.id, e.name, e.contact, _ts(e.created_at))
+            table.add_row(e.id, e.name, e.contact, fmt_ts(e.created_at))
         console.print(table)
 
 
@@ -280,7 +245,7 @@ def evaluator_keygen(
             LabClient.from_env().register_key(public)
             console.print("registered with the lab")
 
-    _run(body)
+    run_command(body)
 
 
 @evaluator_app.command("add-signing-key")
@@ -293,11 +258,11 @@ def evaluator_add_signing_key(
     from airlock.evals.service import register_signing_key
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             row = register_signing_key(session, get_evaluator(session, name).id, public_key, registered_by="cli")
             console.print(f"registered {row.fingerprint[:16]}… for {name}")
 
-    _run(body)
+    run_command(body)
 
 
 # ---------------------------------------------------------------- grants
@@ -321,6 +286,9 @@ def grant_create(
     ft_jobs: Annotated[int | None, typer.Option(help="Quota: fine-tuning jobs.")] = None,
     trained_tokens: Annotated[int | None, typer.Option(help="Quota: tokens trained on, all jobs.")] = None,
     file_bytes: Annotated[int | None, typer.Option(help="Quota: bytes of training files held.")] = None,
+    interp_cpu_seconds: Annotated[float | None, typer.Option(help="Quota: interp sandbox CPU-seconds.")] = None,
+    result_bytes: Annotated[int | None, typer.Option(help="Quota: bytes of interp results.")] = None,
+    embargo_days: Annotated[int | None, typer.Option(help="Publication embargo, days after deployment.")] = None,
     notes: Annotated[str, typer.Option(help="Free-text notes.")] = "",
 ) -> None:
     """Issue a grant; prints its id."""
@@ -330,7 +298,7 @@ def grant_create(
     def body() -> None:
         start = not_before.replace(tzinfo=UTC) if not_before and not_before.tzinfo is None else not_before
         not_after = (start or utcnow()) + parse_duration(expires) if expires else None
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             grant = create_grant(
                 session,
                 GrantRequest(
@@ -346,13 +314,16 @@ def grant_create(
                     quota_finetune_jobs=ft_jobs,
                     quota_trained_tokens=trained_tokens,
                     quota_file_bytes=file_bytes,
+                    quota_interp_cpu_seconds=interp_cpu_seconds,
+                    quota_result_bytes=result_bytes,
+                    embargo_days=embargo_days,
                     notes=notes,
                     created_by="cli",
                 ),
             )
             print(grant.id)
 
-    _run(body)
+    run_command(body)
 
 
 @grant_app.command("list")
@@ -365,7 +336,7 @@ def grant_list(
     from airlock.access.service import list_grants
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             grants = [GrantPublic.of(g) for g in list_grants(session, evaluator=evaluator)]
         if as_json:
             print(json.dumps([g.model_dump(mode="json") for g in grants], indent=2))
@@ -379,12 +350,12 @@ def grant_list(
                 ",".join(g.variants),
                 ",".join(g.scopes),
                 g.status,
-                _ts(g.not_after),
+                fmt_ts(g.not_after),
                 str(g.tokens_used),
             )
         console.print(table)
 
-    _run(body)
+    run_command(body)
 
 
 @grant_app.command("revoke")
@@ -396,11 +367,11 @@ def grant_revoke(
     from airlock.access.service import revoke_grant
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             grant = revoke_grant(session, grant_id, reason)
-            console.print(f"revoked {grant.id} at {_ts(grant.revoked_at)}")
+            console.print(f"revoked {grant.id} at {fmt_ts(grant.revoked_at)}")
 
-    _run(body)
+    run_command(body)
 
 
 # ---------------------------------------------------------------- keys
@@ -415,11 +386,11 @@ def key_create(
     from airlock.access.service import create_api_key
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             _key, token = create_api_key(session, grant, name)
             print(token)
 
-    _run(body)
+    run_command(body)
 
 
 @key_app.command("revoke")
@@ -428,11 +399,11 @@ def key_revoke(key_id: Annotated[str, typer.Argument(help="Key id (key_...).")])
     from airlock.access.service import revoke_api_key
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             revoke_api_key(session, key_id)
             console.print(f"revoked {key_id}")
 
-    _run(body)
+    run_command(body)
 
 
 # ---------------------------------------------------------------- admin tokens
@@ -444,11 +415,11 @@ def admin_token(name: Annotated[str, typer.Argument(help="Who the token is for."
     from airlock.access.service import create_admin_token
 
     def body() -> None:
-        with _database() as (_s, db), db.session() as session:
+        with open_database() as (_s, db), db.session() as session:
             _row, token = create_admin_token(session, name)
             print(token)
 
-    _run(body)
+    run_command(body)
 
 
 # ---------------------------------------------------------------- audit
@@ -459,7 +430,7 @@ def _audit_table(events: list[Any]) -> Table:
     for e in events:
         table.add_row(
             str(e.id),
-            _ts(e.ts),
+            fmt_ts(e.ts),
             e.actor or e.actor_type,
             e.model or e.path,
             e.scope or "-",
@@ -483,7 +454,7 @@ def audit_tail(
     from airlock.access.audit import tail
     from airlock.access.schemas import AuditEventPublic
 
-    with _database() as (_s, db):
+    with open_database() as (_s, db):
         last = 0
         while True:
             with db.session() as session:
@@ -505,7 +476,7 @@ def audit_summary() -> None:
     """Show requests and tokens per evaluator, variant and outcome."""
     from airlock.access.audit import summary
 
-    with _database() as (_s, db), db.session() as session:
+    with open_database() as (_s, db), db.session() as session:
         console.print(summary_table(summary(session)))
 
 
@@ -594,7 +565,7 @@ def eval_run(
         if not success:
             raise AirlockError(f"some tasks did not finish; re-run the same command to resume (logs in {directory})")
 
-    _run(body)
+    run_command(body)
 
 
 @eval_app.command("submit")
@@ -632,7 +603,7 @@ def eval_submit(
         if failures:
             raise AirlockError(f"{failures} result(s) were not accepted")
 
-    _run(body)
+    run_command(body)
 
 
 @eval_app.command("results")
@@ -660,7 +631,7 @@ def eval_results(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
             )
         console.print(table)
 
-    _run(body)
+    run_command(body)
 
 
 @eval_app.command("compare")
@@ -706,7 +677,7 @@ def eval_compare(
         if not as_json:  # --json output must stay parseable
             console.print(f"plot: {written}")
 
-    _run(body)
+    run_command(body)
 
 
 def _ci(stats: dict[str, Any]) -> str:
@@ -714,15 +685,6 @@ def _ci(stats: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- fine-tuning
-
-
-def _openai_client() -> Any:
-    import openai
-
-    from airlock.evals.client import LabClient
-
-    lab = LabClient.from_env()
-    return openai.OpenAI(base_url=lab.base_url, api_key=lab.api_key, max_retries=2)
 
 
 def _follow(client: Any, job_id: str, timeout: float) -> Any:
@@ -779,7 +741,7 @@ def finetune_create(
     """Upload a local JSONL file and start a lab-side LoRA fine-tuning job on it."""
 
     def body() -> None:
-        client = _openai_client()
+        client = openai_client()
         with training_file.open("rb") as fh:
             train_id = client.files.create(file=fh, purpose="fine-tune").id
         valid_id = None
@@ -810,7 +772,7 @@ def finetune_create(
                 raise AirlockError(f"{job.id} {job.status}: {job.error.message if job.error else ''}")
             console.print(f"fine-tuned model: [bold]{job.fine_tuned_model}[/] ({job.trained_tokens} tokens trained)")
 
-    _run(body)
+    run_command(body)
 
 
 @finetune_app.command("follow")
@@ -821,10 +783,10 @@ def finetune_follow(
     """Follow a job's progress until it ends."""
 
     def body() -> None:
-        job = _follow(_openai_client(), job_id, timeout)
+        job = _follow(openai_client(), job_id, timeout)
         console.print(f"{job.id} {job.status}" + (f": {job.fine_tuned_model}" if job.fine_tuned_model else ""))
 
-    _run(body)
+    run_command(body)
 
 
 @finetune_app.command("list")
@@ -834,11 +796,11 @@ def finetune_list() -> None:
     def body() -> None:
         table = Table("id", "model", "status", "fine-tuned model", "trained tokens")
         table.columns[0].no_wrap = True
-        for job in _openai_client().fine_tuning.jobs.list(limit=100).data:
+        for job in openai_client().fine_tuning.jobs.list(limit=100).data:
             table.add_row(job.id, job.model, job.status, job.fine_tuned_model or "-", str(job.trained_tokens or "-"))
         console.print(table)
 
-    _run(body)
+    run_command(body)
 
 
 # ---------------------------------------------------------------- demo

@@ -111,5 +111,9 @@ def import_all_models() -> None:
     import airlock.access.models
     import airlock.evals.models
     import airlock.finetune.models
+    import airlock.governance.models
+    import airlock.interp.models
     import airlock.jobs.models
+    import airlock.ledger.models
+    import airlock.publish.models
     import airlock.registry.models  # noqa: F401

@@ -45,6 +45,8 @@ class Grant(Base):
     quota_finetune_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     quota_trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     quota_file_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    quota_interp_cpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quota_result_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     embargo_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     notes: Mapped[str] = mapped_column(Text, default="")
     created_by: Mapped[str] = mapped_column(String(100), default="")

@@ -64,6 +64,8 @@ def create_grant(body: GrantCreate, session: SessionDep, admin: AdminDep) -> Gra
             quota_finetune_jobs=body.quota_finetune_jobs,
             quota_trained_tokens=body.quota_trained_tokens,
             quota_file_bytes=body.quota_file_bytes,
+            quota_interp_cpu_seconds=body.quota_interp_cpu_seconds,
+            quota_result_bytes=body.quota_result_bytes,
             embargo_days=body.embargo_days,
             notes=body.notes,
             created_by=admin.name,

@@ -52,6 +52,10 @@ class GrantCreate(_In):
     quota_finetune_jobs: int | None = Field(default=None, gt=0, description="Fine-tuning jobs the grant may start.")
     quota_trained_tokens: int | None = Field(default=None, gt=0, description="Tokens all its jobs may train on.")
     quota_file_bytes: int | None = Field(default=None, gt=0, description="Bytes of training files it may hold.")
+    quota_interp_cpu_seconds: float | None = Field(
+        default=None, gt=0, description="Sandbox CPU-seconds for remote interpretability jobs."
+    )
+    quota_result_bytes: int | None = Field(default=None, gt=0, description="Bytes of interpretability results.")
     embargo_days: int | None = Field(default=None, ge=0, description="Publication embargo after deployment.")
     notes: str = ""
 
@@ -79,6 +83,8 @@ class GrantPublic(BaseModel):
     quota_finetune_jobs: int | None = None
     quota_trained_tokens: int | None = None
     quota_file_bytes: int | None = None
+    quota_interp_cpu_seconds: float | None = None
+    quota_result_bytes: int | None = None
     tokens_used: int
     created_at: datetime
     revoked_at: datetime | None
@@ -102,6 +108,8 @@ class GrantPublic(BaseModel):
             quota_finetune_jobs=row.quota_finetune_jobs,
             quota_trained_tokens=row.quota_trained_tokens,
             quota_file_bytes=row.quota_file_bytes,
+            quota_interp_cpu_seconds=row.quota_interp_cpu_seconds,
+            quota_result_bytes=row.quota_result_bytes,
             tokens_used=row.tokens_used,
             created_at=row.created_at,
             revoked_at=row.revoked_at,

@@ -95,6 +95,8 @@ class GrantRequest:
     quota_finetune_jobs: int | None = None
     quota_trained_tokens: int | None = None
     quota_file_bytes: int | None = None
+    quota_interp_cpu_seconds: float | None = None
+    quota_result_bytes: int | None = None
     embargo_days: int | None = None
     notes: str = ""
     created_by: str = "admin"
@@ -133,6 +135,8 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         (req.quota_finetune_jobs, "fine-tuning jobs"),
         (req.quota_trained_tokens, "trained tokens"),
         (req.quota_file_bytes, "file bytes"),
+        (req.quota_interp_cpu_seconds, "interp CPU seconds"),
+        (req.quota_result_bytes, "result bytes"),
     )
     for quota, label in quotas:
         if quota is not None and quota <= 0:
@@ -150,6 +154,8 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         quota_finetune_jobs=req.quota_finetune_jobs,
         quota_trained_tokens=req.quota_trained_tokens,
         quota_file_bytes=req.quota_file_bytes,
+        quota_interp_cpu_seconds=req.quota_interp_cpu_seconds,
+        quota_result_bytes=req.quota_result_bytes,
         embargo_days=req.embargo_days,
         notes=req.notes,
         created_by=req.created_by,

@@ -85,6 +85,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     from airlock.finetune.routes import router as files_router
     from airlock.gateway.routes import airlock_router
     from airlock.gateway.routes import router as openai_router
+    from airlock.governance.routes import router as governance_router
+    from airlock.interp.routes import router as interp_router
+    from airlock.ledger.routes import router as ledger_router
+    from airlock.publish.routes import router as publish_router
     from airlock.registry.routes import router as registry_router
 
     app.include_router(openai_router)
@@ -94,6 +98,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.include_router(results_router)
     app.include_router(results_admin_router)
     app.include_router(files_router)
+    app.include_router(interp_router)
+    app.include_router(governance_router)
+    app.include_router(ledger_router)
+    app.include_router(publish_router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""Governance: frontier-safety policy, safety case per mitigation, deployment gate, overrides."""

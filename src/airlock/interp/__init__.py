@@ -1,0 +1,1 @@
+"""Remote interpretability: evaluator code runs sandboxed against private weights; only results leave."""

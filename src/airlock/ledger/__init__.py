@@ -1,0 +1,1 @@
+"""Public transparency ledger: Merkle log, signed checkpoints, proofs, offline verifier."""

@@ -1,0 +1,1 @@
+"""Publication: evaluator reports, redaction commitments, embargo, public report pages."""
