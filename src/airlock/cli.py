@@ -410,13 +410,18 @@ def key_revoke(key_id: Annotated[str, typer.Argument(help="Key id (key_...).")])
 
 
 @admin_app.command("token")
-def admin_token(name: Annotated[str, typer.Argument(help="Who the token is for.")]) -> None:
+def admin_token(
+    name: Annotated[str, typer.Argument(help="Who the token is for.")],
+    role: Annotated[
+        str, typer.Option(help="Lab role: admin, reviewer (interp/report review) or decider (gate overrides).")
+    ] = "admin",
+) -> None:
     """Create a lab admin token for the admin API (printed once)."""
     from airlock.access.service import create_admin_token
 
     def body() -> None:
         with open_database() as (_s, db), db.session() as session:
-            _row, token = create_admin_token(session, name)
+            _row, token = create_admin_token(session, name, role)
             print(token)
 
     run_command(body)
