@@ -109,7 +109,9 @@ def get_admin(
 
 
 StateDep = Annotated[GatewayState, Depends(get_state)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# "function" scope: commit before the response is sent, so a client never sees a 2xx for a write that
+# has not landed (the default "request" scope would commit after the response).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 AuditDep = Annotated[AuditContext, Depends(get_audit)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[AdminPrincipal, Depends(get_admin)]

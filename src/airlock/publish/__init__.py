@@ -1,1 +1,9 @@
-"""Publication: evaluator reports, redaction commitments, embargo, public report pages."""
+"""Publication: evaluator reports, redaction commitments, embargo, public report pages.
+
+The public surface is what a third party needs to check a published report; the rest (tables,
+service, routes, CLI) is the platform's own.
+"""
+
+from airlock.publish.redaction import commit, placeholder, verify_commitment
+
+__all__ = ["commit", "placeholder", "verify_commitment"]

@@ -1,9 +1,310 @@
-"""`airlock` CLI commands of the publish package."""
+"""`airlock report ...`: evaluator drafting over HTTP, lab review on the database, offline checks."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from airlock.cli_support import console, fmt_ts, open_database, run_command
 
 app = typer.Typer(
     help="Publication: evaluator reports, redaction commitments, embargo, public report pages.", no_args_is_help=True
 )
+
+
+# ---------------------------------------------------------------- evaluator side (HTTP)
+
+
+def _call(method: str, path: str, **kwargs: Any) -> Any:
+    """Call the lab's evaluator API (AIRLOCK_BASE_URL / AIRLOCK_API_KEY); errors become AirlockErrors."""
+    import httpx
+
+    from airlock.errors import AirlockError, AuthenticationError
+    from airlock.evals.client import LabClient
+
+    lab = LabClient.from_env()
+    try:
+        resp = httpx.request(
+            method, lab.base_url + path, headers={"Authorization": f"Bearer {lab.api_key}"}, timeout=60, **kwargs
+        )
+    except httpx.HTTPError as exc:
+        raise AirlockError(f"cannot reach {lab.base_url}: {exc}") from None
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text[:300]
+        error = AuthenticationError if resp.status_code == 401 else AirlockError
+        raise error(f"HTTP {resp.status_code}: {message}")
+    return resp.json()
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    console.print(f"report {report['id']}  [bold]{report['status']}[/]  revision {report['revision']}")
+    console.print(f"  title: {report['title']}")
+    console.print(f"  model: {report['model']}@{report['version']}  content hash: sha256:{report['content_hash']}")
+    for r in report.get("redactions", []):
+        state = f"revealed {r['revealed_at']}" if r.get("revealed_at") else "hidden"
+        console.print(f"  redaction #{r['number']} ({r['reason'] or 'no reason'}): {r['commitment'][:16]}… {state}")
+    embargo = report["embargo"]
+    console.print(f"  embargo: {embargo['ends_at'] or 'no date'} ({embargo['rule']})")
+    release = report["release"]
+    if release["requested_revision"] or release["agreed_revision"]:
+        console.print(
+            f"  early release: requested for r{release['requested_revision']}, "
+            f"lab agreed for r{release['agreed_revision']}"
+        )
+    for c in report.get("comments", []):
+        console.print(f"  lab comment by {c['author']} on r{c['revision']}: {c['body']}")
+    if report["status"] == "published":
+        console.print(f"  public at /public/reports/{report['id']} since {report['published_at']}")
+
+
+def _title_of(text: str, path: Path) -> str:
+    for line in text.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.stem
+
+
+@app.command("draft")
+def draft(
+    file: Annotated[Path, typer.Argument(help="Markdown file; [[redact:reason]]...[[/redact]] marks redactions.")],
+    model: Annotated[str | None, typer.Option(help="Model version the report is about, `name@version`.")] = None,
+    result: Annotated[list[str] | None, typer.Option(help="A cited result id (repeat for several).")] = None,
+    plot: Annotated[list[Path] | None, typer.Option(help="A PNG plot to attach (repeat for several).")] = None,
+    title: Annotated[str | None, typer.Option(help="Title (default: the first `# ` heading).")] = None,
+    report: Annotated[str | None, typer.Option(help="Make a new revision of this report instead.")] = None,
+) -> None:
+    """Create a report draft, or a new revision of one (evaluator side)."""
+
+    def body() -> None:
+        from airlock.errors import InvalidRequestError
+
+        text = file.read_text(encoding="utf-8")
+        attachments = []
+        for path in plot or []:
+            with path.open("rb") as fh:
+                uploaded = _call("POST", "/airlock/reports/attachments", files={"file": (path.name, fh, "image/png")})
+            attachments.append(uploaded["id"])
+        payload: dict[str, Any] = {"title": title or _title_of(text, file), "body": text}
+        if result is not None:
+            payload["result_ids"] = result
+        if plot is not None:
+            payload["attachment_ids"] = attachments
+        if report:
+            out = _call("PATCH", f"/airlock/reports/{report}", json=payload)
+        else:
+            if not model:
+                raise InvalidRequestError("a new report needs --model name@version")
+            out = _call("POST", "/airlock/reports", json={**payload, "model": model})
+        _print_report(out)
+
+    run_command(body)
+
+
+@app.command("submit")
+def submit(report_id: Annotated[str, typer.Argument(help="Report id.")]) -> None:
+    """Freeze the current revision for the lab's review (evaluator side)."""
+    run_command(lambda: _print_report(_call("POST", f"/airlock/reports/{report_id}/submit")))
+
+
+@app.command("request-release")
+def request_release(report_id: Annotated[str, typer.Argument(help="Report id.")]) -> None:
+    """Ask to publish before the embargo ends; needs the lab's agreement too (evaluator side)."""
+    run_command(lambda: _print_report(_call("POST", f"/airlock/reports/{report_id}/request-release")))
+
+
+@app.command("reveal")
+def reveal(
+    report_id: Annotated[str, typer.Argument(help="Report id.")],
+    number: Annotated[int, typer.Argument(help="Redaction number (#n of its placeholder).")],
+) -> None:
+    """Reveal a redacted span of a published report (evaluator side)."""
+    run_command(
+        lambda: _print_report(_call("POST", f"/airlock/reports/{report_id}/reveal", json={"redaction": number}))
+    )
+
+
+@app.command("show")
+def show(
+    report_id: Annotated[str, typer.Argument(help="Report id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON (includes salts).")] = False,
+) -> None:
+    """Show one of your reports (evaluator side)."""
+
+    def body() -> None:
+        out = _call("GET", f"/airlock/reports/{report_id}")
+        if as_json:
+            console.print_json(json.dumps(out))
+        else:
+            _print_report(out)
+
+    run_command(body)
+
+
+@app.command("mine")
+def mine() -> None:
+    """List your organisation's reports (evaluator side)."""
+
+    def body() -> None:
+        from rich.table import Table
+
+        table = Table("id", "status", "rev", "model", "title", "published")
+        for r in _call("GET", "/airlock/reports"):
+            table.add_row(r["id"], r["status"], str(r["revision"]), r["model"], r["title"], r["published_at"] or "-")
+        console.print(table)
+
+    run_command(body)
+
+
+# ---------------------------------------------------------------- lab side (database)
+
+
+@app.command("list")
+def lab_list(status: Annotated[str | None, typer.Option(help="submitted or published.")] = None) -> None:
+    """List reports submitted for review and published ones (lab side)."""
+    from rich.table import Table
+
+    from airlock.publish import schemas, service
+
+    def body() -> None:
+        with open_database() as (_s, db), db.session() as session:
+            table = Table("id", "status", "rev", "evaluator", "model", "title", "submitted", "published")
+            table.columns[0].no_wrap = True
+            for report in service.list_lab_reports(session, status):
+                s = schemas.summary(session, report, lab=True)
+                table.add_row(
+                    s.id,
+                    s.status,
+                    str(s.revision),
+                    s.evaluator,
+                    s.model,
+                    s.title,
+                    fmt_ts(s.submitted_at),
+                    fmt_ts(s.published_at),
+                )
+            console.print(table)
+
+    run_command(body)
+
+
+@app.command("comment")
+def lab_comment(
+    report_id: Annotated[str, typer.Argument(help="Report id.")],
+    text: Annotated[str, typer.Argument(help="The comment (shown beside the report when public).")],
+    author: Annotated[str, typer.Option("--as", help="Lab member writing it.")] = "lab",
+) -> None:
+    """Add a lab comment to a submitted report (lab side)."""
+    from airlock.publish import service
+
+    def body() -> None:
+        with open_database() as (_s, db), db.session() as session:
+            comment = service.add_comment(session, report_id, author, "admin", text)
+            console.print(f"comment {comment.id} on {report_id} revision {comment.revision}")
+
+    run_command(body)
+
+
+@app.command("agree-release")
+def lab_agree(
+    report_id: Annotated[str, typer.Argument(help="Report id.")],
+    author: Annotated[str, typer.Option("--as", help="Lab member agreeing.")] = "lab",
+) -> None:
+    """Agree to publish a submitted report before its embargo ends (lab side)."""
+    from airlock.publish import service
+
+    def body() -> None:
+        with open_database() as (_s, db), db.session() as session:
+            report = service.agree_release(session, report_id, f"cli:{author}")
+            if report.status == "published":
+                console.print(f"published {report.id} at /public/reports/{report.id} (both parties agreed)")
+            else:
+                console.print(f"agreed to release revision {report.release_agreed_revision}; waiting for the evaluator")
+
+    run_command(body)
+
+
+@app.command("publish-due")
+def publish_due() -> None:
+    """Publish every submitted report whose embargo has ended (lab side; safe to run from cron)."""
+    from airlock.publish import service
+
+    def body() -> None:
+        with open_database() as (_s, db), db.session() as session:
+            ids = service.publish_due(session)
+        for rid in ids:
+            console.print(f"published {rid} at /public/reports/{rid}")
+        console.print(f"{len(ids)} report(s) published")
+
+    run_command(body)
+
+
+# ---------------------------------------------------------------- anyone (offline checks)
+
+
+@app.command("verify-reveal")
+def verify_reveal(
+    commitment: Annotated[str, typer.Option(help="The commitment (64 hex digits).")],
+    salt: Annotated[str, typer.Option(help="The revealed salt (64 hex digits).")],
+    text: Annotated[str | None, typer.Option(help="The revealed text.")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="Read the revealed text from a file (exact bytes).")] = None,
+) -> None:
+    """Check SHA-256(salt || UTF-8 text) equals the commitment."""
+    from airlock.publish.redaction import verify_commitment
+
+    if (text is None) == (text_file is None):
+        raise typer.BadParameter("give exactly one of --text or --text-file")
+    value = text_file.read_bytes().decode("utf-8") if text_file is not None else str(text)
+    if not verify_commitment(commitment.lower(), salt.lower(), value):
+        console.print("[bold red]MISMATCH[/]: the text and salt do not open this commitment")
+        raise typer.Exit(1)
+    console.print("OK: SHA-256(salt || text) equals the commitment")
+
+
+@app.command("verify")
+def verify(
+    report: Annotated[str, typer.Argument(help="Report id (lab from AIRLOCK_BASE_URL), public URL or JSON file.")],
+) -> None:
+    """Check a public report: content hash, commitments, every reveal and every result signature."""
+
+    def body() -> None:
+        import os
+
+        import httpx
+
+        from airlock.errors import InvalidRequestError
+        from airlock.evals.attestation import verify as verify_signature
+        from airlock.publish.service import verify_public_report
+
+        if Path(report).is_file():
+            data = json.loads(Path(report).read_text())
+        else:
+            url = report
+            if not report.startswith(("http://", "https://")):
+                base = os.environ.get("AIRLOCK_BASE_URL")
+                if not base:
+                    raise InvalidRequestError("give a URL or set AIRLOCK_BASE_URL (http://lab:8000/v1)")
+                url = base.rstrip("/").removesuffix("/v1") + f"/public/reports/{report}"
+            resp = httpx.get(url, timeout=60)
+            if resp.status_code != 200:
+                raise InvalidRequestError(f"GET {url}: HTTP {resp.status_code}")
+            data = resp.json()
+        check = verify_public_report(data)
+        problems = list(check.problems)
+        for r in data.get("results", []):
+            if not r.get("public_key") or not verify_signature(r["attestation"], r["signature"], r["public_key"]):
+                problems.append(f"result {r.get('id')}: signature does not verify")
+        for line in problems:
+            console.print(f"[bold red]FAIL[/] {line}")
+        if problems:
+            raise typer.Exit(1)
+        console.print(
+            f"OK: {data.get('id')} content hash sha256:{data.get('content_hash')}, "
+            f"{len(data.get('results', []))} signed result(s), {check.revealed} revealed span(s) verified"
+        )
+
+    run_command(body)
