@@ -70,7 +70,7 @@ def airlock_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     monkeypatch.setenv("AIRLOCK_HOME", str(home))
     monkeypatch.setenv("AIRLOCK_MODEL_CACHE", str(REPO / ".cache" / "models"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("AIRLOCK_DATABASE_URL", "AIRLOCK_MANIFEST", "AIRLOCK_REDIS_URL"):
+    for var in ("AIRLOCK_DATABASE_URL", "AIRLOCK_MANIFEST", "AIRLOCK_REDIS_URL", "AIRLOCK_POLICY"):
         monkeypatch.delenv(var, raising=False)
     reset_settings()
     yield home

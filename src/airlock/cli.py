@@ -77,6 +77,13 @@ def init(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(starter_manifest())
                 console.print(f"wrote starter manifest {path}")
+            policy_path = settings.policy_path
+            if policy_path.exists():
+                console.print(f"kept existing policy {policy_path}")
+            else:
+                policy_path.parent.mkdir(parents=True, exist_ok=True)
+                policy_path.write_text(resources.files("airlock").joinpath("data/example-policy.yaml").read_text())
+                console.print(f"wrote example frontier-safety policy {policy_path} (see docs/governance.md)")
             console.print(f"database {settings.db_url}")
             if admin_token:
                 with db.session() as session:
@@ -171,12 +178,14 @@ def models_sync(
     manifest: Annotated[Path | None, typer.Argument(help="Manifest file (default: the data dir's).")] = None,
 ) -> None:
     """Sync a manifest into the registry without serving."""
+    from airlock.governance.service import refuse_gated_manifest_stages
     from airlock.registry.service import load_manifest, sync_manifest
 
     def body() -> None:
         with open_database() as (settings, db):
             parsed = load_manifest(manifest or settings.manifest_path)
             with db.session() as session:
+                refuse_gated_manifest_stages(session, parsed, settings.policy_path)
                 report = sync_manifest(session, parsed, actor="cli")
         for line in report.created:
             console.print(f"[green]created[/] {line}")

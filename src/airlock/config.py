@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("~/.airlock"), description="Data directory (database, artifacts, caches).")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in the data dir.")
     manifest: Path | None = Field(default=None, description="Lab manifest; default `<home>/airlock.yaml`.")
+    policy: Path | None = Field(default=None, description="Frontier-safety policy; default `<home>/policy.yaml`.")
     model_cache: Path | None = Field(
         default=None, description="Where converted model weights are cached; default `<home>/models`."
     )
@@ -31,6 +32,27 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="A running job whose heartbeat is older than this is recovered."
     )
     max_file_bytes: int = Field(default=10 * 1024 * 1024, description="Largest fine-tuning file upload.")
+    interp_wall_timeout_s: float = Field(default=300.0, gt=0, description="Wall-clock limit of one interp job.")
+    interp_cpu_seconds: int = Field(default=120, gt=0, description="Sandbox CPU-seconds limit of one interp job.")
+    interp_memory_mb: int = Field(default=2048, gt=0, description="Address-space limit of an interp runner (MiB).")
+    interp_max_code_bytes: int = Field(default=256 * 1024, gt=0, description="Largest interp code file.")
+    interp_max_result_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest result of one job.")
+    interp_review_over_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="Interp results larger than this wait for a lab reviewer."
+    )
+    interp_log_bytes: int = Field(default=256 * 1024, gt=0, description="Logs kept per interp job (each stream).")
+    ledger_origin: str = Field(
+        default="airlock.invalid/ledger", description="Ledger origin line and key name in signed checkpoints."
+    )
+    ledger_key: Path | None = Field(
+        default=None, description="Ledger Ed25519 signing key (PEM); default `<home>/ledger/signing-key.pem`."
+    )
+    ledger_sequence_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the gateway integrates pending ledger events."
+    )
+    ledger_checkpoint_interval_s: float = Field(
+        default=300.0, gt=0, description="How often the gateway digests the audit table and signs a checkpoint."
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -48,6 +70,16 @@ class Settings(BaseSettings):
     def manifest_path(self) -> Path:
         """Return the lab manifest path."""
         return (self.manifest or self.home_dir / "airlock.yaml").expanduser()
+
+    @property
+    def policy_path(self) -> Path:
+        """Return the frontier-safety policy path (read by the deployment gate)."""
+        return (self.policy or self.home_dir / "policy.yaml").expanduser()
+
+    @property
+    def ledger_key_path(self) -> Path:
+        """Return the ledger signing key path."""
+        return (self.ledger_key or self.home_dir / "ledger" / "signing-key.pem").expanduser()
 
     @property
     def model_cache_dir(self) -> Path:

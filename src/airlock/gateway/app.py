@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
     """Migrate the schema and, when a manifest exists, sync it into the registry."""
+    from airlock.governance.service import refuse_gated_manifest_stages
     from airlock.registry.service import load_manifest, sync_manifest
 
     db.migrate()
@@ -32,6 +33,8 @@ def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
     if sync and path.exists():
         manifest = load_manifest(path)
         with db.session() as session:
+            # A manifest must not move a version into a gated stage behind the gate's back.
+            refuse_gated_manifest_stages(session, manifest, settings.policy_path)
             report = sync_manifest(session, manifest)
         for line in report.created + report.updated:
             log.info("manifest: %s", line)

@@ -1,7 +1,102 @@
-"""HTTP routes of the governance package."""
+"""HTTP routes of the gate: reports, promotions (with overrides), history, trend, the policy.
+
+All routes need a lab admin token; an override additionally needs the policy's decider role.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
 
-router = APIRouter()
+from fastapi import APIRouter, Query
+
+from airlock.errors import ConflictError
+from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+from airlock.governance import service
+from airlock.governance.policy import Policy
+from airlock.governance.schemas import DecisionPublic, GateStage, PolicyPublic, PromoteRequest, PromotionPublic
+from airlock.registry.service import get_model, get_version
+
+router = APIRouter(prefix="/v1/airlock/gate", tags=["governance: gate"])
+
+
+def _policy(state: StateDep) -> Policy:
+    policy = service.policy_for_request(state.settings.policy_path)
+    if policy is None:
+        raise ConflictError(
+            f"no policy at {state.settings.policy_path}; the gate cannot be evaluated", code="no_policy"
+        )
+    return policy
+
+
+@router.get("/policy", response_model=PolicyPublic)
+def get_policy(state: StateDep, admin: AdminDep) -> PolicyPublic:
+    """Return the policy in force and its SHA-256."""
+    policy = _policy(state)
+    return PolicyPublic(
+        path=str(state.settings.policy_path), sha256=policy.sha256(), policy=policy.model_dump(mode="json")
+    )
+
+
+@router.get("/models/{model}/versions/{label}")
+def check(
+    model: str,
+    label: str,
+    state: StateDep,
+    session: SessionDep,
+    admin: AdminDep,
+    stage: Annotated[GateStage, Query(description="The stage the version would move to.")] = "deployed",
+) -> dict[str, Any]:
+    """Evaluate the gate for a version and return the JSON report (nothing is recorded)."""
+    policy = _policy(state)
+    row = get_model(session, model)
+    return service.evaluate_gate(session, row, get_version(session, row, label), stage, policy)
+
+
+@router.post("/models/{model}/versions/{label}/promote", response_model=PromotionPublic)
+def promote(
+    model: str, label: str, body: PromoteRequest, state: StateDep, session: SessionDep, admin: AdminDep
+) -> PromotionPublic:
+    """Move a version to a stage through the gate (409 when it blocks; an override needs the decider role)."""
+    row = get_model(session, model)
+    version = get_version(session, row, label)
+    outcome = service.promote_as(
+        session,
+        version,
+        body.stage,
+        name=admin.name,
+        role=admin.role,
+        token_id=admin.token_id,
+        policy_path=state.settings.policy_path,
+        justification=body.override.justification if body.override else None,
+    )
+    session.commit()  # the decision is kept even when the promotion is refused
+    state.registry.clear()
+    outcome.raise_if_refused()
+    return PromotionPublic(
+        model=row.name,
+        version=version.label,
+        stage=version.stage,
+        promoted=outcome.promoted,
+        message=outcome.message,
+        decision=DecisionPublic.of(outcome.decision, outcome.override) if outcome.decision else None,
+    )
+
+
+@router.get("/models/{model}/versions/{label}/history", response_model=list[DecisionPublic])
+def history(model: str, label: str, session: SessionDep, admin: AdminDep) -> list[DecisionPublic]:
+    """List the version's gate decisions and overrides, oldest first."""
+    row = get_model(session, model)
+    return [DecisionPublic.of(d, o) for d, o in service.history(session, get_version(session, row, label))]
+
+
+@router.get("/decisions/{decision_id}")
+def decision_report(decision_id: str, session: SessionDep, admin: AdminDep) -> dict[str, Any]:
+    """Return the full report recorded with a gate decision."""
+    report: dict[str, Any] = service.get_decision(session, decision_id).report
+    return report
+
+
+@router.get("/models/{model}/trend")
+def trend(model: str, state: StateDep, session: SessionDep, admin: AdminDep) -> dict[str, Any]:
+    """Return each domain's metric across the model's versions with thresholds and extrapolation."""
+    return service.trend(session, get_model(session, model), _policy(state))

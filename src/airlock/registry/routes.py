@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from airlock.errors import ConfigError, InvalidRequestError
 from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+from airlock.governance.service import promote_as, refuse_gated_manifest_stages
 from airlock.registry import service
 from airlock.registry.schemas import (
     MitigationPublic,
@@ -23,10 +24,16 @@ router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: registry"])
 
 
 class StageChangeRequest(BaseModel):
-    """Move a version to another stage."""
+    """Move a version to another stage (through the deployment gate where the policy says so)."""
 
     model_config = ConfigDict(extra="forbid")
     stage: Stage
+    justification: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        description="Override a blocking gate: needs the policy's decider role; recorded and published.",
+    )
 
 
 def _public(models: list[Any]) -> list[ModelPublic]:
@@ -67,6 +74,7 @@ def sync_manifest(body: dict[str, Any], state: StateDep, session: SessionDep, ad
     """Create or update models, versions, variants and mitigations from a manifest document."""
     try:
         manifest = service.parse_manifest(body, source="manifest")
+        refuse_gated_manifest_stages(session, manifest, state.settings.policy_path)
         report = service.sync_manifest(session, manifest, actor=admin.name)
         session.commit()
         state.registry.clear()
@@ -85,10 +93,20 @@ def list_models(session: SessionDep, admin: AdminDep) -> list[ModelPublic]:
 def change_stage(
     model: str, label: str, body: StageChangeRequest, state: StateDep, session: SessionDep, admin: AdminDep
 ) -> Any:
-    """Move a version to another lifecycle stage."""
+    """Move a version to another lifecycle stage; gated stages go through the deployment gate (409 on block)."""
     row = service.get_version(session, service.get_model(session, model), label)
-    if row.stage != body.stage:
-        service.set_stage(session, row, body.stage, actor=admin.name)
-    session.commit()
+    # Never set_stage directly: the gate must not be bypassable through the admin API.
+    outcome = promote_as(
+        session,
+        row,
+        body.stage,
+        name=admin.name,
+        role=admin.role,
+        token_id=admin.token_id,
+        policy_path=state.settings.policy_path,
+        justification=body.justification,
+    )
+    session.commit()  # the gate decision is kept even when the promotion is refused
     state.registry.clear()
+    outcome.raise_if_refused()
     return _public([service.get_model(session, model)])
