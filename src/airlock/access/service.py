@@ -22,6 +22,7 @@ from airlock.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from airlock.ledger import events as ledger_events
 from airlock.registry.models import Model, ModelVersion
 from airlock.registry.service import ResolvedVariant, get_model, get_version
 
@@ -162,6 +163,7 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
     )
     session.add(grant)
     session.flush()
+    ledger_events.grant_issued(session, grant)
     return grant
 
 
@@ -191,6 +193,7 @@ def revoke_grant(session: Session, grant_id: str, reason: str = "") -> Grant:
     grant.revoked_at = utcnow()
     grant.revoked_reason = reason or None
     session.flush()
+    ledger_events.grant_revoked(session, grant)
     return grant
 
 

@@ -14,6 +14,7 @@ from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, Pe
 from airlock.evals.attestation import SCHEMA, fingerprint, parse_public_key, verify
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.schemas import Attestation, ResultEnvelope
+from airlock.ledger import events as ledger_events
 from airlock.registry.models import Model, ModelVersion
 from airlock.registry.service import format_validation_error
 
@@ -114,6 +115,7 @@ def submit_result(session: Session, principal: Principal, envelope: ResultEnvelo
     )
     session.add(row)
     session.flush()
+    ledger_events.eval_attested(session, row, grant)
     return row
 
 

@@ -58,6 +58,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(bootstrap, settings, db, sync=sync_manifest)
         audit.start()
+        from airlock.ledger.service import LedgerSequencer
+
+        ledger = LedgerSequencer(db, settings)
+        ledger.start()
         runner = None
         if settings.run_jobs:
             from airlock.finetune.jobs import KIND, FineTuneHandler
@@ -72,6 +76,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
                 await run_in_threadpool(runner.stop)
             await state.pool.aclose()
             audit.close()
+            await run_in_threadpool(ledger.stop)
 
     app = FastAPI(
         title="Airlock",
@@ -90,6 +95,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     from airlock.gateway.routes import router as openai_router
     from airlock.governance.routes import router as governance_router
     from airlock.interp.routes import router as interp_router
+    from airlock.ledger.routes import admin_router as ledger_admin_router
     from airlock.ledger.routes import router as ledger_router
     from airlock.publish.routes import router as publish_router
     from airlock.registry.routes import router as registry_router
@@ -104,6 +110,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.include_router(interp_router)
     app.include_router(governance_router)
     app.include_router(ledger_router)
+    app.include_router(ledger_admin_router)
     app.include_router(publish_router)
 
     @app.get("/healthz", tags=["ops"])

@@ -22,6 +22,7 @@ from airlock.db import Database, new_id, utcnow
 from airlock.errors import AirlockError
 from airlock.jobs.models import Job
 from airlock.jobs.service import add_event
+from airlock.ledger import events as ledger_events
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ class JobRunner:
                 if getattr(claimed, "rowcount", 0) != 1:
                     continue  # another runner recovered it first, or its owner is alive after all
                 add_event(session, job_id, message, type="status", status=status)
+                if status == "failed":
+                    ledger_events.finetune_job_finished(session, job_id)
             log.warning("job %s: %s", job_id, message)
             recovered.append(job_id)
         return recovered
@@ -340,3 +343,4 @@ class JobRunner:
             if error is not None:
                 data["error"] = error
             add_event(session, job_id, message, type="status", **data)
+            ledger_events.finetune_job_finished(session, job_id)

@@ -1,1 +1,25 @@
-"""Public transparency ledger: Merkle log, signed checkpoints, proofs, offline verifier."""
+"""Public transparency ledger: Merkle log, signed checkpoints, proofs, offline verifier.
+
+This package root stays free of database and server imports so the offline verifier
+(``airlock-verify``) runs with the bundle alone. Services record events with
+:func:`airlock.ledger.service.record_event`.
+"""
+
+from airlock.ledger._merkle import ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
+from airlock.ledger._note import Checkpoint, NoteError, Verifier, verify_checkpoint
+from airlock.ledger.verify import Report, access_table, verify_bundle
+
+__all__ = [
+    "Checkpoint",
+    "NoteError",
+    "ProofError",
+    "Report",
+    "Verifier",
+    "access_table",
+    "leaf_hash",
+    "node_hash",
+    "verify_bundle",
+    "verify_checkpoint",
+    "verify_consistency",
+    "verify_inclusion",
+]

@@ -1,9 +1,143 @@
-"""`airlock` CLI commands of the ledger package."""
+"""`airlock ledger ...`: status, checkpoints, public key, export, offline verify, lab-side check, reveal."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from airlock.cli_support import console, fail, fmt_ts, open_database, run_command
 
 app = typer.Typer(
     help="Public transparency ledger: Merkle log, signed checkpoints, proofs, offline verifier.", no_args_is_help=True
 )
+
+
+@app.command("status")
+def status() -> None:
+    """Show the tree size, pending events and the newest checkpoint."""
+
+    def body() -> None:
+        from airlock.ledger import service
+
+        with open_database() as (_settings, db), db.session() as session:
+            head = service.tree_head(session)
+            cp = service.latest_checkpoint(session)
+            console.print(f"entries: {head.size}   pending: {service.pending_count(session)}")
+            if cp is None:
+                console.print("no checkpoint yet (run `airlock ledger checkpoint`)")
+            else:
+                console.print(f"newest checkpoint: size {cp.size}, signed {fmt_ts(cp.created_at)}")
+
+    run_command(body)
+
+
+@app.command("checkpoint")
+def checkpoint(
+    force: Annotated[bool, typer.Option(help="Sign a new checkpoint even if the tree has not grown.")] = False,
+) -> None:
+    """Integrate pending events, digest the audit table, and sign a checkpoint; print it."""
+
+    def body() -> None:
+        from airlock.ledger import service
+
+        with open_database() as (settings, db):
+            service.digest_audit(db)
+            row = service.publish_checkpoint(db, service.get_signer(settings), force=force)
+            # Plain echo, never rich: a wrapped signature line would no longer verify.
+            typer.echo(row.note, nl=False)
+
+    run_command(body)
+
+
+@app.command("pubkey")
+def pubkey(
+    out: Annotated[Path | None, typer.Option(help="Also write the key to this file.")] = None,
+) -> None:
+    """Print the lab's checkpoint verifier key (C2SP note format), creating the signing key on first use."""
+
+    def body() -> None:
+        from airlock.config import get_settings
+        from airlock.ledger.service import get_signer
+
+        vkey = get_signer(get_settings()).verifier.vkey()
+        if out is not None:
+            out.write_text(vkey + "\n")
+        typer.echo(vkey)
+
+    run_command(body)
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle file to write.")] = Path("ledger-bundle.json"),
+) -> None:
+    """Write a self-contained bundle (entries, checkpoints, consistency proofs, public key) after a fresh checkpoint."""
+
+    def body() -> None:
+        from airlock.ledger import service
+
+        with open_database() as (settings, db):
+            service.digest_audit(db)
+            bundle = service.export_bundle(db, service.get_signer(settings))
+        out.write_text(json.dumps(bundle, indent=1, ensure_ascii=False) + "\n")
+        console.print(f"wrote {out}: {len(bundle['entries'])} entries, {len(bundle['checkpoints'])} checkpoints")
+
+    run_command(body)
+
+
+@app.command("verify")
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle written by `airlock ledger export`.")],
+    key: Annotated[str | None, typer.Option(help="The lab's verifier key (string or file) to pin.")] = None,
+    model: Annotated[str | None, typer.Option(help="Answer the access questions for this model.")] = None,
+    version: Annotated[str | None, typer.Option(help="Restrict to one version (label or hash prefix).")] = None,
+) -> None:
+    """Verify a bundle offline (same as `airlock-verify`): signatures, consistency, inclusion, reveals."""
+    from airlock.ledger.verify import run
+
+    code, text = run(bundle, key=key, model=model, version=version)
+    typer.echo(text)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("check")
+def check(
+    audit: Annotated[bool, typer.Option(help="Also recompute every audit-table digest.")] = True,
+) -> None:
+    """Lab-side tamper check: recompute the log, nodes, checkpoints and audit digests from the database."""
+
+    def body() -> None:
+        from airlock.ledger import service
+
+        with open_database() as (settings, db):
+            problems = service.check_database(db, service.get_signer(settings), audit=audit)
+        if problems:
+            for p in problems:
+                console.print(f"[red]✗[/] {p}")
+            raise fail(f"{len(problems)} problem(s): the ledger or the audit table was altered")
+        console.print("[green]ok[/]: entries, tree nodes, checkpoints" + (" and audit digests" if audit else ""))
+
+    run_command(body)
+
+
+@app.command("reveal")
+def reveal(
+    event_id: Annotated[str, typer.Argument(help="Ledger event id (lev_…).")],
+    field: Annotated[list[str] | None, typer.Option(help="Field(s) to reveal (default: all).")] = None,
+    publish: Annotated[bool, typer.Option(help="Log the opening publicly as a commitment.revealed entry.")] = True,
+) -> None:
+    """Print (and by default publish) the salt and value behind an event's commitments."""
+
+    def body() -> None:
+        from airlock.ledger import service
+
+        with open_database() as (_settings, db), db.session() as session:
+            openings = service.reveal(session, event_id, field or None, publish=publish)
+        for o in openings:
+            typer.echo(json.dumps({"event": o.event_id, "field": o.field, "salt": o.salt, "value": o.value}))
+
+    run_command(body)

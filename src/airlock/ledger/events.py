@@ -1,0 +1,163 @@
+"""What the lab's services log, built from their rows: one call per change, in the change's transaction.
+
+Public by design (the issue names them): evaluator identity, model, version labels and content
+hashes, variants, scopes, the access window, mitigation names/kinds/stances, stage changes and
+attested-result hashes. Committed (salted SHA-256, revealable later): grant quotas and notes, who
+issued or revoked a grant and why, mitigation configs (prompts, filter patterns), stage-change
+actors, and metrics of results still under a publication embargo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from airlock.ledger._entry import canonical
+from airlock.ledger.service import record_event
+
+if TYPE_CHECKING:
+    from airlock.access.models import Grant
+    from airlock.evals.models import EvalResult
+    from airlock.registry.models import ModelVersion, Variant
+
+
+def version_ref(version: ModelVersion) -> dict[str, Any]:
+    """Return the public identity of a model version: model name, label and content hash."""
+    return {"model": version.model.name, "label": version.label, "hash": version.content_hash}
+
+
+def _grant_versions(session: Session, grant: Grant) -> list[dict[str, Any]]:
+    from airlock.registry.models import ModelVersion
+
+    versions = [session.get(ModelVersion, vid) for vid in grant.version_ids]
+    return [version_ref(v) for v in versions if v is not None]
+
+
+def grant_issued(session: Session, grant: Grant) -> None:
+    """Log ``grant.issued``: who may do what to which versions and variants, and when."""
+    from airlock.access.models import Evaluator
+    from airlock.registry.models import Model
+
+    evaluator = session.get(Evaluator, grant.evaluator_id)
+    model = session.get(Model, grant.model_id)
+    body = {
+        "grant": grant.id,
+        "evaluator": evaluator.name if evaluator else grant.evaluator_id,
+        "model": model.name if model else grant.model_id,
+        "versions": _grant_versions(session, grant),
+        "variants": list(grant.variants),
+        "scopes": list(grant.scopes),
+        "not_before": grant.not_before,
+        "not_after": grant.not_after,
+        "embargo_days": grant.embargo_days,
+    }
+    quotas = {
+        "requests_per_minute": grant.quota_requests_per_minute,
+        "total_tokens": grant.quota_total_tokens,
+        "finetune_jobs": grant.quota_finetune_jobs,
+        "trained_tokens": grant.quota_trained_tokens,
+        "file_bytes": grant.quota_file_bytes,
+        "interp_cpu_seconds": grant.quota_interp_cpu_seconds,
+        "result_bytes": grant.quota_result_bytes,
+    }
+    record_event(
+        session,
+        "grant.issued",
+        body,
+        confidential={"quotas": quotas, "notes": grant.notes, "issued_by": grant.created_by},
+    )
+
+
+def grant_revoked(session: Session, grant: Grant) -> None:
+    """Log ``grant.revoked`` (the reason is committed, not published)."""
+    from airlock.access.models import Evaluator
+    from airlock.registry.models import Model
+
+    evaluator = session.get(Evaluator, grant.evaluator_id)
+    model = session.get(Model, grant.model_id)
+    body = {
+        "grant": grant.id,
+        "evaluator": evaluator.name if evaluator else grant.evaluator_id,
+        "model": model.name if model else grant.model_id,
+        "revoked_at": grant.revoked_at,
+    }
+    record_event(session, "grant.revoked", body, confidential={"reason": grant.revoked_reason or ""})
+
+
+def variant_registered(session: Session, version: ModelVersion, variant: Variant, *, updated: bool = False) -> None:
+    """Log ``variant.registered`` with its mitigations and their stances (configs committed)."""
+    mitigations = sorted(variant.mitigations, key=lambda m: m.position)
+    body = {
+        "version": version_ref(version),
+        "variant": variant.name,
+        "backend": variant.backend,
+        "updated": updated,
+        "mitigations": [
+            {"position": m.position, "name": m.name, "kind": m.kind, "stance": m.stance} for m in mitigations
+        ],
+    }
+    configs = {f"mitigation.{m.position}.config": m.config for m in mitigations}
+    record_event(session, "variant.registered", body, confidential=configs or None)
+
+
+def stage_changed(session: Session, version: ModelVersion, from_stage: str | None, to_stage: str, actor: str) -> None:
+    """Log ``stage.changed`` (e.g. to ``deployed``, which the verifier's deployment question keys on)."""
+    body = {"version": version_ref(version), "from": from_stage, "to": to_stage}
+    record_event(session, "stage.changed", body, confidential={"actor": actor})
+
+
+def eval_attested(session: Session, result: EvalResult, grant: Grant) -> None:
+    """Log ``eval.attested``: hashes always; metrics in the clear only when no embargo applies."""
+    from airlock.access.models import Evaluator
+    from airlock.registry.models import ModelVersion
+
+    evaluator = session.get(Evaluator, result.evaluator_id)
+    version = session.get(ModelVersion, result.version_id)
+    embargoed = bool(grant.embargo_days)
+    body: dict[str, Any] = {
+        "result": result.id,
+        "grant": grant.id,
+        "evaluator": evaluator.name if evaluator else result.evaluator_id,
+        "version": version_ref(version) if version else {"id": result.version_id},
+        "variant": result.variant,
+        "suite": result.suite,
+        "task": result.task,
+        "samples": result.samples,
+        "fine_tuned": result.fine_tuned,
+        "dataset_sha256": result.dataset_hash,
+        "log_sha256": result.log_sha256,
+        "attestation_sha256": hashlib.sha256(canonical(result.attestation).encode()).hexdigest(),
+        "signature_sha256": hashlib.sha256(result.signature.encode()).hexdigest(),
+        "key_fingerprint": result.key_fingerprint,
+        "embargoed": embargoed,
+    }
+    if not embargoed:
+        body["metrics"] = result.metrics
+    record_event(session, "eval.attested", body, confidential={"metrics": result.metrics} if embargoed else None)
+
+
+def finetune_job_finished(session: Session, job_id: str) -> None:
+    """Log ``finetune.job`` when a fine-tuning job reaches a terminal state (other job kinds log their own)."""
+    from airlock.finetune.jobs import KIND
+    from airlock.jobs.models import Job
+    from airlock.registry.models import ModelVersion
+
+    job = session.get(Job, job_id)
+    if job is None or job.kind != KIND:
+        return
+    params, result = job.params or {}, job.result or {}
+    version = session.get(ModelVersion, params["version_id"]) if params.get("version_id") else None
+    body = {
+        "job": job.id,
+        "grant": job.grant_id,
+        "model": params.get("model"),
+        "version": version_ref(version) if version else None,
+        "status": job.status,
+        "fine_tuned_model": params.get("fine_tuned_model"),
+        "trained_tokens": result.get("trained_tokens"),
+        "steps": result.get("steps"),
+        "finished_at": job.finished_at,
+    }
+    record_event(session, "finetune.job", body, confidential={"hyperparameters": params.get("hyperparameters")})

@@ -1,0 +1,310 @@
+"""Offline verifier of a ledger bundle: ``airlock-verify BUNDLE [--key KEY] [--model X [--version V]]``.
+
+Needs only the bundle (and, ideally, the lab's verifier key obtained separately); no database and
+no server. It checks, in order:
+
+1. the bundle's key, against the pinned key when one is given;
+2. every checkpoint's Ed25519 signature and origin;
+3. that checkpoint sizes never shrink and that each later checkpoint is consistent with the
+   earlier ones (RFC 9162 consistency proofs shipped in the bundle);
+4. that every entry is canonical JSON and that the Merkle tree rebuilt from the entries has the
+   signed root at every checkpoint size, and an RFC 9162 inclusion proof of every entry against
+   the newest checkpoint;
+5. that every published reveal opens the commitment it names.
+
+It then answers the public questions for a model: which evaluators had which access to which
+versions, how many days before deployment, and which results were attested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import itertools
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from airlock.ledger._entry import parse_entry, parse_time, verify_opening
+from airlock.ledger._merkle import MemoryTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
+from airlock.ledger._note import NoteError, Verifier, verify_checkpoint
+
+BUNDLE_FORMAT = "airlock.ledger-bundle/v1"
+
+
+@dataclass
+class Report:
+    """Outcome of verifying a bundle."""
+
+    origin: str = ""
+    size: int = 0
+    checkpoints: int = 0
+    key_pinned: bool = False
+    problems: list[str] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not self.problems
+
+
+def verify_bundle(bundle: dict[str, Any], pinned_key: str | None = None) -> Report:
+    """Verify a bundle (see the module docstring for the checks); problems are collected, not raised."""
+    report = Report(origin=str(bundle.get("origin", "")))
+    if bundle.get("format") != BUNDLE_FORMAT:
+        report.problems.append(f"unknown bundle format {bundle.get('format')!r}")
+        return report
+    # 1. The key: a bundle could carry any key, so a pinned key from the lab's own channel decides.
+    try:
+        verifier = Verifier.parse(str(bundle.get("public_key", "")))
+        if pinned_key is not None:
+            pinned = Verifier.parse(pinned_key)
+            report.key_pinned = True
+            if pinned.vkey() != verifier.vkey():
+                report.problems.append("the bundle's key is not the pinned key")
+                verifier = pinned
+    except NoteError as exc:
+        report.problems.append(f"public key: {exc}")
+        return report
+    # 2. Signatures and origin of every checkpoint.
+    heads: list[tuple[int, bytes]] = []
+    for n, note in enumerate(bundle.get("checkpoints", [])):
+        try:
+            cp = verify_checkpoint(note, verifier, report.origin)
+        except NoteError as exc:
+            report.problems.append(f"checkpoint {n}: {exc}")
+            continue
+        heads.append((cp.size, cp.root))
+    report.checkpoints = len(heads)
+    if not heads:
+        report.problems.append("the bundle has no valid checkpoint")
+        return report
+    # 3. Sizes only grow; each later checkpoint is consistent with the earlier ones.
+    for (a, ra), (b, rb) in itertools.pairwise(heads):
+        if b < a or (a == b and ra != rb):
+            report.problems.append(f"checkpoint of size {b} (root changed or size shrank) follows size {a}")
+    proofs = {(p["old"], p["new"]): p["proof"] for p in bundle.get("consistency", [])}
+    roots = dict(heads)
+    sizes = sorted({s for s, _ in heads if s > 0})
+    for a, b in itertools.pairwise(sizes):
+        try:
+            proof = [_b64d(h) for h in proofs[(a, b)]]
+            verify_consistency(a, b, proof, roots[a], roots[b])
+        except KeyError:
+            report.problems.append(f"no consistency proof from size {a} to {b}")
+        except (ProofError, ValueError) as exc:
+            report.problems.append(f"checkpoint {b} is not consistent with checkpoint {a}: {exc}")
+    # 4. Entries: canonical, and the tree they build has every signed root; inclusion of each.
+    texts = list(bundle.get("entries", []))
+    report.size = max(roots)
+    if len(texts) != report.size:
+        report.problems.append(f"the bundle has {len(texts)} entries but the newest checkpoint covers {report.size}")
+    tree = MemoryTree()
+    for i, text in enumerate(texts):
+        try:
+            report.entries.append(parse_entry(text))
+        except (ValueError, TypeError) as exc:
+            report.problems.append(f"entry {i}: {exc}")
+            report.entries.append({})
+        tree.append(leaf_hash(text.encode()))
+    for size, root in heads:
+        if size <= len(tree) and tree.root(size) != root:
+            report.problems.append(f"the entries do not hash to the signed root at size {size}")
+    newest_root, bad = roots[report.size], 0
+    for i in range(report.size if len(tree) >= report.size else 0):
+        try:
+            verify_inclusion(tree.levels[0][i], i, report.size, tree.inclusion_proof(i, report.size), newest_root)
+        except ProofError:
+            bad += 1
+    if bad:
+        report.problems.append(f"{bad} entries have no valid inclusion proof under the newest signed root")
+    # 5. Reveals must open the commitments they name.
+    by_id = {e["id"]: e for e in report.entries if e}
+    for e in report.entries:
+        if e.get("kind") != "commitment.revealed":
+            continue
+        target = by_id.get(e["body"].get("event"), {})
+        for opening in e["body"].get("openings", []):
+            commitment = target.get("commitments", {}).get(opening.get("field"))
+            if commitment is None or not verify_opening(commitment, opening.get("salt", ""), opening.get("value")):
+                report.problems.append(
+                    f"reveal {e['id']}: does not open {e['body'].get('event')}/{opening.get('field')}"
+                )
+    return report
+
+
+def _b64d(value: str) -> bytes:
+    return base64.b64decode(value, validate=True)
+
+
+# ---------------------------------------------------------------- the public questions
+
+
+@dataclass
+class AccessRow:
+    """One evaluator's access to one model version, as the ledger shows it."""
+
+    version: str
+    version_hash: str
+    evaluator: str
+    grant: str
+    scopes: list[str]
+    variants: list[str]
+    access_from: datetime
+    access_until: datetime | None
+    deployed_at: datetime | None
+    results: list[str]
+
+    @property
+    def days_before_deployment(self) -> float | None:
+        """Days between the start of access and deployment (``None`` if not deployed)."""
+        if self.deployed_at is None:
+            return None
+        return (self.deployed_at - self.access_from).total_seconds() / 86400
+
+
+def access_table(entries: Sequence[dict[str, Any]], model: str, version: str | None = None) -> list[AccessRow]:
+    """Answer "for model X (version V), who had which access, how long before deployment, and what was attested"."""
+    deployed: dict[str, datetime] = {}
+    revoked: dict[str, datetime] = {}
+    results: dict[tuple[str, str], list[str]] = {}
+    for e in entries:
+        kind, body = e.get("kind"), e.get("body", {})
+        if kind == "stage.changed" and body.get("to") == "deployed":
+            deployed.setdefault(body["version"]["hash"], parse_time(e["time"]))
+        elif kind == "grant.revoked":
+            revoked[body["grant"]] = parse_time(body.get("revoked_at") or e["time"])
+        elif kind == "eval.attested":
+            metrics = body.get("metrics")
+            shown = (
+                ", ".join(f"{k}={_metric(v)}" for k, v in sorted(metrics.items()))
+                if isinstance(metrics, dict)
+                else "metrics committed (embargo)"
+            )
+            suite, task = body.get("suite"), body.get("task")
+            name = task if suite in (None, task) else f"{suite}/{task}"
+            results.setdefault((body.get("grant", ""), body["version"].get("hash", "")), []).append(
+                f"{name} [{body.get('variant')}] {shown} (log {body.get('log_sha256', '')[:12]}…, at {e['time'][:10]})"
+            )
+    rows: list[AccessRow] = []
+    for e in entries:
+        if e.get("kind") != "grant.issued" or e["body"].get("model") != model:
+            continue
+        body = e["body"]
+        issued = parse_time(e["time"])
+        start = max(issued, parse_time(body["not_before"])) if body.get("not_before") else issued
+        ends = [parse_time(body["not_after"])] if body.get("not_after") else []
+        if body["grant"] in revoked:
+            ends.append(revoked[body["grant"]])
+        for v in body.get("versions", []):
+            if version is not None and version not in (v["label"], v["hash"]) and not v["hash"].startswith(version):
+                continue
+            rows.append(
+                AccessRow(
+                    version=v["label"],
+                    version_hash=v["hash"],
+                    evaluator=body["evaluator"],
+                    grant=body["grant"],
+                    scopes=list(body.get("scopes", [])),
+                    variants=list(body.get("variants", [])),
+                    access_from=start,
+                    access_until=min(ends) if ends else None,
+                    deployed_at=deployed.get(v["hash"]),
+                    results=results.get((body["grant"], v["hash"]), []),
+                )
+            )
+    rows.sort(key=lambda r: (r.version, r.access_from, r.evaluator))
+    return rows
+
+
+def _metric(value: Any) -> str:
+    if isinstance(value, dict) and "value" in value:
+        value = value["value"]
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _day(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d") if value else "-"
+
+
+def render_access(rows: Sequence[AccessRow], model: str) -> str:
+    """Render the access table as readable text."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Access to {model} recorded in the ledger", show_lines=True)
+    for col in ("version", "evaluator", "scopes", "variants", "access", "deployed", "days before", "attested results"):
+        table.add_column(col)
+    for r in rows:
+        days = r.days_before_deployment
+        table.add_row(
+            f"{r.version}\n{r.version_hash[:12]}…",
+            f"{r.evaluator}\n{r.grant}",
+            ", ".join(r.scopes),
+            ", ".join(r.variants),
+            f"{_day(r.access_from)} → {_day(r.access_until)}",
+            _day(r.deployed_at),
+            "not deployed" if days is None else f"{days:.1f}",
+            "\n".join(r.results) or "none",
+        )
+    out = StringIO()
+    Console(file=out, width=160, force_terminal=False).print(table)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def run(bundle_path: Path, *, key: str | None, model: str | None, version: str | None) -> tuple[int, str]:
+    """Verify a bundle file and return ``(exit code, text to print)``."""
+    try:
+        bundle = json.loads(bundle_path.read_text())
+    except (OSError, ValueError) as exc:
+        return 2, f"cannot read bundle {bundle_path}: {exc}"
+    if key is not None and Path(key).is_file():
+        key = Path(key).read_text().strip()
+    try:
+        report = verify_bundle(bundle, key)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        # Fail closed on a bundle that is not even well-formed.
+        return 1, f"FAILED: malformed bundle ({type(exc).__name__}: {exc})"
+    lines = [
+        f"origin: {report.origin}",
+        f"entries: {report.size}; checkpoints: {report.checkpoints}",
+        "key: pinned and matching" if report.key_pinned and report.ok else "key: taken from the bundle (pass --key)",
+    ]
+    if not report.ok:
+        lines += ["FAILED:", *(f"  - {p}" for p in report.problems)]
+        return 1, "\n".join(lines)
+    lines.append("OK: signatures, consistency, every entry's inclusion and every reveal verified")
+    if model:
+        lines.append(render_access(access_table(report.entries, model, version), model))
+    return 0, "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``airlock-verify``."""
+    parser = argparse.ArgumentParser(
+        prog="airlock-verify",
+        description="Verify an Airlock ledger bundle offline: checkpoint signatures, consistency, the inclusion "
+        "of every entry and every reveal; optionally answer who had access to a model before deployment.",
+    )
+    parser.add_argument("bundle", type=Path, help="bundle written by `airlock ledger export`")
+    parser.add_argument("--key", help="the lab's verifier key (string or file), from `airlock ledger pubkey`")
+    parser.add_argument("--model", help="answer the access questions for this model")
+    parser.add_argument("--version", help="restrict to one version (label or content-hash prefix)")
+    args = parser.parse_args(argv)
+    code, text = run(args.bundle, key=args.key, model=args.model, version=args.version)
+    print(text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
