@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_batching.py
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_ledger.py
+	$(BIN)/python bench/bench_interp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -36,6 +36,7 @@ import resource
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from airlock.errors import AirlockError
 
 __all__ = [
+    "DENY_SYSCALLS",
     "BwrapCommand",
     "BwrapSandbox",
     "Mount",
@@ -60,6 +62,7 @@ __all__ = [
     "Termination",
     "bwrap_version",
     "find_bwrap",
+    "seccomp_filter",
 ]
 
 MiB = 1024 * 1024
@@ -167,6 +170,18 @@ class SandboxPolicy(BaseModel):
         "None keeps the caller's uid.",
     )
     hostname: str = "sandbox"
+    deny_syscalls: tuple[str, ...] = Field(
+        default=(),
+        description="System calls that fail with EPERM inside the sandbox (a seccomp filter); see DENY_SYSCALLS.",
+    )
+
+    @field_validator("deny_syscalls")
+    @classmethod
+    def _known_syscalls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(_SYSCALLS_X86_64))
+        if unknown:
+            raise ValueError(f"unknown system calls in deny_syscalls: {unknown}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -473,6 +488,14 @@ class BwrapSandbox:
             if limit is not None:
                 limit_args.append(f"{flag}={limit}")
 
+        # 7b. System calls. An optional seccomp filter (applied by bwrap just before the init
+        #     runs, so it binds every process) makes the listed calls fail with EPERM. Without it
+        #     the sandbox's processes may ptrace each other, the init included, which lets code
+        #     stop the init and keep the sandbox alive until the wall clock.
+        if policy.deny_syscalls:
+            data["seccomp"] = seccomp_filter(policy.deny_syscalls)
+            args += ["--seccomp", "{fd:seccomp}"]
+
         # 8. Init and accounting. A trusted bash is the sandbox's PID 1 (--as-pid-1, so bwrap's
         #    monitor reaps it and its CPU time reaches us through wait4). It runs the limited
         #    command, then kills and reaps every process left (orphans are reparented to it),
@@ -497,14 +520,19 @@ class BwrapSandbox:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         output_bytes: int | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> SandboxResult:
-        """Run ``argv`` in the sandbox and return its result; raise :class:`SandboxError` if bwrap fails."""
+        """Run ``argv`` in the sandbox and return its result; raise :class:`SandboxError` if bwrap fails.
+
+        ``pass_fds`` are host descriptors the command inherits under the same numbers (e.g. one
+        end of a socketpair as its only channel to the host); the caller keeps and closes them.
+        """
         limits = self.policy.limits
         wall = timeout if timeout is not None else limits.wall_timeout_s
         cap = output_bytes if output_bytes is not None else limits.output_bytes
         command = self.build_command(argv, workdir=workdir, tmpdir=tmpdir, cwd=cwd, env=env)
         stdin_data = input.encode() if isinstance(input, str) else input
-        return await _Run(self, command, stdin_data, wall, cap).execute()
+        return await _Run(self, command, stdin_data, wall, cap, inherit=tuple(pass_fds)).execute()
 
     def run_sync(
         self,
@@ -611,13 +639,21 @@ class _Run:
     """One sandboxed process: spawn, feed, capture, time out, reap with resource usage."""
 
     def __init__(
-        self, sandbox: BwrapSandbox, command: BwrapCommand, stdin: bytes | None, wall: float, cap: int
+        self,
+        sandbox: BwrapSandbox,
+        command: BwrapCommand,
+        stdin: bytes | None,
+        wall: float,
+        cap: int,
+        *,
+        inherit: tuple[int, ...] = (),
     ) -> None:
         self.sandbox = sandbox
         self.command = command
         self.stdin = stdin
         self.wall = wall
         self.cap = cap
+        self.inherit = inherit
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         argv = list(self.command.argv)
@@ -646,7 +682,9 @@ class _Run:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     env={},  # bwrap itself needs nothing from the host environment
-                    pass_fds=pass_fds,
+                    # The caller's descriptors cross too (bwrap and the init leave inherited
+                    # descriptors open); they are the caller's to close, unlike ours below.
+                    pass_fds=[*pass_fds, *self.inherit],
                     start_new_session=True,
                     close_fds=True,
                     **ids,
@@ -834,6 +872,73 @@ def _kill(pid: int) -> None:
 def _exit_code(wait_status: int) -> int:
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code
+
+
+# ---------------------------------------------------------------------------------------- seccomp
+
+#: Calls a sandbox for untrusted code has no use for: debugging other processes, mounts and
+#: namespaces, kernel keyrings, eBPF, perf, io_uring, modules and the like.
+DENY_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root", "chroot",
+    "unshare", "setns", "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot", "swapon",
+    "swapoff", "acct", "open_by_handle_at", "name_to_handle_at", "open_tree", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr", "quotactl", "syslog", "vhangup",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+)  # fmt: skip
+_SYSCALLS_X86_64 = {
+    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "mount": 165, "umount2": 166,
+    "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308, "keyctl": 250, "add_key": 248,
+    "request_key": 249, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "kexec_load": 246,
+    "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176, "reboot": 169,
+    "swapon": 167, "swapoff": 168, "acct": 163, "open_by_handle_at": 304, "name_to_handle_at": 303,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "mount_setattr": 442, "quotactl": 179, "syslog": 103, "vhangup": 153, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427,
+}  # fmt: skip
+_SYSCALLS_AARCH64 = {
+    "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "mount": 40, "umount2": 39,
+    "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268, "keyctl": 219, "add_key": 217,
+    "request_key": 218, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "kexec_load": 104,
+    "kexec_file_load": 294, "init_module": 105, "finit_module": 273, "delete_module": 106, "reboot": 142,
+    "swapon": 224, "swapoff": 225, "acct": 89, "open_by_handle_at": 265, "name_to_handle_at": 264,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "mount_setattr": 442, "quotactl": 60, "syslog": 116, "vhangup": 58, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427,
+}  # fmt: skip
+# (audit arch, syscall table, first number of a foreign ABI sharing the arch: x32 on x86_64)
+_ARCHES: dict[str, tuple[int, dict[str, int], int | None]] = {
+    "x86_64": (0xC000003E, _SYSCALLS_X86_64, 0x40000000),
+    "aarch64": (0xC00000B7, _SYSCALLS_AARCH64, None),
+}
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+_RET_ALLOW, _RET_KILL_PROCESS, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+
+
+def seccomp_filter(deny: Sequence[str], machine: str | None = None) -> bytes:
+    """Return a classic-BPF seccomp program making ``deny`` fail with EPERM (and killing foreign ABIs).
+
+    The program checks the architecture first (a process switching ABI would otherwise get
+    other syscall numbers past the filter) and refuses x32 calls on x86_64 outright.
+    """
+    machine = machine or os.uname().machine
+    if machine not in _ARCHES:
+        raise SandboxError(f"no seccomp syscall table for {machine!r}; cannot deny {list(deny)[:3]}...")
+    arch, table, foreign = _ARCHES[machine]
+    numbers = sorted({table[name] for name in deny})
+    insns: list[tuple[int, int, int, int]] = [(_BPF_LD_W_ABS, 0, 0, 4)]  # seccomp_data.arch
+    # Layout after the arch check: load nr, [foreign check], one JEQ per number, ALLOW, ERRNO, KILL.
+    body = 1 + (1 if foreign is not None else 0) + len(numbers) + 1
+    insns.append((_BPF_JEQ_K, 0, body + 1, arch))  # other arch -> KILL
+    insns.append((_BPF_LD_W_ABS, 0, 0, 0))  # seccomp_data.nr
+    if foreign is not None:
+        insns.append((_BPF_JGE_K, len(numbers) + 1, 0, foreign))  # foreign ABI -> ERRNO
+    for index, number in enumerate(numbers):
+        insns.append((_BPF_JEQ_K, len(numbers) - index, 0, number))  # -> ERRNO
+    insns.append((_BPF_RET_K, 0, 0, _RET_ALLOW))
+    insns.append((_BPF_RET_K, 0, 0, _RET_ERRNO | errno.EPERM))
+    insns.append((_BPF_RET_K, 0, 0, _RET_KILL_PROCESS))
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
 
 
 # ---------------------------------------------------------------------------------------- helpers

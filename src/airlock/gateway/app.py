@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,9 +66,13 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         runner = None
         if settings.run_jobs:
             from airlock.finetune.jobs import KIND, FineTuneHandler
-            from airlock.jobs.runner import JobRunner
+            from airlock.interp.jobs import KIND as INTERP_KIND
+            from airlock.interp.jobs import InterpHandler, pool_workers
+            from airlock.jobs.runner import JobHandler, JobRunner
 
-            runner = JobRunner(db, {KIND: FineTuneHandler(settings.home_dir)}, stale_after=settings.job_stale_after_s)
+            interp = InterpHandler(db, settings, pool_workers(state.pool, asyncio.get_running_loop()))
+            handlers: dict[str, JobHandler] = {KIND: FineTuneHandler(settings.home_dir), INTERP_KIND: interp}
+            runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s)
             runner.start()
         try:
             yield

@@ -1,0 +1,1064 @@
+"""The trusted side of an interp job: model work for the RPC, the output policy, and one sandboxed run.
+
+The host holds the weights; the evaluator's code runs in a fresh bubblewrap runner whose only
+channel back is one socket. Over it the host answers an allow-listed RPC (``modules``,
+``trace``, ``generate``) by running forward passes with forward hooks that read or patch
+module outputs; no verb returns a parameter, a gradient, or runs a module on inputs the
+evaluator chose. The runner's result then passes the output policy (size caps, a check that
+no returned tensor equals a slice of the weights) before anything is stored.
+
+Model work runs on the thread that owns the model (the local backend's worker, see
+docs/architecture.md "one torch thread per kind of work"); the RPC server is a plain thread
+blocking on the socket, so a slow forward pass never blocks an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import io
+import json
+import logging
+import math
+import re
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from airlock.errors import AirlockError
+from airlock.interp import _runtime, _wire
+from airlock.interp.runner import EXIT_OK, EXIT_PROTOCOL_ERROR, EXIT_USER_ERROR, FD_ENV
+from airlock.sandbox import (
+    DENY_SYSCALLS,
+    BwrapSandbox,
+    Mount,
+    ResourceLimits,
+    SandboxPolicy,
+    SandboxResult,
+    Termination,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+MiB = 1024 * 1024
+RPC_VERBS = frozenset({"modules", "trace", "generate"})
+_RUNNER_VERBS = frozenset({"job", "result", "error"})
+MAX_PROMPTS = 64
+MAX_PROMPT_TOKENS = 1024
+MAX_NEW_TOKENS = 256
+MAX_TOP_K = 100
+# Set by the host only (stripped from what the runner sends): the variant's system prompt, which
+# chat-formatted prompts get, so that a variant's prompt-level mitigation is part of what is studied.
+SYSTEM_KEY = "_variant_system_prompt"
+HIDDEN_TOKEN = "<system>"
+
+
+class InterpJobError(AirlockError):
+    """An interp job ended without a result it may release; ``code`` names why."""
+
+    status_code = 422
+    error_type = "interp_job_error"
+
+
+# ---------------------------------------------------------------------------------- model work
+
+
+class ModelWorker(Protocol):
+    """Runs ``fn(model, tokenizer)`` on the thread that owns the model."""
+
+    def submit(self, fn: Callable[[Any, Any], Any]) -> concurrent.futures.Future[Any]:
+        """Schedule ``fn`` and return a future for its result."""
+        ...
+
+
+class BackendWorker:
+    """A :class:`ModelWorker` over a started :class:`~airlock.backends.local.LocalBackend`.
+
+    Requests run between the backend's batching steps on its own worker thread, so interp
+    jobs share the loaded weights with serving and never run torch on a second thread.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        # The engine is the backend's worker; interp work needs it directly (hooks on its model).
+        self._engine = backend._engine
+        self._tokenizer = backend.tokenizer
+        if self._engine is None:
+            raise InterpJobError("the local backend is not started", code="backend_unavailable")
+
+    def submit(self, fn: Callable[[Any, Any], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn(model, tokenizer)`` on the backend's worker between two batching steps."""
+        out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        engine = self._engine
+
+        def run() -> None:
+            try:
+                out.set_result(fn(engine.model, self._tokenizer))
+            except BaseException as exc:  # delivered to the waiting RPC thread
+                out.set_exception(exc)
+
+        engine.control(run)
+        return out
+
+
+class ThreadWorker:
+    """A :class:`ModelWorker` owning ``model`` on one long-lived thread (benchmarks, tools, tests)."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="airlock-interp-model")
+
+    def submit(self, fn: Callable[[Any, Any], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn(model, tokenizer)`` on the model thread under ``torch.inference_mode``."""
+
+        def run() -> Any:
+            import torch
+
+            with torch.inference_mode():
+                return fn(self.model, self.tokenizer)
+
+        return self._pool.submit(run)
+
+    def close(self) -> None:
+        """Stop the model thread."""
+        self._pool.shutdown(wait=True)
+
+
+class RequestError(Exception):
+    """A request the host refuses; the message goes back to the evaluator's code."""
+
+
+_LAYER_PATH = re.compile(r"^model\.layers\.(\d+)(?:\.(self_attn|mlp|input_layernorm|post_attention_layernorm))?$")
+
+
+def _base_model(model: Any) -> Any:
+    # A peft-wrapped model (after fine-tuning adapters were loaded) hides the transformers one.
+    getter = getattr(model, "get_base_model", None)
+    return getter() if callable(getter) else model
+
+
+@contextlib.contextmanager
+def _adapters_off(model: Any) -> Iterator[None]:
+    # Interp runs on the variant's own weights: any LoRA adapter stays out of the forward pass.
+    disable = getattr(model, "disable_adapter", None)
+    if callable(disable):
+        with disable():
+            yield
+    else:
+        yield
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """Return the public shape of ``model``: readable modules and their per-token output shapes."""
+    base = _base_model(model)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None or not hasattr(base.model, "norm"):
+        raise RequestError("this model's architecture is not supported for interp (needs model.layers, model.norm)")
+    hidden = int(base.config.hidden_size)
+    entries: list[dict[str, Any]] = []
+    for index in range(len(layers)):
+        prefix = f"model.layers.{index}"
+        entries.append({"name": prefix, "kind": "residual", "shape": [hidden]})
+        for sub, kind in (
+            ("input_layernorm", "norm"),
+            ("self_attn", "attention"),
+            ("post_attention_layernorm", "norm"),
+            ("mlp", "mlp"),
+        ):
+            entries.append({"name": f"{prefix}.{sub}", "kind": kind, "shape": [hidden]})
+    entries.append({"name": "model.norm", "kind": "norm", "shape": [hidden]})
+    return {
+        "n_layers": len(layers),
+        "hidden_size": hidden,
+        "vocab_size": int(base.get_output_embeddings().weight.shape[0]),
+        "modules": entries,
+    }
+
+
+def _module(base: Any, path: str) -> Any:
+    """Return the allow-listed module at ``path`` (never the embeddings or the unembedding)."""
+    if path == "model.norm":
+        return base.model.norm
+    match = _LAYER_PATH.match(path)
+    if match is None:
+        raise RequestError(f"module {path!r} is not readable (see client.modules())")
+    index = int(match.group(1))
+    if index >= len(base.model.layers):
+        raise RequestError(f"module {path!r} does not exist: the model has {len(base.model.layers)} layers")
+    module = base.model.layers[index]
+    return getattr(module, match.group(2)) if match.group(2) else module
+
+
+def _encode(tokenizer: Any, prompt: str, chat: bool, system: str | None = None) -> tuple[list[int], int]:
+    """Return a prompt's token ids and how many leading ones are the variant's system prompt (hidden)."""
+    hidden = 0
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if system:
+            # The mitigation's text is the lab's (the ledger keeps it as a commitment): its tokens
+            # are neither shown nor readable. Chat templates render the system turn first; if
+            # this one does not, the whole prompt is treated as hidden (fail closed).
+            head = tokenizer.apply_chat_template(messages[:1], tokenize=False)
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+            hidden = len(head_ids) if ids[: len(head_ids)] == head_ids else len(ids)
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise RequestError("a prompt is empty after tokenisation")
+    if len(ids) > MAX_PROMPT_TOKENS:
+        raise RequestError(f"a prompt has {len(ids)} tokens; at most {MAX_PROMPT_TOKENS} are allowed")
+    return [int(i) for i in ids], hidden
+
+
+def _prompt_list(request: Mapping[str, Any]) -> list[str]:
+    prompts = request.get("prompts")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise RequestError("prompts must be a non-empty list of strings")
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError(f"at most {MAX_PROMPTS} prompts per call")
+    return prompts
+
+
+def _resolve_positions(raw: Any, lengths: list[int], hidden: list[int]) -> list[list[int]]:
+    """Per prompt, the absolute positions a request covers (negative ones count from its end).
+
+    ``hidden[b]`` leading positions (the variant's system prompt) are never covered: all
+    positions means the rest, and naming one of them is refused.
+    """
+    if raw is None:
+        out = [list(range(k, n)) for k, n in zip(hidden, lengths, strict=True)]
+        if not all(out):
+            raise RequestError("a prompt has no readable tokens")
+        return out
+    if not isinstance(raw, list) or not raw or not all(isinstance(p, int) for p in raw):
+        raise RequestError("positions must be an int, a non-empty list of ints, or None")
+    out = []
+    for b, (k, n) in enumerate(zip(hidden, lengths, strict=True)):
+        row = []
+        for p in raw:
+            if not -n <= p < n:
+                raise RequestError(f"position {p} is out of range for prompt {b} ({n} tokens)")
+            if p % n < k:
+                raise RequestError(
+                    f"position {p} of prompt {b} lies in the variant's system prompt, which is not readable"
+                )
+            row.append(p % n)
+        out.append(row)
+    return out
+
+
+@dataclass
+class _Patch:
+    op: str
+    value: torch.Tensor
+    positions: list[int] | None
+
+
+def _parse_patches(raw: Any, base: Any, hidden: int) -> dict[str, _Patch]:
+    import torch
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RequestError("patch must map module paths to edits")
+    patches: dict[str, _Patch] = {}
+    for path, spec in raw.items():
+        _module(base, path)
+        if not isinstance(spec, dict) or spec.get("op") not in ("set", "add", "ablate"):
+            raise RequestError(f"patch for {path!r} must be client.replace(), client.add() or client.ablate()")
+        value = spec.get("value")
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.shape[-1:] != (hidden,):
+            raise RequestError(
+                f"patch for {path!r}: the value must be a float array ending in the hidden size {hidden}"
+            )
+        if not np.isfinite(value).all():
+            raise RequestError(f"patch for {path!r}: the value has NaN or infinite entries")
+        if spec["op"] != "set" and value.ndim != 1:
+            raise RequestError(f"patch for {path!r}: {spec['op']} takes one vector of size {hidden}")
+        positions = spec.get("positions")
+        if positions is not None and (
+            not isinstance(positions, list) or not all(isinstance(p, int) for p in positions)
+        ):
+            raise RequestError(f"patch for {path!r}: positions must be a list of ints")
+        tensor = torch.from_numpy(np.array(value, dtype=np.float32))
+        if spec["op"] == "ablate":
+            norm = float(tensor.norm())
+            if norm == 0.0:
+                raise RequestError(f"patch for {path!r}: cannot ablate a zero direction")
+            tensor = tensor / norm
+        patches[path] = _Patch(op=str(spec["op"]), value=tensor, positions=positions)
+    return patches
+
+
+def _apply(patch: _Patch, hidden: torch.Tensor, lengths: list[int] | None, prefill: bool) -> None:
+    """Edit ``hidden`` ``[batch, tokens, dim]`` in place as ``patch`` says."""
+    value = patch.value.to(hidden.dtype)
+    if patch.positions is None:
+        index: Any = slice(None)
+        rows = [(b, index) for b in range(hidden.shape[0])]
+    else:
+        if not prefill:
+            return  # positions name prompt tokens; generated tokens are left alone
+        rows = []
+        for b in range(hidden.shape[0]):
+            n = lengths[b] if lengths else hidden.shape[1]
+            bad = [p for p in patch.positions if not -n <= p < n]
+            if bad:
+                raise RequestError(f"patch position {bad[0]} is out of range for prompt {b} ({n} tokens)")
+            rows.append((b, [p % n for p in patch.positions]))
+    for b, idx in rows:
+        if patch.op == "add":
+            hidden[b, idx] += value
+        elif patch.op == "ablate":
+            part = hidden[b, idx]
+            hidden[b, idx] = part - (part @ value).unsqueeze(-1) * value
+        else:
+            target = hidden[b, idx]
+            v = value
+            if v.ndim == 3:
+                if v.shape[0] != hidden.shape[0]:
+                    raise RequestError(f"a replacement of shape {tuple(v.shape)} does not match the batch")
+                v = v[b]
+            try:
+                hidden[b, idx] = v.expand_as(target) if v.ndim == 1 else v.reshape(target.shape)
+            except RuntimeError:
+                raise RequestError(
+                    f"a replacement of shape {tuple(patch.value.shape)} does not fit {tuple(target.shape)}"
+                ) from None
+
+
+@contextlib.contextmanager
+def _hooks(
+    base: Any,
+    reads: list[str],
+    patches: dict[str, _Patch],
+    captured: dict[str, torch.Tensor],
+    lengths: list[int] | None,
+    prompt_len: int | None = None,
+) -> Iterator[None]:
+    handles = []
+
+    def make(path: str) -> Callable[[Any, Any, Any], Any]:
+        def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            patch = patches.get(path)
+            if patch is not None:
+                prefill = prompt_len is None or hidden.shape[1] == prompt_len
+                hidden = hidden.clone()
+                _apply(patch, hidden, lengths, prefill)
+            if path in reads:
+                captured[path] = hidden.detach()
+            if patch is not None:
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return None
+
+        return hook
+
+    try:
+        for path in dict.fromkeys([*reads, *patches]):
+            handles.append(_module(base, path).register_forward_hook(make(path)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _gather(tensor: torch.Tensor, positions: list[list[int]]) -> Array:
+    """Return ``tensor[b, positions[b]]`` stacked to ``[batch, max positions, ...]`` (zero-padded)."""
+    width = max(len(p) for p in positions)
+    out = np.zeros((tensor.shape[0], width, *tensor.shape[2:]), dtype=np.float32)
+    for b, pos in enumerate(positions):
+        out[b, : len(pos)] = tensor[b, pos].float().cpu().numpy()
+    return out
+
+
+def _select(tensor: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Return ``tensor[b, positions[b]]`` as ``[batch, max positions, ...]`` (rows padded by repetition)."""
+    import torch
+
+    width = max(len(p) for p in positions)
+    index = torch.tensor([p + [p[-1]] * (width - len(p)) for p in positions], dtype=torch.long, device=tensor.device)
+    return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+
+
+def _compact(positions: list[list[int]]) -> list[list[int]]:
+    """Positions of a :func:`_select`-ed tensor: each row's first ``len(positions[b])`` entries."""
+    return [list(range(len(p))) for p in positions]
+
+
+def run_trace(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Answer ``trace`` (on the model's thread): one forward pass with reads, patches and read-outs."""
+    import torch
+
+    base = _base_model(model)
+    info = describe(model)
+    prompts = _prompt_list(request)
+    chat = bool(request.get("chat"))
+    read = request.get("read") or []
+    lens = request.get("lens") or []
+    if not isinstance(read, list) or not all(isinstance(r, str) for r in read):
+        raise RequestError("read must be a list of module paths")
+    if not isinstance(lens, list) or not all(isinstance(r, str) for r in lens):
+        raise RequestError("lens must be a list of module paths")
+    for path in [*read, *lens]:
+        _module(base, path)
+    top_k = request.get("top_k", 5)
+    if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise RequestError(f"top_k must be between 1 and {MAX_TOP_K}")
+    patches = _parse_patches(request.get("patch"), base, info["hidden_size"])
+    pairs = [_encode(tokenizer, p, chat, request.get(SYSTEM_KEY)) for p in prompts]
+    encoded = [ids for ids, _hidden in pairs]
+    hidden = [count for _ids, count in pairs]
+    lengths = [len(ids) for ids in encoded]
+    positions = _resolve_positions(request.get("positions"), lengths, hidden)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    width = max(lengths)
+    # Right padding with a mask: each prompt's own positions keep their indices.
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for b, row in enumerate(encoded):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = 1
+    captured: dict[str, torch.Tensor] = {}
+    device = next(base.parameters()).device
+    with _adapters_off(model), _hooks(base, list(dict.fromkeys([*read, *lens])), patches, captured, lengths):
+        # The decoder alone: the unembedding runs only on the positions asked for (over every
+        # position it would dominate the cost of a read, the vocabulary being large).
+        out = base.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    head = base.get_output_embeddings()
+    reply: dict[str, Any] = {
+        "tokens": [
+            [HIDDEN_TOKEN if i < k else tokenizer.decode([t]) for i, t in enumerate(row)]
+            for row, k in zip(encoded, hidden, strict=True)
+        ],
+        "positions": positions,
+        "activations": {path: _gather(captured[path], positions) for path in read},
+    }
+    if request.get("logits", True):
+        reply["logits"] = _gather(head(_select(out.last_hidden_state, positions)), _compact(positions))
+    if lens:
+        reply["lens"] = {}
+        for path in lens:
+            selected = _select(captured[path], positions)
+            states = selected if path == "model.norm" else base.model.norm(selected)
+            logprobs = torch.log_softmax(head(states).float(), dim=-1)
+            values, indices = logprobs.topk(top_k, dim=-1)
+            top_ids = _gather(indices.float(), _compact(positions)).astype(np.int64)
+            reply["lens"][path] = {
+                "token_ids": top_ids,
+                "logprobs": _gather(values, _compact(positions)),
+                "tokens": [[[tokenizer.decode([int(t)]) for t in pos] for pos in row] for row in top_ids],
+            }
+    return reply
+
+
+def run_generate(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Answer ``generate`` (on the model's thread): sample each prompt with patches applied."""
+    import torch
+
+    base = _base_model(model)
+    info = describe(model)
+    prompts = _prompt_list(request)
+    max_tokens = request.get("max_tokens", 32)
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
+        raise RequestError(f"max_tokens must be between 1 and {MAX_NEW_TOKENS}")
+    temperature = request.get("temperature", 0.0)
+    top_p = request.get("top_p", 1.0)
+    if not isinstance(temperature, int | float) or not 0 <= temperature <= 5:
+        raise RequestError("temperature must be between 0 and 5")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise RequestError("top_p must be in (0, 1]")
+    seed = request.get("seed")
+    if seed is not None and not isinstance(seed, int):
+        raise RequestError("seed must be an integer")
+    patches = _parse_patches(request.get("patch"), base, info["hidden_size"])
+    chat = bool(request.get("chat", True))
+    eos = tokenizer.eos_token_id
+    # transformers 5.24 renamed the KV-cache argument ``past_key_values`` to ``cache``.
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    texts = []
+    device = next(base.parameters()).device
+    for index, prompt in enumerate(prompts):
+        ids, _hidden = _encode(tokenizer, prompt, chat, request.get(SYSTEM_KEY))
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed((seed if seed is not None else 0) + index)
+        captured: dict[str, torch.Tensor] = {}
+        sequence = list(ids)
+        cache = None
+        with _adapters_off(model), _hooks(base, [], patches, captured, [len(ids)], prompt_len=len(ids)):
+            step_ids = torch.tensor([ids], device=device)
+            for _ in range(max_tokens):
+                out = base(input_ids=step_ids, use_cache=True, **({cache_arg: cache} if cache is not None else {}))
+                cache = getattr(out, cache_arg)
+                logits = out.logits[0, -1].float()
+                if temperature == 0:
+                    token = int(logits.argmax())
+                else:
+                    probs = torch.softmax(logits / float(temperature), dim=-1)
+                    if top_p < 1:
+                        sorted_p, order = probs.sort(descending=True)
+                        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+                        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+                    token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+                if eos is not None and token == eos:
+                    break
+                sequence.append(token)
+                step_ids = torch.tensor([[token]], device=device)
+        texts.append(tokenizer.decode(sequence[len(ids) :], skip_special_tokens=True))
+    return {"texts": texts}
+
+
+# ---------------------------------------------------------------------------------- weights check
+
+_WINDOW = 4  # values per fingerprint
+_STRIDE = 64  # fingerprints are taken every _STRIDE values along each row and column
+MIN_MATCH = 32  # consecutive equal values that count as a copy of the weights
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64)
+
+
+def _fingerprints(bits: Array) -> Array:
+    """Hash each run of ``_WINDOW`` consecutive uint32 values of the last axis (sliding)."""
+    x = bits.astype(np.uint64)
+    n = x.shape[-1] - _WINDOW + 1
+    out = np.zeros((*x.shape[:-1], max(n, 0)), dtype=np.uint64)
+    for k in range(_WINDOW):
+        out ^= x[..., k : k + n] * _MIX[k]  # uint64 arithmetic wraps by design
+    return out
+
+
+class ParamIndex:
+    """Finds copies of the weights in outgoing arrays: runs of equal float32 values along a row or column.
+
+    Every parameter is indexed as lines (rows, and columns of matrices), with a fingerprint
+    every ``_STRIDE`` values; an outgoing array is fingerprinted at every offset, and hits are
+    verified value by value. Any copied run of at least ``_STRIDE + _WINDOW`` values (or a
+    whole line, when shorter) is found. It does not find transformed weights (scaled, summed,
+    rounded to a lower precision): the size cap and the review queue are the backstop there.
+    The index holds fingerprints and views of the parameters, never copies of them.
+    """
+
+    def __init__(self, named: list[tuple[str, Array]]) -> None:
+        self.params: list[tuple[str, Array]] = []
+        keys: list[Array] = []
+        where: list[Array] = []
+        for name, values in named:
+            matrix = np.asarray(values, dtype=np.float32)
+            matrix = matrix.reshape(-1, matrix.shape[-1]) if matrix.ndim else matrix.reshape(1, 1)
+            param_id = len(self.params)
+            self.params.append((name, matrix))
+            orientations = [0, 1] if np.ndim(values) == 2 else [0]
+            for axis in orientations:
+                length = matrix.shape[1] if axis == 0 else matrix.shape[0]
+                for start in range(0, max(length - _WINDOW + 1, 0), _STRIDE):
+                    # [lines, _WINDOW]: the window at ``start`` of every row (axis 0) or column (axis 1).
+                    part = matrix[:, start : start + _WINDOW] if axis == 0 else matrix[start : start + _WINDOW, :].T
+                    windows = np.ascontiguousarray(part)
+                    # Constant windows (zeros, ones of a norm) carry no information and match anything.
+                    varied = np.nonzero((windows != windows[:, :1]).any(axis=1))[0]
+                    keys.append(_fingerprints(windows.view(np.uint32))[varied, 0])
+                    rows = np.empty((len(varied), 4), dtype=np.int32)
+                    rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = param_id, axis, varied, start
+                    where.append(rows)
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+        order = np.argsort(all_keys, kind="stable")
+        self.keys = all_keys[order]
+        self.where = (np.concatenate(where) if where else np.zeros((0, 4), dtype=np.int32))[order]
+
+    @classmethod
+    def of_model(cls, model: Any) -> ParamIndex:
+        """Index every floating-point parameter of ``model`` (each tensor once, tied ones included)."""
+        seen: set[int] = set()
+        named = []
+        for name, param in _base_model(model).named_parameters():
+            if not param.dtype.is_floating_point or param.data_ptr() in seen:
+                continue
+            seen.add(param.data_ptr())
+            named.append((name, param.detach().float().cpu().numpy()))
+        return cls(named)
+
+    def find(self, array: Array) -> str | None:
+        """Return a description of a weights copy inside ``array``, or None."""
+        if array.dtype.kind != "f" or array.size < _WINDOW or not len(self.keys):
+            return None
+        flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        prints = _fingerprints(flat.view(np.uint32))
+        slots = np.searchsorted(self.keys, prints)
+        slots[slots == len(self.keys)] = 0
+        for offset in np.nonzero(self.keys[slots] == prints)[0]:
+            lo = np.searchsorted(self.keys, prints[offset], side="left")
+            hi = np.searchsorted(self.keys, prints[offset], side="right")
+            for param_id, axis, index, start in self.where[lo:hi]:
+                name, matrix = self.params[int(param_id)]
+                line = matrix[int(index)] if axis == 0 else matrix[:, int(index)]
+                run = _match_length(flat, int(offset), line, int(start))
+                if run >= min(MIN_MATCH, len(line)):
+                    kind = "row" if axis == 0 else "column"
+                    return f"{run} values equal to {kind} {int(index)} of {name}"
+        return None
+
+
+def _match_length(flat: Array, at: int, line: Array, start: int) -> int:
+    """Length of the run of equal values through ``flat[at]`` ≡ ``line[start]``."""
+    back = min(at, start)
+    ahead = min(len(flat) - at, len(line) - start)
+    a = flat[at - back : at + ahead].view(np.uint32)
+    b = np.ascontiguousarray(line[start - back : start + ahead]).view(np.uint32)
+    equal = a == b
+    if not equal[back]:
+        return 0
+    left = back - (np.nonzero(~equal[:back])[0].max() + 1 if (~equal[:back]).any() else 0)
+    after = equal[back:]
+    right = int(np.argmin(after)) if not after.all() else len(after)
+    return int(left + right)
+
+
+_INDEXES: weakref.WeakKeyDictionary[Any, ParamIndex] = weakref.WeakKeyDictionary()
+_INDEX_LOCK = threading.Lock()
+
+
+def param_index(worker: ModelWorker) -> ParamIndex:
+    """Return the (cached) weights index of ``worker``'s model, building it on the model thread once."""
+
+    def build(model: Any, _tokenizer: Any) -> ParamIndex:
+        base = _base_model(model)
+        with _INDEX_LOCK:
+            index = _INDEXES.get(base)
+            if index is None:
+                index = _INDEXES[base] = ParamIndex.of_model(base)
+        return index
+
+    result: ParamIndex = worker.submit(build).result()
+    return result
+
+
+# ---------------------------------------------------------------------------------- output policy
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """What a job may release: size caps and the weights check."""
+
+    max_result_bytes: int
+    """Largest result (JSON + arrays) of one job."""
+    grant_bytes_left: int | None
+    """What remains of the grant's result-bytes quota (None: no quota)."""
+    review_over_bytes: int
+    """Results larger than this wait for a lab reviewer."""
+
+
+@dataclass
+class Released:
+    """A result that passed the output policy: its JSON document and NPZ bytes."""
+
+    document: dict[str, Any]
+    npz: bytes
+    result_bytes: int
+    arrays: list[dict[str, Any]]
+    needs_review: bool
+    review_reasons: list[str]
+
+
+def apply_policy(value: Any, policy: OutputPolicy, index: ParamIndex | None) -> Released:
+    """Split a result into JSON and arrays, enforce the caps and the weights check (or raise)."""
+    arrays: dict[str, Array] = {}
+
+    def strip(node: Any, path: str) -> Any:
+        if isinstance(node, np.ndarray):
+            name = f"a{len(arrays)}"
+            arrays[name] = node
+            return {"__array__": name}
+        if isinstance(node, dict):
+            return {key: strip(item, f"{path}.{key}") for key, item in node.items()}
+        if isinstance(node, list):
+            return [strip(item, f"{path}[{i}]") for i, item in enumerate(node)]
+        if isinstance(node, float) and not math.isfinite(node):
+            return None if math.isnan(node) else ("inf" if node > 0 else "-inf")
+        return node
+
+    document = strip(value, "result")
+    text = json.dumps(document, separators=(",", ":"))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    npz = buffer.getvalue()
+    size = len(text.encode()) + sum(int(a.nbytes) for a in arrays.values())
+    if size > policy.max_result_bytes:
+        raise InterpJobError(
+            f"the result is {size} bytes; the per-job cap is {policy.max_result_bytes} bytes", code="result_too_large"
+        )
+    if policy.grant_bytes_left is not None and size > policy.grant_bytes_left:
+        raise InterpJobError(
+            f"the result is {size} bytes but only {max(policy.grant_bytes_left, 0)} bytes of the grant's "
+            "result quota are left",
+            code="insufficient_quota",
+        )
+    if index is not None:
+        for name, array in arrays.items():
+            found = index.find(array)
+            if found:
+                raise InterpJobError(
+                    f"the result was withheld: array {name} contains {found}", code="weights_in_result"
+                )
+    reasons = []
+    if size > policy.review_over_bytes:
+        reasons.append(f"result of {size} bytes exceeds the review threshold of {policy.review_over_bytes} bytes")
+    return Released(
+        document=document,
+        npz=npz,
+        result_bytes=size,
+        arrays=[{"name": n, "dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()],
+        needs_review=bool(reasons),
+        review_reasons=reasons,
+    )
+
+
+# ---------------------------------------------------------------------------------- RPC server
+
+
+@dataclass
+class RpcStats:
+    """What the runner asked of the host."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    model_seconds: float = 0.0
+    refused: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the stats as JSON values."""
+        return {
+            "calls": dict(self.calls),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "model_seconds": round(self.model_seconds, 4),
+            "refused": list(self.refused),
+        }
+
+
+class RpcServer:
+    """Answers one runner over the host end of its socketpair, on its own thread."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        worker: ModelWorker,
+        job: dict[str, Any],
+        *,
+        max_request_bytes: int = 64 * MiB,
+        max_reply_bytes: int = 256 * MiB,
+        max_total_bytes: int = 4096 * MiB,
+        max_result_bytes: int = 64 * MiB,
+        max_model_seconds: float | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.sock = sock
+        self.system_prompt = system_prompt
+        self.worker = worker
+        self.job = job
+        self.max_request_bytes = max_request_bytes
+        self.max_reply_bytes = max_reply_bytes
+        self.max_total_bytes = max_total_bytes
+        self.max_result_bytes = max_result_bytes
+        # The host's forward passes are not in the sandbox's CPU limit; this caps them per job.
+        self.max_model_seconds = max_model_seconds
+        self.stats = RpcStats()
+        self.result: Any = None
+        self.has_result = False
+        self.error: dict[str, str] | None = None
+        self.protocol_error: str | None = None
+        self.result_too_large: int | None = None
+        self.model_time_spent = False
+        self._thread = threading.Thread(target=self._serve, name="airlock-interp-rpc", daemon=True)
+
+    def start(self) -> None:
+        """Start serving."""
+        self._thread.start()
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait for the runner's end of the socket to close."""
+        self._thread.join(timeout)
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                try:
+                    # One cap for every frame: a result frame cannot be told apart before it is read.
+                    message, size = _wire.recv(self.sock, min(self.max_request_bytes, self.max_result_bytes + MiB))
+                except _wire.FrameTooLarge as exc:
+                    self.result_too_large = exc.size
+                    self.protocol_error = f"the runner sent a message of {exc.size} bytes (cap {exc.cap})"
+                    return
+                except _wire.WireError as exc:
+                    if str(exc) != "connection closed":
+                        self.protocol_error = f"malformed message from the runner: {exc}"
+                    return
+                self.stats.bytes_in += size
+                op = message.get("op")
+                if not isinstance(op, str):
+                    self._refuse("a message without a verb")
+                    continue
+                self.stats.calls[op] = self.stats.calls.get(op, 0) + 1
+                if op == "job":
+                    self._reply(self.job)
+                elif op == "result":
+                    self.result, self.has_result = message.get("value"), True
+                    self._reply({"ok": True})
+                elif op == "error":
+                    self.error = {"type": str(message.get("type", "Error")), "message": str(message.get("message", ""))}
+                elif op in RPC_VERBS:
+                    self._answer(op, message)
+                else:
+                    self._refuse(f"the RPC verb {op!r} (allowed: {', '.join(sorted(RPC_VERBS))})")
+        except OSError as exc:
+            if self.protocol_error is None and not self.has_result:
+                self.protocol_error = f"the runner's socket failed: {exc}"
+        finally:
+            # Whatever ended the conversation, the runner must not block writing to nobody.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _refuse(self, what: str) -> None:
+        self.stats.refused.append(what)
+        self._reply({"ok": False, "error": f"refused {what}"})
+
+    def _reply(self, message: dict[str, Any]) -> None:
+        self.stats.bytes_out += _wire.send(self.sock, message)
+
+    def _answer(self, op: str, request: dict[str, Any]) -> None:
+        if self.stats.bytes_out > self.max_total_bytes:
+            self._reply(
+                {"ok": False, "error": f"the job's RPC transfer budget of {self.max_total_bytes} bytes is spent"}
+            )
+            return
+        if self.max_model_seconds is not None and self.stats.model_seconds > self.max_model_seconds:
+            self.model_time_spent = True
+            self._reply({"ok": False, "error": f"the job's host model time of {self.max_model_seconds:g} s is spent"})
+            return
+        request = {k: v for k, v in request.items() if k != SYSTEM_KEY}
+        if self.system_prompt:
+            request[SYSTEM_KEY] = self.system_prompt
+        handlers: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
+            "modules": lambda m, t: describe(m),
+            "trace": lambda m, t: run_trace(m, t, request),
+            "generate": lambda m, t: run_generate(m, t, request),
+        }
+        started = time.perf_counter()
+        try:
+            body = self.worker.submit(handlers[op]).result()
+            reply = {"ok": True, **body}
+            frame = _wire.encode(reply)
+        except RequestError as exc:
+            self._reply({"ok": False, "error": str(exc)})
+            return
+        except AirlockError as exc:
+            self._reply({"ok": False, "error": exc.message})
+            return
+        except Exception as exc:  # a model failure must reach the evaluator as an error, not a hang
+            log.exception("interp %s failed", op)
+            self._reply({"ok": False, "error": f"the host could not run {op}: {type(exc).__name__}"})
+            return
+        finally:
+            self.stats.model_seconds += time.perf_counter() - started
+        if len(frame) > self.max_reply_bytes:
+            self._reply({"ok": False, "error": f"the reply would be {len(frame)} bytes (cap {self.max_reply_bytes})"})
+            return
+        self.sock.sendall(frame)
+        self.stats.bytes_out += len(frame)
+
+
+# ---------------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The evaluator's code and how to call it."""
+
+    code: str
+    filename: str
+    entry_point: str
+    args: dict[str, Any]
+    system_prompt: str | None = None
+    """The variant's system prompt (its ``system_prompt`` mitigations), applied to chat-formatted prompts."""
+
+
+@dataclass
+class RunOutcome:
+    """What happened in one sandboxed run (result still raw: the policy comes after)."""
+
+    value: Any
+    logs: str
+    usage: dict[str, Any]
+    error: InterpJobError | None
+
+
+def runner_limits(*, cpu_seconds: int, wall_seconds: float, memory_bytes: int, log_bytes: int) -> ResourceLimits:
+    """Return the sandbox limits of a runner."""
+    return ResourceLimits(
+        wall_timeout_s=wall_seconds,
+        cpu_seconds=cpu_seconds,
+        memory_bytes=memory_bytes,
+        max_processes=64,
+        file_size_bytes=16 * MiB,
+        open_files=256,
+        output_bytes=log_bytes,
+        tmp_bytes=64 * MiB,
+        shm_bytes=16 * MiB,
+    )
+
+
+async def run_job(
+    spec: JobSpec,
+    worker: ModelWorker,
+    limits: ResourceLimits,
+    *,
+    cancelled: Callable[[], bool] = lambda: False,
+    max_result_bytes: int = 64 * MiB,
+) -> RunOutcome:
+    """Run ``spec`` in a fresh sandboxed runner that talks to ``worker``; never raises for the code's faults."""
+    runtime = _runtime.ensure_runtime()
+    policy = SandboxPolicy(
+        limits=limits,
+        mounts=tuple(Mount(source=src, target=dst) for src, dst in runtime.mounts),
+        hostname="airlock-interp",
+        deny_syscalls=DENY_SYSCALLS,
+    )
+    sandbox = BwrapSandbox(policy)
+    host_end, runner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    job = {"ok": True, "code": spec.code, "filename": spec.filename, "entry_point": spec.entry_point, "args": spec.args}
+    server = RpcServer(
+        host_end,
+        worker,
+        job,
+        max_result_bytes=max_result_bytes,
+        max_model_seconds=float(limits.cpu_seconds) if limits.cpu_seconds is not None else None,
+        system_prompt=spec.system_prompt,
+    )
+    env = {
+        FD_ENV: str(runner_end.fileno()),
+        # One thread per numerical library: the CPU limit is per process, and idle thread pools
+        # would only eat the memory limit.
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    server.start()
+    cancel_kill = False
+    try:
+        task = asyncio.ensure_future(
+            sandbox.run(runtime.argv, env=env, pass_fds=[runner_end.fileno()], timeout=limits.wall_timeout_s)
+        )
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.2)
+            if not task.done() and cancelled():
+                cancel_kill = True
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        result = None if cancel_kill else task.result()
+    finally:
+        runner_end.close()
+        # The runner is gone; unblock the server thread if it still waits on a read.
+        with contextlib.suppress(OSError):
+            host_end.shutdown(socket.SHUT_RDWR)
+        server.join()
+        host_end.close()
+    if result is None:
+        return RunOutcome(value=None, logs="", usage={"rpc": server.stats.as_dict()}, error=None)
+    usage = {
+        "cpu_seconds": round(result.cpu_time_s, 3),
+        "wall_seconds": round(result.wall_time_s, 3),
+        "max_rss_kib": result.max_rss_kib,
+        "exit_code": result.exit_code,
+        "termination": result.termination.value,
+        "rpc": server.stats.as_dict(),
+    }
+    logs = result.stdout_text + (("\n" if result.stdout and result.stderr else "") + result.stderr_text)
+    return RunOutcome(
+        value=server.result if server.has_result else None,
+        logs=logs,
+        usage=usage,
+        error=_diagnose(result, server, limits, max_result_bytes),
+    )
+
+
+def _diagnose(result: SandboxResult, server: RpcServer, limits: ResourceLimits, cap: int) -> InterpJobError | None:
+    """Turn how the runner ended into a clear job error (None: it delivered a result)."""
+    t = result.termination
+    if t is Termination.TIMEOUT:
+        return InterpJobError(
+            f"the job ran past its wall-clock limit of {limits.wall_timeout_s:g} s and was killed", code="timeout"
+        )
+    if t is Termination.CPU_LIMIT:
+        return InterpJobError(
+            f"the job used up its CPU limit of {limits.cpu_seconds} s and was killed", code="cpu_limit"
+        )
+    if t is Termination.OUTPUT_LIMIT:
+        return InterpJobError(
+            f"the job printed more than {limits.output_bytes} bytes of logs and was killed", code="log_limit"
+        )
+    if t is Termination.FILE_SIZE_LIMIT:
+        return InterpJobError(
+            f"the job tried to write a file larger than {limits.file_size_bytes} bytes and was killed",
+            code="file_size_limit",
+        )
+    if server.model_time_spent:
+        return InterpJobError(
+            f"the job used up its host model time of {limits.cpu_seconds} s (forward passes on the lab's side)",
+            code="cpu_limit",
+        )
+    if server.stats.refused:
+        return InterpJobError(f"the job's code made a forbidden call: {server.stats.refused[0]}", code="rpc_refused")
+    if server.result_too_large is not None:
+        return InterpJobError(
+            f"the result is {server.result_too_large} bytes; the per-job cap is {cap} bytes", code="result_too_large"
+        )
+    if server.error is not None:
+        kind, message = server.error["type"], server.error["message"]
+        if kind == "MemoryError":
+            limit = (limits.memory_bytes or 0) // MiB
+            return InterpJobError(f"the job ran out of memory (limit {limit} MiB): {message}", code="memory_limit")
+        if kind == "rpc_refused":
+            return InterpJobError(f"the host refused a call: {message}", code="rpc_refused")
+        return InterpJobError(f"the job's code raised {kind}: {message}", code="code_error")
+    if server.protocol_error is not None:
+        return InterpJobError(f"the runner broke the RPC protocol: {server.protocol_error}", code="protocol_error")
+    if result.exit_code == EXIT_OK and server.has_result:
+        return None
+    if result.signal is not None:
+        hint = " (likely the memory limit)" if result.signal in (6, 9, 11) else ""
+        return InterpJobError(f"the runner was killed by signal {result.signal}{hint}", code="killed")
+    if result.exit_code in (EXIT_USER_ERROR, EXIT_PROTOCOL_ERROR):
+        return InterpJobError(
+            "the runner failed before it could report: " + _tail(result.stderr_text), code="runner_error"
+        )
+    return InterpJobError(
+        f"the runner exited with status {result.exit_code} without a result: {_tail(result.stderr_text)}",
+        code="runner_error",
+    )
+
+
+def _tail(text: str, limit: int = 400) -> str:
+    text = text.strip()
+    return text[-limit:] if text else "(no output)"
+
+
+def cpu_limit_for(seconds_left: float | None, default: int) -> int:
+    """Return a job's CPU-seconds limit: the default, or what the grant's quota has left."""
+    if seconds_left is None:
+        return default
+    return max(1, min(default, int(seconds_left)))

@@ -1,0 +1,196 @@
+"""The interp job handler: one fresh sandboxed runner per job, the output policy, storage and ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from airlock.backends.pool import BackendPool, VariantRuntimeSpec
+from airlock.config import Settings
+from airlock.db import Database
+from airlock.errors import AirlockError
+from airlock.interp import host
+from airlock.interp import service as interp
+from airlock.interp.models import InterpJob
+from airlock.jobs.models import Job
+from airlock.jobs.runner import JobCancelled, JobContext
+from airlock.registry.models import Variant
+
+log = logging.getLogger(__name__)
+
+KIND = interp.KIND
+MiB = 1024 * 1024
+
+WorkerProvider = Callable[[VariantRuntimeSpec], host.ModelWorker]
+
+
+def pool_workers(pool: BackendPool, loop: asyncio.AbstractEventLoop) -> WorkerProvider:
+    """Return a provider of model workers over the gateway's backends (called from job threads)."""
+
+    def provide(spec: VariantRuntimeSpec) -> host.ModelWorker:
+        from airlock.backends.local import LocalBackend
+
+        # The pool belongs to the gateway's event loop; job threads borrow it from there.
+        backend = asyncio.run_coroutine_threadsafe(pool.backend(spec), loop).result()
+        if not isinstance(backend, LocalBackend):
+            raise host.InterpJobError(
+                f"variant {spec.variant_id} is not served from local weights", code="backend_not_supported"
+            )
+        return host.BackendWorker(backend)
+
+    return provide
+
+
+class InterpHandler:
+    """Runs one interp job: sandboxed runner ↔ host RPC, then output policy, storage, audit and ledger.
+
+    A job has no partial state worth keeping, so after a restart it simply runs again from the
+    start (``resumable`` with no checkpoint).
+    """
+
+    resumable = True
+
+    def __init__(self, db: Database, settings: Settings, workers: WorkerProvider) -> None:
+        self.db = db
+        self.settings = settings
+        self.workers = workers
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        """Run the job and return its summary (the result itself is stored under the data dir)."""
+        params = ctx.params
+        with self.db.session() as session:
+            row = session.get(InterpJob, ctx.job_id)
+            variant = session.get(Variant, params["variant_id"])
+            if row is None or variant is None:
+                raise host.InterpJobError("the job's record or its variant no longer exists", code="not_found")
+            grant_id = row.grant_id
+            # Prompt-level mitigations shape what the weights see; filters act on text, not activations.
+            system_prompt = "\n\n".join(
+                str(m.config.get("prompt", "")) for m in variant.mitigations if m.kind == "system_prompt"
+            ).strip()
+            spec = VariantRuntimeSpec(
+                variant_id=variant.id,
+                backend=variant.backend,
+                backend_config=dict(variant.backend_config),
+                mitigations=[],
+            )
+            from airlock.access.models import Grant
+
+            grant = session.get(Grant, grant_id)
+            cpu_used, bytes_released = interp.usage_of_grant(session, grant_id)
+            cpu_quota = grant.quota_interp_cpu_seconds if grant is not None else None
+            bytes_quota = grant.quota_result_bytes if grant is not None else None
+        if spec.backend != "local":
+            raise host.InterpJobError(
+                f"variant {params['model']} is served by a {spec.backend!r} backend; interp jobs need local weights",
+                code="backend_not_supported",
+            )
+        limits = params["limits"]
+        cpu_left = None if cpu_quota is None else cpu_quota - cpu_used
+        if cpu_left is not None and cpu_left <= 0:
+            raise host.InterpJobError("the grant's interp CPU quota is used up", code="insufficient_quota")
+        sandbox_limits = host.runner_limits(
+            cpu_seconds=host.cpu_limit_for(cpu_left, int(limits["cpu_seconds"])),
+            wall_seconds=float(limits["wall_seconds"]),
+            memory_bytes=int(limits["memory_mb"]) * MiB,
+            log_bytes=self.settings.interp_log_bytes,
+        )
+        ctx.emit("loading the model on the host", model=params["model"])
+        worker = self.workers(spec)
+        ctx.progress(0.1)
+        ctx.emit(
+            "starting a sandboxed runner",
+            cpu_seconds=sandbox_limits.cpu_seconds,
+            wall_seconds=sandbox_limits.wall_timeout_s,
+            memory_mb=limits["memory_mb"],
+        )
+        job_spec = host.JobSpec(
+            code=str(params["code"]),
+            filename=str(params["filename"]),
+            entry_point=str(params["entry_point"]),
+            args=dict(params.get("args") or {}),
+            system_prompt=system_prompt or None,
+        )
+        outcome = asyncio.run(
+            host.run_job(
+                job_spec,
+                worker,
+                sandbox_limits,
+                cancelled=ctx.cancelled,
+                max_result_bytes=self.settings.interp_max_result_bytes,
+            )
+        )
+        cpu = float(outcome.usage.get("cpu_seconds", 0.0)) + float(outcome.usage["rpc"]["model_seconds"])
+        self._record_run(ctx.job_id, outcome, cpu)
+        if ctx.cancelled() and outcome.value is None and outcome.error is None:
+            self._ledger(ctx.job_id, "cancelled")
+            raise JobCancelled()
+        ctx.progress(0.9)
+        try:
+            if outcome.error is not None:
+                raise outcome.error
+            policy = host.OutputPolicy(
+                max_result_bytes=self.settings.interp_max_result_bytes,
+                grant_bytes_left=None if bytes_quota is None else bytes_quota - bytes_released,
+                review_over_bytes=self.settings.interp_review_over_bytes,
+            )
+            released = host.apply_policy(outcome.value, policy, host.param_index(worker))
+        except AirlockError:
+            self._ledger(ctx.job_id, "failed")
+            raise
+        digest = interp.write_result(self.settings.home_dir, ctx.job_id, released.document, released.npz)
+        with self.db.session() as session:
+            row = session.get(InterpJob, ctx.job_id)
+            assert row is not None
+            row.result_bytes = released.result_bytes
+            row.result_sha256 = digest
+            row.result_arrays = released.arrays
+            row.review_state = "pending" if released.needs_review else "none"
+            row.review_reasons = released.review_reasons
+        if released.needs_review:
+            ctx.emit("result held for review by the lab", reasons=released.review_reasons)
+        ctx.emit("result stored", result_bytes=released.result_bytes, result_sha256=digest)
+        self._ledger(ctx.job_id, "succeeded")
+        return {
+            "result_bytes": released.result_bytes,
+            "result_sha256": digest,
+            "review": "pending" if released.needs_review else "none",
+            "cpu_seconds": round(cpu, 3),
+        }
+
+    def _record_run(self, job_id: str, outcome: host.RunOutcome, cpu: float) -> None:
+        with self.db.session() as session:
+            row = session.get(InterpJob, job_id)
+            assert row is not None
+            row.usage = outcome.usage
+            # A job re-run after a restart is charged for every attempt.
+            row.cpu_seconds = float(row.cpu_seconds or 0.0) + cpu
+            row.logs = outcome.logs
+            from airlock.jobs.service import add_event
+
+            add_event(session, job_id, "runner finished", type="message", **_flat_usage(outcome.usage))
+
+    def _ledger(self, job_id: str, status: str) -> None:
+        try:
+            with self.db.session() as session:
+                job = session.get(Job, job_id)
+                row = session.get(InterpJob, job_id)
+                if job is not None and row is not None:
+                    interp.record_ledger(session, job, row, event="finished", status=status)
+        except Exception:  # the job's outcome must be stored even if the ledger is down
+            log.exception("interp job %s: could not record the ledger event", job_id)
+
+
+def _flat_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    rpc = usage.get("rpc") or {}
+    return {
+        "cpu_seconds": usage.get("cpu_seconds"),
+        "wall_seconds": usage.get("wall_seconds"),
+        "max_rss_kib": usage.get("max_rss_kib"),
+        "termination": usage.get("termination"),
+        "rpc_calls": sum((rpc.get("calls") or {}).values()),
+        "rpc_bytes_out": rpc.get("bytes_out"),
+        "model_seconds": rpc.get("model_seconds"),
+    }

@@ -1,0 +1,373 @@
+"""Interp job logic with no HTTP: submit (checked against the grant), look up, results, cancel, review."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from airlock.access.service import AdminPrincipal, Principal, authorize, check_window
+from airlock.config import Settings
+from airlock.db import utcnow
+from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError, RateLimitError
+from airlock.interp.models import InterpJob
+from airlock.interp.schemas import (
+    ArraySpec,
+    InterpJobCreate,
+    InterpJobPublic,
+    InterpResult,
+    JobErrorBody,
+    ReviewItem,
+    ReviewView,
+)
+from airlock.jobs import service as jobs
+from airlock.jobs.models import Job
+from airlock.registry.models import ModelVersion
+from airlock.registry.service import parse_model_id, resolve_variant
+
+KIND = "interp"
+ID_PREFIX = "ijob"
+MAX_ARGS_BYTES = 64 * 1024
+REVIEWER_ROLES = frozenset({"reviewer", "admin"})
+
+
+# ---------------------------------------------------------------------------------- storage
+
+
+def job_dir(home: Path, job_id: str) -> Path:
+    """Return where a job's released result lives (``result.json`` and ``result.npz``)."""
+    return home / "interp" / job_id
+
+
+def write_result(home: Path, job_id: str, document: dict[str, Any], npz: bytes) -> str:
+    """Store a result atomically (temporary files, then renames); return the SHA-256 of the NPZ."""
+    directory = job_dir(home, job_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in (("result.npz", npz), ("result.json", json.dumps(document).encode())):
+        tmp = directory / f".{name}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / name)
+    return hashlib.sha256(npz).hexdigest()
+
+
+def discard_result(home: Path, job_id: str) -> None:
+    """Delete a job's stored result (a denied review)."""
+    shutil.rmtree(job_dir(home, job_id), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- quotas
+
+
+def usage_of_grant(session: Session, grant_id: str) -> tuple[float, int]:
+    """Return the grant's interp CPU seconds used and result bytes released (denied results excluded)."""
+    cpu = session.scalar(
+        select(func.coalesce(func.sum(InterpJob.cpu_seconds), 0.0)).where(InterpJob.grant_id == grant_id)
+    )
+    released = session.scalar(
+        select(func.coalesce(func.sum(InterpJob.result_bytes), 0)).where(
+            InterpJob.grant_id == grant_id, InterpJob.review_state != "denied"
+        )
+    )
+    return float(cpu or 0.0), int(released or 0)
+
+
+def enforce_quotas(session: Session, principal: Principal) -> None:
+    """Refuse a new job (429) when the grant's interp CPU or result-bytes quota is used up."""
+    grant = principal.grant
+    if grant.quota_interp_cpu_seconds is None and grant.quota_result_bytes is None:
+        return
+    cpu, released = usage_of_grant(session, grant.id)
+    if grant.quota_interp_cpu_seconds is not None and cpu >= grant.quota_interp_cpu_seconds:
+        raise RateLimitError(
+            f"your grant's interp quota of {grant.quota_interp_cpu_seconds:g} CPU seconds is used up ({cpu:.1f} used)",
+            code="insufficient_quota",
+        )
+    if grant.quota_result_bytes is not None and released >= grant.quota_result_bytes:
+        raise RateLimitError(
+            f"your grant's quota of {grant.quota_result_bytes} result bytes is used up ({released} released)",
+            code="insufficient_quota",
+        )
+
+
+# ---------------------------------------------------------------------------------- submit
+
+
+def create_job(session: Session, settings: Settings, principal: Principal, body: InterpJobCreate) -> Job:
+    """Queue an interp job on a granted local variant; the code is kept with the job."""
+    check_window(principal.grant)
+    code_bytes = len(body.code.encode())
+    if code_bytes > settings.interp_max_code_bytes:
+        raise InvalidRequestError(
+            f"the code is {code_bytes} bytes; at most {settings.interp_max_code_bytes} are accepted",
+            code="code_too_large",
+            param="code",
+        )
+    try:
+        compile(body.code, body.filename, "exec")
+    except (SyntaxError, ValueError) as exc:
+        raise InvalidRequestError(f"the code does not compile: {exc}", code="syntax_error", param="code") from None
+    try:
+        args_json = json.dumps(body.args, allow_nan=False)
+    except ValueError:
+        raise InvalidRequestError("args must be finite JSON values", param="args") from None
+    if len(args_json) > MAX_ARGS_BYTES:
+        raise InvalidRequestError(f"args are over {MAX_ARGS_BYTES} bytes of JSON", param="args")
+    target = resolve_variant(session, parse_model_id(body.model))
+    authorize(principal, target, ["interp"])
+    if target.backend != "local":
+        raise InvalidRequestError(
+            f"variant {body.model!r} is served by a {target.backend!r} backend; interp jobs need local weights",
+            code="backend_not_supported",
+            param="model",
+        )
+    enforce_quotas(session, principal)
+    requested = body.limits
+    limits = {
+        "cpu_seconds": min(settings.interp_cpu_seconds, (requested.cpu_seconds if requested else None) or 10**9),
+        "wall_seconds": min(settings.interp_wall_timeout_s, (requested.wall_seconds if requested else None) or 1e9),
+        "memory_mb": min(settings.interp_memory_mb, (requested.memory_mb if requested else None) or 10**9),
+    }
+    version = session.get(ModelVersion, target.version_id)
+    job = jobs.enqueue(
+        session,
+        KIND,
+        evaluator_id=principal.evaluator_id,
+        grant_id=principal.grant_id,
+        params={},
+        id_prefix=ID_PREFIX,
+    )
+    model = f"{target.model_name}/{target.variant_name}"
+    job.params = {
+        "model": model,
+        "variant_id": target.variant_id,
+        "code": body.code,
+        "filename": body.filename,
+        "entry_point": body.entry_point,
+        "args": body.args,
+        "limits": limits,
+    }
+    session.add(
+        InterpJob(
+            id=job.id,
+            evaluator_id=principal.evaluator_id,
+            grant_id=principal.grant_id,
+            model=model,
+            version_id=target.version_id,
+            variant_id=target.variant_id,
+            content_hash=version.content_hash if version is not None else "",
+            filename=body.filename,
+            entry_point=body.entry_point,
+            code_sha256=hashlib.sha256(body.code.encode()).hexdigest(),
+            code_bytes=code_bytes,
+            args=body.args,
+            limits=limits,
+            created_at=job.created_at,
+        )
+    )
+    session.flush()
+    return job
+
+
+# ---------------------------------------------------------------------------------- views
+
+
+def get_own_job(session: Session, principal: Principal, job_id: str) -> tuple[Job, InterpJob]:
+    """Return an interp job of the caller's grant (404 for anyone else's: existence is not revealed)."""
+    job = session.get(Job, job_id)
+    row = session.get(InterpJob, job_id) if job is not None else None
+    if job is None or row is None or job.kind != KIND or job.grant_id != principal.grant_id:
+        raise NotFoundError(f"interp job {job_id!r} does not exist", code="job_not_found")
+    return job, row
+
+
+def get_job_for_lab(session: Session, job_id: str) -> tuple[Job, InterpJob]:
+    """Return any interp job (lab side)."""
+    job = session.get(Job, job_id)
+    row = session.get(InterpJob, job_id) if job is not None else None
+    if job is None or row is None or job.kind != KIND:
+        raise NotFoundError(f"interp job {job_id!r} does not exist", code="job_not_found")
+    return job, row
+
+
+def public_status(job: Job, row: InterpJob) -> str:
+    """Return the status an evaluator sees (a held or denied result is not plain 'succeeded')."""
+    if job.status == "succeeded" and row.review_state == "pending":
+        return "awaiting_review"
+    if job.status == "succeeded" and row.review_state == "denied":
+        return "denied"
+    return job.status
+
+
+def to_public(job: Job, row: InterpJob) -> InterpJobPublic:
+    """Render a job for its owner."""
+    error = job.error or None
+    return InterpJobPublic(
+        id=job.id,
+        model=row.model,
+        status=public_status(job, row),  # type: ignore[arg-type]
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        filename=row.filename,
+        entry_point=row.entry_point,
+        code_sha256=row.code_sha256,
+        limits=dict(row.limits),
+        usage=dict(row.usage),
+        result_bytes=row.result_bytes,
+        error=JobErrorBody(code=str(error.get("code", "error")), message=str(error.get("message", "")))
+        if error
+        else None,
+        review=ReviewView(
+            state=row.review_state,  # type: ignore[arg-type]
+            reasons=list(row.review_reasons),
+            note=row.review_note,
+            reviewed_at=row.reviewed_at,
+        ),
+        logs=row.logs,
+    )
+
+
+def to_review_item(job: Job, row: InterpJob) -> ReviewItem:
+    """Render a job for the lab's reviewers (with code and arguments)."""
+    public = to_public(job, row)
+    return ReviewItem(
+        **public.model_dump(),
+        evaluator_id=row.evaluator_id,
+        grant_id=row.grant_id,
+        code=str(job.params.get("code", "")),
+        args=dict(row.args),
+    )
+
+
+def list_own_jobs(
+    session: Session, principal: Principal, *, after: str | None, limit: int
+) -> tuple[list[tuple[Job, InterpJob]], bool]:
+    """Return a page of the grant's interp jobs, newest first."""
+    rows, has_more = jobs.list_jobs(session, principal.evaluator_id, after=after, limit=limit, kind=KIND)
+    out = []
+    for job in rows:
+        row = session.get(InterpJob, job.id)
+        if row is not None and job.grant_id == principal.grant_id:
+            out.append((job, row))
+    return out, has_more
+
+
+def released_result(home: Path, job: Job, row: InterpJob) -> InterpResult:
+    """Return a job's result once released (409 while running, held for review, denied or failed)."""
+    _check_released(job, row)
+    path = job_dir(home, job.id) / "result.json"
+    if not path.exists():
+        raise ConflictError(f"the result of job {job.id} is no longer stored", code="result_missing")
+    return InterpResult(
+        job_id=job.id,
+        value=json.loads(path.read_text()),
+        arrays=[ArraySpec(**spec) for spec in row.result_arrays],
+        result_bytes=row.result_bytes,
+        result_sha256=row.result_sha256 or "",
+        npz_path=f"/v1/airlock/interp/jobs/{job.id}/result.npz",
+    )
+
+
+def released_npz(home: Path, job: Job, row: InterpJob) -> Path:
+    """Return the path of a released result's arrays (NPZ)."""
+    _check_released(job, row)
+    path = job_dir(home, job.id) / "result.npz"
+    if not path.exists():
+        raise ConflictError(f"the result of job {job.id} is no longer stored", code="result_missing")
+    return path
+
+
+def _check_released(job: Job, row: InterpJob) -> None:
+    status = public_status(job, row)
+    if status == "succeeded":
+        return
+    if status == "awaiting_review":
+        raise ConflictError(f"the result of job {job.id} is awaiting review by the lab", code="awaiting_review")
+    if status == "denied":
+        raise ConflictError(
+            f"the lab denied the release of job {job.id}'s result: {row.review_note}", code="result_denied"
+        )
+    if status == "failed":
+        message = (job.error or {}).get("message", "")
+        raise ConflictError(f"job {job.id} failed and has no result: {message}", code="job_failed")
+    raise ConflictError(f"job {job.id} is {status}; it has no result", code="job_not_finished")
+
+
+# ---------------------------------------------------------------------------------- review
+
+
+def require_reviewer(admin: AdminPrincipal) -> None:
+    """Refuse lab tokens whose role may not review interp results (403)."""
+    if admin.role not in REVIEWER_ROLES:
+        raise PermissionDeniedError(
+            f"reviewing interp results needs the reviewer or admin role, not {admin.role!r}", code="role_not_allowed"
+        )
+
+
+def list_for_review(
+    session: Session, *, state: str | None = "pending", limit: int = 100
+) -> list[tuple[Job, InterpJob]]:
+    """Return interp jobs (held results by default), oldest first."""
+    stmt = select(InterpJob)
+    if state is not None:
+        if state not in ("none", "pending", "approved", "denied"):
+            raise InvalidRequestError(f"unknown review state {state!r}", param="state")
+        stmt = stmt.where(InterpJob.review_state == state)
+    out = []
+    for row in session.scalars(stmt.order_by(InterpJob.created_at, InterpJob.id).limit(limit)):
+        job = session.get(Job, row.id)
+        if job is not None:
+            out.append((job, row))
+    return out
+
+
+def decide(session: Session, job_id: str, *, reviewer: str, decision: str, reason: str) -> tuple[Job, InterpJob]:
+    """Approve or deny a held result; a denial needs a reason (delete its files after committing)."""
+    job, row = get_job_for_lab(session, job_id)
+    if row.review_state != "pending" or job.status != "succeeded":
+        raise ConflictError(f"job {job_id} has no result waiting for review", code="not_awaiting_review")
+    if decision not in ("approve", "deny"):
+        raise InvalidRequestError("decision must be 'approve' or 'deny'", param="decision")
+    if decision == "deny" and not reason.strip():
+        raise InvalidRequestError("a denial needs a reason (it is shown to the evaluator)", param="reason")
+    row.review_state = "approved" if decision == "approve" else "denied"
+    row.reviewer = reviewer
+    row.review_note = reason.strip() or None
+    row.reviewed_at = utcnow()
+    jobs.add_event(session, job.id, f"result {row.review_state} by the lab", type="message", reviewer=reviewer)
+    record_ledger(session, job, row, event="review")
+    session.flush()
+    return job, row
+
+
+# ---------------------------------------------------------------------------------- ledger
+
+
+def record_ledger(session: Session, job: Job, row: InterpJob, *, event: str, status: str | None = None) -> None:
+    """Record an interp job's outcome (or review) on the public ledger; arguments stay confidential."""
+    from airlock.ledger.service import record_event
+
+    body = {
+        "event": event,
+        "job_id": job.id,
+        "grant_id": row.grant_id,
+        "model": row.model,
+        "variant_id": row.variant_id,
+        "model_version_hash": row.content_hash,
+        "status": status or job.status,
+        "result_bytes": row.result_bytes,
+        "result_sha256": row.result_sha256,
+        "review": row.review_state,
+        "cpu_seconds": round(row.cpu_seconds, 3),
+    }
+    confidential = {"code_sha256": row.code_sha256, "args": row.args, "review_note": row.review_note}
+    record_event(session, "interp.job", body, confidential=confidential)

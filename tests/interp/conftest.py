@@ -1,0 +1,51 @@
+"""Fixtures of the interp tests: one tiny random model on its own thread, and a helper to run code."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from airlock.interp import host
+
+
+@pytest.fixture(scope="session")
+def tiny_worker() -> Iterator[host.ThreadWorker]:
+    """The tiny-random model (2 layers, hidden 64) owned by one thread, shared by the session."""
+    from airlock.backends import weights
+
+    loaded = weights.load_model("tiny-random")
+    worker = host.ThreadWorker(loaded.model, loaded.tokenizer)
+    yield worker
+    worker.close()
+
+
+RunCode = Callable[..., host.RunOutcome]
+
+
+@pytest.fixture
+def run_code(tiny_worker: host.ThreadWorker) -> RunCode:
+    """Return ``run(code, **limits)``: run the code's ``main`` in a fresh sandboxed runner on the tiny model."""
+    return functools.partial(_run_code, tiny_worker)
+
+
+def _run_code(
+    worker: host.ModelWorker,
+    code: str,
+    *,
+    args: dict[str, Any] | None = None,
+    cpu_seconds: int = 10,
+    wall_seconds: float = 20.0,
+    memory_mb: int = 1024,
+    log_bytes: int = 64 * 1024,
+    max_result_bytes: int = 1024 * 1024,
+) -> host.RunOutcome:
+    """Run ``code``'s ``main`` in a fresh sandboxed runner against ``worker``."""
+    spec = host.JobSpec(code=code, filename="job.py", entry_point="main", args=args or {})
+    limits = host.runner_limits(
+        cpu_seconds=cpu_seconds, wall_seconds=wall_seconds, memory_bytes=memory_mb * 1024 * 1024, log_bytes=log_bytes
+    )
+    return asyncio.run(host.run_job(spec, worker, limits, max_result_bytes=max_result_bytes))

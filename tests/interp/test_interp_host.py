@@ -1,0 +1,158 @@
+"""The host's model work (trace, patches, generate), the weights check and the output policy, without a sandbox."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from airlock.interp import host
+
+
+def _trace(worker: host.ThreadWorker, **request: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_trace(m, t, request)).result()
+    return reply
+
+
+def _reference(worker: host.ThreadWorker, prompt: str) -> Any:
+    def run(model: Any, tokenizer: Any) -> Any:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        return model(input_ids=ids, output_hidden_states=True)
+
+    return worker.submit(run).result()
+
+
+def test_trace_matches_a_plain_forward_pass(tiny_worker: host.ThreadWorker) -> None:
+    prompts = ["hello there world", "a"]
+    reply = _trace(tiny_worker, prompts=prompts, read=["model.layers.0", "model.norm"], positions=[-1, 0])
+    for b, prompt in enumerate(prompts):
+        ref = _reference(tiny_worker, prompt)
+        n = ref.logits.shape[1]
+        assert reply["positions"][b] == [n - 1, 0]
+        # hidden_states: embeddings, then each layer's output, the last one after the final norm.
+        for module, states in (("model.layers.0", ref.hidden_states[1]), ("model.norm", ref.hidden_states[2])):
+            expected = states[0, [n - 1, 0]].numpy()
+            np.testing.assert_allclose(reply["activations"][module][b], expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(reply["logits"][b], ref.logits[0, [n - 1, 0]].numpy(), rtol=1e-4, atol=1e-4)
+    assert reply["tokens"][1] == ["a"]
+
+
+def test_trace_all_positions_pads_short_prompts_with_zeros(tiny_worker: host.ThreadWorker) -> None:
+    reply = _trace(tiny_worker, prompts=["one two three four", "one"], read=["model.layers.1.mlp"], logits=False)
+    acts = reply["activations"]["model.layers.1.mlp"]
+    assert acts.shape == (2, 4, 64) and "logits" not in reply
+    assert np.all(acts[1, 1:] == 0) and np.any(acts[1, 0] != 0)
+
+
+def test_patches_replace_add_and_ablate(tiny_worker: host.ThreadWorker) -> None:
+    base = _trace(tiny_worker, prompts=["the cat sat"], read=["model.layers.0", "model.layers.1"], positions=[-1])
+    h0 = base["activations"]["model.layers.0"][0, 0]
+    direction = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+
+    ablated = _trace(
+        tiny_worker,
+        prompts=["the cat sat"],
+        read=["model.layers.0"],
+        positions=[-1],
+        patch={"model.layers.0": {"op": "ablate", "value": direction, "positions": None}},
+    )["activations"]["model.layers.0"][0, 0]
+    unit = direction / np.linalg.norm(direction)
+    assert abs(float(ablated @ unit)) < 1e-3 and abs(float(h0 @ unit)) > 1e-2
+    np.testing.assert_allclose(ablated, h0 - (h0 @ unit) * unit, rtol=1e-4, atol=1e-4)
+
+    added = _trace(
+        tiny_worker,
+        prompts=["the cat sat"],
+        read=["model.layers.0"],
+        positions=[-1],
+        patch={"model.layers.0": {"op": "add", "value": direction, "positions": [-1]}},
+    )["activations"]["model.layers.0"][0, 0]
+    np.testing.assert_allclose(added, h0 + direction, rtol=1e-4, atol=1e-4)
+
+    # Replacing layer 0's output with another prompt's changes what layer 1 and the logits see.
+    other = _trace(tiny_worker, prompts=["a dog ran"], read=["model.layers.0"], positions=[-1])
+    patched = _trace(
+        tiny_worker,
+        prompts=["the cat sat"],
+        read=["model.layers.1"],
+        positions=[-1],
+        patch={
+            "model.layers.0": {"op": "set", "value": other["activations"]["model.layers.0"][0, 0], "positions": [-1]}
+        },
+    )
+    assert not np.allclose(patched["activations"]["model.layers.1"], base["activations"]["model.layers.1"])
+    assert not np.allclose(patched["logits"], base["logits"])
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"prompts": []}, "non-empty list"),
+        ({"prompts": ["x"], "read": ["lm_head"]}, "'lm_head' is not readable"),
+        ({"prompts": ["x"], "read": ["model.layers.9"]}, "the model has 2 layers"),
+        ({"prompts": ["x"], "positions": [5]}, "position 5 is out of range"),
+        ({"prompts": ["x"], "top_k": 0}, "top_k"),
+        ({"prompts": ["x"], "patch": {"model.layers.0": {"op": "grad", "value": np.zeros(64, np.float32)}}}, "patch"),
+        ({"prompts": ["x"], "patch": {"model.layers.0": {"op": "add", "value": np.zeros(3, np.float32)}}}, "hidden"),
+        ({"prompts": ["x"], "patch": {"model.layers.0": {"op": "ablate", "value": np.zeros(64, np.float32)}}}, "zero"),
+        ({"prompts": ["x"] * 65}, "at most 64 prompts"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_reason(
+    tiny_worker: host.ThreadWorker, request_: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(host.RequestError, match=message):
+        _trace(tiny_worker, **request_)
+
+
+def test_generate_is_deterministic_and_steerable(tiny_worker: host.ThreadWorker) -> None:
+    def gen(**request: Any) -> list[str]:
+        reply: dict[str, Any] = tiny_worker.submit(lambda m, t: host.run_generate(m, t, request)).result()
+        return list(reply["texts"])
+
+    plain = gen(prompts=["hello", "world"], max_tokens=6, chat=False)
+    assert plain == gen(prompts=["hello", "world"], max_tokens=6, chat=False) and all(plain)
+    vector = np.full(64, 5.0, dtype=np.float32)
+    steered = gen(prompts=["hello"], max_tokens=6, chat=False, patch={"model.layers.0": {"op": "add", "value": vector}})
+    assert steered[0] != plain[0]
+    sampled = gen(prompts=["hello"], max_tokens=6, chat=False, temperature=1.0, top_p=0.9, seed=3)
+    assert sampled == gen(prompts=["hello"], max_tokens=6, chat=False, temperature=1.0, top_p=0.9, seed=3)
+    with pytest.raises(host.RequestError, match="max_tokens"):
+        gen(prompts=["hello"], max_tokens=10_000)
+
+
+def test_describe_lists_modules_not_parameters(tiny_worker: host.ThreadWorker) -> None:
+    info = tiny_worker.submit(lambda m, t: host.describe(m)).result()
+    names = [entry["name"] for entry in info["modules"]]
+    assert info["n_layers"] == 2 and info["hidden_size"] == 64
+    assert "model.layers.1.self_attn" in names and "model.norm" in names
+    assert not any("weight" in n or "embed" in n or "lm_head" in n for n in names)
+
+
+def test_param_index_finds_copies_and_nothing_else(tiny_worker: host.ThreadWorker) -> None:
+    index = host.param_index(tiny_worker)
+    model = tiny_worker.model
+    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()  # [128, 64]
+    embed = model.model.embed_tokens.weight.detach().numpy()
+    assert index.find(up[5]) and index.find(up[:, 9].copy())  # a row, a column
+    assert index.find(embed[1234].astype(np.float64))  # a (tied) embedding row, widened
+    assert index.find(np.concatenate([np.ones(7, np.float32), embed[99], np.zeros(3, np.float32)]))  # embedded
+    assert index.find(up[3:5].reshape(-1)[10:110])  # a run spanning two rows
+    assert index.find(up[5] * 2.0) is None and index.find(up[5].astype(np.float16)) is None
+    rng = np.random.default_rng(1)
+    assert index.find(rng.standard_normal((100, 64)).astype(np.float32)) is None
+    assert index.find(np.zeros(1000, np.float32)) is None and index.find(np.arange(10)) is None
+
+
+def test_output_policy_sizes_quota_and_review() -> None:
+    value = {"x": np.ones(100, np.float32), "nested": [{"y": np.zeros((2, 3), np.int64)}], "nan": float("nan")}
+    released = host.apply_policy(value, host.OutputPolicy(10_000, None, 500), None)
+    assert released.document == {"x": {"__array__": "a0"}, "nested": [{"y": {"__array__": "a1"}}], "nan": None}
+    assert released.result_bytes > 448 and released.needs_review
+    assert [a["shape"] for a in released.arrays] == [[100], [2, 3]]
+    assert not host.apply_policy(value, host.OutputPolicy(10_000, None, 5_000), None).needs_review
+    with pytest.raises(host.InterpJobError, match="only 100 bytes of the grant's result quota") as caught:
+        host.apply_policy(value, host.OutputPolicy(10_000, 100, 5_000), None)
+    assert caught.value.code == "insufficient_quota"
