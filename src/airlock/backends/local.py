@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,7 @@ from airlock.errors import (
 __all__ = ["BatchStats", "LocalBackend", "LocalBackendConfig"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # JSON cannot carry -inf; a masked-out token is reported at this floor instead.
 _LOGPROB_FLOOR = -9999.0
@@ -1465,6 +1466,26 @@ class LocalBackend(ModelBackend):
         finally:
             # Client gone, error, or done: the worker drops any rows still running at its next step.
             job.cancelled = True
+
+    def run_with_model(self, fn: Callable[[Any, Any], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn(model, tokenizer)`` on the backend's worker thread between batching steps.
+
+        For work that needs the loaded weights directly (remote interpretability hooks) without
+        a second torch thread or a second copy of the model.
+        """
+        engine = self._engine
+        if engine is None:
+            raise BackendUnavailableError("the local backend is not started")
+        out: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                out.set_result(fn(engine.model, self.tokenizer))
+            except BaseException as exc:  # delivered to whoever waits on the future
+                out.set_exception(exc)
+
+        engine.control(run)
+        return out
 
     def _table(self) -> _TokenTable:
         if self._engine is None:

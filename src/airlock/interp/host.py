@@ -91,25 +91,19 @@ class BackendWorker:
     """
 
     def __init__(self, backend: Any) -> None:
-        # The engine is the backend's worker; interp work needs it directly (hooks on its model).
-        self._engine = backend._engine
-        self._tokenizer = backend.tokenizer
-        if self._engine is None:
-            raise InterpJobError("the local backend is not started", code="backend_unavailable")
+        self._backend = backend
 
     def submit(self, fn: Callable[[Any, Any], Any]) -> concurrent.futures.Future[Any]:
         """Run ``fn(model, tokenizer)`` on the backend's worker between two batching steps."""
-        out: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        engine = self._engine
+        from airlock.errors import BackendUnavailableError
 
-        def run() -> None:
-            try:
-                out.set_result(fn(engine.model, self._tokenizer))
-            except BaseException as exc:  # delivered to the waiting RPC thread
-                out.set_exception(exc)
-
-        engine.control(run)
-        return out
+        try:
+            future: concurrent.futures.Future[Any] = self._backend.run_with_model(fn)
+        except BackendUnavailableError as exc:
+            raise InterpJobError(
+                f"the local backend is not running: {exc.message}", code="backend_unavailable"
+            ) from None
+        return future
 
 
 class ThreadWorker:
