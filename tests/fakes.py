@@ -1,8 +1,9 @@
-"""A deterministic, torch-free backend for fast plumbing tests of the gateway and access control."""
+"""Test doubles: a deterministic, torch-free backend for plumbing tests, and fake eval attestations."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from airlock.backends.base import ModelBackend, register_backend
@@ -163,3 +164,30 @@ class EchoBackend(ModelBackend):
 def register_fake_backend() -> None:
     """Make ``backend: fake`` available to manifests in tests."""
     register_backend("fake", EchoBackend)
+
+
+def fake_attestation(grant_id: str, *, evaluator: str = "org-a", **overrides: Any) -> dict[str, Any]:
+    """A complete, unsigned attestation of a knowledge_proxy result on m1@v1/helpful-only (FAKE_MANIFEST)."""
+    from airlock.evals.attestation import SCHEMA
+
+    base = {
+        "schema": SCHEMA,
+        "evaluator": evaluator,
+        "grant_id": grant_id,
+        "model": "m1",
+        "model_id": "m1/helpful-only",
+        "version": "v1",
+        "version_hash": "a" * 64,
+        "variant": "helpful-only",
+        "mitigations": [],
+        "suite": "knowledge_proxy",
+        "suite_version": "1.0.0",
+        "task": "knowledge_proxy",
+        "dataset_hash": "d" * 64,
+        "samples": 10,
+        "metrics": {"mean_score": {"value": 0.5, "ci95": [0.24, 0.76], "method": "wilson", "n": 10}},
+        "elicitation": {"epochs": 1, "solver": ["multiple_choice"], "fine_tuned": False},
+        "log_sha256": "e" * 64,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+    return {**base, **overrides}

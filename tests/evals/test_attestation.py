@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import httpx
 import pytest
 
 from airlock.evals.attestation import (
-    SCHEMA,
     bootstrap_interval,
     canonical_json,
     generate_key,
@@ -23,6 +21,7 @@ from airlock.evals.attestation import (
     wilson_interval,
 )
 from tests.conftest import Lab
+from tests.fakes import fake_attestation
 
 
 def test_wilson_interval_known_values() -> None:
@@ -70,27 +69,7 @@ def test_signature_covers_every_field(tmp_path: Path) -> None:
 
 
 def attestation(lab: Lab, grant_id: str, **overrides: Any) -> dict[str, Any]:
-    base = {
-        "schema": SCHEMA,
-        "evaluator": "org-a",
-        "grant_id": grant_id,
-        "model": "m1",
-        "model_id": "m1/helpful-only",
-        "version": "v1",
-        "version_hash": "a" * 64,
-        "variant": "helpful-only",
-        "mitigations": [],
-        "suite": "knowledge_proxy",
-        "suite_version": "1.0.0",
-        "task": "knowledge_proxy",
-        "dataset_hash": "d" * 64,
-        "samples": 10,
-        "metrics": {"mean_score": {"value": 0.5, "ci95": [0.24, 0.76], "method": "wilson", "n": 10}},
-        "elicitation": {"epochs": 1, "solver": ["multiple_choice"], "fine_tuned": False},
-        "log_sha256": "e" * 64,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
-    return {**base, **overrides}
+    return fake_attestation(grant_id, **overrides)
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
-from airlock.evals.attestation import SCHEMA, generate_key, mean_with_ci, public_key_b64, sign
+from airlock.evals.attestation import generate_key, mean_with_ci, public_key_b64, sign
 from airlock.evals.schemas import ResultEnvelope
 from tests.conftest import FAKE_MANIFEST
+from tests.fakes import fake_attestation
 
 PRODUCTION_MITIGATIONS = [
     {"name": m["name"], "kind": m["kind"], "stance": m["stance"]}
@@ -124,26 +125,21 @@ class Evidence:
         self._log += 1
         if mitigations is None:
             mitigations = PRODUCTION_MITIGATIONS if variant == "production" else []
-        att = {
-            "schema": SCHEMA,
-            "evaluator": "org-a",
-            "grant_id": self.grant_id,
-            "model": "m1",
-            "model_id": f"m1/{variant}",
-            "version": version,
-            "version_hash": version_hash,
-            "variant": variant,
-            "mitigations": mitigations,
-            "suite": suite,
-            "suite_version": "1.0.0",
-            "task": suite,
-            "dataset_hash": "d" * 64,
-            "samples": n,
-            "metrics": {"mean_score": mean_with_ci([1.0] * successes + [0.0] * (n - successes))},
-            "elicitation": {"epochs": epochs, "fine_tuned": fine_tuned, "task_args": {}},
-            "log_sha256": f"{self._log:064x}",
-            "created_at": (created_at or datetime.now(UTC)).isoformat(),
-        }
+        att = fake_attestation(
+            self.grant_id,
+            model_id=f"m1/{variant}",
+            version=version,
+            version_hash=version_hash,
+            variant=variant,
+            mitigations=mitigations,
+            suite=suite,
+            task=suite,
+            samples=n,
+            metrics={"mean_score": mean_with_ci([1.0] * successes + [0.0] * (n - successes))},
+            elicitation={"epochs": epochs, "fine_tuned": fine_tuned, "task_args": {}},
+            log_sha256=f"{self._log:064x}",
+            created_at=(created_at or datetime.now(UTC)).isoformat(),
+        )
         envelope = ResultEnvelope.model_validate(sign(att, self.private))
         with self.db.session() as session:
             row = submit_result(session, authenticate_key(session, self.token), envelope)

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from airlock.config import reset_settings
-from airlock.evals.attestation import SCHEMA, generate_key, public_key_b64, sign
+from airlock.evals.attestation import generate_key, public_key_b64, sign
 from airlock.ledger._merkle import leaf_hash, verify_consistency, verify_inclusion
 from airlock.ledger._note import Verifier, verify_checkpoint
 from tests.conftest import Lab
+from tests.fakes import fake_attestation
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,26 +34,7 @@ def _attested_result(lab: Lab, tmp_path: Path) -> str:
     private = generate_key(tmp_path / "org-a.pem")
     http = httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"})
     assert http.post("/signing-keys", json={"public_key": public_key_b64(private)}).status_code == 201
-    attestation = {
-        "schema": SCHEMA,
-        "evaluator": "org-a",
-        "grant_id": grant_id,
-        "model": "m1",
-        "model_id": "m1/helpful-only",
-        "version": "v1",
-        "version_hash": "a" * 64,
-        "variant": "helpful-only",
-        "mitigations": [],
-        "suite": "knowledge_proxy",
-        "suite_version": "1.0.0",
-        "task": "knowledge_proxy",
-        "dataset_hash": "d" * 64,
-        "samples": 10,
-        "metrics": {"mean_score": {"value": 0.5, "ci95": [0.24, 0.76], "method": "wilson", "n": 10}},
-        "elicitation": {"epochs": 1, "fine_tuned": False},
-        "log_sha256": "e" * 64,
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+    attestation = fake_attestation(grant_id, elicitation={"epochs": 1, "fine_tuned": False})
     resp = http.post("/results", json=sign(attestation, private))
     assert resp.status_code == 201, resp.text
     http.close()

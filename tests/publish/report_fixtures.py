@@ -6,7 +6,6 @@ import secrets
 import struct
 import zlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from airlock.access import service as access
 from airlock.access.service import Principal
 from airlock.evals import service as evals
-from airlock.evals.attestation import SCHEMA, public_key_b64, sign
+from airlock.evals.attestation import public_key_b64, sign
 from airlock.evals.schemas import ResultEnvelope
 from tests.conftest import FAKE_MANIFEST
+from tests.fakes import fake_attestation
 
 
 def tiny_png() -> bytes:
@@ -34,27 +34,7 @@ def tiny_png() -> bytes:
 
 def attestation(grant_id: str, evaluator: str = "org-a", **overrides: Any) -> dict[str, Any]:
     """A complete attestation of a result about m1@v1/helpful-only."""
-    base = {
-        "schema": SCHEMA,
-        "evaluator": evaluator,
-        "grant_id": grant_id,
-        "model": "m1",
-        "model_id": "m1/helpful-only",
-        "version": "v1",
-        "version_hash": "a" * 64,
-        "variant": "helpful-only",
-        "mitigations": [],
-        "suite": "knowledge_proxy",
-        "suite_version": "1.0.0",
-        "task": "knowledge_proxy",
-        "dataset_hash": "d" * 64,
-        "samples": 10,
-        "metrics": {"mean_score": {"value": 0.5, "ci95": [0.24, 0.76], "method": "wilson", "n": 10}},
-        "elicitation": {"epochs": 1, "solver": ["multiple_choice"], "fine_tuned": False},
-        "log_sha256": secrets.token_hex(32),
-        "created_at": datetime.now(UTC).isoformat(),
-    }
-    return {**base, **overrides}
+    return fake_attestation(grant_id, evaluator=evaluator, **{"log_sha256": secrets.token_hex(32), **overrides})
 
 
 @dataclass

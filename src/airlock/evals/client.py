@@ -41,13 +41,14 @@ class LabClient:
             raise InvalidRequestError("set AIRLOCK_BASE_URL (e.g. http://lab:8000/v1) and AIRLOCK_API_KEY")
         return cls(base.rstrip("/"), key)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    def send(self, method: str, path: str, *, timeout: float = 60, **kwargs: Any) -> httpx.Response:
+        """Send one authenticated request to ``base_url + path``; HTTP errors become AirlockErrors."""
         try:
             resp = httpx.request(
                 method,
                 self.base_url + path,
                 headers={"Authorization": f"Bearer {self.api_key}"},
-                timeout=60,
+                timeout=timeout,
                 **kwargs,
             )
         except httpx.HTTPError as exc:
@@ -59,7 +60,10 @@ class LabClient:
                 message = resp.text[:300]
             error = AuthenticationError if resp.status_code == 401 else AirlockError
             raise error(f"{method} {path}: HTTP {resp.status_code}: {message}")
-        return resp.json()
+        return resp
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.send(method, path, **kwargs).json()
 
     def grant(self) -> dict[str, Any]:
         """Return the caller's grant."""

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from airlock.access.service import check_window
-from airlock.errors import InvalidRequestError, PermissionDeniedError
+from airlock.errors import PermissionDeniedError
 from airlock.finetune import files as service
 from airlock.finetune import service as ft_service
 from airlock.finetune.jobs import KIND
@@ -26,23 +26,10 @@ from airlock.finetune.schemas import (
     FineTuningJobList,
 )
 from airlock.gateway.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep
+from airlock.gateway.uploads import read_upload
 from airlock.jobs import service as jobs_service
 
 router = APIRouter(prefix="/v1", tags=["evaluator: files"])
-
-_CHUNK = 1024 * 1024
-
-
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    # Read at most limit + 1 bytes so an oversized upload never sits in memory whole.
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await upload.read(_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequestError(f"file is over the limit of {limit} bytes", code="file_too_large", param="file")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @router.post("/files", response_model=FileObject)
@@ -58,7 +45,7 @@ async def upload_file(
     check_window(principal.grant)
     if "finetune" not in principal.grant.scopes:
         raise PermissionDeniedError("your grant lacks the scope(s) ['finetune']", code="scope_not_granted")
-    data = await _read_limited(file, service.max_file_bytes())
+    data = await read_upload(file, service.max_file_bytes())
     home = state.settings.home_dir
 
     def store() -> FileObject:

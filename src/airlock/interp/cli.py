@@ -35,32 +35,12 @@ class _Lab:
     def __init__(self) -> None:
         from airlock.evals.client import LabClient
 
-        lab = LabClient.from_env()
-        self.base_url, self.api_key = lab.base_url, lab.api_key
+        self._client = LabClient.from_env()
+        self.base_url = self._client.base_url
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request; raise an AirlockError with the lab's message on HTTP errors."""
-        import httpx
-
-        from airlock.errors import AirlockError
-
-        try:
-            response = httpx.request(
-                method,
-                self.base_url + path,
-                headers={"Authorization": f"Bearer {self.api_key}"},
-                timeout=120,
-                **kwargs,
-            )
-        except httpx.HTTPError as exc:
-            raise AirlockError(f"cannot reach {self.base_url}: {exc}") from None
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:300]
-            raise AirlockError(f"HTTP {response.status_code}: {message}")
-        return response
+        return self._client.send(method, path, timeout=120, **kwargs)
 
 
 def _parse_args(pairs: list[str], args_json: str | None) -> dict[str, Any]:

@@ -20,26 +20,9 @@ app = typer.Typer(
 
 def _call(method: str, path: str, **kwargs: Any) -> Any:
     """Call the lab's evaluator API (AIRLOCK_BASE_URL / AIRLOCK_API_KEY); errors become AirlockErrors."""
-    import httpx
-
-    from airlock.errors import AirlockError, AuthenticationError
     from airlock.evals.client import LabClient
 
-    lab = LabClient.from_env()
-    try:
-        resp = httpx.request(
-            method, lab.base_url + path, headers={"Authorization": f"Bearer {lab.api_key}"}, timeout=60, **kwargs
-        )
-    except httpx.HTTPError as exc:
-        raise AirlockError(f"cannot reach {lab.base_url}: {exc}") from None
-    if resp.status_code >= 400:
-        try:
-            message = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.text[:300]
-        error = AuthenticationError if resp.status_code == 401 else AirlockError
-        raise error(f"HTTP {resp.status_code}: {message}")
-    return resp.json()
+    return LabClient.from_env().send(method, path, **kwargs).json()
 
 
 def _print_report(report: dict[str, Any]) -> None:

@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from airlock.db import utcnow
-from airlock.errors import InvalidRequestError
 from airlock.gateway.deps import AdminDep, AuditDep, CurrentPrincipal, SessionDep, StateDep
+from airlock.gateway.uploads import read_upload
 from airlock.publish import pages, schemas, service
 from airlock.publish.schemas import (
     AttachmentPublic,
@@ -31,20 +31,6 @@ evaluator_router = APIRouter(prefix="/v1/airlock/reports", tags=["evaluator: rep
 lab_router = APIRouter(prefix="/v1/airlock/admin/reports", tags=["admin: reports"])
 public_router = APIRouter(prefix="/public/reports", tags=["public: reports"])
 
-_CHUNK = 256 * 1024
-
-
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    # Stop at limit + 1 bytes so an oversized upload never sits in memory whole.
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await upload.read(_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequestError(f"plot is over {limit} bytes", code="file_too_large", param="file")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
 
 # ---------------------------------------------------------------- evaluator
 
@@ -57,7 +43,7 @@ async def upload_plot(
     file: Annotated[UploadFile, File(description="A PNG plot.")],
 ) -> AttachmentPublic:
     """Upload a PNG plot to cite in a report's ``attachment_ids``."""
-    data = await _read_limited(file, service.MAX_PLOT_BYTES)
+    data = await read_upload(file, service.MAX_PLOT_BYTES, what="plot")
 
     def store() -> AttachmentPublic:
         with state.db.session() as session:
