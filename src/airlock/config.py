@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         default=1024 * 1024, ge=0, description="Interp results larger than this wait for a lab reviewer."
     )
     interp_log_bytes: int = Field(default=256 * 1024, gt=0, description="Logs kept per interp job (each stream).")
+    report_publish_interval_s: float = Field(
+        default=60.0, gt=0, description="How often the gateway publishes reports whose embargo has passed."
+    )
     ledger_origin: str = Field(
         default="airlock.invalid/ledger", description="Ledger origin line and key name in signed checkpoints."
     )

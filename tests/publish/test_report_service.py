@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -296,3 +297,23 @@ def test_concurrent_edits_get_consecutive_revisions(world: tuple[Any, Org]) -> N
     assert [r.number for r in report.revisions] == list(range(1, 14)) and report.current_revision == 13
     chain = [r.previous_hash for r in report.revisions[1:]]
     assert chain == [r.content_hash for r in report.revisions[:-1]]
+
+
+def test_the_background_publisher_releases_reports_whose_embargo_passed(
+    world: tuple[Any, Org], events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    db, org = world
+    due, waiting = draft(db, org), draft(db, org)
+    call(db, service.submit_report, org.principal(db), due, now=T0)
+    deploy(db, datetime.now(UTC) - timedelta(days=31))  # the grant's 30-day embargo has just passed
+    publisher = service.DuePublisher(db, interval_s=0.05)
+    publisher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while get(db, due).status != "published" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        publisher.stop()
+    assert (get(db, due).status, get(db, due).published_reason) == ("published", "embargo")
+    assert get(db, waiting).status == "draft"  # never submitted: nothing to publish
+    assert [kind for kind, _ in events] == ["report.published"]

@@ -63,6 +63,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
 
         ledger = LedgerSequencer(db, settings)
         ledger.start()
+        from airlock.publish.service import DuePublisher
+
+        publisher = DuePublisher(db, settings.report_publish_interval_s)
+        publisher.start()
         runner = None
         if settings.run_jobs:
             from airlock.finetune.jobs import KIND, FineTuneHandler
@@ -81,6 +85,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
                 await run_in_threadpool(runner.stop)
             await state.pool.aclose()
             audit.close()
+            await run_in_threadpool(publisher.stop)
             await run_in_threadpool(ledger.stop)
 
     app = FastAPI(

@@ -18,6 +18,8 @@ Rules, in one place:
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
 from airlock.access.service import AdminPrincipal, Principal, check_window
-from airlock.db import utcnow
+from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import canonical_json
 from airlock.evals.models import EvalResult, SigningKey
@@ -48,6 +50,8 @@ MAX_PLOT_BYTES = 2 * 1024 * 1024
 MAX_COMMENT_CHARS = 20_000
 LAB_ROLES = ("admin", "reviewer")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- embargo
@@ -377,6 +381,44 @@ def publish_due(session: Session, now: datetime | None = None) -> list[str]:
         if _lazy_publish(session, report, now):
             published.append(report.id)
     return published
+
+
+class DuePublisher:
+    """Publishes reports whose embargo has passed, from a background thread of the gateway."""
+
+    def __init__(self, db: Database, interval_s: float) -> None:
+        self.db = db
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start publishing every ``interval_s`` seconds."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="report-publisher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and wait for a run in progress."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def run_once(self) -> list[str]:
+        """Publish what is due now; returns the published report ids."""
+        with self.db.session() as session:
+            return publish_due(session)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                published = self.run_once()
+            except Exception:  # a bad pass must not end the loop; the next one retries
+                log.exception("publishing due reports failed")
+                continue
+            for report_id in published:
+                log.info("published %s (embargo passed)", report_id)
 
 
 def _lock(session: Session, report_id: str, now: datetime, *, evaluator_id: str | None = None) -> None:
