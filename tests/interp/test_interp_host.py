@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,3 +158,20 @@ def test_output_policy_sizes_quota_and_review() -> None:
     with pytest.raises(host.InterpJobError, match="only 100 bytes of the grant's result quota") as caught:
         host.apply_policy(value, host.OutputPolicy(10_000, 100, 5_000), None)
     assert caught.value.code == "insufficient_quota"
+
+
+def test_runtimes_of_dead_processes_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from airlock.interp import _runtime
+
+    monkeypatch.setattr(_runtime.tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan, alive, building = (tmp_path / f"{_runtime._PREFIX}{n}" for n in ("a", "b", "c"))
+    for root in (orphan, alive, building):
+        root.mkdir()
+    (orphan / _runtime._OWNER).write_text(dead.stdout.strip())
+    (alive / _runtime._OWNER).write_text(str(os.getpid()))
+    _runtime._sweep_orphans()
+    assert not orphan.exists() and alive.is_dir() and building.is_dir()

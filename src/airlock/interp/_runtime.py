@@ -55,9 +55,26 @@ def ensure_runtime() -> Runtime:
     global _built
     with _lock:
         if _built is None or not _built.root.is_dir():
+            _sweep_orphans()
             _built = _build()
             atexit.register(shutil.rmtree, _built.root, True)
         return _built
+
+
+_PREFIX = "airlock-interp-runtime-"
+_OWNER = "owner.pid"
+
+
+def _sweep_orphans() -> None:
+    """Remove runtimes left behind by processes that died without running their exit handlers."""
+    for root in Path(tempfile.gettempdir()).glob(_PREFIX + "*"):
+        try:
+            pid = int((root / _OWNER).read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(root, ignore_errors=True)  # its owner is gone (e.g. SIGKILL)
+        except (OSError, ValueError):
+            continue  # still being built, someone else's, or alive: leave it
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -116,7 +133,8 @@ def _closure(names: tuple[str, ...]) -> list[importlib.metadata.Distribution]:
 
 
 def _build() -> Runtime:
-    root = Path(tempfile.mkdtemp(prefix="airlock-interp-runtime-"))
+    root = Path(tempfile.mkdtemp(prefix=_PREFIX))
+    (root / _OWNER).write_text(str(os.getpid()))
     executable = Path(os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable))
     base = Path(sys.base_prefix)
     mounts: list[tuple[Path, str]] = []
