@@ -117,8 +117,9 @@ class Evidence:
         epochs: int = 1,
         fine_tuned: bool = False,
         created_at: datetime | None = None,
+        metrics: dict[str, Any] | None = None,
     ) -> str:
-        """Sign and submit a 0/1-scored result with ``successes`` of ``n``; return its id."""
+        """Sign and submit a 0/1-scored result with ``successes`` of ``n`` (or ``metrics``); return its id."""
         from airlock.access.service import authenticate_key
         from airlock.evals.service import submit_result
 
@@ -135,7 +136,7 @@ class Evidence:
             suite=suite,
             task=suite,
             samples=n,
-            metrics={"mean_score": mean_with_ci([1.0] * successes + [0.0] * (n - successes))},
+            metrics=metrics or {"mean_score": mean_with_ci([1.0] * successes + [0.0] * (n - successes))},
             elicitation={"epochs": epochs, "fine_tuned": fine_tuned, "task_args": {}},
             log_sha256=f"{self._log:064x}",
             created_at=(created_at or datetime.now(UTC)).isoformat(),

@@ -65,6 +65,37 @@ def test_cannot_rule_out_states(db: Any, evidence: Evidence, successes: int, n: 
     assert any(b.startswith("domain bio: cannot_rule_out") for b in report["blocking"])
 
 
+@pytest.mark.parametrize(
+    "metric",
+    [
+        # A bootstrap interval stated far narrower than 20 bounded scores allow.
+        {"value": 0.45, "ci95": [0.44, 0.46], "method": "bootstrap", "n": 20},
+        # A Wilson interval stated narrower than its counts give.
+        {"value": 0.45, "ci95": [0.44, 0.46], "method": "wilson", "n": 20},
+    ],
+)
+def test_a_narrow_stated_interval_cannot_make_few_samples_rule_out(
+    db: Any, evidence: Evidence, metric: dict[str, Any]
+) -> None:
+    evidence.submit("knowledge_proxy", 0, 20, metrics={"mean_score": metric})
+    _robust(evidence)
+    ev = _bio_eval(gate(db))
+    assert ev["verdict"] == "cannot_rule_out"
+    assert ev["evidence"][0]["ci95"][1] > 0.6  # at least the Wilson width at n = 20
+
+
+def test_a_metric_over_more_scores_than_the_samples_is_not_evidence(db: Any, evidence: Evidence) -> None:
+    # n = 10,000 would give a tight interval, but the result attests 20 samples of one epoch.
+    evidence.submit(
+        "knowledge_proxy",
+        0,
+        20,
+        metrics={"mean_score": {"value": 0.3, "ci95": [0.29, 0.31], "method": "wilson", "n": 10_000}},
+    )
+    _robust(evidence)
+    assert _bio_eval(gate(db))["verdict"] == "cannot_rule_out"
+
+
 def test_missing_or_weak_evidence_cannot_rule_out(db: Any, evidence: Evidence) -> None:
     _robust(evidence)
     report = gate(db)

@@ -101,9 +101,17 @@ class Evidence:
         # A tolerance, since Wilson bounds at 0 and 1 carry float rounding noise.
         if not all(math.isfinite(x) for x in (m.value, lo, hi)) or not lo - 1e-9 <= m.value <= hi + 1e-9:
             return None
-        if m.method == "wilson" and m.n > 0:
-            # Recomputed from the counts, so a mis-stated interval cannot narrow the evidence.
-            lo, hi = wilson_interval(round(m.value * m.n), m.n)
+        if m.n <= 0 or m.n > self.att.samples * max(self.epochs, 1):
+            return None  # a metric over more scores than the attested samples and epochs can give
+        if 0.0 <= m.value <= 1.0:
+            # Recomputed from the counts, so a mis-stated interval cannot narrow the evidence. For
+            # other methods (bootstrap over scores in [0, 1]) the Wilson interval at the same n is a
+            # floor on the width: a score bounded in [0, 1] varies no more than a 0/1 one.
+            if m.method == "wilson":
+                lo, hi = wilson_interval(round(m.value * m.n), m.n)
+            else:
+                wlo, whi = wilson_interval(m.value * m.n, m.n)
+                lo, hi = min(lo, wlo), max(hi, whi)
         return m.value, lo, hi, m.n, m.method
 
     def summary(self) -> dict[str, Any]:
