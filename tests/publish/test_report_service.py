@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import canonical_json
@@ -317,3 +317,66 @@ def test_the_background_publisher_releases_reports_whose_embargo_passed(
     assert (get(db, due).status, get(db, due).published_reason) == ("published", "embargo")
     assert get(db, waiting).status == "draft"  # never submitted: nothing to publish
     assert [kind for kind, _ in events] == ["report.published"]
+
+
+def _row_is_locked(db: Any, report_id: str) -> bool:
+    """Whether another connection is refused a write to the report's row right now."""
+    from sqlalchemy.exc import OperationalError
+
+    sqlite = db.engine.dialect.name == "sqlite"
+    with db.engine.connect() as other:
+        other.exec_driver_sql("PRAGMA busy_timeout = 0" if sqlite else "SET lock_timeout = '200ms'")
+        try:
+            other.execute(update(Report).where(Report.id == report_id).values(status="submitted"))
+        except OperationalError:
+            return True
+        finally:
+            other.rollback()
+            if sqlite:
+                other.exec_driver_sql("PRAGMA busy_timeout = 10000")
+        return False
+
+
+def test_a_lazy_publication_keeps_the_lock_of_a_locked_edit(
+    world: tuple[Any, Org], events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    db, org = world
+    p = org.principal(db)
+    rids = [draft(db, org), draft(db, org)]
+    for rid in rids:
+        call(db, service.submit_report, p, rid, now=T0)
+    deploy(db, T0)
+    later = T0 + timedelta(days=31)
+    for rid, side in zip(rids, ("evaluator", "lab"), strict=True):
+        with db.session() as session:
+            # The embargo is over: fetching for a locked change publishes (and commits) first ...
+            if side == "evaluator":
+                report = service.own_report(session, p, rid, later, lock=True)
+            else:
+                report = service.lab_report(session, rid, later, lock=True)
+            assert report.status == "published"
+            # ... and the report must still be locked for the rest of the caller's transaction.
+            assert _row_is_locked(db, rid)
+        assert get(db, rid).status == "published"
+    assert [k for k, _ in events] == ["report.published"] * 2
+
+
+def test_a_reveal_on_stale_state_is_refused_and_logged_once(
+    world: tuple[Any, Org], events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    db, org = world
+    rid = draft(db, org)
+    p = org.principal(db)
+    call(db, service.submit_report, p, rid, now=T0)
+    call(db, service.request_release, p, rid, now=T0)
+    call(db, service.agree_release, rid, "admin:lab", now=T0)
+    with db.session() as stale:
+        # This session saw the span hidden; another reveals it before this one acts.
+        report = service.own_report(stale, p, rid, T0)
+        assert report.revisions[0].redactions[0].revealed_at is None
+        call(db, service.reveal, p, rid, 1, now=T0 + timedelta(days=1))
+        with pytest.raises(ConflictError) as info:
+            service.reveal(stale, p, rid, 1, now=T0 + timedelta(days=2))
+        assert info.value.code == "already_revealed"
+    assert [k for k, _ in events] == ["report.published", "report.revealed"]
+    assert get(db, rid).revisions[0].redactions[0].revealed_at == T0 + timedelta(days=1)

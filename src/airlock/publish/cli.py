@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from airlock.cli_support import console, fmt_ts, open_database, run_command
 
@@ -251,6 +252,12 @@ def verify_reveal(
 @app.command("verify")
 def verify(
     report: Annotated[str, typer.Argument(help="Report id (lab from AIRLOCK_BASE_URL), public URL or JSON file.")],
+    evaluator_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Require every result to be signed by this evaluator key (base64 or SHA-256 fingerprint; repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Check a public report: content hash, commitments, every reveal and every result signature."""
 
@@ -260,11 +267,10 @@ def verify(
         import httpx
 
         from airlock.errors import InvalidRequestError
-        from airlock.evals.attestation import verify as verify_signature
         from airlock.publish.service import verify_public_report
 
         if Path(report).is_file():
-            data = json.loads(Path(report).read_text())
+            raw = Path(report).read_bytes()
         else:
             url = report
             if not report.startswith(("http://", "https://")):
@@ -275,19 +281,27 @@ def verify(
             resp = httpx.get(url, timeout=60)
             if resp.status_code != 200:
                 raise InvalidRequestError(f"GET {url}: HTTP {resp.status_code}")
-            data = resp.json()
-        check = verify_public_report(data)
-        problems = list(check.problems)
-        for r in data.get("results", []):
-            if not r.get("public_key") or not verify_signature(r["attestation"], r["signature"], r["public_key"]):
-                problems.append(f"result {r.get('id')}: signature does not verify")
-        for line in problems:
-            console.print(f"[bold red]FAIL[/] {line}")
-        if problems:
+            raw = resp.content
+        try:
+            data: Any = json.loads(raw)
+        except ValueError as exc:
+            console.print(f"[bold red]FAIL[/] not a JSON document: {escape(str(exc))}", highlight=False)
+            raise typer.Exit(1) from None
+        check = verify_public_report(data, evaluator_key)
+        for line in check.problems:
+            console.print(f"[bold red]FAIL[/] {escape(line)}", highlight=False)
+        if not check.ok:
             raise typer.Exit(1)
+        for rid, fp in check.signers:
+            console.print(f"  result {escape(rid)}: signature verified with key sha256:{fp}", highlight=False)
+        pinned = " (pinned)" if evaluator_key else " (key not pinned: compare with the evaluator's published key)"
         console.print(
-            f"OK: {data.get('id')} content hash sha256:{data.get('content_hash')}, "
-            f"{len(data.get('results', []))} signed result(s), {check.revealed} revealed span(s) verified"
+            escape(
+                f"OK: {data.get('id')} content hash sha256:{data.get('content_hash')}, "
+                f"{len(check.signers)} signed result(s){pinned if check.signers else ''}, "
+                f"{check.revealed} revealed span(s) verified"
+            ),
+            highlight=False,
         )
 
     run_command(body)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import html
 import re
+import secrets
+from functools import partial
 
+from airlock.publish import redaction
 from airlock.publish.schemas import ReportPublicView
 
 # Served with every page: no scripts, no external resources, images only from this origin.
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'"
 
-_MARKER = re.compile(r"\[\[(redacted|revealed) #(\d+)[^\[\]\n]*?sha256:([0-9a-f]{64})\]\]")
+# markdown-it escapes <, >, & and " in text and attributes, so with raw HTML off every "<" of its
+# output opens a real tag and the tag ends at the next ">".
+_TAG = re.compile(r"(<[^>]*>)")
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5;color:#222}
@@ -32,16 +37,42 @@ def _markdown(text: str) -> str:
     return rendered
 
 
-def _mark(match: re.Match[str]) -> str:
-    kind, number, commitment = match.group(1), match.group(2), match.group(3)
-    label = f"redacted #{number}" if kind == "redacted" else f"revealed #{number}"
-    return f'<mark class="{kind}" title="sha256:{commitment}">[{label}]</mark>'
+def _body_html(view: ReportPublicView) -> str:
+    """Render ``body_revealed`` with each real placeholder or reveal marker shown as a ``<mark>``.
+
+    Only the report's own markers are marked: each is swapped for a random, Markdown-inert nonce
+    before rendering and back afterwards, so look-alikes the author typed (escaped, as entities)
+    stay plain text. A nonce inside a tag (an image's alt, a link's title) becomes plain text.
+    """
+    body = view.body_revealed
+    marks: dict[str, tuple[str, str]] = {}
+    for r in view.redactions:
+        if r.revealed:
+            kind, marker = "revealed", redaction.revealed_marker(r.number, r.commitment)
+        else:
+            kind, marker = "redacted", redaction.placeholder(r.number, r.reason, r.commitment)
+        nonce = f"AIRLOCKMARK{secrets.token_hex(16)}"
+        body = body.replace(marker, nonce)
+        label = html.escape(f"[{kind} #{r.number}]")
+        mark = f'<mark class="{kind}" title="sha256:{html.escape(r.commitment)}">{label}</mark>'
+        marks[nonce] = (mark, label)
+    rendered = _markdown(body)
+    if not marks:
+        return rendered
+    nonces = re.compile("|".join(marks))
+
+    def swap(match: re.Match[str], *, in_tag: bool) -> str:
+        mark, label = marks[match.group(0)]
+        return label if in_tag else mark
+
+    parts = _TAG.split(rendered)  # even indexes: text between tags; odd: whole tags
+    return "".join(nonces.sub(partial(swap, in_tag=bool(i % 2)), part) for i, part in enumerate(parts))
 
 
 def render_page(view: ReportPublicView) -> str:
     """Return the report as one self-contained HTML page (revealed spans filled in)."""
     e = html.escape
-    body = _MARKER.sub(_mark, _markdown(view.body_revealed))
+    body = _body_html(view)
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>{e(view.title)}</title><style>{_STYLE}</style></head><body>",

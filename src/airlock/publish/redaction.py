@@ -34,8 +34,11 @@ MAX_REDACTIONS = 200
 
 # Any "[[redact" or "[[/redact" starts a tag; the strict pattern below decides whether it is a
 # well-formed one. Requiring every such prefix to be a valid tag also keeps authors from typing
-# something that looks like a placeholder ("[[redacted ...]]") into their own text.
-_TAG_START = re.compile(r"\[\[/?redact", re.IGNORECASE)
+# something that looks like a placeholder ("[[redacted ...]]") into their own text; "[[revealed"
+# (the marker of a revealed span) is refused too. The HTML page never trusts look-alikes anyway:
+# it marks only the real placeholders of the report (see pages.py).
+_TAG_START = re.compile(r"\[\[(?:/?redact|revealed)", re.IGNORECASE)
+_RESERVED = ("[[redacted", "[[revealed")
 _TAG = re.compile(r"\[\[(?P<close>/)?redact(?::(?P<reason>[^\[\]\n]*))?\]\]")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -78,6 +81,11 @@ def placeholder(number: int, reason: str, commitment: str) -> str:
     return f"[[redacted #{number}{why} sha256:{commitment}]]"
 
 
+def revealed_marker(number: int, commitment: str) -> str:
+    """Return the marker that follows a revealed span's text in ``body_revealed``."""
+    return f"[[revealed #{number} sha256:{commitment}]]"
+
+
 def parse(source: str) -> tuple[list[str], list[Span]]:
     """Split ``source`` into literal pieces and spans: ``pieces[i]`` precedes ``spans[i]``.
 
@@ -89,6 +97,8 @@ def parse(source: str) -> tuple[list[str], list[Span]]:
     pos = 0
     open_tag: re.Match[str] | None = None
     for start in _TAG_START.finditer(source):
+        if source[start.start() : start.start() + 10].lower() in _RESERVED:
+            raise _malformed(source, start.start(), "placeholders and reveal markers are written by Airlock, not typed")
         tag = _TAG.match(source, start.start())
         if tag is None:
             raise _malformed(source, start.start(), "is not a valid [[redact:reason]] or [[/redact]] tag")

@@ -397,7 +397,7 @@ def render_revealed(body: str, redactions: list[ReportRedaction]) -> str:
     for r in redactions:
         if r.revealed_at is not None:
             mark = redaction.placeholder(r.number, r.reason, r.commitment)
-            body = body.replace(mark, f"{r.text}[[revealed #{r.number} sha256:{r.commitment}]]")
+            body = body.replace(mark, r.text + redaction.revealed_marker(r.number, r.commitment))
     return body
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -32,7 +32,8 @@ from airlock.access.models import Evaluator, Grant
 from airlock.access.service import AdminPrincipal, Principal, check_window
 from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
-from airlock.evals.attestation import canonical_json
+from airlock.evals.attestation import canonical_json, fingerprint, parse_public_key
+from airlock.evals.attestation import verify as verify_signature
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.service import verify_stored
 from airlock.ledger.service import record_event
@@ -252,10 +253,20 @@ def reveal(session: Session, principal: Principal, report_id: str, number: int, 
     span = next((r for r in revision.redactions if r.number == number), None)
     if span is None:
         raise NotFoundError(f"report {report.id} has no redaction #{number}", code="redaction_not_found")
-    if span.revealed_at is not None:
+    # Conditional, like publication: of two concurrent reveals only the one that changed the row
+    # records the ledger event, even if the report lock were ever lost.
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            update(ReportRedaction)
+            .where(ReportRedaction.id == span.id, ReportRedaction.revealed_at.is_(None))
+            .values(revealed_at=now, revealed_by=f"key:{principal.key_id}")
+            .execution_options(synchronize_session=False)
+        ),
+    )
+    session.refresh(span)
+    if result.rowcount != 1:
         raise ConflictError(f"redaction #{number} was already revealed", code="already_revealed")
-    span.revealed_at = now
-    span.revealed_by = f"key:{principal.key_id}"
     report.updated_at = now
     session.flush()
     record_event(
@@ -281,12 +292,14 @@ def own_report(
 
     ``lock`` serialises changes to the report for the rest of the transaction.
     """
+    now = now or utcnow()
     if lock:
-        _lock(session, report_id, now or utcnow(), evaluator_id=principal.evaluator_id)
+        _lock(session, report_id, now, evaluator_id=principal.evaluator_id)
     report = session.get(Report, report_id)
     if report is None or report.evaluator_id != principal.evaluator_id:
         raise NotFoundError(f"report {report_id!r} does not exist", code="report_not_found")
-    _lazy_publish(session, report, now or utcnow())
+    if _lazy_publish(session, report, now) and lock:
+        _relock(session, report, now)
     return report
 
 
@@ -310,12 +323,14 @@ def require_lab_role(admin: AdminPrincipal) -> None:
 
 def lab_report(session: Session, report_id: str, now: datetime | None = None, *, lock: bool = False) -> Report:
     """Return a report the lab may see: one submitted at least once (404 otherwise)."""
+    now = now or utcnow()
     if lock:
-        _lock(session, report_id, now or utcnow())
+        _lock(session, report_id, now)
     report = session.get(Report, report_id)
     if report is None or report.submitted_revision is None:
         raise NotFoundError(f"report {report_id!r} does not exist", code="report_not_found")
-    _lazy_publish(session, report, now or utcnow())
+    if _lazy_publish(session, report, now) and lock:
+        _relock(session, report, now)
     return report
 
 
@@ -429,6 +444,14 @@ def _lock(session: Session, report_id: str, now: datetime, *, evaluator_id: str 
     if evaluator_id is not None:
         stmt = stmt.where(Report.evaluator_id == evaluator_id)
     session.execute(stmt.execution_options(synchronize_session=False))
+
+
+def _relock(session: Session, report: Report, now: datetime) -> None:
+    # A lazy publication commits, which ends the transaction and with it the lock: take it again
+    # and reload, so the caller's change is still serialised against concurrent ones.
+    _lock(session, report.id, now)
+    session.expire_all()
+    session.refresh(report)
 
 
 def _lazy_publish(session: Session, report: Report, now: datetime) -> bool:
@@ -569,6 +592,8 @@ class Verification:
 
     problems: list[str]
     revealed: int
+    # (result id, fingerprint of the public key its signature verified with), in document order.
+    signers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -576,30 +601,133 @@ class Verification:
         return not self.problems
 
 
-def verify_public_report(data: dict[str, Any]) -> Verification:
-    """Check a public report JSON offline: content hash, body/commitments agreement, every reveal."""
-    problems: list[str] = []
+def verify_public_report(data: Any, evaluator_keys: Collection[str] | None = None) -> Verification:
+    """Check a public report JSON offline: content hash, commitments, reveals, signed results.
+
+    Every result must be one the hashed document cites (same id, signature and log hash) and its
+    signature must verify; with ``evaluator_keys`` (base64 keys or their SHA-256 fingerprints)
+    the signing key must be one of them. Malformed input is reported as problems, never raised.
+    """
+    if not isinstance(data, dict):
+        return Verification(["the report is not a JSON object"], 0)
     document = data.get("document")
     if not isinstance(document, dict):
         return Verification(["the report carries no document"], 0)
-    if content_hash(document) != data.get("content_hash"):
-        problems.append("content_hash does not match the document")
-    commitments = {r.get("number"): r.get("commitment") for r in document.get("redactions", [])}
-    body = str(document.get("body", ""))
-    for number, commitment in commitments.items():
-        if f"sha256:{commitment}]]" not in body:
-            problems.append(f"redaction #{number}: its placeholder is not in the body")
+    problems: list[str] = []
+    try:
+        if content_hash(document) != data.get("content_hash"):
+            problems.append("content_hash does not match the document")
+    except (TypeError, ValueError):
+        problems.append("the document cannot be canonicalised (not plain JSON)")
+    if "id" in data and data["id"] != document.get("report_id"):
+        problems.append(f"id {_short(data['id'])} differs from the hashed document's report_id")
+    revealed = _verify_redactions(document, data.get("redactions", []), problems)
+    signers = _verify_results(document, data.get("results", []), evaluator_keys, problems)
+    return Verification(problems, revealed, signers)
+
+
+def _verify_redactions(document: dict[str, Any], shown: Any, problems: list[str]) -> int:
+    hashed = document.get("redactions", [])
+    numbered = isinstance(hashed, list) and all(isinstance(r, dict) and type(r.get("number")) is int for r in hashed)
+    if not numbered:
+        problems.append("document.redactions is not a list of numbered redactions")
+        hashed = []
+    commitments: dict[int, Any] = {r["number"]: r.get("commitment") for r in hashed}
+    body = document.get("body", "")
+    if not isinstance(body, str):
+        problems.append("document.body is not a string")
+        body = ""
+    for hashed_number, commitment in commitments.items():
+        if not isinstance(commitment, str) or f"sha256:{commitment}]]" not in body:
+            problems.append(f"redaction #{hashed_number}: its placeholder is not in the body")
+    if not isinstance(shown, list):
+        problems.append("redactions is not a list")
+        return 0
     revealed = 0
-    for item in data.get("redactions", []):
+    for item in shown:
+        if not isinstance(item, dict):
+            problems.append(f"redactions: {_short(item)} is not an object")
+            continue
         if not item.get("revealed"):
             continue
         revealed += 1
         number = item.get("number")
-        if commitments.get(number) != item.get("commitment"):
+        if not isinstance(number, int) or commitments.get(number) != item.get("commitment"):
             problems.append(f"redaction #{number}: commitment differs from the hashed document")
         if not redaction.verify_commitment(str(item.get("commitment")), str(item.get("salt")), str(item.get("text"))):
             problems.append(f"redaction #{number}: SHA-256(salt || text) does not equal the commitment")
-    return Verification(problems, revealed)
+    return revealed
+
+
+def _verify_results(
+    document: dict[str, Any], shown: Any, evaluator_keys: Collection[str] | None, problems: list[str]
+) -> list[tuple[str, str]]:
+    cited: dict[str, dict[str, Any]] = {}
+    hashed = document.get("results", [])
+    for item in hashed if isinstance(hashed, list) else [None]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            problems.append(f"document.results: {_short(item)} is not a result reference")
+        elif item["id"] in cited:
+            problems.append(f"document.results: {item['id']} is cited twice")
+        else:
+            cited[item["id"]] = item
+    if not isinstance(shown, list):
+        problems.append("results is not a list")
+        shown = []
+    pinned = None if evaluator_keys is None else {_key_fingerprint(k) or k.lower() for k in evaluator_keys}
+    signers: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for item in shown:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            problems.append(f"results: {_short(item)} is not a result")
+            continue
+        rid = item["id"]
+        if rid in seen:
+            problems.append(f"result {rid}: listed twice")
+            continue
+        seen.add(rid)
+        ref = cited.get(rid)
+        if ref is None:
+            problems.append(f"result {rid}: not cited by the hashed document")
+            continue
+        attestation, signature, public_key = item.get("attestation"), item.get("signature"), item.get("public_key")
+        if not isinstance(attestation, dict) or not isinstance(signature, str) or not isinstance(public_key, str):
+            problems.append(f"result {rid}: attestation, signature or public key missing")
+            continue
+        if signature != ref.get("signature"):
+            problems.append(f"result {rid}: signature differs from the hashed document")
+        log_hash = ref.get("log_sha256")
+        if attestation.get("log_sha256") != log_hash or item.get("log_sha256", log_hash) != log_hash:
+            problems.append(f"result {rid}: log_sha256 differs from the hashed document")
+        if attestation.get("evaluator") != document.get("evaluator"):
+            who = _short(attestation.get("evaluator"))
+            problems.append(f"result {rid}: attested by {who}, not the report's evaluator")
+        if attestation.get("version_hash") != document.get("version_hash"):
+            problems.append(f"result {rid}: attests another model version than the report")
+        fingerprint = _key_fingerprint(public_key)
+        if fingerprint is None or not verify_signature(attestation, signature, public_key):
+            problems.append(f"result {rid}: signature does not verify")
+            continue
+        if pinned is not None and fingerprint not in pinned:
+            problems.append(f"result {rid}: signed by key {fingerprint[:16]}…, not a pinned evaluator key")
+            continue
+        signers.append((rid, fingerprint))
+    for rid in cited.keys() - seen:
+        problems.append(f"result {rid}: cited by the hashed document but missing from the report")
+    return signers
+
+
+def _key_fingerprint(public_b64: str) -> str | None:
+    try:
+        parse_public_key(public_b64)
+    except InvalidRequestError:
+        return None
+    return fingerprint(public_b64)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 # ---------------------------------------------------------------- helpers
