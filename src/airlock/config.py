@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         default=1024 * 1024, ge=0, description="Interp results larger than this wait for a lab reviewer."
     )
     interp_log_bytes: int = Field(default=256 * 1024, gt=0, description="Logs kept per interp job (each stream).")
+    interp_max_patch_norm_ratio: float = Field(
+        default=8.0, gt=0, description="Largest interp patch, per position, as a multiple of the activation it edits."
+    )
+    interp_default_grant_result_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0, description="Interp result bytes of a grant that sets no quota of its own."
+    )
     report_publish_interval_s: float = Field(
         default=60.0, gt=0, description="How often the gateway publishes reports whose embargo has passed."
     )

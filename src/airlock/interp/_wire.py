@@ -16,7 +16,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ALLOWED_DTYPES", "ARRAY_KEY", "FrameTooLarge", "WireError", "decode", "encode", "recv", "send"]
+__all__ = [
+    "ALLOWED_DTYPES",
+    "ARRAY_KEY",
+    "MAX_DEPTH",
+    "FrameTooLarge",
+    "WireError",
+    "decode",
+    "encode",
+    "nesting_depth",
+    "recv",
+    "send",
+]
 
 ARRAY_KEY = "__nd__"
 ALLOWED_DTYPES = frozenset(
@@ -25,6 +36,7 @@ ALLOWED_DTYPES = frozenset(
 _PREFIX = struct.Struct(">QQ")
 _MAX_HEADER = 8 * 1024 * 1024
 _MAX_DEPTH = 32
+MAX_DEPTH = _MAX_DEPTH
 
 
 class WireError(Exception):
@@ -66,6 +78,20 @@ def _strip(value: Any, arrays: list[np.ndarray[Any, Any]], depth: int = 0) -> An
     raise WireError(f"values of type {type(value).__name__} cannot be sent (JSON values and numpy arrays only)")
 
 
+def nesting_depth(value: Any) -> int:
+    """Return how deep ``value`` nests lists and dicts (a scalar or empty container: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((item, depth + 1) for item in node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend((item, depth + 1) for item in node)
+    return deepest
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """Return one frame for ``message`` (JSON values and numpy arrays, nested freely)."""
     arrays: list[np.ndarray[Any, Any]] = []
@@ -76,16 +102,18 @@ def encode(message: dict[str, Any]) -> bytes:
     return _PREFIX.pack(len(header), len(blob)) + header + blob
 
 
-def _restore(value: Any, arrays: list[np.ndarray[Any, Any]]) -> Any:
+def _restore(value: Any, arrays: list[np.ndarray[Any, Any]], depth: int = 0) -> Any:
+    if depth > _MAX_DEPTH:
+        raise WireError(f"message nested deeper than {_MAX_DEPTH} levels")
     if isinstance(value, dict):
         if set(value) == {ARRAY_KEY}:
             index = value[ARRAY_KEY]
             if not isinstance(index, int) or not 0 <= index < len(arrays):
                 raise WireError(f"array reference {index!r} out of range")
             return arrays[index]
-        return {key: _restore(item, arrays) for key, item in value.items()}
+        return {key: _restore(item, arrays, depth + 1) for key, item in value.items()}
     if isinstance(value, list):
-        return [_restore(item, arrays) for item in value]
+        return [_restore(item, arrays, depth + 1) for item in value]
     return value
 
 
@@ -95,6 +123,8 @@ def decode(header: bytes, blob: bytes) -> dict[str, Any]:
         doc = json.loads(header)
     except ValueError as exc:
         raise WireError(f"malformed message header: {exc}") from None
+    except RecursionError:
+        raise WireError(f"message nested deeper than {_MAX_DEPTH} levels") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("arrays"), list) or not isinstance(doc.get("body"), dict):
         raise WireError("malformed message header")
     arrays: list[np.ndarray[Any, Any]] = []

@@ -3,9 +3,16 @@
 The host holds the weights; the evaluator's code runs in a fresh bubblewrap runner whose only
 channel back is one socket. Over it the host answers an allow-listed RPC (``modules``,
 ``trace``, ``generate``) by running forward passes with forward hooks that read or patch
-module outputs; no verb returns a parameter, a gradient, or runs a module on inputs the
-evaluator chose. The runner's result then passes the output policy (size caps, a check that
-no returned tensor equals a slice of the weights) before anything is stored.
+module outputs; no verb returns a parameter or a gradient. Patches never touch a module whose
+output feeds the unembedding (``model.norm``), and ``set``/``add`` patches are bounded, per
+position, by the norm of the activation they edit, so the evaluator cannot choose the
+unembedding's input. The runner's result then passes the output policy (size caps per job and
+per grant, a check that no returned tensor equals a slice of the weights, review of large
+results) before anything is stored.
+
+Full-vocabulary logits still let a determined evaluator estimate the unembedding up to a linear
+transform from ordinary traces (Carlini et al. 2024, "Stealing part of a production language
+model"); these defences limit how cheaply and how much, not whether: see docs/interp.md.
 
 Model work runs on the thread that owns the model (the local backend's worker, see
 docs/architecture.md "one torch thread per kind of work"); the RPC server is a plain thread
@@ -63,6 +70,10 @@ MAX_TOP_K = 100
 # chat-formatted prompts get, so that a variant's prompt-level mitigation is part of what is studied.
 SYSTEM_KEY = "_variant_system_prompt"
 HIDDEN_TOKEN = "<system>"
+DEFAULT_PATCH_NORM_RATIO = 8.0
+# Modules whose output reaches the unembedding through linear maps only: a patch there would let
+# the evaluator choose the unembedding's input (one-hot rows give its columns), so none is allowed.
+UNPATCHABLE = frozenset({"model.norm"})
 
 
 class InterpJobError(AirlockError):
@@ -132,6 +143,14 @@ class ThreadWorker:
 
 class RequestError(Exception):
     """A request the host refuses; the message goes back to the evaluator's code."""
+
+
+class PatchRefused(RequestError):
+    """A patch the output policy forbids; it fails the job (``code``) even if the code catches it."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)(?:\.(self_attn|mlp|input_layernorm|post_attention_layernorm))?$")
@@ -258,12 +277,14 @@ def _resolve_positions(raw: Any, lengths: list[int], hidden: list[int]) -> list[
 
 @dataclass
 class _Patch:
+    path: str
     op: str
     value: torch.Tensor
     positions: list[int] | None
+    max_ratio: float = DEFAULT_PATCH_NORM_RATIO
 
 
-def _parse_patches(raw: Any, base: Any, hidden: int) -> dict[str, _Patch]:
+def _parse_patches(raw: Any, base: Any, hidden: int, max_ratio: float = DEFAULT_PATCH_NORM_RATIO) -> dict[str, _Patch]:
     import torch
 
     if raw is None:
@@ -273,6 +294,12 @@ def _parse_patches(raw: Any, base: Any, hidden: int) -> dict[str, _Patch]:
     patches: dict[str, _Patch] = {}
     for path, spec in raw.items():
         _module(base, path)
+        if path in UNPATCHABLE:
+            raise PatchRefused(
+                f"patching {path!r} is not allowed: its output feeds the unembedding directly "
+                "(patch a decoder layer instead)",
+                code="patch_not_allowed",
+            )
         if not isinstance(spec, dict) or spec.get("op") not in ("set", "add", "ablate"):
             raise RequestError(f"patch for {path!r} must be client.replace(), client.add() or client.ablate()")
         value = spec.get("value")
@@ -295,45 +322,75 @@ def _parse_patches(raw: Any, base: Any, hidden: int) -> dict[str, _Patch]:
             if norm == 0.0:
                 raise RequestError(f"patch for {path!r}: cannot ablate a zero direction")
             tensor = tensor / norm
-        patches[path] = _Patch(op=str(spec["op"]), value=tensor, positions=positions)
+        patches[path] = _Patch(path=path, op=str(spec["op"]), value=tensor, positions=positions, max_ratio=max_ratio)
     return patches
 
 
-def _apply(patch: _Patch, hidden: torch.Tensor, lengths: list[int] | None, prefill: bool) -> None:
-    """Edit ``hidden`` ``[batch, tokens, dim]`` in place as ``patch`` says."""
+def _check_norm(patch: _Patch, original: torch.Tensor, edit: torch.Tensor) -> None:
+    """Refuse ``edit`` rows (the set value or added vector) larger than ``max_ratio`` x the activation they edit."""
+    limit = original.float().norm(dim=-1) * patch.max_ratio
+    size = edit.float().norm(dim=-1).expand_as(limit)
+    worst = float((size - limit * (1 + 1e-5)).max()) if size.numel() else 0.0
+    if worst > 0:
+        at = int((size - limit).argmax())
+        ratio = float(size.reshape(-1)[at]) / max(float(limit.reshape(-1)[at]) / patch.max_ratio, 1e-30)
+        raise PatchRefused(
+            f"the {patch.op} patch on {patch.path!r} is {ratio:.3g} times the norm of the activation it edits; "
+            f"at most {patch.max_ratio:g} is allowed",
+            code="patch_too_large",
+        )
+
+
+def _apply(
+    patch: _Patch, hidden: torch.Tensor, lengths: list[int] | None, prefill: bool, hidden_prefix: list[int] | None
+) -> None:
+    """Edit ``hidden`` ``[batch, tokens, dim]`` in place as ``patch`` says.
+
+    During the prompt's pass (``prefill``) the ``hidden_prefix[b]`` leading positions (the
+    variant's system prompt) are never edited: a patch without positions covers the rest, and
+    naming one of them is refused. Every edit is bounded by the activation it replaces.
+    """
     value = patch.value.to(hidden.dtype)
-    if patch.positions is None:
-        index: Any = slice(None)
-        rows = [(b, index) for b in range(hidden.shape[0])]
-    else:
+    rows: list[tuple[int, Any]] = []
+    for b in range(hidden.shape[0]):
+        n = lengths[b] if lengths else hidden.shape[1]
+        k = hidden_prefix[b] if hidden_prefix and prefill else 0
+        if patch.positions is None:
+            rows.append((b, slice(k, n) if prefill else slice(None)))
+            continue
         if not prefill:
             return  # positions name prompt tokens; generated tokens are left alone
-        rows = []
-        for b in range(hidden.shape[0]):
-            n = lengths[b] if lengths else hidden.shape[1]
-            bad = [p for p in patch.positions if not -n <= p < n]
-            if bad:
-                raise RequestError(f"patch position {bad[0]} is out of range for prompt {b} ({n} tokens)")
-            rows.append((b, [p % n for p in patch.positions]))
+        bad = [p for p in patch.positions if not -n <= p < n]
+        if bad:
+            raise RequestError(f"patch position {bad[0]} is out of range for prompt {b} ({n} tokens)")
+        inside = [p for p in patch.positions if p % n < k]
+        if inside:
+            raise RequestError(
+                f"patch position {inside[0]} of prompt {b} lies in the variant's system prompt, which cannot be patched"
+            )
+        rows.append((b, [p % n for p in patch.positions]))
     for b, idx in rows:
+        part = hidden[b, idx]
         if patch.op == "add":
-            hidden[b, idx] += value
+            _check_norm(patch, part, value)
+            hidden[b, idx] = part + value
         elif patch.op == "ablate":
-            part = hidden[b, idx]
+            # Projection removal never increases the norm: no bound needed.
             hidden[b, idx] = part - (part @ value).unsqueeze(-1) * value
         else:
-            target = hidden[b, idx]
             v = value
             if v.ndim == 3:
                 if v.shape[0] != hidden.shape[0]:
                     raise RequestError(f"a replacement of shape {tuple(v.shape)} does not match the batch")
                 v = v[b]
             try:
-                hidden[b, idx] = v.expand_as(target) if v.ndim == 1 else v.reshape(target.shape)
+                new = v.expand_as(part) if v.ndim == 1 else v.reshape(part.shape)
             except RuntimeError:
                 raise RequestError(
-                    f"a replacement of shape {tuple(patch.value.shape)} does not fit {tuple(target.shape)}"
+                    f"a replacement of shape {tuple(patch.value.shape)} does not fit {tuple(part.shape)}"
                 ) from None
+            _check_norm(patch, part, new)
+            hidden[b, idx] = new
 
 
 @contextlib.contextmanager
@@ -344,6 +401,7 @@ def _hooks(
     captured: dict[str, torch.Tensor],
     lengths: list[int] | None,
     prompt_len: int | None = None,
+    hidden_prefix: list[int] | None = None,
 ) -> Iterator[None]:
     handles = []
 
@@ -354,7 +412,7 @@ def _hooks(
             if patch is not None:
                 prefill = prompt_len is None or hidden.shape[1] == prompt_len
                 hidden = hidden.clone()
-                _apply(patch, hidden, lengths, prefill)
+                _apply(patch, hidden, lengths, prefill, hidden_prefix)
             if path in reads:
                 captured[path] = hidden.detach()
             if patch is not None:
@@ -395,7 +453,9 @@ def _compact(positions: list[list[int]]) -> list[list[int]]:
     return [list(range(len(p))) for p in positions]
 
 
-def run_trace(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+def run_trace(
+    model: Any, tokenizer: Any, request: Mapping[str, Any], max_patch_ratio: float = DEFAULT_PATCH_NORM_RATIO
+) -> dict[str, Any]:
     """Answer ``trace`` (on the model's thread): one forward pass with reads, patches and read-outs."""
     import torch
 
@@ -414,7 +474,7 @@ def run_trace(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[st
     top_k = request.get("top_k", 5)
     if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
         raise RequestError(f"top_k must be between 1 and {MAX_TOP_K}")
-    patches = _parse_patches(request.get("patch"), base, info["hidden_size"])
+    patches = _parse_patches(request.get("patch"), base, info["hidden_size"], max_patch_ratio)
     pairs = [_encode(tokenizer, p, chat, request.get(SYSTEM_KEY)) for p in prompts]
     encoded = [ids for ids, _hidden in pairs]
     hidden = [count for _ids, count in pairs]
@@ -430,7 +490,8 @@ def run_trace(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[st
         mask[b, : len(row)] = 1
     captured: dict[str, torch.Tensor] = {}
     device = next(base.parameters()).device
-    with _adapters_off(model), _hooks(base, list(dict.fromkeys([*read, *lens])), patches, captured, lengths):
+    reads = list(dict.fromkeys([*read, *lens]))
+    with _adapters_off(model), _hooks(base, reads, patches, captured, lengths, hidden_prefix=hidden):
         # The decoder alone: the unembedding runs only on the positions asked for (over every
         # position it would dominate the cost of a read, the vocabulary being large).
         out = base.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
@@ -461,7 +522,9 @@ def run_trace(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[st
     return reply
 
 
-def run_generate(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+def run_generate(
+    model: Any, tokenizer: Any, request: Mapping[str, Any], max_patch_ratio: float = DEFAULT_PATCH_NORM_RATIO
+) -> dict[str, Any]:
     """Answer ``generate`` (on the model's thread): sample each prompt with patches applied."""
     import torch
 
@@ -480,7 +543,7 @@ def run_generate(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict
     seed = request.get("seed")
     if seed is not None and not isinstance(seed, int):
         raise RequestError("seed must be an integer")
-    patches = _parse_patches(request.get("patch"), base, info["hidden_size"])
+    patches = _parse_patches(request.get("patch"), base, info["hidden_size"], max_patch_ratio)
     chat = bool(request.get("chat", True))
     eos = tokenizer.eos_token_id
     # transformers 5.24 renamed the KV-cache argument ``past_key_values`` to ``cache``.
@@ -488,13 +551,14 @@ def run_generate(model: Any, tokenizer: Any, request: Mapping[str, Any]) -> dict
     texts = []
     device = next(base.parameters()).device
     for index, prompt in enumerate(prompts):
-        ids, _hidden = _encode(tokenizer, prompt, chat, request.get(SYSTEM_KEY))
+        ids, hidden = _encode(tokenizer, prompt, chat, request.get(SYSTEM_KEY))
         generator = torch.Generator(device="cpu")
         generator.manual_seed((seed if seed is not None else 0) + index)
         captured: dict[str, torch.Tensor] = {}
         sequence = list(ids)
         cache = None
-        with _adapters_off(model), _hooks(base, [], patches, captured, [len(ids)], prompt_len=len(ids)):
+        hooks = _hooks(base, [], patches, captured, [len(ids)], prompt_len=len(ids), hidden_prefix=[hidden])
+        with _adapters_off(model), hooks:
             step_ids = torch.tensor([ids], device=device)
             for _ in range(max_tokens):
                 out = base(input_ids=step_ids, use_cache=True, **({cache_arg: cache} if cache is not None else {}))
@@ -671,15 +735,19 @@ def apply_policy(value: Any, policy: OutputPolicy, index: ParamIndex | None) -> 
     """Split a result into JSON and arrays, enforce the caps and the weights check (or raise)."""
     arrays: dict[str, Array] = {}
 
-    def strip(node: Any, path: str) -> Any:
+    def strip(node: Any, path: str, depth: int = 0) -> Any:
+        if depth > _wire.MAX_DEPTH:
+            raise InterpJobError(
+                f"the result is nested deeper than {_wire.MAX_DEPTH} levels (at {path[:200]})", code="invalid_result"
+            )
         if isinstance(node, np.ndarray):
             name = f"a{len(arrays)}"
             arrays[name] = node
             return {"__array__": name}
         if isinstance(node, dict):
-            return {key: strip(item, f"{path}.{key}") for key, item in node.items()}
+            return {key: strip(item, f"{path}.{key}", depth + 1) for key, item in node.items()}
         if isinstance(node, list):
-            return [strip(item, f"{path}[{i}]") for i, item in enumerate(node)]
+            return [strip(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(node)]
         if isinstance(node, float) and not math.isfinite(node):
             return None if math.isnan(node) else ("inf" if node > 0 else "-inf")
         return node
@@ -759,8 +827,10 @@ class RpcServer:
         max_result_bytes: int = 64 * MiB,
         max_model_seconds: float | None = None,
         system_prompt: str | None = None,
+        max_patch_ratio: float = DEFAULT_PATCH_NORM_RATIO,
     ) -> None:
         self.sock = sock
+        self.max_patch_ratio = max_patch_ratio
         self.system_prompt = system_prompt
         self.worker = worker
         self.job = job
@@ -777,6 +847,9 @@ class RpcServer:
         self.protocol_error: str | None = None
         self.result_too_large: int | None = None
         self.model_time_spent = False
+        self.patch_refused: PatchRefused | None = None
+        self.reply_error: tuple[str, str] | None = None
+        """Why the host could not send a reply, and the job error code it becomes."""
         self._thread = threading.Thread(target=self._serve, name="airlock-interp-rpc", daemon=True)
 
     def start(self) -> None:
@@ -808,7 +881,14 @@ class RpcServer:
                     continue
                 self.stats.calls[op] = self.stats.calls.get(op, 0) + 1
                 if op == "job":
-                    self._reply(self.job)
+                    try:
+                        self._reply(self.job)
+                    except _wire.WireError as exc:
+                        self.reply_error = (
+                            f"the job's arguments could not be sent to the runner: {exc}",
+                            "invalid_args",
+                        )
+                        return
                 elif op == "result":
                     self.result, self.has_result = message.get("value"), True
                     self._reply({"ok": True})
@@ -818,6 +898,9 @@ class RpcServer:
                     self._answer(op, message)
                 else:
                     self._refuse(f"the RPC verb {op!r} (allowed: {', '.join(sorted(RPC_VERBS))})")
+        except _wire.WireError as exc:
+            # Only the host's own replies can get here (what the runner sends is checked in recv).
+            self.reply_error = (f"the host could not send a reply to the runner: {exc}", "reply_error")
         except OSError as exc:
             if self.protocol_error is None and not self.has_result:
                 self.protocol_error = f"the runner's socket failed: {exc}"
@@ -831,6 +914,7 @@ class RpcServer:
         self._reply({"ok": False, "error": f"refused {what}"})
 
     def _reply(self, message: dict[str, Any]) -> None:
+        """Send ``message`` (a :class:`~airlock.interp._wire.WireError` if it cannot be encoded)."""
         self.stats.bytes_out += _wire.send(self.sock, message)
 
     def _answer(self, op: str, request: dict[str, Any]) -> None:
@@ -848,14 +932,19 @@ class RpcServer:
             request[SYSTEM_KEY] = self.system_prompt
         handlers: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
             "modules": lambda m, t: describe(m),
-            "trace": lambda m, t: run_trace(m, t, request),
-            "generate": lambda m, t: run_generate(m, t, request),
+            "trace": lambda m, t: run_trace(m, t, request, self.max_patch_ratio),
+            "generate": lambda m, t: run_generate(m, t, request, self.max_patch_ratio),
         }
         started = time.perf_counter()
         try:
             body = self.worker.submit(handlers[op]).result()
             reply = {"ok": True, **body}
             frame = _wire.encode(reply)
+        except PatchRefused as exc:
+            # Like a forbidden verb: the job fails even if the evaluator's code catches the error.
+            self.patch_refused = self.patch_refused or exc
+            self._reply({"ok": False, "error": str(exc)})
+            return
         except RequestError as exc:
             self._reply({"ok": False, "error": str(exc)})
             return
@@ -922,6 +1011,7 @@ async def run_job(
     *,
     cancelled: Callable[[], bool] = lambda: False,
     max_result_bytes: int = 64 * MiB,
+    max_patch_ratio: float = DEFAULT_PATCH_NORM_RATIO,
 ) -> RunOutcome:
     """Run ``spec`` in a fresh sandboxed runner that talks to ``worker``; never raises for the code's faults."""
     runtime = _runtime.ensure_runtime()
@@ -941,6 +1031,7 @@ async def run_job(
         max_result_bytes=max_result_bytes,
         max_model_seconds=float(limits.cpu_seconds) if limits.cpu_seconds is not None else None,
         system_prompt=spec.system_prompt,
+        max_patch_ratio=max_patch_ratio,
     )
     env = {
         FD_ENV: str(runner_end.fileno()),
@@ -1010,6 +1101,10 @@ def _diagnose(result: SandboxResult, server: RpcServer, limits: ResourceLimits, 
             f"the job tried to write a file larger than {limits.file_size_bytes} bytes and was killed",
             code="file_size_limit",
         )
+    if server.reply_error is not None:
+        return InterpJobError(server.reply_error[0], code=server.reply_error[1])
+    if server.patch_refused is not None:
+        return InterpJobError(f"the host refused a patch: {server.patch_refused}", code=server.patch_refused.code)
     if server.model_time_spent:
         return InterpJobError(
             f"the job used up its host model time of {limits.cpu_seconds} s (forward passes on the lab's side)",

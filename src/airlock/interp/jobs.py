@@ -81,7 +81,7 @@ class InterpHandler:
             grant = session.get(Grant, grant_id)
             cpu_used, bytes_released = interp.usage_of_grant(session, grant_id)
             cpu_quota = grant.quota_interp_cpu_seconds if grant is not None else None
-            bytes_quota = grant.quota_result_bytes if grant is not None else None
+            bytes_quota = interp.grant_result_bytes(grant, self.settings)
         if spec.backend != "local":
             raise host.InterpJobError(
                 f"variant {params['model']} is served by a {spec.backend!r} backend; interp jobs need local weights",
@@ -120,6 +120,7 @@ class InterpHandler:
                 sandbox_limits,
                 cancelled=ctx.cancelled,
                 max_result_bytes=self.settings.interp_max_result_bytes,
+                max_patch_ratio=self.settings.interp_max_patch_norm_ratio,
             )
         )
         cpu = float(outcome.usage.get("cpu_seconds", 0.0)) + float(outcome.usage["rpc"]["model_seconds"])

@@ -16,6 +16,7 @@ from airlock.access.service import AdminPrincipal, Principal, authorize, check_w
 from airlock.config import Settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError, RateLimitError
+from airlock.interp import _wire
 from airlock.interp.models import InterpJob
 from airlock.interp.schemas import (
     ArraySpec,
@@ -80,20 +81,26 @@ def usage_of_grant(session: Session, grant_id: str) -> tuple[float, int]:
     return float(cpu or 0.0), int(released or 0)
 
 
-def enforce_quotas(session: Session, principal: Principal) -> None:
+def grant_result_bytes(grant: Any, settings: Settings) -> int:
+    """Return a grant's interp result-bytes budget: its own quota, else the lab's default."""
+    quota = getattr(grant, "quota_result_bytes", None)
+    return int(quota) if quota is not None else settings.interp_default_grant_result_bytes
+
+
+def enforce_quotas(session: Session, principal: Principal, settings: Settings | None = None) -> None:
     """Refuse a new job (429) when the grant's interp CPU or result-bytes quota is used up."""
     grant = principal.grant
-    if grant.quota_interp_cpu_seconds is None and grant.quota_result_bytes is None:
-        return
+    budget = grant_result_bytes(grant, settings or Settings())
     cpu, released = usage_of_grant(session, grant.id)
     if grant.quota_interp_cpu_seconds is not None and cpu >= grant.quota_interp_cpu_seconds:
         raise RateLimitError(
             f"your grant's interp quota of {grant.quota_interp_cpu_seconds:g} CPU seconds is used up ({cpu:.1f} used)",
             code="insufficient_quota",
         )
-    if grant.quota_result_bytes is not None and released >= grant.quota_result_bytes:
+    if released >= budget:
+        which = "quota" if grant.quota_result_bytes is not None else "default budget (the grant sets no quota)"
         raise RateLimitError(
-            f"your grant's quota of {grant.quota_result_bytes} result bytes is used up ({released} released)",
+            f"your grant's {which} of {budget} result bytes is used up ({released} released)",
             code="insufficient_quota",
         )
 
@@ -115,6 +122,14 @@ def create_job(session: Session, settings: Settings, principal: Principal, body:
         compile(body.code, body.filename, "exec")
     except (SyntaxError, ValueError) as exc:
         raise InvalidRequestError(f"the code does not compile: {exc}", code="syntax_error", param="code") from None
+    except (RecursionError, MemoryError, OverflowError):
+        raise InvalidRequestError(
+            "the code does not compile: it is nested too deeply for the compiler", code="syntax_error", param="code"
+        ) from None
+    # The job travels to the runner inside one wire message (args one level down): deeper args
+    # could never be sent.
+    if _wire.nesting_depth(body.args) + 1 > _wire.MAX_DEPTH:
+        raise InvalidRequestError(f"args are nested deeper than {_wire.MAX_DEPTH - 1} levels", param="args")
     try:
         args_json = json.dumps(body.args, allow_nan=False)
     except ValueError:
@@ -129,7 +144,7 @@ def create_job(session: Session, settings: Settings, principal: Principal, body:
             code="backend_not_supported",
             param="model",
         )
-    enforce_quotas(session, principal)
+    enforce_quotas(session, principal, settings)
     requested = body.limits
     limits = {
         "cpu_seconds": min(settings.interp_cpu_seconds, (requested.cpu_seconds if requested else None) or 10**9),
