@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from airlock.db import Database, new_id, utcnow
 from airlock.errors import AirlockError, ConflictError, InvalidRequestError, NotFoundError
+from airlock.jobs.periodic import PeriodicWorker
 from airlock.ledger._entry import ENTRY_VERSION, canonical, commitment_of, iso_utc, parse_entry
 from airlock.ledger._merkle import (
     EMPTY_ROOT,
@@ -573,27 +573,20 @@ def check_database(db: Database, signer: Signer, *, audit: bool = True) -> list[
 # ---------------------------------------------------------------- background sequencer
 
 
-class LedgerSequencer:
+class LedgerSequencer(PeriodicWorker):
     """Background thread: integrate pending events often; digest the audit table and sign checkpoints periodically."""
 
+    name = "ledger-sequencer"
+
     def __init__(self, db: Database, settings: Settings) -> None:
+        super().__init__(settings.ledger_sequence_interval_s)
         self.db = db
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start the thread (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="ledger-sequencer", daemon=True)
-            self._thread.start()
+        self._next_checkpoint = time.monotonic() + settings.ledger_checkpoint_interval_s
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread after one last integration pass."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        super().stop(timeout)
         try:
             sequence(self.db)
         except Exception:
@@ -606,14 +599,9 @@ class LedgerSequencer:
             digest_audit(self.db)
             publish_checkpoint(self.db, get_signer(self.settings))
 
-    def _loop(self) -> None:
-        next_checkpoint = time.monotonic() + self.settings.ledger_checkpoint_interval_s
-        while not self._stop.wait(self.settings.ledger_sequence_interval_s):
-            due = time.monotonic() >= next_checkpoint
-            try:
-                self.tick(checkpoint=due)
-            except Exception:
-                # Keep the gateway serving; pending events stay pending and the next pass retries.
-                log.exception("ledger sequencing failed")
-            if due:
-                next_checkpoint = time.monotonic() + self.settings.ledger_checkpoint_interval_s
+    def run_once(self) -> None:
+        """Sequence; digest and sign when the checkpoint interval has passed (even if that pass fails)."""
+        due = time.monotonic() >= self._next_checkpoint
+        if due:
+            self._next_checkpoint = time.monotonic() + self.settings.ledger_checkpoint_interval_s
+        self.tick(checkpoint=due)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -36,6 +35,7 @@ from airlock.evals.attestation import canonical_json, fingerprint, parse_public_
 from airlock.evals.attestation import verify as verify_signature
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.service import verify_stored
+from airlock.jobs.periodic import PeriodicWorker
 from airlock.ledger.service import record_event
 from airlock.publish import redaction
 from airlock.publish.models import Report, ReportAttachment, ReportComment, ReportRedaction, ReportRevision
@@ -398,42 +398,22 @@ def publish_due(session: Session, now: datetime | None = None) -> list[str]:
     return published
 
 
-class DuePublisher:
+class DuePublisher(PeriodicWorker):
     """Publishes reports whose embargo has passed, from a background thread of the gateway."""
 
+    name = "report-publisher"
+
     def __init__(self, db: Database, interval_s: float) -> None:
+        super().__init__(interval_s)
         self.db = db
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start publishing every ``interval_s`` seconds."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="report-publisher", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop and wait for a run in progress."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def run_once(self) -> list[str]:
         """Publish what is due now; returns the published report ids."""
         with self.db.session() as session:
-            return publish_due(session)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                published = self.run_once()
-            except Exception:  # a bad pass must not end the loop; the next one retries
-                log.exception("publishing due reports failed")
-                continue
-            for report_id in published:
-                log.info("published %s (embargo passed)", report_id)
+            published = publish_due(session)
+        for report_id in published:
+            log.info("published %s (embargo passed)", report_id)
+        return published
 
 
 def _lock(session: Session, report_id: str, now: datetime, *, evaluator_id: str | None = None) -> None:
