@@ -35,17 +35,24 @@ def _grant_versions(session: Session, grant: Grant) -> list[dict[str, Any]]:
     return [version_ref(v) for v in versions if v is not None]
 
 
-def grant_issued(session: Session, grant: Grant) -> None:
-    """Log ``grant.issued``: who may do what to which versions and variants, and when."""
+def _grant_ref(session: Session, grant: Grant) -> dict[str, Any]:
+    """Name a grant publicly: its id, its evaluator's name and its model's name."""
     from airlock.access.models import Evaluator
     from airlock.registry.models import Model
 
     evaluator = session.get(Evaluator, grant.evaluator_id)
     model = session.get(Model, grant.model_id)
-    body = {
+    return {
         "grant": grant.id,
         "evaluator": evaluator.name if evaluator else grant.evaluator_id,
         "model": model.name if model else grant.model_id,
+    }
+
+
+def grant_issued(session: Session, grant: Grant) -> None:
+    """Log ``grant.issued``: who may do what to which versions and variants, and when."""
+    body = {
+        **_grant_ref(session, grant),
         "versions": _grant_versions(session, grant),
         "variants": list(grant.variants),
         "scopes": list(grant.scopes),
@@ -72,15 +79,8 @@ def grant_issued(session: Session, grant: Grant) -> None:
 
 def grant_revoked(session: Session, grant: Grant) -> None:
     """Log ``grant.revoked`` (the reason is committed, not published)."""
-    from airlock.access.models import Evaluator
-    from airlock.registry.models import Model
-
-    evaluator = session.get(Evaluator, grant.evaluator_id)
-    model = session.get(Model, grant.model_id)
     body = {
-        "grant": grant.id,
-        "evaluator": evaluator.name if evaluator else grant.evaluator_id,
-        "model": model.name if model else grant.model_id,
+        **_grant_ref(session, grant),
         "revoked_at": grant.revoked_at,
     }
     record_event(session, "grant.revoked", body, confidential={"reason": grant.revoked_reason or ""})
