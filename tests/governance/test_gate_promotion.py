@@ -33,7 +33,9 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     def record(session: Any, kind: str, body: dict[str, Any], *, confidential: Any = None) -> None:
         seen.append((kind, body))
 
+    # Every module that bound the name at import time must be patched, or its events go unseen.
     monkeypatch.setattr("airlock.ledger.service.record_event", record)
+    monkeypatch.setattr("airlock.ledger.events.record_event", record)
     return seen
 
 
@@ -47,6 +49,7 @@ def test_blocked_promotion_is_recorded_and_refused(db: Any, tmp_path: Path, even
     sync(db)
     Evidence(db, tmp_path).submit("knowledge_proxy", 65, 100)  # cannot rule out
     policy = parse_policy(POLICY)
+    events.clear()
     with db.session() as session:
         outcome = promote(session, _version(session), "deployed", actor="alice", policy=policy)
     assert not outcome.promoted and "the gate blocks m1@v1 -> deployed" in outcome.message
@@ -64,6 +67,7 @@ def test_blocked_promotion_is_recorded_and_refused(db: Any, tmp_path: Path, even
 
 def test_override_needs_decider_role_and_justification(db: Any, events: list[Any]) -> None:
     sync(db)
+    events.clear()
     policy = parse_policy(POLICY)
     with db.session() as session:
         version = _version(session)
@@ -101,12 +105,14 @@ def test_override_needs_decider_role_and_justification(db: Any, events: list[Any
         assert any("mitigation production/input-filter" in b for b in row.blocking)
         assert session.get(GateDecision, row.decision_id).promoted  # type: ignore[union-attr]
     kinds = [k for k, _ in events]
-    assert kinds == ["gate.decision", "gate.override"]
+    assert kinds == ["gate.decision", "gate.override", "stage.changed"]
     assert events[1][1]["justification"] == JUSTIFICATION and events[1][1]["decider"] == "dora"
+    assert (events[2][1]["from"], events[2][1]["to"]) == ("external-candidate", "deployed")
 
 
 def test_ungated_stages_and_missing_policy(db: Any, events: list[Any]) -> None:
     sync(db)
+    events.clear()
     with db.session() as session:
         version = _version(session)
         assert promote(session, version, "internal", actor="a", policy=parse_policy(POLICY)).promoted
@@ -114,7 +120,11 @@ def test_ungated_stages_and_missing_policy(db: Any, events: list[Any]) -> None:
         with pytest.raises(ConflictError, match="cannot be deployed without one"):
             promote(session, version, "deployed", actor="a", policy=None)
         assert promote(session, version, "training-checkpoint", actor="a", policy=None).promoted
-    assert events == []
+    # Ungated moves record no gate decision, but every stage change is on the record.
+    assert [(k, b["from"], b["to"]) for k, b in events] == [
+        ("stage.changed", "external-candidate", "internal"),
+        ("stage.changed", "internal", "training-checkpoint"),
+    ]
 
 
 def _admin(lab: Any, token: str | None = None) -> httpx.Client:
