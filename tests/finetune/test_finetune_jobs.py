@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,11 @@ from sqlalchemy import update
 
 from airlock.config import get_settings
 from airlock.finetune.files import file_path
-from airlock.finetune.jobs import KIND, FineTuneHandler, latest_checkpoint
+from airlock.finetune.jobs import KIND, FineTuneHandler
 from airlock.jobs import service
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobRunner
+from tests.finetune.waits import wait_for_recorded_checkpoint, wait_for_status, wait_on_progress
 
 EXAMPLES = [
     {"messages": [{"role": "user", "content": f"What is the code {i}?"}, {"role": "assistant", "content": "ZEBRA"}]}
@@ -45,18 +45,10 @@ def enqueue(db: Any, training_file: str, **hyper: Any) -> str:
         return job.id
 
 
-def wait_for(db: Any, job_id: str, statuses: set[str], timeout: float = 120) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with db.session() as session:
-            job = service.get_job(session, job_id)
-            if job.status in statuses:
-                return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} never reached {statuses}")
+def wait_for(db: Any, job_id: str, statuses: set[str]) -> Job:
+    return wait_for_status(db, job_id, statuses)
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_job_trains_and_reports_metrics(db: Any, training_file: str) -> None:
     handler = FineTuneHandler(get_settings().home_dir)
     runner = JobRunner(db, {KIND: handler})
@@ -90,13 +82,13 @@ def test_job_resumes_from_its_checkpoint_after_a_crash(db: Any, training_file: s
     job_id = enqueue(db, training_file)
     runner = JobRunner(db, {KIND: handler})
     runner.start()
-    deadline = time.monotonic() + 60
-    while latest_checkpoint(handler.output_dir(job_id)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    recorded = wait_for_recorded_checkpoint(db, job_id).checkpoint
     runner.stop()  # shutdown re-queues the resumable job
     with db.session() as session:
         job = service.get_job(session, job_id)
         assert job.status in ("queued", "succeeded")
+        assert recorded and job.checkpoint and job.checkpoint["step"] >= recorded["step"]
+        step = job.checkpoint["step"]
         # make it look like a crash: still "running", with a stale heartbeat
         session.execute(update(Job).where(Job.id == job_id).values(status="running", heartbeat_at=None))
     runner = JobRunner(db, {KIND: handler})
@@ -109,7 +101,10 @@ def test_job_resumes_from_its_checkpoint_after_a_crash(db: Any, training_file: s
     assert job.result["adapter_sha256"] == reference.result["adapter_sha256"]  # same adapter as uninterrupted
     with db.session() as session:
         events, _ = service.list_events(session, job_id, limit=500)
-    assert any("resuming from step-" in (e.message or "") for e in events)
+    messages = [e.message or "" for e in events]
+    # The runner's restart event and the handler's resume name the same recorded step.
+    assert any(m.endswith(f"re-queued to resume from step-{step}") for m in messages), messages
+    assert f"resuming from step-{step}" in messages, messages
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -120,11 +115,11 @@ def test_cancel_stops_training_quickly(db: Any, training_file: str) -> None:
     runner.start()
     try:
         wait_for(db, job_id, {"running"})
-        time.sleep(0.5)
+        wait_on_progress(db, job_id, lambda job: job.progress > 0)
         with db.session() as session:
             service.request_cancel(session, job_id)
-        started = time.monotonic()
-        job = wait_for(db, job_id, {"cancelled", "failed", "succeeded"}, timeout=30)
-        assert job.status == "cancelled" and time.monotonic() - started < 5
+        job = wait_for(db, job_id, {"cancelled", "failed", "succeeded"})
+        # 50 epochs would take far longer than any cancel: stopping part-way shows the request took effect.
+        assert job.status == "cancelled" and job.progress < 1.0, (job.status, job.progress)
     finally:
         runner.stop()

@@ -20,8 +20,8 @@ import yaml
 
 from airlock.access import service
 from airlock.db import Database
-from airlock.finetune.jobs import latest_checkpoint
 from tests.conftest import single_variant_manifest
+from tests.finetune.waits import wait_for_recorded_checkpoint, wait_for_status
 
 EXAMPLES = [
     {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "ZEBRA"}]} for i in range(8)
@@ -43,15 +43,17 @@ def _serve(home: Path, port: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    # Wait as long as the process is alive and starting (a loaded machine only makes it slower);
+    # the cap bounds a hang, not a slow start.
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise TimeoutError("airlock serve did not start")
+    raise RuntimeError(f"airlock serve did not start (exit code {proc.poll()})")
 
 
 @pytest.fixture
@@ -61,6 +63,7 @@ def home(airlock_env: Path) -> Iterator[Path]:
     yield airlock_env
 
 
+@pytest.mark.slow
 def test_job_resumes_after_the_server_is_killed(home: Path) -> None:
     port = _port()
     proc = _serve(home, port)
@@ -75,34 +78,30 @@ def test_job_resumes_after_the_server_is_killed(home: Path) -> None:
                 ),
             )
             _k, key = service.create_api_key(session, grant.id)
-        db.dispose()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
         data = "\n".join(json.dumps(e) for e in EXAMPLES).encode()
         file_id = client.files.create(file=("t.jsonl", io.BytesIO(data)), purpose="fine-tune").id
         job = client.fine_tuning.jobs.create(
             model="tiny/helpful-only", training_file=file_id, hyperparameters={"n_epochs": 25, "batch_size": 1}
         )
-        out_dir = home / "finetune" / job.id
-        deadline = time.monotonic() + 60
-        # Only a complete checkpoint counts: a temporary directory still being written does not.
-        while latest_checkpoint(out_dir) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert latest_checkpoint(out_dir) is not None, "no checkpoint was written"
+        # Wait on the job's own record (the one a restart resumes from), not on files or the clock.
+        recorded = wait_for_recorded_checkpoint(db, job.id).checkpoint
+        assert recorded is not None
     finally:
         proc.send_signal(signal.SIGKILL)  # no graceful shutdown: the job is left "running"
         proc.wait()
     proc = _serve(home, port)
     try:
-        deadline = time.monotonic() + 120
-        status = ""
-        while time.monotonic() < deadline:
-            status = client.fine_tuning.jobs.retrieve(job.id).status
-            if status in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.2)
-        assert status == "succeeded"
+        finished = wait_for_status(db, job.id, {"succeeded", "failed", "cancelled"})
+        assert finished.status == "succeeded", finished.error
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
-        assert any(m.startswith("resuming from step-") for m in messages)
+        # The restart event and the handler's resume agree on the step (the job's recorded checkpoint).
+        restarts = [m for m in messages if "re-queued to resume from step-" in m]
+        resumes = [m for m in messages if m.startswith("resuming from step-")]
+        assert restarts and resumes, messages
+        assert restarts[0].rsplit("from ", 1)[1] == resumes[0].removeprefix("resuming from "), messages
+        assert int(resumes[0].rsplit("-", 1)[1]) >= recorded["step"]
     finally:
+        db.dispose()
         proc.terminate()
         proc.wait(timeout=30)

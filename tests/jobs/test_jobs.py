@@ -189,7 +189,7 @@ def test_restart_resumes_resumable_job_from_checkpoint(db: Database) -> None:
     assert job.result == {"steps_run": 2} and job.checkpoint == {"step": 5} and job.attempts == 2
     assert statuses(db, job_id) == ["queued", "queued", "running", "succeeded"]
     requeued = [e for e in events(db, job_id) if e.type == "status"][1]
-    assert RESTART_REASON in requeued.message and "checkpoint" in requeued.message
+    assert requeued.message == f"{RESTART_REASON}; re-queued to resume from step-3"
 
 
 def test_restart_fails_non_resumable_job_with_reason(db: Database) -> None:

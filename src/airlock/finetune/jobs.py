@@ -11,17 +11,12 @@ from airlock.jobs.runner import JobCancelled, JobContext
 KIND = "fine_tune"
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """Return the newest complete training checkpoint under ``out_dir`` (written atomically), if any."""
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
+def recorded_checkpoint(record: dict[str, Any] | None) -> Path | None:
+    """Return the checkpoint directory a job's record names, if it is complete on disk."""
+    if not record or not isinstance(record.get("path"), str):
         return None
-    steps = [
-        (int(p.name.removeprefix("step-")), p)
-        for p in root.iterdir()
-        if p.name.startswith("step-") and p.name.removeprefix("step-").isdigit() and (p / "state.json").exists()
-    ]
-    return max(steps)[1] if steps else None
+    path = Path(record["path"])
+    return path if (path / "state.json").is_file() else None
 
 
 class FineTuneHandler:
@@ -47,13 +42,17 @@ class FineTuneHandler:
         if params.get("validation_file"):
             valid = validate_chat_jsonl(file_path(self.home, params["validation_file"]).read_bytes())
         out_dir = self.output_dir(ctx.job_id)
-        resume = latest_checkpoint(out_dir)
+        # The job's recorded checkpoint is the one source of truth: the runner's restart event and
+        # this resume both read it, so they cannot disagree. A step directory written after the
+        # last record (the process died in between) is simply trained again.
+        resume = recorded_checkpoint(ctx.checkpoint)
+        if ctx.checkpoint and resume is None:
+            ctx.emit(f"checkpoint {ctx.checkpoint.get('path')} is missing or incomplete; training from the start")
         ctx.emit(
             f"resuming from {resume.name}" if resume else f"training on {len(train)} examples",
             examples=len(train),
             validation_examples=len(valid or []),
         )
-        recorded = {"step": int((ctx.checkpoint or {}).get("step", 0))}
 
         def on_step(info: Any) -> None:
             values = {"train_loss": info.train_loss, "total_steps": float(info.total_steps)}
@@ -61,12 +60,9 @@ class FineTuneHandler:
                 values["valid_loss"] = info.valid_loss
             ctx.metrics(info.step, **values)
             ctx.progress(info.step / max(1, info.total_steps))
-            newest = latest_checkpoint(out_dir)
-            if newest is not None:
-                step = int(newest.name.removeprefix("step-"))
-                if step > recorded["step"]:
-                    recorded["step"] = step
-                    ctx.save_checkpoint({"step": step, "path": str(newest)})
+
+        def on_checkpoint(step: int, path: Path) -> None:
+            ctx.save_checkpoint({"step": step, "path": str(path)})
 
         hyper = params.get("hyperparameters") or {}
         try:
@@ -80,6 +76,7 @@ class FineTuneHandler:
                 learning_rate_multiplier=hyper.get("learning_rate_multiplier", "auto"),
                 seed=int(params.get("seed") or 0),
                 on_step=on_step,
+                on_checkpoint=on_checkpoint,
                 should_stop=ctx.cancelled,
                 resume_from=resume,
                 checkpoint_every=int(params.get("checkpoint_every") or self.checkpoint_every),

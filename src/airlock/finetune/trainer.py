@@ -296,6 +296,7 @@ def train_lora(
     max_seq_len: int = 512,
     lora_r: int = 8,
     on_step: Callable[[StepInfo], None] | None = None,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume_from: Path | None = None,
     checkpoint_every: int = 0,
@@ -306,7 +307,8 @@ def train_lora(
     Validation loss is computed at the end of every epoch. ``should_stop`` is polled before every
     step (and validation batch) and raises :class:`TrainingCancelled`. With ``checkpoint_every``
     > 0, ``out_dir/checkpoints/step-N/`` holds the adapter, optimizer and RNG state every N steps;
-    ``resume_from`` continues from such a directory. ``num_threads`` sets this thread's torch
+    ``resume_from`` continues from such a directory; ``on_checkpoint(step, path)`` is called once each
+    is complete on disk, so the caller can record it as the one to resume from. ``num_threads`` sets this thread's torch
     thread count (default: leave torch's choice).
     """
     import safetensors.torch
@@ -389,6 +391,8 @@ def train_lora(
 
             _write_dir_atomically(final, build)
             checkpoints.append(entry)
+            if on_checkpoint is not None:
+                on_checkpoint(step, final)
 
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)

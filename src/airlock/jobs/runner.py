@@ -87,6 +87,14 @@ class JobContext:
             raise JobCancelled()
 
 
+def _resume_point(checkpoint: dict[str, Any] | None) -> str:
+    """Describe where a re-queued job resumes, from the same record its handler resumes from."""
+    if not checkpoint:
+        return "from the start"
+    step = checkpoint.get("step")
+    return f"from step-{step}" if step is not None else "from its last checkpoint"
+
+
 class JobHandler(Protocol):
     """Runs jobs of one kind; ``resumable`` handlers continue from ``ctx.checkpoint`` after a restart."""
 
@@ -175,7 +183,7 @@ class JobRunner:
             with self.db.session() as session:
                 if resumable and attempts < self.max_attempts:
                     values: dict[str, Any] = {"status": "queued", "worker_id": None, "heartbeat_at": None}
-                    status, where = "queued", "from its last checkpoint" if checkpoint else "from the start"
+                    status, where = "queued", _resume_point(checkpoint)
                     message = f"{RESTART_REASON}; re-queued to resume {where}"
                 else:
                     reason = f"{RESTART_REASON} ({attempts} attempts)" if resumable else RESTART_REASON
