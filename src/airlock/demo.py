@@ -185,7 +185,10 @@ def run_demo(home: Path) -> int:
 
         _step("5. Evaluator: dangerous-capability proxy suites on both variants, signed and submitted")
         evaluator_env = {**env, "AIRLOCK_BASE_URL": base + "/v1", "AIRLOCK_API_KEY": key}
-        _show(_cli("evaluator", "keygen", "--register", env=evaluator_env))
+        keygen = _cli("evaluator", "keygen", "--register", env=evaluator_env)
+        _show(keygen)
+        # Anyone verifying the evaluator's results later pins this fingerprint, published by the evaluator.
+        evaluator_fingerprint = re.search(r"fingerprint: (\S+)", keygen)
         run_dir = home / "evals" / "demo"
         _show(
             _cli(
@@ -310,7 +313,8 @@ def run_demo(home: Path) -> int:
         public = httpx.get(f"{base}/public/reports/{report_id}.md")
         console.print(Panel(Text(public.text.strip()[:1500]), title=f"{base}/public/reports/{report_id}.md (no auth)"))
         _show(_cli("report", "reveal", report_id, "1", env=evaluator_env))
-        _show(_cli("report", "verify", report_id, env=evaluator_env))
+        pin = ["--key", evaluator_fingerprint.group(1)] if evaluator_fingerprint else []
+        _show(_cli("report", "verify", report_id, *pin, env=evaluator_env))
 
         _step("9. Lab: the deployment gate on the evaluators' signed results")
         rc, out = _cli_rc(

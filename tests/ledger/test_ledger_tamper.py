@@ -6,6 +6,7 @@ import copy
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,3 +267,24 @@ def test_bundle_edit_is_detected(exported: tuple[dict[str, Any], str], edit: str
     forged = copy.deepcopy(bundle)
     BUNDLE_EDITS[edit](forged)
     assert not verify_bundle(forged, vkey).ok
+
+
+def test_trust_fails_closed_without_a_pinned_key(exported: tuple[dict[str, Any], str], tmp_path: Path) -> None:
+    """A bundle carries its own key, so only a pinned key can pass; the unsafe flag warns and still checks."""
+    from airlock.ledger.verify import UNPINNED, run
+
+    bundle, vkey = exported
+    assert verify_bundle(bundle, None).problems == [UNPINNED]
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+    code, out = run(path, key=None, model=None, version=None)
+    assert code == 1 and "no pinned key" in out and "OK:" not in out
+    code, out = run(path, key=None, model=None, version=None, trust_bundle_key=True)
+    assert code == 0 and "WARNING: --unsafe-trust-bundle-key" in out and "OK:" in out
+    code, out = run(path, key=vkey, model=None, version=None)
+    assert code == 0 and "key: pinned and matching" in out and "WARNING" not in out
+    forged = copy.deepcopy(bundle)
+    BUNDLE_EDITS[next(iter(BUNDLE_EDITS))](forged)
+    path.write_text(json.dumps(forged))
+    code, out = run(path, key=None, model=None, version=None, trust_bundle_key=True)
+    assert code == 1 and "WARNING" in out and "FAILED" in out

@@ -92,7 +92,10 @@ def test_full_publication_flow(lab: Lab, tmp_path: Path) -> None:
     (res,) = page["results"]
     assert res["id"] == result_id and res["signature_valid"]
     assert verify(res["attestation"], res["signature"], res["public_key"])  # checkable offline
-    assert verify_public_report(page).ok
+    # In this test the evaluator's key is the one the page shows; a real reader pins it from the evaluator.
+    pinned = [res["public_key"]]
+    assert verify_public_report(page, pinned).ok
+    assert not verify_public_report(page, None).ok  # fail closed without a pinned key
     md = public.get(f"/public/reports/{rid}.md")
     assert md.headers["content-type"].startswith("text/markdown") and "Lab comments" in md.text
     png = public.get(f"/public/reports/{rid}/attachments/{plot_id}")
@@ -107,7 +110,7 @@ def test_full_publication_flow(lab: Lab, tmp_path: Path) -> None:
     assert redaction.verify_commitment(span["commitment"], span["salt"], span["text"])
     assert "Step 3 uses the zyloxin proxy.[[revealed #1" in page["body_revealed"]
     assert page["body"] == page["document"]["body"]  # the hashed text never changes
-    check = verify_public_report(page)
+    check = verify_public_report(page, pinned)
     assert check.ok and check.revealed == 1
     html = public.get(f"/public/reports/{rid}.html")
     assert html.status_code == 200 and "default-src 'none'" in html.headers["content-security-policy"]
@@ -116,8 +119,8 @@ def test_full_publication_flow(lab: Lab, tmp_path: Path) -> None:
     assert f'<img src="/public/reports/{rid}/attachments/{plot_id}"' in html.text
     assert public.get("/public/reports/rpt_nope.html").status_code == 404
     tampered = {**page, "redactions": [{**span, "text": "something else"}]}
-    assert not verify_public_report(tampered).ok
-    assert not verify_public_report({**page, "content_hash": "0" * 64}).ok
+    assert not verify_public_report(tampered, pinned).ok
+    assert not verify_public_report({**page, "content_hash": "0" * 64}, pinned).ok
 
 
 def test_bad_requests_are_clear_4xx(lab: Lab, tmp_path: Path) -> None:

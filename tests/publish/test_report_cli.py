@@ -54,7 +54,11 @@ def test_draft_submit_agree_publish_reveal_verify(lab: Lab, tmp_path: Path, monk
 
     out = invoke("report", "reveal", rid, "1")
     assert "revealed" in out
-    assert "1 revealed span(s) verified" in invoke("report", "verify", rid)
+    from airlock.evals.attestation import public_key_b64
+
+    pinned = public_key_b64(org.private)
+    assert "1 revealed span(s) verified" in invoke("report", "verify", rid, "--key", pinned)
+    assert "no evaluator key is pinned" in invoke("report", "verify", rid, code=1)
     page = httpx.get(f"{lab.url}/public/reports/{rid}").json()
     span = page["redactions"][0]
     ok = invoke(
@@ -67,6 +71,6 @@ def test_draft_submit_agree_publish_reveal_verify(lab: Lab, tmp_path: Path, monk
     assert "MISMATCH" in bad
     saved = tmp_path / "page.json"
     saved.write_text(httpx.get(f"{lab.url}/public/reports/{rid}").text.replace("Revised.", "Edited."))
-    assert "content_hash does not match" in invoke("report", "verify", str(saved), code=1)
+    assert "content_hash does not match" in invoke("report", "verify", str(saved), "--key", pinned, code=1)
     assert "404" in invoke("report", "show", "rpt_unknown", code=1)
     assert "lab comment by alice" in invoke("report", "show", rid)

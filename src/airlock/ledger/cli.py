@@ -91,14 +91,19 @@ def export(
 @app.command("verify")
 def verify(
     bundle: Annotated[Path, typer.Argument(help="Bundle written by `airlock ledger export`.")],
-    key: Annotated[str | None, typer.Option(help="The lab's verifier key (string or file) to pin.")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="The lab's verifier key (string or file) to pin; required to pass.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Answer the access questions for this model.")] = None,
     version: Annotated[str | None, typer.Option(help="Restrict to one version (label or hash prefix).")] = None,
+    unsafe_trust_bundle_key: Annotated[
+        bool, typer.Option(help="Trust the key inside the bundle instead of a pinned one (prints a warning).")
+    ] = False,
 ) -> None:
     """Verify a bundle offline (same as `airlock-verify`): signatures, consistency, inclusion, reveals."""
     from airlock.ledger.verify import run
 
-    code, text = run(bundle, key=key, model=model, version=version)
+    code, text = run(bundle, key=key, model=model, version=version, trust_bundle_key=unsafe_trust_bundle_key)
     typer.echo(text)
     if code:
         raise typer.Exit(code)

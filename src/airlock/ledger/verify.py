@@ -1,9 +1,11 @@
-"""Offline verifier of a ledger bundle: ``airlock-verify BUNDLE [--key KEY] [--model X [--version V]]``.
+"""Offline verifier of a ledger bundle: ``airlock-verify BUNDLE --key KEY [--model X [--version V]]``.
 
-Needs only the bundle (and, ideally, the lab's verifier key obtained separately); no database and
-no server. It checks, in order:
+Needs only the bundle and the lab's verifier key obtained through a separate channel; no database
+and no server. Trust fails closed: a bundle carries its own key, so anyone who rewrites a bundle can
+re-sign it, and without a pinned key the check does not pass (``--unsafe-trust-bundle-key`` lifts
+that one rule, loudly). It checks, in order:
 
-1. the bundle's key, against the pinned key when one is given;
+1. the bundle's key, against the pinned key;
 2. every checkpoint's Ed25519 signature and origin;
 3. that checkpoint sizes never shrink and that each later checkpoint is consistent with the
    earlier ones (RFC 9162 consistency proofs shipped in the bundle);
@@ -53,8 +55,15 @@ class Report:
         return not self.problems
 
 
-def verify_bundle(bundle: dict[str, Any], pinned_key: str | None = None) -> Report:
-    """Verify a bundle (see the module docstring for the checks); problems are collected, not raised."""
+UNPINNED = "no pinned key: pass the lab's verifier key (--key), obtained from the lab through another channel"
+
+
+def verify_bundle(bundle: dict[str, Any], pinned_key: str | None, *, trust_bundle_key: bool = False) -> Report:
+    """Verify a bundle (see the module docstring for the checks); problems are collected, not raised.
+
+    Without ``pinned_key`` the report fails (every other check still runs against the bundle's own
+    key, to say what else is wrong) unless ``trust_bundle_key`` is set explicitly.
+    """
     report = Report(origin=str(bundle.get("origin", "")))
     if bundle.get("format") != BUNDLE_FORMAT:
         report.problems.append(f"unknown bundle format {bundle.get('format')!r}")
@@ -68,6 +77,8 @@ def verify_bundle(bundle: dict[str, Any], pinned_key: str | None = None) -> Repo
             if pinned.vkey() != verifier.vkey():
                 report.problems.append("the bundle's key is not the pinned key")
                 verifier = pinned
+        elif not trust_bundle_key:
+            report.problems.append(UNPINNED)
     except NoteError as exc:
         report.problems.append(f"public key: {exc}")
         return report
@@ -262,7 +273,20 @@ def render_access(rows: Sequence[AccessRow], model: str) -> str:
 # ---------------------------------------------------------------- command line
 
 
-def run(bundle_path: Path, *, key: str | None, model: str | None, version: str | None) -> tuple[int, str]:
+UNSAFE_WARNING = (
+    "WARNING: --unsafe-trust-bundle-key: the key inside the bundle was trusted; anyone who rewrote "
+    "this bundle could have signed it with their own key. Pin the lab's key with --key."
+)
+
+
+def run(
+    bundle_path: Path,
+    *,
+    key: str | None,
+    model: str | None,
+    version: str | None,
+    trust_bundle_key: bool = False,
+) -> tuple[int, str]:
     """Verify a bundle file and return ``(exit code, text to print)``."""
     try:
         bundle = json.loads(bundle_path.read_text())
@@ -271,15 +295,17 @@ def run(bundle_path: Path, *, key: str | None, model: str | None, version: str |
     if key is not None and Path(key).is_file():
         key = Path(key).read_text().strip()
     try:
-        report = verify_bundle(bundle, key)
+        report = verify_bundle(bundle, key, trust_bundle_key=trust_bundle_key)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         # Fail closed on a bundle that is not even well-formed.
         return 1, f"FAILED: malformed bundle ({type(exc).__name__}: {exc})"
     lines = [
         f"origin: {report.origin}",
         f"entries: {report.size}; checkpoints: {report.checkpoints}",
-        "key: pinned and matching" if report.key_pinned and report.ok else "key: taken from the bundle (pass --key)",
+        "key: pinned and matching" if report.key_pinned and report.ok else "key: taken from the bundle",
     ]
+    if key is None and trust_bundle_key:
+        lines.append(UNSAFE_WARNING)
     if not report.ok:
         lines += ["FAILED:", *(f"  - {p}" for p in report.problems)]
         return 1, "\n".join(lines)
@@ -297,11 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "of every entry and every reveal; optionally answer who had access to a model before deployment.",
     )
     parser.add_argument("bundle", type=Path, help="bundle written by `airlock ledger export`")
-    parser.add_argument("--key", help="the lab's verifier key (string or file), from `airlock ledger pubkey`")
+    parser.add_argument(
+        "--key", help="the lab's verifier key (string or file), from `airlock ledger pubkey`; required to pass"
+    )
+    parser.add_argument(
+        "--unsafe-trust-bundle-key",
+        action="store_true",
+        help="trust the key inside the bundle instead of a pinned one (unsafe: prints a warning)",
+    )
     parser.add_argument("--model", help="answer the access questions for this model")
     parser.add_argument("--version", help="restrict to one version (label or content-hash prefix)")
     args = parser.parse_args(argv)
-    code, text = run(args.bundle, key=args.key, model=args.model, version=args.version)
+    code, text = run(
+        args.bundle, key=args.key, model=args.model, version=args.version, trust_bundle_key=args.unsafe_trust_bundle_key
+    )
     print(text)
     return code
 

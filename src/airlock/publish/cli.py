@@ -255,9 +255,15 @@ def verify(
     evaluator_key: Annotated[
         list[str] | None,
         typer.Option(
-            help="Require every result to be signed by this evaluator key (base64 or SHA-256 fingerprint; repeatable)."
+            "--key",
+            "--evaluator-key",
+            help="The evaluator's public key (base64 or SHA-256 fingerprint; repeatable): every result must be signed "
+            "by one; required when the report has signed results.",
         ),
     ] = None,
+    unsafe_trust_embedded_keys: Annotated[
+        bool, typer.Option(help="Trust the keys the report itself carries (unsafe: prints a warning).")
+    ] = False,
 ) -> None:
     """Check a public report: content hash, commitments, every reveal and every result signature."""
 
@@ -287,14 +293,20 @@ def verify(
         except ValueError as exc:
             console.print(f"[bold red]FAIL[/] not a JSON document: {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
-        check = verify_public_report(data, evaluator_key)
+        check = verify_public_report(data, evaluator_key, trust_embedded_keys=unsafe_trust_embedded_keys)
+        if unsafe_trust_embedded_keys and not evaluator_key:
+            console.print(
+                "[bold yellow]WARNING[/] --unsafe-trust-embedded-keys: the report's own keys were trusted; "
+                "anyone could have signed these results. Pin the evaluator's key with --key.",
+                highlight=False,
+            )
         for line in check.problems:
             console.print(f"[bold red]FAIL[/] {escape(line)}", highlight=False)
         if not check.ok:
             raise typer.Exit(1)
         for rid, fp in check.signers:
             console.print(f"  result {escape(rid)}: signature verified with key sha256:{fp}", highlight=False)
-        pinned = " (pinned)" if evaluator_key else " (key not pinned: compare with the evaluator's published key)"
+        pinned = " (pinned)" if evaluator_key else " (key NOT pinned)"
         console.print(
             escape(
                 f"OK: {data.get('id')} content hash sha256:{data.get('content_hash')}, "

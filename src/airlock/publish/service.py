@@ -581,12 +581,22 @@ class Verification:
         return not self.problems
 
 
-def verify_public_report(data: Any, evaluator_keys: Collection[str] | None = None) -> Verification:
+UNPINNED_EVALUATOR_KEY = (
+    "results are signed but no evaluator key is pinned: pass the evaluator's public key (--key), "
+    "obtained from the evaluator, not from the report"
+)
+
+
+def verify_public_report(
+    data: Any, evaluator_keys: Collection[str] | None, *, trust_embedded_keys: bool = False
+) -> Verification:
     """Check a public report JSON offline: content hash, commitments, reveals, signed results.
 
     Every result must be one the hashed document cites (same id, signature and log hash) and its
-    signature must verify; with ``evaluator_keys`` (base64 keys or their SHA-256 fingerprints)
-    the signing key must be one of them. Malformed input is reported as problems, never raised.
+    signature must verify with one of ``evaluator_keys`` (base64 keys or their SHA-256
+    fingerprints, obtained from the evaluator): a report carries its signers' keys, so a forger
+    could sign with their own. Signed results without a pinned key fail, unless
+    ``trust_embedded_keys`` is set explicitly. Malformed input is reported as problems, never raised.
     """
     if not isinstance(data, dict):
         return Verification(["the report is not a JSON object"], 0)
@@ -602,7 +612,9 @@ def verify_public_report(data: Any, evaluator_keys: Collection[str] | None = Non
     if "id" in data and data["id"] != document.get("report_id"):
         problems.append(f"id {_short(data['id'])} differs from the hashed document's report_id")
     revealed = _verify_redactions(document, data.get("redactions", []), problems)
-    signers = _verify_results(document, data.get("results", []), evaluator_keys, problems)
+    signers = _verify_results(document, data.get("results", []), evaluator_keys or None, problems)
+    if signers and not evaluator_keys and not trust_embedded_keys:
+        problems.append(UNPINNED_EVALUATOR_KEY)
     return Verification(problems, revealed, signers)
 
 
