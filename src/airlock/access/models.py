@@ -50,6 +50,8 @@ class Grant(Base):
     embargo_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     notes: Mapped[str] = mapped_column(Text, default="")
     created_by: Mapped[str] = mapped_column(String(100), default="")
+    # The admin token that issued the grant (None: the operator's CLI); it may not review the grant's work.
+    issued_by_token_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
     revoked_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
