@@ -240,15 +240,26 @@ def test_verifier_flags_a_reveal_that_does_not_open_its_commitment(tmp_path: Any
     db.dispose()
 
 
-class _TrainHandler:
-    """A stand-in fine-tuning handler: succeeds at once with a training summary."""
+class _EchoHandler:
+    """A job kind with no record of its own: succeeds at once with a training-like summary."""
+
+    resumable = False
 
     def run(self, ctx: Any) -> dict[str, Any]:
         return {"trained_tokens": 1234, "steps": 7}
 
 
+class _TrainHandler(_EchoHandler):
+    """A stand-in fine-tuning handler: the real handler's ledger hook, without the training."""
+
+    def on_finished(self, session: Any, job: Any) -> None:
+        from airlock.finetune.jobs import FineTuneHandler
+
+        FineTuneHandler.on_finished(self, session, job)  # type: ignore[arg-type]
+
+
 def test_finetune_job_outcome_is_logged_other_kinds_are_not(db: Database) -> None:
-    """The job runner's terminal transition logs ``finetune.job`` for fine-tuning jobs only."""
+    """A job's terminal transition runs its handler's hook: ``finetune.job`` for fine-tuning jobs only."""
     import time
 
     from airlock.finetune.jobs import KIND
@@ -258,7 +269,7 @@ def test_finetune_job_outcome_is_logged_other_kinds_are_not(db: Database) -> Non
     with db.session() as session:
         ft = jobs.enqueue(session, KIND, evaluator_id="evalr_x", grant_id="grant_x", params={"model": "m1/base"}).id
         other = jobs.enqueue(session, "echo", evaluator_id="evalr_x", grant_id="grant_x", params={}).id
-    runner = JobRunner(db, {KIND: _TrainHandler(), "echo": _TrainHandler()}, poll_interval=0.02)
+    runner = JobRunner(db, {KIND: _TrainHandler(), "echo": _EchoHandler()}, poll_interval=0.02)
     runner.start()
     try:
         deadline = time.monotonic() + 15

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from airlock.finetune import events
 from airlock.finetune.files import file_path, validate_chat_jsonl
+from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
 
 KIND = "fine_tune"
@@ -27,6 +31,10 @@ class FineTuneHandler:
     def __init__(self, home: Path, *, checkpoint_every: int = 10) -> None:
         self.home = home
         self.checkpoint_every = checkpoint_every
+
+    def on_finished(self, session: Session, job: Job) -> None:
+        """Put the job's outcome on the public record, in the terminal transition's transaction."""
+        events.job_finished(session, job)
 
     def output_dir(self, job_id: str) -> Path:
         """Return where a job's checkpoints and adapter live (never served to anyone)."""

@@ -22,7 +22,6 @@ from airlock.db import Database, new_id, utcnow
 from airlock.errors import AirlockError
 from airlock.jobs.models import Job
 from airlock.jobs.service import add_event
-from airlock.ledger import events as ledger_events
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,12 @@ def _resume_point(checkpoint: dict[str, Any] | None) -> str:
 
 
 class JobHandler(Protocol):
-    """Runs jobs of one kind; ``resumable`` handlers continue from ``ctx.checkpoint`` after a restart."""
+    """Runs jobs of one kind; ``resumable`` handlers continue from ``ctx.checkpoint`` after a restart.
+
+    A handler may also define ``on_finished(session, job)``: called once when the job reaches a
+    terminal state, in that transition's transaction, so what it writes (e.g. a ledger event)
+    commits with the state change or not at all. The runner itself knows no job kind.
+    """
 
     resumable: bool
 
@@ -206,7 +210,7 @@ class JobRunner:
                     continue  # another runner recovered it first, or its owner is alive after all
                 add_event(session, job_id, message, type="status", status=status)
                 if status == "failed":
-                    ledger_events.finetune_job_finished(session, job_id)
+                    self._on_finished(session, job_id)
             log.warning("job %s: %s", job_id, message)
             recovered.append(job_id)
         return recovered
@@ -351,4 +355,12 @@ class JobRunner:
             if error is not None:
                 data["error"] = error
             add_event(session, job_id, message, type="status", **data)
-            ledger_events.finetune_job_finished(session, job_id)
+            self._on_finished(session, job_id)
+
+    def _on_finished(self, session: Session, job_id: str) -> None:
+        """Let the job's handler react to its terminal state inside the same transaction (e.g. log it)."""
+        job = session.get(Job, job_id)
+        hook = getattr(self.handlers.get(job.kind), "on_finished", None) if job is not None else None
+        if job is not None and hook is not None:
+            session.flush()
+            hook(session, job)

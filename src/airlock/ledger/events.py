@@ -136,28 +136,3 @@ def eval_attested(session: Session, result: EvalResult, grant: Grant) -> None:
     if not embargoed:
         body["metrics"] = result.metrics
     record_event(session, "eval.attested", body, confidential={"metrics": result.metrics} if embargoed else None)
-
-
-def finetune_job_finished(session: Session, job_id: str) -> None:
-    """Log ``finetune.job`` when a fine-tuning job reaches a terminal state (other job kinds log their own)."""
-    from airlock.finetune.jobs import KIND
-    from airlock.jobs.models import Job
-    from airlock.registry.models import ModelVersion
-
-    job = session.get(Job, job_id)
-    if job is None or job.kind != KIND:
-        return
-    params, result = job.params or {}, job.result or {}
-    version = session.get(ModelVersion, params["version_id"]) if params.get("version_id") else None
-    body = {
-        "job": job.id,
-        "grant": job.grant_id,
-        "model": params.get("model"),
-        "version": version_ref(version) if version else None,
-        "status": job.status,
-        "fine_tuned_model": params.get("fine_tuned_model"),
-        "trained_tokens": result.get("trained_tokens"),
-        "steps": result.get("steps"),
-        "finished_at": job.finished_at,
-    }
-    record_event(session, "finetune.job", body, confidential={"hyperparameters": params.get("hyperparameters")})
