@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from airlock.cli_support import console, err, fmt_ts, open_database, openai_client, run_command
+from airlock.cli_support import console, err, fmt_ts, open_database, openai_client, run_command, summary_table
 from airlock.config import get_settings, reset_settings
 from airlock.db import Database
 from airlock.errors import AirlockError
@@ -492,22 +492,6 @@ def audit_summary() -> None:
 
     with open_database() as (_s, db), db.session() as session:
         console.print(summary_table(summary(session)))
-
-
-def summary_table(rows: list[dict[str, Any]]) -> Table:
-    """Render an audit summary as a table."""
-    table = Table("actor", "variant", "status", "outcome", "requests", "tokens in", "tokens out")
-    for r in rows:
-        table.add_row(
-            r["actor"] or "-",
-            r["variant"] or "-",
-            str(r["status_code"]),
-            r["outcome"],
-            str(r["requests"]),
-            str(r["tokens_in"]),
-            str(r["tokens_out"]),
-        )
-    return table
 
 
 # ---------------------------------------------------------------- evaluations

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from airlock.config import Settings, get_settings
 from airlock.db import Database
@@ -69,3 +70,19 @@ def openai_client() -> Any:
 
     lab = LabClient.from_env()
     return openai.OpenAI(base_url=lab.base_url, api_key=lab.api_key, max_retries=2)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> Table:
+    """Render an audit summary as a table."""
+    table = Table("actor", "variant", "status", "outcome", "requests", "tokens in", "tokens out")
+    for r in rows:
+        table.add_row(
+            r["actor"] or "-",
+            r["variant"] or "-",
+            str(r["status_code"]),
+            r["outcome"],
+            str(r["requests"]),
+            str(r["tokens_in"]),
+            str(r["tokens_out"]),
+        )
+    return table
