@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from airlock.backends.base import ModelBackend, register_backend
+from airlock.backends.base import ModelBackend
 from airlock.backends.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -21,6 +21,7 @@ from airlock.backends.protocol import (
     TopLogprob,
     Usage,
 )
+from airlock.backends.registry import register_backend
 
 FAKE_HASH = "f" * 64
 

@@ -15,7 +15,6 @@ import torch
 
 from airlock.backends import local as local_module
 from airlock.backends import weights
-from airlock.backends.base import create_backend
 from airlock.backends.local import LocalBackend, LocalBackendConfig, _Engine, _Row, _TokenTable
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -25,6 +24,7 @@ from airlock.backends.protocol import (
     Completion,
     CompletionRequest,
 )
+from airlock.backends.registry import create_backend
 from airlock.errors import BackendError, BackendUnavailableError, ConfigError, InvalidRequestError
 
 PROMPTS = [

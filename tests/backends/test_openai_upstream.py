@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from airlock.backends.base import create_backend
 from airlock.backends.mitigations import build_pipeline
 from airlock.backends.openai_upstream import OpenAIUpstreamBackend
 from airlock.backends.protocol import ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
+from airlock.backends.registry import create_backend
 from airlock.errors import (
     BackendError,
     BackendUnavailableError,

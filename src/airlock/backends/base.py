@@ -1,9 +1,9 @@
-"""The model-backend interface: one base class with safe defaults, registered by name."""
+"""The model-backend interface: one base class with safe defaults (backends are found by name in ``registry``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import ClassVar
 
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -12,7 +12,7 @@ from airlock.backends.protocol import (
     Completion,
     CompletionRequest,
 )
-from airlock.errors import ConfigError, InvalidRequestError
+from airlock.errors import InvalidRequestError
 
 
 class ModelBackend:
@@ -84,43 +84,3 @@ async def _complete_as_stream(backend: ModelBackend, request: CompletionRequest)
     result = await backend.complete(request)
     yield result.model_copy(update={"usage": None})
     yield Completion(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage)
-
-
-BackendFactory = Callable[[dict[str, Any]], ModelBackend]
-_FACTORIES: dict[str, BackendFactory] = {}
-
-
-def register_backend(kind: str, factory: BackendFactory) -> None:
-    """Register ``factory`` as the constructor for backends of type ``kind``."""
-    _FACTORIES[kind] = factory
-
-
-def create_backend(kind: str, config: dict[str, Any]) -> ModelBackend:
-    """Instantiate a backend of type ``kind`` from its manifest ``config``."""
-    _load_builtin_backends()
-    try:
-        factory = _FACTORIES[kind]
-    except KeyError:
-        known = ", ".join(sorted(_FACTORIES)) or "none"
-        raise ConfigError(f"unknown backend type {kind!r} (known: {known})") from None
-    return factory(config)
-
-
-def _load_builtin_backends() -> None:
-    # Imported lazily: the local backend pulls in torch only when it is used.
-    if "local" not in _FACTORIES:
-
-        def _local(config: dict[str, Any]) -> ModelBackend:
-            from airlock.backends.local import LocalBackend
-
-            return LocalBackend.from_config(config)
-
-        register_backend("local", _local)
-    if "openai_upstream" not in _FACTORIES:
-
-        def _upstream(config: dict[str, Any]) -> ModelBackend:
-            from airlock.backends.openai_upstream import OpenAIUpstreamBackend
-
-            return OpenAIUpstreamBackend.from_config(config)
-
-        register_backend("openai_upstream", _upstream)

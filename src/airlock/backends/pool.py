@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from airlock.backends.base import ModelBackend, create_backend
+from airlock.backends.base import ModelBackend
+from airlock.backends.registry import create_backend
 from airlock.errors import ConfigError
 from airlock.registry.service import ResolvedVariant
 
