@@ -105,15 +105,3 @@ class Database:
         """Close every pooled connection."""
         self.engine.dispose()
 
-
-def import_all_models() -> None:
-    """Import every table module so ``Base.metadata`` is complete."""
-    import airlock.access.models
-    import airlock.evals.models
-    import airlock.finetune.models
-    import airlock.governance.models
-    import airlock.interp.models
-    import airlock.jobs.models
-    import airlock.ledger.models
-    import airlock.publish.models
-    import airlock.registry.models  # noqa: F401

@@ -7,7 +7,7 @@ from typing import Any
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from airlock.db import Base, import_all_models
+from airlock.schema import metadata
 
 TABLES = {"gate_decisions", "gate_overrides"}
 
@@ -26,9 +26,8 @@ def _tables_of(diff: Any) -> set[str]:
 
 
 def test_migration_matches_models(db: Any) -> None:
-    import_all_models()
     with db.engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": False}), Base.metadata)
+        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": False}), metadata)
     ours = [d for d in diffs if _tables_of(d) & TABLES]
     assert ours == []
     with db.engine.connect() as conn:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from airlock.db import Base, import_all_models
+from airlock.schema import metadata
 
-import_all_models()
-target_metadata = Base.metadata
+target_metadata = metadata
 config = context.config
 
 engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url") or "")

@@ -1,0 +1,25 @@
+"""The whole schema: every package's tables on one ``Base.metadata`` (for migrations and schema checks).
+
+It sits above every package on purpose: the kernel's ``db`` module defines ``Base`` and knows no
+table, and each package's ``models`` module imports ``Base`` from below.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import MetaData
+
+import airlock.access.models
+import airlock.evals.models
+import airlock.finetune.models
+import airlock.governance.models
+import airlock.interp.models
+import airlock.jobs.models
+import airlock.ledger.models
+import airlock.publish.models
+import airlock.registry.models  # noqa: F401  (imported for their tables)
+from airlock.db import Base
+
+__all__ = ["metadata"]
+
+metadata: MetaData = Base.metadata
+"""Every Airlock table."""
