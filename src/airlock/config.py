@@ -47,6 +47,26 @@ class Settings(BaseSettings):
     interp_default_grant_result_bytes: int = Field(
         default=32 * 1024 * 1024, gt=0, description="Interp result bytes of a grant that sets no quota of its own."
     )
+    interp_served_review_fraction: float = Field(
+        default=0.001,
+        gt=0,
+        le=1,
+        description="Activation, logit and text bytes served into a grant's interp sandboxes past which its results "
+        "wait for review, as a fraction of the model's parameter bytes (grants may set their own threshold).",
+    )
+    interp_served_budget_fraction: float = Field(
+        default=0.01,
+        gt=0,
+        le=1,
+        description="Bytes a grant's interp jobs may be served in all, as a fraction of the model's parameter bytes "
+        "(grants may set their own quota).",
+    )
+    interp_max_reply_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0, description="Largest reply of one interp RPC call, estimated before it runs."
+    )
+    interp_host_memory_mb: int = Field(
+        default=1024, gt=0, description="Host memory one interp RPC call may need, estimated before it runs (MiB)."
+    )
     report_publish_interval_s: float = Field(
         default=60.0, gt=0, description="How often the gateway publishes reports whose embargo has passed."
     )

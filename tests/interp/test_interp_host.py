@@ -13,8 +13,8 @@ import torch
 from airlock.interp import host
 
 
-def _trace(worker: host.ThreadWorker, **request: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_trace(m, t, request)).result()
+def _trace(worker: host.ThreadWorker, budget: host.ServeBudget | None = None, **request: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_trace(m, t, request, budget=budget)).result()
     return reply
 
 
@@ -28,7 +28,9 @@ def _reference(worker: host.ThreadWorker, prompt: str) -> Any:
 
 def test_trace_matches_a_plain_forward_pass(tiny_worker: host.ThreadWorker) -> None:
     prompts = ["hello there world", "a"]
-    reply = _trace(tiny_worker, prompts=prompts, read=["model.layers.0", "model.norm"], positions=[-1, 0])
+    full = host.ServeBudget(full_logits=True)
+    reads = ["model.layers.0", "model.norm"]
+    reply = _trace(tiny_worker, full, prompts=prompts, read=reads, positions=[-1, 0], logits="full", token_ids=[7, 9])
     for b, prompt in enumerate(prompts):
         ref = _reference(tiny_worker, prompt)
         n = ref.logits.shape[1]
@@ -37,8 +39,22 @@ def test_trace_matches_a_plain_forward_pass(tiny_worker: host.ThreadWorker) -> N
         for module, states in (("model.layers.0", ref.hidden_states[1]), ("model.norm", ref.hidden_states[2])):
             expected = states[0, [n - 1, 0]].numpy()
             np.testing.assert_allclose(reply["activations"][module][b], expected, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(reply["logits"][b], ref.logits[0, [n - 1, 0]].numpy(), rtol=1e-4, atol=1e-4)
+        logits = ref.logits[0, [n - 1, 0]]
+        np.testing.assert_allclose(reply["logits"][b], logits.numpy(), rtol=1e-4, atol=1e-4)
+        # Top-k, the requested ids and the normaliser agree with the full logits.
+        top = logits.topk(5, dim=-1)
+        assert (reply["top_logits"]["ids"][b] == top.indices.numpy()).all()
+        np.testing.assert_allclose(reply["top_logits"]["values"][b], top.values.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(reply["token_logits"]["values"][b], logits[:, [7, 9]].numpy(), rtol=1e-4, atol=1e-4)
+        lse = torch.logsumexp(logits, dim=-1).numpy()
+        np.testing.assert_allclose(reply["logsumexp"][b], lse, rtol=1e-5, atol=1e-4)
     assert reply["tokens"][1] == ["a"]
+    # Without the grant term, logits are top-k and requested ids only, and full logits are refused.
+    plain = _trace(tiny_worker, prompts=prompts, positions=[-1, 0], token_ids=[7, 9])
+    assert "logits" not in plain and plain["top_logits"]["ids"].shape == (2, 2, 5)
+    np.testing.assert_array_equal(plain["token_logits"]["values"], reply["token_logits"]["values"])
+    with pytest.raises(host.RequestError, match="full-vocabulary logits need a grant that allows them"):
+        _trace(tiny_worker, prompts=prompts, logits="full")
 
 
 def test_trace_all_positions_pads_short_prompts_with_zeros(tiny_worker: host.ThreadWorker) -> None:
@@ -85,7 +101,7 @@ def test_patches_replace_add_and_ablate(tiny_worker: host.ThreadWorker) -> None:
         },
     )
     assert not np.allclose(patched["activations"]["model.layers.1"], base["activations"]["model.layers.1"])
-    assert not np.allclose(patched["logits"], base["logits"])
+    assert not np.allclose(patched["top_logits"]["values"], base["top_logits"]["values"])
 
 
 @pytest.mark.parametrize(
@@ -96,6 +112,10 @@ def test_patches_replace_add_and_ablate(tiny_worker: host.ThreadWorker) -> None:
         ({"prompts": ["x"], "read": ["model.layers.9"]}, "the model has 2 layers"),
         ({"prompts": ["x"], "positions": [5]}, "position 5 is out of range"),
         ({"prompts": ["x"], "top_k": 0}, "top_k"),
+        ({"prompts": ["x"], "top_k": 65}, "top_k must be between 1 and 64"),
+        ({"prompts": ["x"], "token_ids": list(range(257))}, "at most 256 token_ids"),
+        ({"prompts": ["x"], "token_ids": [49152]}, "token id 49152 is out of range"),
+        ({"prompts": ["x"], "logits": "all"}, "logits must be"),
         ({"prompts": ["x"], "patch": {"model.layers.0": {"op": "grad", "value": np.zeros(64, np.float32)}}}, "patch"),
         ({"prompts": ["x"], "patch": {"model.layers.0": {"op": "add", "value": np.zeros(3, np.float32)}}}, "hidden"),
         ({"prompts": ["x"], "patch": {"model.layers.0": {"op": "ablate", "value": np.zeros(64, np.float32)}}}, "zero"),

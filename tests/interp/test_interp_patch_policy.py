@@ -87,7 +87,7 @@ def test_patches_are_bounded_by_the_activation_they_edit(tiny_worker: host.Threa
     # A steering vector well within the bound, and a lower ratio setting refusing it.
     small = big / 8.5 * 0.9
     steered = _trace(tiny_worker, prompts=["the cat sat"], patch={"model.layers.0": {"op": "add", "value": small}})
-    assert np.isfinite(steered["logits"]).all()
+    assert np.isfinite(steered["top_logits"]["values"]).all()
     request = {"prompts": ["the cat sat"], "patch": {"model.layers.0": {"op": "add", "value": small}}}
     with pytest.raises(host.PatchRefused, match=r"at most 0\.5 is allowed"):
         tiny_worker.submit(lambda m, t: host.run_trace(m, t, request, max_patch_ratio=0.5)).result()
@@ -96,7 +96,7 @@ def test_patches_are_bounded_by_the_activation_they_edit(tiny_worker: host.Threa
 def test_ablation_is_not_bounded(tiny_worker: host.ThreadWorker) -> None:
     direction = np.random.default_rng(1).standard_normal(HIDDEN).astype(np.float32) * 1e6
     reply = _trace(tiny_worker, prompts=["the cat sat"], patch={"model.layers.1": {"op": "ablate", "value": direction}})
-    assert np.isfinite(reply["logits"]).all()
+    assert np.isfinite(reply["top_logits"]["values"]).all()
 
 
 @needs_bwrap

@@ -5,17 +5,22 @@ lab's host over the job's one socket; the model and its weights stay on the host
 
 * :func:`modules` — names and output shapes of the readable modules (never parameters);
 * :func:`trace` — a forward pass over prompts that returns the activations of the modules you
-  ``read``, logits at the positions you pick, optional logit-lens read-outs, with ``patch``
-  edits (:func:`replace`, :func:`add`, :func:`ablate`) applied to module outputs;
+  ``read``, logits at the positions you pick (the top ``top_k`` and the ``token_ids`` you name,
+  with each position's log-sum-exp; the whole vocabulary only where the grant allows it),
+  optional logit-lens read-outs, with ``patch`` edits (:func:`replace`, :func:`add`,
+  :func:`ablate`) applied to module outputs;
 * :func:`generate` — text generation with the same patches (steering).
 
 Helpers turn common work into one-liners: :func:`logit_lens`, :func:`collect`,
 :func:`train_probe`, :func:`mean_difference`, :func:`patching_effects`, :func:`steer`.
-Everything here needs only numpy.
+:func:`result_sha256` recomputes the digest the lab publishes for a job's result.
+Everything here needs only numpy and the standard library.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -42,6 +47,7 @@ __all__ = [
     "modules",
     "patching_effects",
     "replace",
+    "result_sha256",
     "steer",
     "trace",
     "train_probe",
@@ -137,24 +143,51 @@ def layer(index: int) -> str:
 
 @dataclass
 class Trace:
-    """What :func:`trace` returns; arrays are ``[batch, positions, ...]``."""
+    """What :func:`trace` returns; arrays are ``[batch, positions, ...]`` (zero where a prompt is shorter)."""
 
     tokens: list[list[str]]
     """Each prompt's tokens, as text."""
     positions: list[list[int]]
     """Each prompt's absolute token positions that the arrays cover."""
     activations: dict[str, Array] = field(default_factory=dict)
-    """Module path → its outputs ``[batch, positions, hidden]`` (zero where a prompt is shorter)."""
+    """Module path → its outputs ``[batch, positions, hidden]``."""
     logits: Array | None = None
-    """Next-token logits ``[batch, positions, vocab]``."""
+    """Full next-token logits ``[batch, positions, vocab]``: only with ``logits="full"`` (the grant must allow it)."""
+    top_ids: Array | None = None
+    """The ``top_k`` most likely next tokens ``[batch, positions, k]``, best first."""
+    top_logits: Array | None = None
+    """Their logits ``[batch, positions, k]``."""
+    token_ids: list[int] = field(default_factory=list)
+    """The token ids asked for with ``token_ids=``."""
+    token_logits: Array | None = None
+    """Their logits ``[batch, positions, len(token_ids)]``."""
+    logsumexp: Array | None = None
+    """Each position's log-sum-exp over the whole vocabulary ``[batch, positions]`` (the softmax normaliser)."""
     lens: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Module path → logit-lens read-out: ``token_ids``/``logprobs`` ``[batch, positions, k]``, ``tokens``."""
 
     def logprobs(self) -> Array:
-        """Return log-probabilities from :attr:`logits`."""
+        """Return log-probabilities over the whole vocabulary (needs full logits)."""
         if self.logits is None:
-            raise ValueError("this trace has no logits (trace(..., logits=True))")
+            raise ValueError(
+                "this trace has no full logits: use top_logprobs() or token_logprobs(), or trace(..., logits='full') "
+                "on a grant that allows full logits"
+            )
         return log_softmax(self.logits)
+
+    def top_logprobs(self) -> Array:
+        """Return the log-probabilities of :attr:`top_ids` ``[batch, positions, k]``."""
+        if self.top_logits is None or self.logsumexp is None:
+            raise ValueError("this trace has no logits (trace(..., logits=True))")
+        out: Array = self.top_logits.astype(np.float64) - self.logsumexp[..., None]
+        return out
+
+    def token_logprobs(self) -> Array:
+        """Return the log-probabilities of :attr:`token_ids` ``[batch, positions, len(token_ids)]``."""
+        if self.token_logits is None or self.logsumexp is None:
+            raise ValueError("this trace has no logits (trace(..., logits=True))")
+        out: Array = self.token_logits.astype(np.float64) - self.logsumexp[..., None]
+        return out
 
 
 def trace(
@@ -163,21 +196,26 @@ def trace(
     read: Sequence[str] = (),
     patch: Mapping[str, Array | Mapping[str, Any]] | None = None,
     positions: Positions = None,
-    logits: bool = True,
+    logits: bool | str = True,
     lens: Sequence[str] = (),
     top_k: int = 5,
+    token_ids: Sequence[int] | None = None,
     chat: bool = False,
 ) -> Trace:
     """Run the model over ``prompts`` and return what was asked for.
+
+    Everything a call returns counts against the grant's serving budget (see docs/interp.md).
 
     Args:
         prompts: one prompt or a list (raw text; ``chat=True`` wraps each as a user message).
         read: module paths whose outputs to return (see :func:`modules`).
         patch: module path → an edit of its output; a bare array means :func:`replace`.
         positions: token positions to return (negative counts from each prompt's end); all if None.
-        logits: whether to return next-token logits at those positions.
+        logits: ``True``: at those positions, the ``top_k`` logits, the logits of ``token_ids`` and
+            the log-sum-exp; ``False``: none; ``"full"``: the whole vocabulary (the grant must allow it).
         lens: module paths to read through the final norm and unembedding (logit lens).
-        top_k: how many tokens each logit-lens read-out keeps.
+        top_k: how many tokens the top logits and each logit-lens read-out keep (at most 64).
+        token_ids: token ids whose logits to return at every position (at most 256).
         chat: apply the model's chat template.
 
     """
@@ -187,16 +225,24 @@ def trace(
         read=list(read),
         patch=_patches(patch),
         positions=_positions(positions),
-        logits=bool(logits),
+        logits=logits if logits == "full" else bool(logits),
         lens=list(lens),
         top_k=int(top_k),
+        token_ids=[int(t) for t in token_ids or ()],
         chat=bool(chat),
     )
+    top = reply.get("top_logits") or {}
+    wanted = reply.get("token_logits") or {}
     return Trace(
         tokens=reply["tokens"],
         positions=reply["positions"],
         activations=dict(reply.get("activations") or {}),
         logits=reply.get("logits"),
+        top_ids=top.get("ids"),
+        top_logits=top.get("values"),
+        token_ids=[int(t) for t in wanted.get("ids", [])],
+        token_logits=wanted.get("values"),
+        logsumexp=reply.get("logsumexp"),
         lens=dict(reply.get("lens") or {}),
     )
 
@@ -251,7 +297,7 @@ def logit_lens(
     indices = list(range(int(info["n_layers"]))) if layers is None else [int(i) for i in layers]
     names = [layer(i) for i in indices]
     result = trace(prompt, positions=position, logits=True, lens=names, top_k=top_k, chat=chat)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for index, name in zip(indices, names, strict=True):
         read = result.lens[name]
         rows.append(
@@ -261,10 +307,9 @@ def logit_lens(
                 "logprobs": [float(v) for v in read["logprobs"][0, 0]],
             }
         )
-    assert result.logits is not None
-    final = log_softmax(result.logits[0, 0])
-    best = np.argsort(-final)[:top_k]
-    rows.append({"layer": "final", "token_ids": [int(i) for i in best], "logprobs": [float(final[i]) for i in best]})
+    assert result.top_ids is not None
+    best, scores = result.top_ids[0, 0], result.top_logprobs()[0, 0]
+    rows.append({"layer": "final", "token_ids": [int(i) for i in best], "logprobs": [float(v) for v in scores]})
     return rows
 
 
@@ -369,19 +414,46 @@ def patching_effects(
     change of the ``answer`` token's log-probability at the last position, as a fraction of the
     clean-vs-corrupted gap (1.0: fully restored).
     """
-    base = trace([clean, corrupted], read=list(modules), positions=position, logits=True, chat=chat)
-    assert base.logits is not None
-    scores = log_softmax(base.logits[:, -1, :])[:, answer]
+    base = trace([clean, corrupted], read=list(modules), positions=position, token_ids=[answer], top_k=1, chat=chat)
+    scores = base.token_logprobs()[:, -1, 0]
     gap = float(scores[0] - scores[1]) or 1e-9
     effects: dict[str, float] = {}
     for name in modules:
         clean_act = base.activations[name][0]  # [1, hidden] at `position`
-        patched = trace(corrupted, patch={name: replace(clean_act, positions=position)}, positions=-1, chat=chat)
-        assert patched.logits is not None
-        effects[name] = float((log_softmax(patched.logits[0, -1])[answer] - scores[1]) / gap)
+        patch = {name: replace(clean_act, positions=position)}
+        patched = trace(corrupted, patch=patch, positions=-1, token_ids=[answer], top_k=1, chat=chat)
+        effects[name] = float((patched.token_logprobs()[0, -1, 0] - scores[1]) / gap)
     return effects
 
 
 def steer(prompts: Prompts, module: str, vector: Array, *, scale: float = 4.0, **sampling: Any) -> list[str]:
     """Generate with ``scale * vector`` added to ``module``'s output at every position."""
     return generate(prompts, patch={module: add(vector, scale)}, **sampling)
+
+
+# ------------------------------------------------------------------------------------------ result digest
+
+RESULT_FORMAT = "airlock.interp.result/v1"
+
+
+def result_sha256(value: Any, arrays: Mapping[str, Array]) -> str:
+    """Return the SHA-256 the lab records for a job's result (``result_sha256``, also in its ledger entry).
+
+    ``value`` is the result's JSON value as the API returns it (arrays as ``{"__array__": name}``)
+    and ``arrays`` its arrays by name (the NPZ). The digest is SHA-256 of the canonical JSON
+    (sorted keys, no whitespace, UTF-8, no NaN) of ``{"format": "airlock.interp.result/v1",
+    "value": value, "arrays": {name: {"dtype", "shape", "sha256"}}}``, where each array's
+    ``sha256`` is over its C-order little-endian bytes. See docs/interp.md.
+    """
+    described: dict[str, Any] = {}
+    for name, array in arrays.items():
+        data = np.asarray(array)
+        little = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+        described[str(name)] = {
+            "dtype": data.dtype.name,
+            "shape": [int(n) for n in data.shape],
+            "sha256": hashlib.sha256(little.tobytes()).hexdigest(),
+        }
+    envelope = {"format": RESULT_FORMAT, "value": value, "arrays": described}
+    text = json.dumps(envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
