@@ -77,6 +77,8 @@ class Variant(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     backend: Mapped[str] = mapped_column(String(50))
     backend_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The manifest's cap on tokens per choice; NULL: derived from the backend (see ResolvedVariant).
+    max_output_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     version: Mapped[ModelVersion] = relationship(back_populates="variants")

@@ -11,6 +11,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 Stage = Literal["training-checkpoint", "internal", "external-candidate", "deployed"]
 Stance = Literal["disabled_for_eval", "claimed"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: No variant may let one choice generate more tokens than this, whatever its manifest says.
+MAX_OUTPUT_TOKENS_CEILING = 1 << 20
 
 
 def _check_name(value: str) -> str:
@@ -46,6 +48,13 @@ class VariantSpec(StrictModel):
     description: str = ""
     backend: str = Field(default="local", description="Backend type: `local` or `openai_upstream`.")
     backend_config: dict[str, Any] = Field(default_factory=dict, description="Backend settings.")
+    max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_OUTPUT_TOKENS_CEILING,
+        description="Most tokens one choice may generate (`max_tokens` above it is a 400); "
+        "default: the backend's context (`backend_config.max_context`, 2048 for `local`), else 4096.",
+    )
     mitigations: list[MitigationSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from airlock.db import utcnow
@@ -21,6 +22,13 @@ from airlock.registry.models import Mitigation, Model, ModelVersion, StageChange
 from airlock.registry.schemas import Manifest, ModelSpec, SyncReport, VariantSpec, VersionSpec
 
 log = logging.getLogger(__name__)
+
+#: A version may be named by a prefix of its content hash: lowercase hex, long enough to be meant.
+HASH_PREFIX_RE = re.compile(r"[0-9a-f]{8,64}")
+#: Output cap of a variant whose manifest and backend name none.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+#: The local backend's default context (``LocalBackendConfig.max_context``; a test keeps them equal).
+LOCAL_DEFAULT_CONTEXT = 2048
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -155,6 +163,7 @@ def _sync_variant(
             description=spec.description,
             backend=spec.backend,
             backend_config=backend_config,
+            max_output_tokens=spec.max_output_tokens,
         )
         session.add(variant)
         session.flush()
@@ -167,6 +176,7 @@ def _sync_variant(
         variant.backend != spec.backend
         or variant.backend_config != backend_config
         or variant.description != spec.description
+        or variant.max_output_tokens != spec.max_output_tokens
         or current != wanted
     )
     if not changed:
@@ -175,6 +185,7 @@ def _sync_variant(
     variant.backend = spec.backend
     variant.backend_config = backend_config
     variant.description = spec.description
+    variant.max_output_tokens = spec.max_output_tokens
     _replace_mitigations(session, variant, spec)
     ledger_events.variant_registered(session, version, variant, updated=True)
     report.updated.append(label)
@@ -251,14 +262,27 @@ def latest_version(session: Session, model: Model) -> ModelVersion:
 
 
 def get_version(session: Session, model: Model, label: str | None) -> ModelVersion:
-    """Return the version of ``model`` with ``label`` (or hash prefix); the latest when None."""
+    """Return the version of ``model`` with ``label`` (or a hex prefix of its hash); the latest when None."""
     if label is None:
         return latest_version(session, model)
     version = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.label == label))
-    if version is None and len(label) >= 8:
-        version = session.scalar(
-            select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.content_hash.startswith(label))
-        )
+    if version is None and HASH_PREFIX_RE.fullmatch(label):
+        # An exact comparison of a validated prefix, never LIKE: '_' and '%' would match any hash.
+        found = session.scalars(
+            select(ModelVersion)
+            .where(
+                ModelVersion.model_id == model.id,
+                func.substr(ModelVersion.content_hash, 1, len(label)) == label,
+            )
+            .limit(2)
+        ).all()
+        if len(found) > 1:
+            raise InvalidRequestError(
+                f"hash prefix {label!r} names more than one version of {model.name!r}; give more characters or a label",
+                code="ambiguous_version",
+                param="model",
+            )
+        version = found[0] if found else None
     if version is None:
         raise NotFoundError(f"model {model.name!r} has no version {label!r}", code="model_not_found")
     return version
@@ -299,6 +323,18 @@ class ResolvedVariant:
     backend: str
     backend_config: dict[str, Any] = field(hash=False)
     mitigations: list[dict[str, Any]] = field(hash=False)
+    #: The manifest's cap on tokens per choice; None when it names none (see `output_token_limit`).
+    max_output_tokens: int | None = None
+
+    def output_token_limit(self) -> int:
+        """Return the most tokens one choice may generate: the manifest's cap, else the backend's context."""
+        if self.max_output_tokens is not None:
+            return self.max_output_tokens
+        # A generation can never be longer than the context it must fit in with its prompt.
+        context = self.backend_config.get("max_context")
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+            return context
+        return LOCAL_DEFAULT_CONTEXT if self.backend == "local" else DEFAULT_MAX_OUTPUT_TOKENS
 
 
 def resolve_variant(session: Session, ref: ModelRef) -> ResolvedVariant:
@@ -316,6 +352,7 @@ def resolve_variant(session: Session, ref: ModelRef) -> ResolvedVariant:
         mitigations=[
             {"name": m.name, "kind": m.kind, "config": dict(m.config), "stance": m.stance} for m in variant.mitigations
         ],
+        max_output_tokens=variant.max_output_tokens,
     )
 
 
