@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from airlock.canonical import canonical_bytes, legacy_bytes
 from airlock.evals.attestation import (
     bootstrap_interval,
-    canonical_json,
     generate_key,
     mean_with_ci,
     paired_difference,
@@ -57,12 +57,26 @@ def test_signature_covers_every_field(tmp_path: Path) -> None:
     att = {"a": 1, "nested": {"x": [1, 2]}, "text": "é"}
     env = sign(att, key)
     assert verify(env["attestation"], env["signature"], env["public_key"])
-    assert canonical_json({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
+    assert canonical_bytes({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
     for tampered in ({**att, "a": 2}, {**att, "nested": {"x": [1, 3]}}, {**att, "extra": None}):
         assert not verify(tampered, env["signature"], env["public_key"])
     other = generate_key(tmp_path / "other.pem")
     assert not verify(att, env["signature"], public_key_b64(other))
     assert not verify(att, "not-base64!", env["public_key"])
+
+
+def test_attestations_signed_before_rfc8785_still_verify(tmp_path: Path) -> None:
+    import base64
+
+    key = generate_key(tmp_path / "k.pem")
+    att = {"metrics": {"accuracy": {"value": 1.0}}, "n": 3}
+    assert legacy_bytes(att) != canonical_bytes(att)  # 1.0 vs 1: the forms differ on this value
+    old = base64.b64encode(key.sign(legacy_bytes(att))).decode()
+    assert verify(att, old, public_key_b64(key))
+    assert not verify({**att, "n": 4}, old, public_key_b64(key))
+    # New signatures are over the RFC 8785 bytes, which any JCS implementation reproduces.
+    new = sign(att, key)
+    key.public_key().verify(base64.b64decode(new["signature"]), b'{"metrics":{"accuracy":{"value":1}},"n":3}')
 
 
 # ---------------------------------------------------------------- lab-side verification

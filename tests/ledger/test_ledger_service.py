@@ -48,7 +48,7 @@ def test_record_is_pending_until_sequenced_and_atomic_with_caller(db: Database) 
     assert service.sequence(db) == 3
     entries = _entries(db)
     assert [e["body"]["i"] for e in entries] == [0, 1, 2]
-    assert all(e["kind"] == "test.event" and e["time"].endswith("Z") and e["v"] == 1 for e in entries)
+    assert all(e["kind"] == "test.event" and e["time"].endswith("Z") and e["v"] == 2 for e in entries)
     with db.session() as session:
         assert service.pending_count(session) == 0
 

@@ -195,7 +195,9 @@ def test_edited_leaf_hash_breaks_served_inclusion_proofs(filled: Database, signe
 
 def _bundle_edits() -> dict[str, Callable[[dict[str, Any]], None]]:
     def entry(b: dict[str, Any]) -> None:
-        b["entries"][1] = b["entries"][1].replace('"v":1', '"v":2')
+        edited = b["entries"][1].replace('"v":2', '"v":3')
+        assert edited != b["entries"][1]
+        b["entries"][1] = edited
 
     def swap(b: dict[str, Any]) -> None:
         b["entries"][0], b["entries"][1] = b["entries"][1], b["entries"][0]

@@ -103,4 +103,4 @@ def test_public_surface_is_pinned_and_needs_no_database() -> None:
     code = "import sys, airlock.ledger.verify; print(sorted(m for m in sys.modules if m.split('.')[0] in "
     code += "('sqlalchemy', 'fastapi', 'airlock') and not m.startswith('airlock.ledger') and m != 'airlock'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "['airlock.canonical']"  # the kernel's one canonical JSON, and nothing else

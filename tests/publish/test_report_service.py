@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from airlock.canonical import canonical_bytes
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
-from airlock.evals.attestation import canonical_json
 from airlock.evals.models import SigningKey
 from airlock.publish import redaction, service
 from airlock.publish.models import Report, ReportRevision
@@ -88,8 +88,8 @@ def test_revisions_are_immutable_hash_chained_and_verifiable(world: tuple[Any, O
     assert (first.number, second.number, report.current_revision) == (1, 2, 2)
     assert second.previous_hash == first.content_hash and first.previous_hash is None
     for rev in (first, second):
-        assert rev.content_hash == hashlib.sha256(canonical_json(rev.document)).hexdigest()
-        assert "zyloxin" not in canonical_json(rev.document).decode()
+        assert rev.content_hash == hashlib.sha256(canonical_bytes(rev.document)).hexdigest()
+        assert "zyloxin" not in canonical_bytes(rev.document).decode()
         (span,) = rev.redactions
         assert span.text == "explains step 3 of the zyloxin proxy" and span.reason == "uplift detail"
         assert redaction.verify_commitment(span.commitment, span.salt, span.text)

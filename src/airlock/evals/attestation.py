@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import math
 import os
 import random
@@ -21,14 +20,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from airlock.canonical import canonical_bytes, canonical_forms
 from airlock.errors import InvalidRequestError
 
 SCHEMA = "airlock.attestation/v1"
-
-
-def canonical_json(data: Any) -> bytes:
-    """Return the canonical bytes of ``data``: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def file_sha256(path: Path) -> str:
@@ -87,7 +82,7 @@ def fingerprint(public_b64: str) -> str:
 
 def sign(attestation: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     """Return the signed envelope ``{attestation, signature, public_key}``."""
-    signature = key.sign(canonical_json(attestation))
+    signature = key.sign(canonical_bytes(attestation))
     return {
         "attestation": attestation,
         "signature": base64.b64encode(signature).decode(),
@@ -99,10 +94,18 @@ def verify(envelope_attestation: dict[str, Any], signature_b64: str, public_b64:
     """Return whether ``signature_b64`` is a valid signature of the attestation by ``public_b64``."""
     try:
         signature = base64.b64decode(signature_b64, validate=True)
-        parse_public_key(public_b64).verify(signature, canonical_json(envelope_attestation))
-    except (InvalidSignature, ValueError, InvalidRequestError):
+        public = parse_public_key(public_b64)
+        # Attestations signed before RFC 8785 used the legacy form of the same data: either verifies it.
+        forms = list(canonical_forms(envelope_attestation))
+    except (ValueError, InvalidRequestError):
         return False
-    return True
+    for form in forms:
+        try:
+            public.verify(signature, form)
+            return True
+        except InvalidSignature:
+            continue
+    return False
 
 
 # ---------------------------------------------------------------- statistics

@@ -10,8 +10,6 @@ Field reference: ``docs/governance.md``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from airlock.canonical import sha256_hex
 from airlock.errors import ConfigError
 from airlock.registry.service import format_validation_error
 
@@ -227,8 +226,7 @@ class Policy(PolicyModel):
 
     def sha256(self) -> str:
         """Return the SHA-256 of the policy's canonical JSON (what a report says it applied)."""
-        body = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(body.encode()).hexdigest()
+        return sha256_hex(self.model_dump(mode="json"))
 
 
 def parse_policy(raw: Any, *, source: str = "policy") -> Policy:

@@ -15,8 +15,6 @@ and ``report_sha256`` covers everything except the evaluation time.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from airlock.canonical import sha256_hex
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import wilson_interval
@@ -61,9 +60,7 @@ def _round(value: float) -> float:
 
 def report_sha256(report: dict[str, Any]) -> str:
     """Return the SHA-256 of a report's canonical JSON, excluding its time and its own hash."""
-    body = {k: v for k, v in report.items() if k not in ("evaluated_at", "report_sha256")}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return sha256_hex({k: v for k, v in report.items() if k not in ("evaluated_at", "report_sha256")})
 
 
 # ---------------------------------------------------------------- evidence

@@ -8,13 +8,22 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-ENTRY_VERSION = 1
+from airlock.canonical import canonical_forms, canonical_text, iso_utc, legacy_bytes
+
+__all__ = [
+    "ENTRY_VERSION",
+    "REQUIRED_FIELDS",
+    "canonical",
+    "commitment_of",
+    "iso_utc",
+    "parse_entry",
+    "parse_time",
+    "verify_opening",
+]
+
+ENTRY_VERSION = 2
+"""Version 2 entries are RFC 8785 canonical JSON; version 1 entries used the legacy sorted form."""
 REQUIRED_FIELDS = ("v", "id", "kind", "time", "body")
-
-
-def iso_utc(value: datetime) -> str:
-    """Format an aware datetime as UTC ISO-8601 with microseconds and a ``Z`` suffix."""
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: str) -> datetime:
@@ -25,23 +34,9 @@ def parse_time(value: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise TypeError("naive datetimes are not accepted in ledger entries")
-        return iso_utc(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable in a ledger entry")
-
-
 def canonical(data: Any) -> str:
-    """Return canonical JSON text: sorted keys, no whitespace, UTF-8, datetimes as UTC ISO-8601."""
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
-    )
+    """Return the canonical JSON text of ``data`` (RFC 8785; datetimes as UTC ISO-8601)."""
+    return canonical_text(data)
 
 
 def commitment_of(salt_hex: str, value_json: str) -> str:
@@ -52,10 +47,11 @@ def commitment_of(salt_hex: str, value_json: str) -> str:
 def verify_opening(commitment: str, salt_hex: str, value: Any) -> bool:
     """Return whether ``(salt, value)`` opens ``commitment``."""
     try:
-        expected = commitment_of(salt_hex, canonical(value))
+        forms = list(canonical_forms(value))  # a commitment made before RFC 8785 used the legacy form
+        expected = [commitment_of(salt_hex, form.decode()) for form in forms]
     except (ValueError, TypeError):
         return False
-    return hmac.compare_digest(expected, commitment)
+    return any(hmac.compare_digest(e, commitment) for e in expected)
 
 
 def parse_entry(text: str) -> dict[str, Any]:
@@ -66,6 +62,13 @@ def parse_entry(text: str) -> dict[str, Any]:
     missing = [f for f in REQUIRED_FIELDS if f not in data]
     if missing:
         raise ValueError(f"entry lacks {missing}")
-    if canonical(data) != text:
+    version = data["v"]
+    if version == 1:
+        form = legacy_bytes(data).decode()
+    elif version == ENTRY_VERSION:
+        form = canonical(data)
+    else:
+        raise ValueError(f"unknown entry version {version!r}")
+    if form != text:
         raise ValueError("entry is not in canonical JSON form")
     return data

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from airlock.canonical import canonical_bytes, legacy_bytes
 from airlock.db import Database, new_id, utcnow
 from airlock.errors import AirlockError, ConflictError, InvalidRequestError, NotFoundError
 from airlock.jobs.periodic import PeriodicWorker
@@ -354,11 +355,18 @@ def publish_checkpoint(db: Database, signer: Signer, *, force: bool = False) -> 
 # ---------------------------------------------------------------- audit digests
 
 
-def audit_rows_hash(rows: Iterable[Any], columns: Sequence[str] = AUDIT_COLUMNS) -> tuple[str, int]:
+AUDIT_ENCODING = "rfc8785"
+"""How a digest encodes each row; digests without the field used the legacy sorted JSON."""
+
+
+def audit_rows_hash(
+    rows: Iterable[Any], columns: Sequence[str] = AUDIT_COLUMNS, *, encoding: str = AUDIT_ENCODING
+) -> tuple[str, int]:
     """Return the SHA-256 over the canonical JSON lines of audit rows (``columns`` only), and the row count."""
+    encode = canonical_bytes if encoding == AUDIT_ENCODING else legacy_bytes
     digest, count = hashlib.sha256(), 0
     for row in rows:
-        digest.update(canonical({name: getattr(row, name) for name in columns}).encode() + b"\n")
+        digest.update(encode({name: getattr(row, name) for name in columns}) + b"\n")
         count += 1
     return digest.hexdigest(), count
 
@@ -397,6 +405,7 @@ def digest_audit(db: Database, *, lag_s: float = AUDIT_DIGEST_LAG_S) -> int:
                 "first_ts": rows[0].ts,
                 "last_ts": rows[-1].ts,
                 "columns": list(AUDIT_COLUMNS),
+                "encoding": AUDIT_ENCODING,
                 "sha256": sha,
             }
             record_event(session, "audit.digest", body)
@@ -558,7 +567,7 @@ def check_database(db: Database, signer: Signer, *, audit: bool = True) -> list[
                     .order_by(AuditEvent.id)
                 )
                 # The digest names its columns, so a later schema change does not break old digests.
-                sha, count = audit_rows_hash(session.scalars(stmt), d["columns"])
+                sha, count = audit_rows_hash(session.scalars(stmt), d["columns"], encoding=d.get("encoding", "legacy"))
                 if (sha, count) != (d["sha256"], d["count"]):
                     problems.append(
                         f"audit rows {d['first_id']}..{d['last_id']} differ from their digest (entry {d['_idx']})"

@@ -29,9 +29,10 @@ from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
 from airlock.access.service import AdminPrincipal, Principal, check_window
+from airlock.canonical import canonical_forms, sha256_hex
 from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
-from airlock.evals.attestation import canonical_json, fingerprint, parse_public_key
+from airlock.evals.attestation import fingerprint, parse_public_key
 from airlock.evals.attestation import verify as verify_signature
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.service import verify_stored
@@ -562,8 +563,8 @@ def build_document(
 
 
 def content_hash(document: dict[str, Any]) -> str:
-    """Return SHA-256 (hex) of the canonical JSON (sorted keys, no whitespace, UTF-8) of ``document``."""
-    return hashlib.sha256(canonical_json(document)).hexdigest()
+    """Return SHA-256 (hex) of the RFC 8785 canonical JSON of ``document``."""
+    return sha256_hex(document)
 
 
 @dataclass(frozen=True)
@@ -605,7 +606,9 @@ def verify_public_report(
         return Verification(["the report carries no document"], 0)
     problems: list[str] = []
     try:
-        if content_hash(document) != data.get("content_hash"):
+        # Reports hashed before RFC 8785 used the legacy form of the same document.
+        hashes = {hashlib.sha256(form).hexdigest() for form in canonical_forms(document)}
+        if data.get("content_hash") not in hashes:
             problems.append("content_hash does not match the document")
     except (TypeError, ValueError):
         problems.append("the document cannot be canonicalised (not plain JSON)")

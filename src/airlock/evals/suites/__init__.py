@@ -7,11 +7,11 @@ string and a ``dataset_hash() -> str`` (SHA-256 of the canonical JSON of its dat
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from collections.abc import Callable
 from typing import Any
+
+from airlock.canonical import sha256_hex
 
 SUITE_MODULES = {
     "knowledge_proxy": "airlock.evals.suites.knowledge_proxy",
@@ -22,9 +22,8 @@ SUITE_MODULES = {
 
 
 def canonical_hash(data: Any) -> str:
-    """Return the SHA-256 of ``data`` as canonical JSON (sorted keys, no whitespace)."""
-    body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(body.encode()).hexdigest()
+    """Return the SHA-256 of ``data`` as RFC 8785 canonical JSON."""
+    return sha256_hex(data)
 
 
 def suite_task(name: str) -> Callable[..., Any]:
