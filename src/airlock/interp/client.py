@@ -20,7 +20,6 @@ Everything here needs only numpy and the standard library.
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -440,11 +439,14 @@ def result_sha256(value: Any, arrays: Mapping[str, Array]) -> str:
     """Return the SHA-256 the lab records for a job's result (``result_sha256``, also in its ledger entry).
 
     ``value`` is the result's JSON value as the API returns it (arrays as ``{"__array__": name}``)
-    and ``arrays`` its arrays by name (the NPZ). The digest is SHA-256 of the canonical JSON
-    (sorted keys, no whitespace, UTF-8, no NaN) of ``{"format": "airlock.interp.result/v1",
-    "value": value, "arrays": {name: {"dtype", "shape", "sha256"}}}``, where each array's
-    ``sha256`` is over its C-order little-endian bytes. See docs/interp.md.
+    and ``arrays`` its arrays by name (the NPZ). The digest is SHA-256 of the RFC 8785 canonical
+    JSON of ``{"format": "airlock.interp.result/v1", "value": value, "arrays": {name: {"dtype",
+    "shape", "sha256"}}}``, where each array's ``sha256`` is over its C-order little-endian bytes.
+    See docs/interp.md. Runs where Airlock is installed (not inside a job: the runner has no
+    canonical-JSON library); a value JSON cannot represent exactly raises ``ValueError``.
     """
+    from airlock.canonical import canonical_bytes
+
     described: dict[str, Any] = {}
     for name, array in arrays.items():
         data = np.asarray(array)
@@ -455,5 +457,4 @@ def result_sha256(value: Any, arrays: Mapping[str, Array]) -> str:
             "sha256": hashlib.sha256(little.tobytes()).hexdigest(),
         }
     envelope = {"format": RESULT_FORMAT, "value": value, "arrays": described}
-    text = json.dumps(envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_bytes(envelope)).hexdigest()

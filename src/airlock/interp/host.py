@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from airlock.errors import AirlockError
-from airlock.interp import _runtime, _wire
+from airlock.interp import _runtime, _wire, client
 from airlock.interp.runner import EXIT_OK, EXIT_PROTOCOL_ERROR, EXIT_USER_ERROR, FD_ENV
 from airlock.sandbox import (
     DENY_SYSCALLS,
@@ -1139,6 +1139,42 @@ def param_index(worker: ModelWorker) -> ParamIndex:
     return result
 
 
+@dataclass(frozen=True)
+class ModelSize:
+    """The size of the protected weights, which interp serving budgets are relative to."""
+
+    parameters: int
+    """Parameters, each tensor once (tied embeddings count once)."""
+    parameter_bytes: int
+    """Their bytes as loaded (parameter count x bytes per parameter)."""
+    embedding_parameters: int
+    """Parameters of the unembedding (vocabulary x hidden size)."""
+
+
+def model_size_of(model: Any) -> ModelSize:
+    """Return the size of ``model``'s weights: every parameter tensor once."""
+    base = _base_model(model)
+    seen: set[int] = set()
+    parameters = nbytes = 0
+    for param in base.parameters():
+        if param.data_ptr() in seen:
+            continue
+        seen.add(param.data_ptr())
+        parameters += int(param.numel())
+        nbytes += int(param.numel()) * int(param.element_size())
+    return ModelSize(
+        parameters=parameters,
+        parameter_bytes=nbytes,
+        embedding_parameters=int(base.get_output_embeddings().weight.numel()),
+    )
+
+
+def model_size(worker: ModelWorker) -> ModelSize:
+    """Return the size of ``worker``'s model (computed on the model thread)."""
+    size: ModelSize = worker.submit(lambda model, _tokenizer: model_size_of(model)).result()
+    return size
+
+
 # ---------------------------------------------------------------------------------- output policy
 
 
@@ -1164,6 +1200,8 @@ class Released:
     arrays: list[dict[str, Any]]
     needs_review: bool
     review_reasons: list[str]
+    sha256: str = ""
+    """The digest of the whole result, JSON values and arrays (:func:`airlock.interp.client.result_sha256`)."""
 
 
 def apply_policy(value: Any, policy: OutputPolicy, index: ParamIndex | None) -> Released:
@@ -1180,6 +1218,9 @@ def apply_policy(value: Any, policy: OutputPolicy, index: ParamIndex | None) -> 
             arrays[name] = node
             return {"__array__": name}
         if isinstance(node, dict):
+            if "__array__" in node:
+                # Reserved for array references: a literal one would be indistinguishable from an array.
+                raise InterpJobError(f"the key '__array__' is reserved (at {path[:200]})", code="invalid_result")
             return {key: strip(item, f"{path}.{key}", depth + 1) for key, item in node.items()}
         if isinstance(node, list):
             return [strip(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(node)]
@@ -1188,6 +1229,11 @@ def apply_policy(value: Any, policy: OutputPolicy, index: ParamIndex | None) -> 
         return node
 
     document = strip(value, "result")
+    try:
+        # One rule on both sides: the evaluator recomputes this digest from what the API returns.
+        digest = client.result_sha256(document, arrays)
+    except ValueError as exc:  # lone surrogates, integers past 2^53 - 1: not exactly representable JSON
+        raise InterpJobError(f"the result is not exactly representable as JSON: {exc}", code="invalid_result") from None
     text = json.dumps(document, separators=(",", ":"))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
@@ -1220,6 +1266,7 @@ def apply_policy(value: Any, policy: OutputPolicy, index: ParamIndex | None) -> 
         arrays=[{"name": n, "dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()],
         needs_review=bool(reasons),
         review_reasons=reasons,
+        sha256=digest,
     )
 
 

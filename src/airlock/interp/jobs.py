@@ -141,7 +141,8 @@ class InterpHandler:
         except AirlockError:
             self._ledger(ctx.job_id, "failed")
             raise
-        digest = interp.write_result(self.settings.home_dir, ctx.job_id, released.document, released.npz)
+        interp.write_result(self.settings.home_dir, ctx.job_id, released.document, released.npz)
+        digest = released.sha256
         with self.db.session() as session:
             row = session.get(InterpJob, ctx.job_id)
             assert row is not None

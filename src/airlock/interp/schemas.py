@@ -134,7 +134,10 @@ class InterpResult(BaseModel):
     value: Any
     arrays: list[ArraySpec]
     result_bytes: int
-    result_sha256: str
+    result_sha256: str = Field(
+        description="SHA-256 of the whole result, JSON values and arrays (`airlock.interp.client.result_sha256` "
+        "recomputes it from `value` and the NPZ); the job's `interp.job` ledger entry records it."
+    )
     npz_path: str = Field(description="GET this path for the arrays as an NPZ file.")
 
 

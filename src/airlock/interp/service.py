@@ -17,6 +17,7 @@ from airlock.config import Settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError, RateLimitError
 from airlock.interp import _wire
+from airlock.interp.client import RESULT_FORMAT
 from airlock.interp.models import InterpJob
 from airlock.interp.schemas import (
     ArraySpec,
@@ -46,8 +47,8 @@ def job_dir(home: Path, job_id: str) -> Path:
     return home / "interp" / job_id
 
 
-def write_result(home: Path, job_id: str, document: dict[str, Any], npz: bytes) -> str:
-    """Store a result atomically (temporary files, then renames); return the SHA-256 of the NPZ."""
+def write_result(home: Path, job_id: str, document: dict[str, Any], npz: bytes) -> None:
+    """Store a result atomically (temporary files, then renames)."""
     directory = job_dir(home, job_id)
     directory.mkdir(parents=True, exist_ok=True)
     for name, data in (("result.npz", npz), ("result.json", json.dumps(document).encode())):
@@ -57,7 +58,6 @@ def write_result(home: Path, job_id: str, document: dict[str, Any], npz: bytes) 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, directory / name)
-    return hashlib.sha256(npz).hexdigest()
 
 
 def discard_result(home: Path, job_id: str) -> None:
@@ -380,7 +380,9 @@ def record_ledger(session: Session, job: Job, row: InterpJob, *, event: str, sta
         "model_version_hash": row.content_hash,
         "status": status or job.status,
         "result_bytes": row.result_bytes,
+        # The digest of the JSON values and the arrays together (client.result_sha256, RESULT_FORMAT).
         "result_sha256": row.result_sha256,
+        "result_format": RESULT_FORMAT if row.result_sha256 else None,
         "review": row.review_state,
         "cpu_seconds": round(row.cpu_seconds, 3),
     }
