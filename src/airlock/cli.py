@@ -422,10 +422,15 @@ def key_revoke(key_id: Annotated[str, typer.Argument(help="Key id (key_...).")])
 def admin_token(
     name: Annotated[str, typer.Argument(help="Who the token is for.")],
     role: Annotated[
-        str, typer.Option(help="Lab role: admin, reviewer (interp/report review) or decider (gate overrides).")
+        str,
+        typer.Option(
+            help="Lab role: admin (models, evaluators, grants, keys, revocation), reviewer (interp and report "
+            "review), decider (stage changes; gate overrides as the policy says) or auditor (read-only "
+            "audit trail, grants and results; ledger checkpoints). Any other role is refused."
+        ),
     ] = "admin",
 ) -> None:
-    """Create a lab admin token for the admin API (printed once)."""
+    """Create a lab token for the admin API (printed once); operator-only: it writes the lab's database."""
     from airlock.access.service import create_admin_token
 
     def body() -> None:

@@ -69,6 +69,14 @@ def _wait(http: httpx.Client, job_id: str, *, until: tuple[str, ...], seconds: f
         time.sleep(0.1)
 
 
+def _reviewer(lab: Lab) -> str:
+    """A lab token with the reviewer role (admin tokens issue access and may not review)."""
+    from airlock.access.service import create_admin_token
+
+    with lab.db.session() as session:
+        return create_admin_token(session, "rita", "reviewer")[1]
+
+
 def _grant(lab: Lab, **kwargs: Any) -> str:
     kwargs.setdefault("scopes", ["interp"])
     _gid, key = lab.grant(model="tiny", variants=["helpful-only", "remote"], **kwargs)
@@ -105,7 +113,7 @@ def test_submit_follow_result_and_review(interp_lab: Lab) -> None:
         # Evaluators cannot review their own results.
         assert http.post(f"/v1/airlock/interp/review/{held_id}", json={"decision": "approve"}).status_code == 401
 
-    with _client(interp_lab, interp_lab.admin_token) as lab_http:
+    with _client(interp_lab, _reviewer(interp_lab)) as lab_http:
         queue = lab_http.get("/v1/airlock/interp/review").json()["data"]
         assert [item["id"] for item in queue] == [held_id]
         assert "def main(prompts" in queue[0]["code"] and queue[0]["args"]["prompts"][0] == "p 0"
@@ -157,7 +165,7 @@ def test_denial_cancel_and_job_errors(interp_lab: Lab) -> None:
         assert failed["error"] == {"code": "code_error", "message": "the job's code raised ValueError: no luck"}
         assert "Traceback" in failed["logs"] and "no luck" in failed["logs"]
 
-    with _client(interp_lab, interp_lab.admin_token) as lab_http:
+    with _client(interp_lab, _reviewer(interp_lab)) as lab_http:
         denied = lab_http.post(f"/v1/airlock/interp/review/{held_id}", json={"decision": "deny", "reason": "too broad"})
         assert denied.status_code == 200 and denied.json()["status"] == "denied"
     with _client(interp_lab, key) as http:
@@ -208,6 +216,6 @@ def test_refusals_are_clear_4xx(interp_lab: Lab) -> None:
     with _client(interp_lab, decider) as http:
         wrong_role = http.get("/v1/airlock/interp/review")
         assert wrong_role.status_code == 403 and wrong_role.json()["error"]["code"] == "role_not_allowed"
-    with _client(interp_lab, interp_lab.admin_token) as http:
+    with _client(interp_lab, _reviewer(interp_lab)) as http:
         assert http.get("/v1/airlock/interp/review", params={"state": "bogus"}).status_code == 400
         assert http.post("/v1/airlock/interp/review/ijob_nope", json={"decision": "approve"}).status_code == 404

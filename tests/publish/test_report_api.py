@@ -162,8 +162,8 @@ def test_bad_requests_are_clear_4xx(lab: Lab, tmp_path: Path) -> None:
     assert error(admin(lab).post(f"/reports/{rid}/comments", json={"body": ""}))[0] == 400
 
 
-@pytest.mark.parametrize("role", ["admin", "reviewer"])
-def test_lab_roles_can_review(lab: Lab, tmp_path: Path, role: str) -> None:
+@pytest.mark.parametrize("role", ["admin", "reviewer", "auditor"])
+def test_lab_roles_can_read_reports(lab: Lab, tmp_path: Path, role: str) -> None:
     http, result_id = evaluator(lab, tmp_path)
     rid = http.post("/reports", json={"model": "m1@v1", "title": "t", "body": "b", "result_ids": [result_id]}).json()
     http.post(f"/reports/{rid['id']}/submit")

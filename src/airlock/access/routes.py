@@ -1,13 +1,15 @@
-"""Admin routes for evaluators, grants, keys and the audit trail (lab admin token required)."""
+"""Admin routes for evaluators, grants, keys and the audit trail (a lab token whose role allows each)."""
 
 from __future__ import annotations
 
 from datetime import UTC
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from airlock.access import audit as audit_service
 from airlock.access import service
+from airlock.access.roles import Permission
 from airlock.access.schemas import (
     AuditEventPublic,
     EvaluatorCreate,
@@ -19,27 +21,36 @@ from airlock.access.schemas import (
     KeyCreated,
     KeyPublic,
 )
+from airlock.access.service import AdminPrincipal
 from airlock.db import utcnow
 from airlock.errors import InvalidRequestError
-from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+from airlock.gateway.deps import SessionDep, StateDep, require
 
 router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: access"])
 
 
 @router.post("/evaluators", response_model=EvaluatorPublic, status_code=201)
-def create_evaluator(body: EvaluatorCreate, session: SessionDep, admin: AdminDep) -> EvaluatorPublic:
+def create_evaluator(
+    body: EvaluatorCreate,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.EVALUATORS_MANAGE)],
+) -> EvaluatorPublic:
     """Register an evaluator organisation."""
     return EvaluatorPublic.of(service.create_evaluator(session, body.name, body.contact))
 
 
 @router.get("/evaluators", response_model=list[EvaluatorPublic])
-def list_evaluators(session: SessionDep, admin: AdminDep) -> list[EvaluatorPublic]:
+def list_evaluators(
+    session: SessionDep, admin: Annotated[AdminPrincipal, require(Permission.EVALUATORS_READ)]
+) -> list[EvaluatorPublic]:
     """List evaluator organisations."""
     return [EvaluatorPublic.of(e) for e in service.list_evaluators(session)]
 
 
 @router.post("/grants", response_model=GrantPublic, status_code=201)
-def create_grant(body: GrantCreate, session: SessionDep, admin: AdminDep) -> GrantPublic:
+def create_grant(
+    body: GrantCreate, session: SessionDep, admin: Annotated[AdminPrincipal, require(Permission.GRANTS_ISSUE)]
+) -> GrantPublic:
     """Issue a grant."""
     if body.expires_in and body.not_after:
         raise InvalidRequestError("give either expires_in or not_after, not both")
@@ -69,6 +80,7 @@ def create_grant(body: GrantCreate, session: SessionDep, admin: AdminDep) -> Gra
             embargo_days=body.embargo_days,
             notes=body.notes,
             created_by=admin.name,
+            issued_by_token_id=admin.token_id,
         ),
     )
     return GrantPublic.of(service.get_grant(session, grant.id))
@@ -76,7 +88,10 @@ def create_grant(body: GrantCreate, session: SessionDep, admin: AdminDep) -> Gra
 
 @router.get("/grants", response_model=list[GrantPublic])
 def list_grants(
-    session: SessionDep, admin: AdminDep, evaluator: str | None = None, include_revoked: bool = True
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.GRANTS_READ)],
+    evaluator: str | None = None,
+    include_revoked: bool = True,
 ) -> list[GrantPublic]:
     """List grants, newest first."""
     return [
@@ -85,26 +100,40 @@ def list_grants(
 
 
 @router.get("/grants/{grant_id}", response_model=GrantPublic)
-def get_grant(grant_id: str, session: SessionDep, admin: AdminDep) -> GrantPublic:
+def get_grant(
+    grant_id: str, session: SessionDep, admin: Annotated[AdminPrincipal, require(Permission.GRANTS_READ)]
+) -> GrantPublic:
     """Show one grant."""
     return GrantPublic.of(service.get_grant(session, grant_id))
 
 
 @router.post("/grants/{grant_id}/revoke", response_model=GrantPublic)
-def revoke_grant(grant_id: str, body: GrantRevoke, session: SessionDep, admin: AdminDep) -> GrantPublic:
+def revoke_grant(
+    grant_id: str,
+    body: GrantRevoke,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.ACCESS_REVOKE)],
+) -> GrantPublic:
     """Revoke a grant at once."""
     return GrantPublic.of(service.revoke_grant(session, grant_id, body.reason))
 
 
 @router.post("/grants/{grant_id}/keys", response_model=KeyCreated, status_code=201)
-def create_key(grant_id: str, body: KeyCreate, session: SessionDep, admin: AdminDep) -> KeyCreated:
+def create_key(
+    grant_id: str,
+    body: KeyCreate,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.KEYS_ISSUE)],
+) -> KeyCreated:
     """Create an API key for a grant (the key is in this response only)."""
     key, token = service.create_api_key(session, grant_id, body.name)
     return KeyCreated(id=key.id, grant_id=key.grant_id, key=token, display_prefix=key.display_prefix)
 
 
 @router.post("/keys/{key_id}/revoke", response_model=KeyPublic)
-def revoke_key(key_id: str, session: SessionDep, admin: AdminDep) -> KeyPublic:
+def revoke_key(
+    key_id: str, session: SessionDep, admin: Annotated[AdminPrincipal, require(Permission.ACCESS_REVOKE)]
+) -> KeyPublic:
     """Revoke one API key."""
     return KeyPublic.of(service.revoke_api_key(session, key_id))
 
@@ -113,7 +142,7 @@ def revoke_key(key_id: str, session: SessionDep, admin: AdminDep) -> KeyPublic:
 def audit_tail(
     state: StateDep,
     session: SessionDep,
-    admin: AdminDep,
+    admin: Annotated[AdminPrincipal, require(Permission.AUDIT_READ)],
     limit: int = Query(default=50, ge=1, le=1000),
     grant_id: str | None = None,
 ) -> list[AuditEventPublic]:

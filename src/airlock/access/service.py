@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from airlock.access.models import SCOPES, AdminToken, ApiKey, Evaluator, Grant
+from airlock.access.roles import Permission, check_permission, parse_role
 from airlock.db import utcnow
 from airlock.errors import (
     AuthenticationError,
@@ -101,6 +102,7 @@ class GrantRequest:
     embargo_days: int | None = None
     notes: str = ""
     created_by: str = "admin"
+    issued_by_token_id: str | None = None
 
 
 def _clean_list(values: Iterable[str], what: str) -> list[str]:
@@ -160,6 +162,7 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         embargo_days=req.embargo_days,
         notes=req.notes,
         created_by=req.created_by,
+        issued_by_token_id=req.issued_by_token_id,
     )
     session.add(grant)
     session.flush()
@@ -236,9 +239,13 @@ def revoke_api_key(session: Session, key_id: str) -> ApiKey:
 
 
 def create_admin_token(session: Session, name: str, role: str = "admin") -> tuple[AdminToken, str]:
-    """Create a lab admin token; returns the row and the plaintext token (shown once)."""
+    """Create a lab token of a known role (400 ``unknown_role`` otherwise); returns it, shown once."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise InvalidRequestError("a lab token's name must be 1-100 characters", param="name")
+    checked = parse_role(role)
     token = ADMIN_PREFIX + secrets.token_urlsafe(32)
-    row = AdminToken(name=name, role=role, token_hash=hash_secret(token), display_prefix=token[:10])
+    row = AdminToken(name=name, role=checked.value, token_hash=hash_secret(token), display_prefix=token[:10])
     session.add(row)
     session.flush()
     return row, token
@@ -257,11 +264,15 @@ class Principal:
 
 @dataclass(frozen=True)
 class AdminPrincipal:
-    """An authenticated lab admin token."""
+    """An authenticated lab admin token and its role (see ``airlock.access.roles``)."""
 
     token_id: str
     name: str
     role: str
+
+    def require(self, permission: Permission) -> None:
+        """Refuse (403 ``role_not_allowed``) unless this token's role holds ``permission``."""
+        check_permission(self.role, permission)
 
 
 def _bearer_hash(token: str | None) -> str:

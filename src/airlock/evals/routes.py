@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter
 
+from airlock.access.roles import Permission
+from airlock.access.service import AdminPrincipal
 from airlock.evals import service
 from airlock.evals.schemas import EvalResultPublic, ResultEnvelope, SigningKeyCreate, SigningKeyPublic
-from airlock.gateway.deps import AdminDep, AuditDep, CurrentPrincipal, SessionDep
+from airlock.gateway.deps import AuditDep, CurrentPrincipal, SessionDep, require
 
 router = APIRouter(prefix="/v1/airlock", tags=["evaluator: results"])
 admin_router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: results"])
@@ -38,6 +42,10 @@ def my_results(session: SessionDep, principal: CurrentPrincipal) -> list[EvalRes
 
 
 @admin_router.get("/results", response_model=list[EvalResultPublic])
-def all_results(session: SessionDep, admin: AdminDep, variant: str | None = None) -> list[EvalResultPublic]:
+def all_results(
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.RESULTS_READ)],
+    variant: str | None = None,
+) -> list[EvalResultPublic]:
     """List every accepted result."""
     return [EvalResultPublic.of(r) for r in service.list_results(session, variant=variant)]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from airlock.access.audit import AuditWriter
 from airlock.access.quotas import RateLimiter
+from airlock.access.roles import Permission, check_independent_review
 from airlock.access.service import (
     AdminPrincipal,
     Principal,
@@ -21,7 +22,7 @@ from airlock.access.service import (
 from airlock.backends.pool import BackendPool
 from airlock.config import Settings
 from airlock.db import Database
-from airlock.errors import AuthenticationError
+from airlock.errors import AuthenticationError, PermissionDeniedError
 from airlock.gateway.middleware import AuditContext
 from airlock.registry.service import RegistryCache
 
@@ -100,12 +101,57 @@ def get_admin(
     state: Annotated[GatewayState, Depends(get_state)],
     audit: Annotated[AuditContext, Depends(get_audit)],
 ) -> AdminPrincipal:
-    """Authenticate the lab admin token of this request (401 otherwise)."""
+    """Authenticate the lab admin token of this request (401 otherwise) and note it for the audit.
+
+    Authentication only: a route takes ``require(Permission.X)``, which also checks the role.
+    """
     audit.actor_type = "admin"
     with state.db.session() as session:
         admin = authenticate_admin(session, _bearer(request))
     audit.actor = admin.name
+    # Names of lab tokens are not unique: the token id and role make the row attributable.
+    audit.detail.update({"admin_token_id": admin.token_id, "role": admin.role})
     return admin
+
+
+def _record_denial(audit: AuditContext, exc: PermissionDeniedError) -> None:
+    audit.outcome = "denied"
+    audit.detail["denied"] = exc.message
+
+
+class RequirePermission:
+    """A dependency: the request's lab token, refused (403 ``role_not_allowed``, audited) without ``permission``."""
+
+    def __init__(self, permission: Permission) -> None:
+        self.permission = permission
+
+    async def __call__(
+        self, admin: Annotated[AdminPrincipal, Depends(get_admin)], audit: Annotated[AuditContext, Depends(get_audit)]
+    ) -> AdminPrincipal:
+        """Check the role of the authenticated token against the role matrix."""
+        audit.detail["permission"] = self.permission.value
+        try:
+            admin.require(self.permission)
+        except PermissionDeniedError as exc:
+            _record_denial(audit, exc)
+            raise
+        return admin
+
+
+def require(permission: Permission) -> Any:
+    """Return the marker a route puts in ``Annotated[AdminPrincipal, ...]`` to need ``permission``."""
+    return Depends(RequirePermission(permission))
+
+
+def require_independent_review(
+    session: Session, admin: AdminPrincipal, audit: AuditContext, grant_id: str, what: str
+) -> None:
+    """Refuse (403 ``issuer_cannot_review``, audited) a review by the token that issued the work's grant."""
+    try:
+        check_independent_review(session, admin.token_id, grant_id, what)
+    except PermissionDeniedError as exc:
+        _record_denial(audit, exc)
+        raise
 
 
 StateDep = Annotated[GatewayState, Depends(get_state)]
@@ -114,4 +160,6 @@ StateDep = Annotated[GatewayState, Depends(get_state)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 AuditDep = Annotated[AuditContext, Depends(get_audit)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+# Authentication without a role check: admin routes take ``Annotated[AdminPrincipal, require(...)]``
+# instead, and the role-matrix test fails for any admin route that declares no permission.
 AdminDep = Annotated[AdminPrincipal, Depends(get_admin)]

@@ -170,6 +170,7 @@ def promote(
     ] = None,
 ) -> None:
     """Move a version to a stage through the gate; refused (exit 1) while the gate blocks."""
+    from airlock.access.roles import Permission
     from airlock.access.service import authenticate_admin
     from airlock.governance.service import OverrideRequest, active_policy
     from airlock.governance.service import promote as do_promote
@@ -184,6 +185,8 @@ def promote(
             policy = active_policy(settings.policy_path)
             with db.session() as session:
                 principal = authenticate_admin(session, token) if token else None
+                if principal is not None:  # acting for a token: its role counts, as over HTTP
+                    principal.require(Permission.STAGE_CHANGE)
                 request = None
                 if override:
                     assert principal is not None and justification is not None

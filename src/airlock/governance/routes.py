@@ -1,6 +1,7 @@
 """HTTP routes of the gate: reports, promotions (with overrides), history, trend, the policy.
 
-All routes need a lab admin token; an override additionally needs the policy's decider role.
+Reading needs a lab token whose role may read the gate; promoting needs one that may change stages,
+and an override additionally the policy's decider role (``roles.decides``).
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
+from airlock.access.roles import Permission
+from airlock.access.service import AdminPrincipal
 from airlock.errors import ConflictError
-from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.governance import service
 from airlock.governance.policy import Policy
 from airlock.governance.schemas import DecisionPublic, GateStage, PolicyPublic, PromoteRequest, PromotionPublic
 from airlock.registry.service import get_model, get_version
 
 router = APIRouter(prefix="/v1/airlock/gate", tags=["governance: gate"])
+GateReader = Annotated[AdminPrincipal, require(Permission.GATE_READ)]
 
 
 def _policy(state: StateDep) -> Policy:
@@ -29,7 +33,7 @@ def _policy(state: StateDep) -> Policy:
 
 
 @router.get("/policy", response_model=PolicyPublic)
-def get_policy(state: StateDep, admin: AdminDep) -> PolicyPublic:
+def get_policy(state: StateDep, admin: GateReader) -> PolicyPublic:
     """Return the policy in force and its SHA-256."""
     policy = _policy(state)
     return PolicyPublic(
@@ -43,7 +47,7 @@ def check(
     label: str,
     state: StateDep,
     session: SessionDep,
-    admin: AdminDep,
+    admin: GateReader,
     stage: Annotated[GateStage, Query(description="The stage the version would move to.")] = "deployed",
 ) -> dict[str, Any]:
     """Evaluate the gate for a version and return the JSON report (nothing is recorded)."""
@@ -54,7 +58,12 @@ def check(
 
 @router.post("/models/{model}/versions/{label}/promote", response_model=PromotionPublic)
 def promote(
-    model: str, label: str, body: PromoteRequest, state: StateDep, session: SessionDep, admin: AdminDep
+    model: str,
+    label: str,
+    body: PromoteRequest,
+    state: StateDep,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.STAGE_CHANGE)],
 ) -> PromotionPublic:
     """Move a version to a stage through the gate (409 when it blocks; an override needs the decider role)."""
     row = get_model(session, model)
@@ -83,20 +92,20 @@ def promote(
 
 
 @router.get("/models/{model}/versions/{label}/history", response_model=list[DecisionPublic])
-def history(model: str, label: str, session: SessionDep, admin: AdminDep) -> list[DecisionPublic]:
+def history(model: str, label: str, session: SessionDep, admin: GateReader) -> list[DecisionPublic]:
     """List the version's gate decisions and overrides, oldest first."""
     row = get_model(session, model)
     return [DecisionPublic.of(d, o) for d, o in service.history(session, get_version(session, row, label))]
 
 
 @router.get("/decisions/{decision_id}")
-def decision_report(decision_id: str, session: SessionDep, admin: AdminDep) -> dict[str, Any]:
+def decision_report(decision_id: str, session: SessionDep, admin: GateReader) -> dict[str, Any]:
     """Return the full report recorded with a gate decision."""
     report: dict[str, Any] = service.get_decision(session, decision_id).report
     return report
 
 
 @router.get("/models/{model}/trend")
-def trend(model: str, state: StateDep, session: SessionDep, admin: AdminDep) -> dict[str, Any]:
+def trend(model: str, state: StateDep, session: SessionDep, admin: GateReader) -> dict[str, Any]:
     """Return each domain's metric across the model's versions with thresholds and extrapolation."""
     return service.trend(session, get_model(session, model), _policy(state))

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from airlock.canonical import sha256_hex
+from airlock.access.roles import Permission, check_permission
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import wilson_interval
@@ -647,6 +648,7 @@ def promote_as(
     justification: str | None = None,
 ) -> Promotion:
     """Promote on behalf of an authenticated lab principal; a justification makes it an override."""
+    check_permission(role, Permission.STAGE_CHANGE)
     policy = policy_for_request(policy_path)
     override = (
         OverrideRequest(decider=name, role=role, justification=justification, token_id=token_id)
@@ -680,6 +682,8 @@ def refuse_gated_manifest_stages(session: Session, manifest: Manifest, policy_pa
 
 
 def _check_override(override: OverrideRequest, policy: Policy) -> None:
+    # The role matrix says who may move stages at all; the policy names which of them decides.
+    check_permission(override.role, Permission.STAGE_CHANGE)
     if override.role != policy.roles.decides:
         raise PermissionDeniedError(
             f"only the policy's decider role ({policy.roles.decides!r}) may override the gate; "

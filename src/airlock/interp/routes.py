@@ -7,7 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from airlock.gateway.deps import AdminDep, AuditDep, CurrentPrincipal, SessionDep, StateDep
+from airlock.access.roles import Permission
+from airlock.access.service import AdminPrincipal
+from airlock.gateway.deps import (
+    AuditDep,
+    CurrentPrincipal,
+    SessionDep,
+    StateDep,
+    require,
+    require_independent_review,
+)
 from airlock.interp import service
 from airlock.interp.schemas import (
     InterpEvent,
@@ -123,13 +132,12 @@ def cancel_job(job_id: str, session: SessionDep, principal: CurrentPrincipal, au
 @router.get("/review", response_model=ReviewList, tags=["lab: interp review"])
 def review_queue(
     session: SessionDep,
-    admin: AdminDep,
+    admin: Annotated[AdminPrincipal, require(Permission.INTERP_REVIEW_READ)],
     audit: AuditDep,
     state: Annotated[str | None, Query(description="Review state; `pending` by default, `all` for every job.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> ReviewList:
     """Interp jobs for the lab's reviewers: held results by default, with code and arguments."""
-    service.require_reviewer(admin)
     audit.scope = "interp_review"
     wanted = None if state == "all" else (state or "pending")
     return ReviewList(
@@ -138,9 +146,13 @@ def review_queue(
 
 
 @router.get("/review/{job_id}", response_model=ReviewItem, tags=["lab: interp review"])
-def review_item(job_id: str, session: SessionDep, admin: AdminDep, audit: AuditDep) -> ReviewItem:
+def review_item(
+    job_id: str,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.INTERP_REVIEW_READ)],
+    audit: AuditDep,
+) -> ReviewItem:
     """One interp job with its code, arguments and logs."""
-    service.require_reviewer(admin)
     audit.scope = "interp_review"
     audit.detail["job_id"] = job_id
     return service.to_review_item(*service.get_job_for_lab(session, job_id))
@@ -148,12 +160,18 @@ def review_item(job_id: str, session: SessionDep, admin: AdminDep, audit: AuditD
 
 @router.post("/review/{job_id}", response_model=ReviewItem, tags=["lab: interp review"])
 def review_decide(
-    job_id: str, body: ReviewDecision, state: StateDep, session: SessionDep, admin: AdminDep, audit: AuditDep
+    job_id: str,
+    body: ReviewDecision,
+    state: StateDep,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.INTERP_REVIEW_DECIDE)],
+    audit: AuditDep,
 ) -> ReviewItem:
-    """Approve or deny (with a reason) a held result."""
-    service.require_reviewer(admin)
+    """Approve or deny (with a reason) a held result; not by the token that issued the job's grant."""
     audit.scope = "interp_review"
     audit.detail.update({"job_id": job_id, "decision": body.decision})
+    _job, held = service.get_job_for_lab(session, job_id)
+    require_independent_review(session, admin, audit, held.grant_id, f"interp job {job_id}")
     job, row = service.decide(session, job_id, reviewer=admin.name, decision=body.decision, reason=body.reason)
     item = service.to_review_item(job, row)
     if body.decision == "deny":

@@ -12,10 +12,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from airlock.access.service import AdminPrincipal, Principal, authorize, check_window
+from airlock.access.service import Principal, authorize, check_window
 from airlock.config import Settings
 from airlock.db import utcnow
-from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError, RateLimitError
+from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from airlock.interp import _wire
 from airlock.interp.client import RESULT_FORMAT
 from airlock.interp.models import InterpJob
@@ -36,7 +36,6 @@ from airlock.registry.service import parse_model_id, resolve_variant
 KIND = "interp"
 ID_PREFIX = "ijob"
 MAX_ARGS_BYTES = 64 * 1024
-REVIEWER_ROLES = frozenset({"reviewer", "admin"})
 
 
 # ---------------------------------------------------------------------------------- storage
@@ -318,14 +317,6 @@ def _check_released(job: Job, row: InterpJob) -> None:
 
 
 # ---------------------------------------------------------------------------------- review
-
-
-def require_reviewer(admin: AdminPrincipal) -> None:
-    """Refuse lab tokens whose role may not review interp results (403)."""
-    if admin.role not in REVIEWER_ROLES:
-        raise PermissionDeniedError(
-            f"reviewing interp results needs the reviewer or admin role, not {admin.role!r}", code="role_not_allowed"
-        )
 
 
 def list_for_review(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
+from airlock.access.roles import Permission
+from airlock.access.service import AdminPrincipal
 from airlock.errors import InvalidRequestError, NotFoundError
-from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.ledger import service
 from airlock.ledger.schemas import (
     CheckpointPublic,
@@ -79,7 +82,9 @@ def consistency(session: SessionDep, old: int = Query(gt=0), new: int = Query(gt
 
 
 @admin_router.post("/checkpoint", response_model=CheckpointPublic, status_code=201)
-async def publish(state: StateDep, admin: AdminDep) -> CheckpointPublic:
+async def publish(
+    state: StateDep, admin: Annotated[AdminPrincipal, require(Permission.LEDGER_CHECKPOINT)]
+) -> CheckpointPublic:
     """Integrate pending events and sign a checkpoint now."""
     signer = service.get_signer(state.settings)
     row = await run_in_threadpool(service.publish_checkpoint, state.db, signer)

@@ -8,8 +8,17 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
+from airlock.access.roles import Permission
+from airlock.access.service import AdminPrincipal
 from airlock.db import utcnow
-from airlock.gateway.deps import AdminDep, AuditDep, CurrentPrincipal, SessionDep, StateDep
+from airlock.gateway.deps import (
+    AuditDep,
+    CurrentPrincipal,
+    SessionDep,
+    StateDep,
+    require,
+    require_independent_review,
+)
 from airlock.gateway.uploads import read_upload
 from airlock.publish import pages, schemas, service
 from airlock.publish.schemas import (
@@ -30,6 +39,8 @@ router = APIRouter()
 evaluator_router = APIRouter(prefix="/v1/airlock/reports", tags=["evaluator: reports"])
 lab_router = APIRouter(prefix="/v1/airlock/admin/reports", tags=["admin: reports"])
 public_router = APIRouter(prefix="/public/reports", tags=["public: reports"])
+ReportReader = Annotated[AdminPrincipal, require(Permission.REPORTS_READ)]
+ReportReviewer = Annotated[AdminPrincipal, require(Permission.REPORTS_REVIEW)]
 
 
 # ---------------------------------------------------------------- evaluator
@@ -114,34 +125,32 @@ def reveal(
 
 
 @lab_router.get("", response_model=list[ReportSummary])
-def lab_list(session: SessionDep, admin: AdminDep, status: str | None = None) -> list[ReportSummary]:
+def lab_list(session: SessionDep, admin: ReportReader, status: str | None = None) -> list[ReportSummary]:
     """List reports submitted for review (and published ones)."""
-    service.require_lab_role(admin)
     return [schemas.summary(session, r, lab=True) for r in service.list_lab_reports(session, status)]
 
 
 @lab_router.get("/{report_id}", response_model=ReportLabView)
-def lab_get(report_id: str, session: SessionDep, admin: AdminDep) -> ReportLabView:
+def lab_get(report_id: str, session: SessionDep, admin: ReportReader) -> ReportLabView:
     """Show a submitted report as submitted (redacted spans stay hidden from the lab too)."""
-    service.require_lab_role(admin)
     return schemas.lab_view(session, service.lab_report(session, report_id))
 
 
 @lab_router.post("/{report_id}/comments", response_model=CommentPublic, status_code=201)
 def lab_comment(
-    report_id: str, body: CommentCreate, session: SessionDep, admin: AdminDep, audit: AuditDep
+    report_id: str, body: CommentCreate, session: SessionDep, admin: ReportReviewer, audit: AuditDep
 ) -> CommentPublic:
     """Add a lab comment; it is shown beside the report, never inside the evaluator's text."""
     audit.detail["report_id"] = report_id
-    service.require_lab_role(admin)
     return CommentPublic.of(service.add_comment(session, report_id, admin.name, admin.role, body.body))
 
 
 @lab_router.post("/{report_id}/agree-release", response_model=ReportLabView)
-def lab_agree(report_id: str, session: SessionDep, admin: AdminDep, audit: AuditDep) -> ReportLabView:
-    """Agree to release the submitted revision early; it is published once the evaluator asked too."""
+def lab_agree(report_id: str, session: SessionDep, admin: ReportReviewer, audit: AuditDep) -> ReportLabView:
+    """Agree to release the submitted revision early (not by the token that issued the report's grant)."""
     audit.detail["report_id"] = report_id
-    service.require_lab_role(admin)
+    grant_id = service.lab_report(session, report_id).grant_id
+    require_independent_review(session, admin, audit, grant_id, f"report {report_id}")
     report = service.agree_release(session, report_id, f"admin:{admin.name}")
     return schemas.lab_view(session, report)
 

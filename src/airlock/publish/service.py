@@ -28,7 +28,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
-from airlock.access.service import AdminPrincipal, Principal, check_window
+from airlock.access.service import Principal, check_window
 from airlock.canonical import canonical_forms, sha256_hex
 from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -50,7 +50,6 @@ MAX_RESULTS = 100
 MAX_ATTACHMENTS = 20
 MAX_PLOT_BYTES = 2 * 1024 * 1024
 MAX_COMMENT_CHARS = 20_000
-LAB_ROLES = ("admin", "reviewer")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 log = logging.getLogger(__name__)
@@ -312,14 +311,6 @@ def list_own_reports(session: Session, principal: Principal, now: datetime | Non
 
 
 # ---------------------------------------------------------------- lab side
-
-
-def require_lab_role(admin: AdminPrincipal) -> None:
-    """Allow lab admins and reviewers to act on reports (403 for other roles)."""
-    if admin.role not in LAB_ROLES:
-        raise PermissionDeniedError(
-            f"role {admin.role!r} cannot review reports; needs one of {', '.join(LAB_ROLES)}", code="role_not_allowed"
-        )
 
 
 def lab_report(session: Session, report_id: str, now: datetime | None = None, *, lock: bool = False) -> Report:

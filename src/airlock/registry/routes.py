@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from airlock.access.roles import Permission
+from airlock.access.service import AdminPrincipal
 from airlock.errors import ConfigError, InvalidRequestError
-from airlock.gateway.deps import AdminDep, SessionDep, StateDep
+from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.governance.service import promote_as, refuse_gated_manifest_stages
 from airlock.registry import service
 from airlock.registry.schemas import (
@@ -70,7 +72,12 @@ def _public(models: list[Any]) -> list[ModelPublic]:
 
 
 @router.post("/manifest", response_model=SyncReport)
-def sync_manifest(body: dict[str, Any], state: StateDep, session: SessionDep, admin: AdminDep) -> SyncReport:
+def sync_manifest(
+    body: dict[str, Any],
+    state: StateDep,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.REGISTRY_MANAGE)],
+) -> SyncReport:
     """Create or update models, versions, variants and mitigations from a manifest document."""
     try:
         manifest = service.parse_manifest(body, source="manifest")
@@ -84,14 +91,21 @@ def sync_manifest(body: dict[str, Any], state: StateDep, session: SessionDep, ad
 
 
 @router.get("/models", response_model=list[ModelPublic])
-def list_models(session: SessionDep, admin: AdminDep) -> list[ModelPublic]:
+def list_models(
+    session: SessionDep, admin: Annotated[AdminPrincipal, require(Permission.REGISTRY_READ)]
+) -> list[ModelPublic]:
     """List every model with its versions, variants and mitigation stances."""
     return _public(service.list_models(session))
 
 
 @router.post("/models/{model}/versions/{label}/stage", response_model=list[ModelPublic])
 def change_stage(
-    model: str, label: str, body: StageChangeRequest, state: StateDep, session: SessionDep, admin: AdminDep
+    model: str,
+    label: str,
+    body: StageChangeRequest,
+    state: StateDep,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.STAGE_CHANGE)],
 ) -> Any:
     """Move a version to another lifecycle stage; gated stages go through the deployment gate (409 on block)."""
     row = service.get_version(session, service.get_model(session, model), label)
