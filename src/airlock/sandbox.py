@@ -14,9 +14,15 @@ A run is ``bwrap <containment> -- bash <init> prlimit <limits> -- <command>``:
   further user namespaces;
 * when Airlock runs as root the sandbox runs as an unprivileged host uid (``nobody``), so the
   kernel enforces the process-count limit and host file permissions apply as a second wall;
-* address space, CPU seconds, processes, file size and open files are capped with rlimits
-  set inside the sandbox just before the command starts; a wall-clock timeout kills the whole
-  sandbox (its PID namespace dies with it) and each output stream is capped in bytes;
+* address space, processes, file size and open files are capped with rlimits set inside the
+  sandbox just before the command starts; a wall-clock timeout kills the whole sandbox (its PID
+  namespace dies with it) and each output stream is capped in bytes;
+* CPU seconds are capped for the whole sandbox, every process together: the run gets its own
+  cgroup v2 where the host delegates one (its ``cpu.stat`` counts every process that ever ran
+  in it, and ``cgroup.kill`` ends them all at once), otherwise a watcher thread sums the CPU
+  time of the sandbox's process tree (live processes and what they reaped) every 100 ms; past
+  the limit the sandbox is killed and the run ends with :attr:`Termination.CPU_LIMIT`. Each
+  process also has ``RLIMIT_CPU`` (a catchable ``SIGXCPU`` when one process alone hits it);
 * no process outlives the run: the sandbox's init kills and reaps whatever the command left
   behind, which also makes the reported CPU time cover every process that ran.
 """
@@ -29,10 +35,12 @@ import enum
 import errno
 import functools
 import json
+import logging
 import os
 import posixpath
 import re
 import resource
+import secrets
 import shutil
 import signal
 import stat
@@ -40,8 +48,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -64,6 +73,8 @@ __all__ = [
     "find_bwrap",
     "seccomp_filter",
 ]
+
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 # Inside the sandbox the command runs as this uid/gid; the name only matters to tools like `id`.
@@ -115,6 +126,8 @@ class Termination(enum.StrEnum):
     EXITED = "exited"
     TIMEOUT = "timeout"
     CPU_LIMIT = "cpu_limit"
+    MEMORY_LIMIT = "memory_limit"
+    """Killed by the kernel's OOM killer for the run's cgroup (only where the run has a memory cgroup)."""
     OUTPUT_LIMIT = "output_limit"
     FILE_SIZE_LIMIT = "file_size_limit"
     SIGNALED = "signaled"
@@ -126,8 +139,17 @@ class ResourceLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     wall_timeout_s: float = Field(default=60.0, gt=0, description="Wall clock; the whole sandbox is killed after it.")
-    cpu_seconds: int | None = Field(default=60, gt=0, description="RLIMIT_CPU per process (SIGXCPU, then SIGKILL).")
-    memory_bytes: int | None = Field(default=1024 * MiB, gt=0, description="RLIMIT_AS per process.")
+    cpu_seconds: int | None = Field(
+        default=60,
+        gt=0,
+        description="CPU seconds of the whole sandbox, every process together (its cgroup, else its process "
+        "tree, sampled); each process also gets RLIMIT_CPU (SIGXCPU, then SIGKILL).",
+    )
+    memory_bytes: int | None = Field(
+        default=1024 * MiB,
+        gt=0,
+        description="RLIMIT_AS per process; also memory.max of the run's cgroup where it has the memory controller.",
+    )
     max_processes: int | None = Field(default=128, gt=0, description="RLIMIT_NPROC: processes in the sandbox.")
     file_size_bytes: int | None = Field(default=64 * MiB, gt=0, description="RLIMIT_FSIZE: largest file written.")
     open_files: int | None = Field(default=512, gt=0, description="RLIMIT_NOFILE per process.")
@@ -174,6 +196,15 @@ class SandboxPolicy(BaseModel):
         default=(),
         description="System calls that fail with EPERM inside the sandbox (a seccomp filter); see DENY_SYSCALLS.",
     )
+    cpu_accounting: Literal["auto", "cgroup", "proc"] = Field(
+        default="auto",
+        description="How the CPU limit covers the whole sandbox: 'cgroup' (a cgroup v2 per run; an error where "
+        "none can be made), 'proc' (sampling the process tree), 'auto' (cgroup where possible, else proc).",
+    )
+    cgroup_parent: Path | None = Field(
+        default=None,
+        description="A delegated cgroup v2 directory to create each run's cgroup in (default: this process's own).",
+    )
 
     @field_validator("deny_syscalls")
     @classmethod
@@ -200,6 +231,12 @@ class SandboxResult:
     max_rss_kib: int
     """Peak resident set of the largest single process, in KiB."""
     termination: Termination
+    cpu_accounting: str | None = None
+    """How CPU was counted over the whole sandbox while it ran: ``cgroup``, ``proc`` or None (no CPU limit)."""
+    oom_killed: bool = False
+    """The kernel's OOM killer killed a process of the run's cgroup (known only where it has a memory cgroup)."""
+    host_oom_kills: int = 0
+    """OOM kills anywhere on the host while the run lasted (a hint where the run has no memory cgroup)."""
 
     @property
     def ok(self) -> bool:
@@ -591,7 +628,10 @@ class _Status(_Capture):
     def __init__(self) -> None:
         super().__init__(_STATUS_CAP, asyncio.Event())
         self.init_pidfd: int | None = None
+        self.init_pid: int | None = None
         self.exit_code: int | None = None
+        self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once bwrap has reported the sandbox init (or its status stream ended without it)."""
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -600,10 +640,22 @@ class _Status(_Capture):
                 doc = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(doc, dict):
+                continue
             if "child-pid" in doc and self.init_pidfd is None:
-                self.init_pidfd = _open_init(int(doc["child-pid"]), doc.get("pid-namespace"))
+                pid = int(doc["child-pid"])
+                self.init_pidfd = _open_init(pid, doc.get("pid-namespace"))
+                if self.init_pidfd is not None:
+                    self.init_pid = pid
+                if not self.started.done():
+                    self.started.set_result(None)
             if "exit-code" in doc:
                 self.exit_code = int(doc["exit-code"])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.started.done():
+            self.started.set_result(None)
 
     def close_pidfd(self) -> None:
         if self.init_pidfd is not None:
@@ -654,6 +706,8 @@ class _Run:
         self.wall = wall
         self.cap = cap
         self.inherit = inherit
+        self.block_write: int | None = None
+        """Write end of bwrap's --block-fd: the sandbox waits on it, set up but before its command starts."""
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         argv = list(self.command.argv)
@@ -669,7 +723,9 @@ class _Run:
                 argv[argv.index("{fd:" + target + "}")] = str(read_end)
             status_read, status_write = os.pipe()
             pass_fds.append(status_write)
-            argv[1:1] = ["--json-status-fd", str(status_write)]
+            block_read, self.block_write = os.pipe()
+            pass_fds.append(block_read)
+            argv[1:1] = ["--json-status-fd", str(status_write), "--block-fd", str(block_read)]
             ids: dict[str, Any] = {}
             if self.sandbox.host_uid is not None:
                 # Drop root before bwrap even starts: bwrap then runs unprivileged in its own
@@ -691,6 +747,7 @@ class _Run:
                 )
             except PermissionError as exc:
                 os.close(status_read)
+                self._release()
                 raise SandboxError(
                     f"cannot start {self.sandbox.bwrap} as uid {self.sandbox.host_uid}: {exc}; every directory "
                     "on its path must be world-executable (or set AIRLOCK_BWRAP)"
@@ -700,18 +757,80 @@ class _Run:
             for fd in pass_fds:
                 os.close(fd)
 
+    def _release(self) -> None:
+        """Let the sandbox run its command (closing the pipe releases it just as well)."""
+        if self.block_write is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.block_write, b"1")
+            os.close(self.block_write)
+            self.block_write = None
+
+    def _make_cgroup(self) -> _Cgroup | None:
+        policy = self.sandbox.policy
+        if policy.cpu_accounting == "proc" or policy.limits.cpu_seconds is None:
+            return None
+        parent = cgroup_parent(policy.cgroup_parent)
+        if parent is not None:
+            try:
+                return _Cgroup.create(parent, policy.limits.memory_bytes)
+            except OSError as exc:
+                if policy.cpu_accounting == "cgroup":
+                    raise SandboxError(f"cannot create a cgroup for the sandbox under {parent}: {exc}") from exc
+                log.warning("sandbox: no cgroup under %s (%s); counting CPU over the process tree", parent, exc)
+                return None
+        if policy.cpu_accounting == "cgroup":
+            raise SandboxError(
+                "no writable cgroup v2 for the sandbox (cpu_accounting='cgroup'): delegate one and set cgroup_parent, "
+                "or use 'auto'"
+            )
+        return None
+
+    async def _admit(self, exited: asyncio.Future[Any], status: _Status, cgroup: _Cgroup | None) -> _Cgroup | None:
+        """Wait until bwrap has made the sandbox (its command not yet started), put it in its cgroup, release it.
+
+        Only the sandbox's own processes go into the cgroup, not bwrap's monitor outside it: a
+        kill of the cgroup (or its OOM killer) then ends the sandbox and bwrap still reports it.
+        """
+        try:
+            await asyncio.wait({status.started, exited}, timeout=self.wall, return_when=asyncio.FIRST_COMPLETED)
+            if cgroup is not None and status.init_pid is not None:
+                try:
+                    for pid in _ProcTree(status.init_pid).pids():
+                        cgroup.add(pid)
+                except OSError as exc:
+                    if self.sandbox.policy.cpu_accounting == "cgroup":
+                        raise SandboxError(f"cannot move the sandbox into its cgroup {cgroup.path}: {exc}") from exc
+                    log.warning(
+                        "sandbox: cannot use cgroup %s (%s); counting CPU over the process tree", cgroup.path, exc
+                    )
+                    cgroup.remove()
+                    cgroup = None
+            return cgroup
+        finally:
+            self._release()
+
     async def execute(self) -> SandboxResult:
         loop = asyncio.get_running_loop()
+        limits = self.sandbox.policy.limits
         overflow = asyncio.Event()
+        cpu_over = asyncio.Event()
         out = _Capture(self.cap, overflow)
         err = _Capture(self.cap, overflow)
         status = _Status()
+        cgroup = self._make_cgroup()
+        oom_before = _host_oom_kills()
         started = time.monotonic()
-        proc, status_fd = self._spawn()
+        try:
+            proc, status_fd = self._spawn()
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         status_pipe = os.fdopen(status_fd, "rb", buffering=0)
         transports: list[asyncio.BaseTransport] = []
         exited: asyncio.Future[tuple[int, resource.struct_rusage]] | None = None
         reaped: tuple[int, resource.struct_rusage] | None = None
+        watch: _CpuWatch | None = None
         termination = Termination.EXITED
         try:
             assert proc.stdout is not None and proc.stderr is not None
@@ -724,15 +843,37 @@ class _Run:
                 writer.write(self.stdin)
                 writer.close()
             exited = asyncio.ensure_future(_wait_exit(proc.pid))
+            cgroup = await self._admit(exited, status, cgroup)
+            if limits.cpu_seconds is not None and status.init_pid is not None:
+                watch = _CpuWatch(
+                    cgroup.cpu_seconds if cgroup is not None else _ProcTree(status.init_pid).cpu_seconds,
+                    float(limits.cpu_seconds),
+                    CGROUP_SAMPLE_S if cgroup is not None else PROC_SAMPLE_S,
+                    kill=functools.partial(_kill_sandbox, cgroup, status),
+                    wake=functools.partial(_wake, loop, cpu_over),
+                )
+                watch.start()
             overflowed = asyncio.ensure_future(overflow.wait())
-            done, _ = await asyncio.wait({exited, overflowed}, timeout=self.wall, return_when="FIRST_COMPLETED")
+            over_cpu = asyncio.ensure_future(cpu_over.wait())
+            left = max(self.wall - (time.monotonic() - started), 0.0)
+            done, _ = await asyncio.wait({exited, overflowed, over_cpu}, timeout=left, return_when="FIRST_COMPLETED")
             overflowed.cancel()
-            if exited not in done:
+            over_cpu.cancel()
+            if watch is not None and watch.exceeded:
+                termination = Termination.CPU_LIMIT
+            elif exited not in done:
                 termination = Termination.OUTPUT_LIMIT if overflow.is_set() else Termination.TIMEOUT
+            if not exited.done():
                 # Escalate: SIGTERM asks the init to kill and reap everything (so CPU time is
                 # still accounted), SIGKILL to the init makes the kernel kill the whole PID
-                # namespace, and killing bwrap's monitor is the last resort.
-                for step in (signal.SIGTERM, signal.SIGKILL, None):
+                # namespace, and killing bwrap's monitor is the last resort. Past the CPU limit
+                # with a cgroup, the watcher has already killed it all (the cgroup keeps the count).
+                steps = (
+                    (signal.SIGKILL, None)
+                    if termination is Termination.CPU_LIMIT and cgroup is not None
+                    else (signal.SIGTERM, signal.SIGKILL, None)
+                )
+                for step in steps:
                     if step is None or not _signal_init(status, step):
                         _kill(proc.pid)
                     with contextlib.suppress(TimeoutError):
@@ -747,15 +888,27 @@ class _Run:
                 async with asyncio.timeout(_PIPE_GRACE_S):
                     await asyncio.gather(out.closed, err.closed, status.closed)
         finally:
+            if watch is not None:
+                watch.stop()  # before the pidfd it may signal through is closed
+                if watch.exceeded:
+                    termination = Termination.CPU_LIMIT
+            self._release()
             if reaped is None:
                 # Cancelled or failed mid-run: never leave a sandbox (or a zombie) behind.
                 if exited is not None:
                     exited.cancel()
+                if cgroup is not None:
+                    cgroup.kill()
                 proc.returncode = _reap_now(proc.pid, killed_init=_signal_init(status, signal.SIGKILL))
             status.close_pidfd()
             for transport in transports:
                 transport.close()
             status_pipe.close()
+            cgroup_cpu, oom_killed = 0.0, False
+            if cgroup is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    cgroup_cpu, oom_killed = cgroup.cpu_seconds(), cgroup.oom_kills() > 0
+                cgroup.remove()
         wall_time = time.monotonic() - started
         wait_status, usage = reaped
         proc.returncode = exit_code = _exit_code(wait_status)
@@ -768,7 +921,9 @@ class _Run:
             exit_code = status.exit_code
         else:
             exit_code = 128 + signal.SIGKILL
-        cpu = usage.ru_utime + usage.ru_stime
+        # wait4 covers every process bwrap reaped; the cgroup also what it could not (never less),
+        # and the watcher's last sample is a floor when the kernel reaped a killed PID namespace.
+        cpu = max(usage.ru_utime + usage.ru_stime, cgroup_cpu, watch.used if watch is not None else 0.0)
         return SandboxResult(
             exit_code=exit_code,
             stdout=bytes(out.buffer),
@@ -778,7 +933,10 @@ class _Run:
             wall_time_s=wall_time,
             cpu_time_s=cpu,
             max_rss_kib=usage.ru_maxrss,
-            termination=_classify(termination, exit_code, cpu, self.sandbox.policy.limits),
+            termination=_classify(termination, exit_code, cpu, limits, oom_killed),
+            cpu_accounting=None if watch is None else ("cgroup" if cgroup is not None else "proc"),
+            oom_killed=oom_killed,
+            host_oom_kills=max(_host_oom_kills() - oom_before, 0),
         )
 
 
@@ -819,11 +977,15 @@ def _same(protocol: _Capture) -> _Capture:
     return protocol
 
 
-def _classify(termination: Termination, exit_code: int, cpu: float, limits: ResourceLimits) -> Termination:
+def _classify(
+    termination: Termination, exit_code: int, cpu: float, limits: ResourceLimits, oom_killed: bool = False
+) -> Termination:
     """Name a limit from how the command died (bwrap reports death by signal N as 128 + N)."""
     sig = exit_code - 128
     if termination is not Termination.EXITED or not 0 < sig < signal.NSIG:
         return termination
+    if sig == signal.SIGKILL and oom_killed:
+        return Termination.MEMORY_LIMIT
     if sig == signal.SIGXCPU or (
         sig == signal.SIGKILL and limits.cpu_seconds is not None and cpu >= limits.cpu_seconds
     ):
@@ -872,6 +1034,327 @@ def _kill(pid: int) -> None:
 def _exit_code(wait_status: int) -> int:
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code
+
+
+# ---------------------------------------------------------------------------------------- CPU over the tree
+
+CGROUP_SAMPLE_S = 0.05
+"""How often a run's cgroup CPU counter is read (one small file)."""
+PROC_SAMPLE_S = 0.1
+"""How often the process tree is sampled without a cgroup (a scan of /proc: about 1.5 ms per 100 host processes)."""
+_CGROUP_PREFIX = "airlock-sbx-"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_probe_lock = threading.Lock()
+_probed: dict[str, Path | None] = {}
+
+
+def cgroup_parent(explicit: Path | None = None) -> Path | None:
+    """Return the cgroup v2 directory runs get their own cgroup in, or None where none can be made.
+
+    ``explicit`` is a delegated cgroup given by the operator; by default it is this process's own
+    cgroup. Probed once per process: the directory must take a new child with ``cgroup.procs``
+    and ``cpu.stat``, and its own ``cgroup.procs`` must be writable (moving a process into a
+    child needs write access to the common ancestor). Children left by dead processes are removed.
+    """
+    key = str(explicit or "")
+    with _probe_lock:
+        if key not in _probed:
+            parent = explicit if explicit is not None else _own_cgroup()
+            _probed[key] = parent if parent is not None and _delegated(parent) else None
+        return _probed[key]
+
+
+def _own_cgroup() -> Path | None:
+    """Return this process's cgroup v2 directory (hybrid hosts included), or None."""
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    own = next((line[3:] for line in groups if line.startswith("0::")), None)
+    if own is None or not own.startswith("/") or "/.." in own:
+        return None  # no cgroup v2, or a cgroup outside this cgroup namespace
+    for line in mounts:
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or not right.startswith("cgroup2 ") or len(fields) < 5:
+            continue
+        root, mount_point = fields[3], fields[4].replace("\\040", " ")
+        prefix = root.rstrip("/")
+        if own == root or own.startswith(prefix + "/"):
+            path = Path(mount_point) / own[len(prefix) :].lstrip("/")
+            if path.is_dir():
+                return path
+    return None
+
+
+def _delegated(parent: Path) -> bool:
+    if not os.access(parent / "cgroup.procs", os.W_OK):
+        return False
+    _sweep_cgroups(parent)
+    probe = parent / f"{_CGROUP_PREFIX}{os.getpid()}-probe-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        return all((probe / name).is_file() for name in ("cgroup.procs", "cpu.stat"))
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+
+
+def _sweep_cgroups(parent: Path) -> None:
+    """Remove run cgroups whose creating process is gone (it died before it could)."""
+    for child in parent.glob(_CGROUP_PREFIX + "*"):
+        owner = child.name[len(_CGROUP_PREFIX) :].partition("-")[0]
+        if not owner.isdigit() or int(owner) == os.getpid():
+            continue
+        try:
+            os.kill(int(owner), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        _Cgroup(child).remove()
+
+
+class _Cgroup:
+    """One run's own cgroup v2: the CPU time of every process that was ever in it, its OOM kills, a kill switch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, parent: Path, memory_bytes: int | None) -> _Cgroup:
+        """Make a fresh cgroup under ``parent`` (capping the memory of the whole run where the controller is on)."""
+        group = cls(parent / f"{_CGROUP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+        group.path.mkdir()
+        try:
+            if memory_bytes is not None and "memory" in group._read("cgroup.controllers").split():
+                group._write("memory.max", str(memory_bytes))
+                if (group.path / "memory.swap.max").exists():
+                    group._write("memory.swap.max", "0")
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    def _read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def _write(self, name: str, value: str) -> None:
+        # One write(2) per value: cgroup files take one value per call.
+        fd = os.open(self.path / name, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def add(self, pid: int) -> None:
+        """Move ``pid`` into this cgroup (its future children are born in it)."""
+        self._write("cgroup.procs", str(pid))
+
+    def pids(self) -> list[int]:
+        """Return the processes now in this cgroup."""
+        return [int(line) for line in self._read("cgroup.procs").split()]
+
+    def cpu_seconds(self) -> float:
+        """Return the CPU time of every process that ran in this cgroup, exited ones included."""
+        for line in self._read("cpu.stat").splitlines():
+            name, _, value = line.partition(" ")
+            if name == "usage_usec":
+                return int(value) / 1e6
+        raise ValueError(f"{self.path}/cpu.stat has no usage_usec")
+
+    def oom_kills(self) -> int:
+        """Return how many of its processes the OOM killer killed (0 without the memory controller)."""
+        try:
+            text = self._read("memory.events")
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+        return 0
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup at once (``cgroup.kill``; one by one on kernels before 5.14)."""
+        try:
+            self._write("cgroup.kill", "1")
+            return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # already removed
+        with contextlib.suppress(OSError):
+            for pid in self.pids():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def remove(self) -> None:
+        """Delete the cgroup once its processes are gone (killing stragglers; leftovers are swept later)."""
+        for attempt in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if attempt == 0:
+                    self.kill()
+                time.sleep(0.002)
+        log.warning("sandbox: could not remove cgroup %s; it is removed at the next start", self.path)
+
+
+@dataclass(frozen=True)
+class _ProcStat:
+    ppid: int
+    start: int
+    ticks: int
+    """utime + stime of the process (all its threads) + cutime + cstime (the children it reaped)."""
+
+
+def _proc_stat(pid: int) -> _ProcStat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain spaces and parentheses.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return _ProcStat(ppid=int(fields[1]), start=int(fields[19]), ticks=sum(int(v) for v in fields[11:15]))
+    except (IndexError, ValueError):
+        return None
+
+
+class _ProcTree:
+    """CPU accounting over the process tree below one root (the sandbox's init), from /proc.
+
+    Every process of the sandbox's PID namespace descends from its init (orphans are reparented
+    to it or to a subreaper below it), so the tree covers them all. A process's time is its own
+    plus the ``cutime``/``cstime`` of the children it reaped, so exited processes still count.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+
+    def _tree(self) -> list[tuple[int, int]]:
+        """Return (pid, start time) of the root and its descendants, parents before children."""
+        children: dict[int, list[tuple[int, int]]] = {}
+        root_start: int | None = None
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            stat_ = _proc_stat(int(name))
+            if stat_ is None:
+                continue
+            if int(name) == self.root:
+                root_start = stat_.start
+            children.setdefault(stat_.ppid, []).append((int(name), stat_.start))
+        if root_start is None:
+            return []
+        order = [(self.root, root_start)]
+        for pid, _start in order:  # grows while iterated: a breadth-first walk
+            order.extend(children.get(pid, ()))
+        return order
+
+    def pids(self) -> list[int]:
+        """Return the root and its descendants, parents first."""
+        return [pid for pid, _start in self._tree()]
+
+    def cpu_seconds(self) -> float:
+        """Return the CPU time of the tree, exited processes included.
+
+        The tree is read first, then each process again parents before children: a child reaped
+        in between is then missed once (counted in the next sample) instead of counted twice (in
+        its own line and its parent's ``cutime``), so a sample never exceeds the true total.
+        """
+        ticks = 0
+        for pid, start in self._tree():
+            stat_ = _proc_stat(pid)
+            if stat_ is not None and stat_.start == start:  # not a recycled PID
+                ticks += stat_.ticks
+        return ticks / _CLK_TCK
+
+
+class _CpuWatch:
+    """A thread that samples a sandbox's CPU time and kills the sandbox when it reaches the limit."""
+
+    def __init__(
+        self,
+        meter: Callable[[], float],
+        limit: float,
+        interval: float,
+        *,
+        kill: Callable[[], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self.meter = meter
+        self.limit = limit
+        self.interval = interval
+        self.kill = kill
+        self.wake = wake
+        self.exceeded = False
+        self.used = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="airlock-sandbox-cpu", daemon=True)
+
+    def start(self) -> None:
+        """Start sampling."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread (it never signals anything after this returns)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.used = self.meter()
+            except (OSError, ValueError):
+                continue  # the sandbox is ending
+            if self.used >= self.limit:
+                self.exceeded = True
+                self.kill()
+                self.wake()
+                return
+
+
+def _kill_sandbox(cgroup: _Cgroup | None, status: _Status) -> None:
+    """End the whole sandbox past its CPU limit.
+
+    With a cgroup: SIGKILL to all of it at once (its ``cpu.stat`` keeps the count). Without one:
+    SIGTERM to the init, which SIGKILLs every other process and reaps them, so their CPU time
+    reaches wait4; a PID namespace ended by SIGKILL to its init is reaped by the kernel without
+    that accounting. The run's escalation follows with SIGKILL if the init does not end.
+    """
+    if cgroup is not None:
+        cgroup.kill()
+        _signal_init(status, signal.SIGKILL)
+    else:
+        _signal_init(status, signal.SIGTERM)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closing: the run is over anyway
+        loop.call_soon_threadsafe(event.set)
+
+
+def _host_oom_kills() -> int:
+    """Return the host's count of OOM kills so far (``oom_kill`` in /proc/vmstat; 0 where absent)."""
+    try:
+        with open("/proc/vmstat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- seccomp
