@@ -199,16 +199,18 @@ def test_decode_refuses_headers_nested_past_the_limit() -> None:
     assert _wire.nesting_depth(ok) == _wire.MAX_DEPTH
 
 
-def test_a_deeply_nested_frame_ends_the_conversation_cleanly(tiny_worker: host.ThreadWorker) -> None:
+def test_a_deeply_nested_frame_is_refused_cleanly(tiny_worker: host.ThreadWorker) -> None:
     host_end, runner_end = socket.socketpair()
     server = host.RpcServer(host_end, tiny_worker, {"ok": True})
     server.start()
     header = ('{"arrays":[],"body":{"op":"job","x":' + "[" * 100_000 + "]" * 100_000 + "}}").encode()
     runner_end.sendall(struct.pack(">QQ", len(header), 0) + header)
+    reply, _size = _wire.recv(runner_end, 1 << 20)  # answered, and the stream is still in step
+    assert reply["ok"] is False and reply["code"] == "protocol_error" and "nested deeper" in reply["error"]
+    runner_end.close()
     server.join(10)
     assert not server._thread.is_alive()
     assert server.protocol_error is not None and "nested deeper" in server.protocol_error
-    runner_end.close()
     host_end.close()
 
 

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import re
+import signal
 import socket
 import threading
 import time
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from airlock.errors import AirlockError
-from airlock.interp import _runtime, _wire, client
+from airlock.interp import _runtime, _wire, client, deadline
 from airlock.interp.runner import EXIT_OK, EXIT_PROTOCOL_ERROR, EXIT_USER_ERROR, FD_ENV
 from airlock.sandbox import (
     DENY_SYSCALLS,
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
 MiB = 1024 * 1024
 RPC_VERBS = frozenset({"modules", "trace", "generate"})
+# Malformed frames answered before the conversation is ended (each one already fails the job).
+MAX_PROTOCOL_ERRORS = 8
 _RUNNER_VERBS = frozenset({"job", "result", "error"})
 MAX_PROMPTS = 64
 MAX_PROMPT_TOKENS = 1024
@@ -1281,7 +1284,16 @@ class RpcStats:
     bytes_in: int = 0
     bytes_out: int = 0
     model_seconds: float = 0.0
+    """Time the model thread spent on this job's calls (forward passes), counted as they run."""
+    rpc_seconds: float = 0.0
+    """CPU time of the RPC thread (decoding requests, encoding replies): host time too."""
     refused: list[str] = field(default_factory=list)
+    protocol_errors: list[str] = field(default_factory=list)
+
+    @property
+    def host_seconds(self) -> float:
+        """Return the host time this job used outside its sandbox (model and RPC threads)."""
+        return self.model_seconds + self.rpc_seconds
 
     def as_dict(self) -> dict[str, Any]:
         """Return the stats as JSON values."""
@@ -1290,7 +1302,9 @@ class RpcStats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "model_seconds": round(self.model_seconds, 4),
+            "rpc_seconds": round(self.rpc_seconds, 4),
             "refused": list(self.refused),
+            "protocol_errors": list(self.protocol_errors),
         }
 
 
@@ -1308,6 +1322,7 @@ class RpcServer:
         max_total_bytes: int = 4096 * MiB,
         max_result_bytes: int = 64 * MiB,
         max_model_seconds: float | None = None,
+        wall_deadline: float | None = None,
         system_prompt: str | None = None,
         max_patch_ratio: float = DEFAULT_PATCH_NORM_RATIO,
         serve: ServeBudget | None = None,
@@ -1323,15 +1338,21 @@ class RpcServer:
         self.max_reply_bytes = max_reply_bytes
         self.max_total_bytes = max_total_bytes
         self.max_result_bytes = max_result_bytes
-        # The host's forward passes are not in the sandbox's CPU limit; this caps them per job.
+        # The host's forward passes are not in the sandbox's CPU limit; this caps them per job,
+        # counted as they run (see airlock.interp.deadline), together with the RPC thread's CPU.
         self.max_model_seconds = max_model_seconds
+        self.wall_deadline = wall_deadline
+        """``time.monotonic()`` at which the job's wall clock ends: no model call runs past it."""
         self.stats = RpcStats()
         self.result: Any = None
         self.has_result = False
         self.error: dict[str, str] | None = None
         self.protocol_error: str | None = None
         self.result_too_large: int | None = None
-        self.model_time_spent = False
+        self.host_time_spent: tuple[str, str] | None = None
+        """Why the job's host time ran out (message, job error code)."""
+        self.host_failure: str | None = None
+        """An unexpected failure of the host while handling a message (answered, then the job fails)."""
         self.patch_refused: PatchRefused | None = None
         self.reply_error: tuple[str, str] | None = None
         """Why the host could not send a reply, and the job error code it becomes."""
@@ -1346,53 +1367,123 @@ class RpcServer:
         self._thread.join(timeout)
 
     def _serve(self) -> None:
+        cpu_at_start = time.thread_time()
         try:
-            while True:
-                try:
-                    # One cap for every frame: a result frame cannot be told apart before it is read.
-                    message, size = _wire.recv(self.sock, min(self.max_request_bytes, self.max_result_bytes + MiB))
-                except _wire.FrameTooLarge as exc:
-                    self.result_too_large = exc.size
-                    self.protocol_error = f"the runner sent a message of {exc.size} bytes (cap {exc.cap})"
+            while self._serve_one():
+                self.stats.rpc_seconds = time.thread_time() - cpu_at_start
+                if self.max_model_seconds is not None and self.stats.rpc_seconds > self.max_model_seconds:
+                    # Only a flood of frames costs this much: stop reading them.
+                    self.host_time_spent = (
+                        f"the job's messages took more than its host time of {self.max_model_seconds:g} s to decode",
+                        "host_time_limit",
+                    )
                     return
-                except _wire.WireError as exc:
-                    if str(exc) != "connection closed":
-                        self.protocol_error = f"malformed message from the runner: {exc}"
-                    return
-                self.stats.bytes_in += size
-                op = message.get("op")
-                if not isinstance(op, str):
-                    self._refuse("a message without a verb")
-                    continue
-                self.stats.calls[op] = self.stats.calls.get(op, 0) + 1
-                if op == "job":
-                    try:
-                        self._reply(self.job)
-                    except _wire.WireError as exc:
-                        self.reply_error = (
-                            f"the job's arguments could not be sent to the runner: {exc}",
-                            "invalid_args",
-                        )
-                        return
-                elif op == "result":
-                    self.result, self.has_result = message.get("value"), True
-                    self._reply({"ok": True})
-                elif op == "error":
-                    self.error = {"type": str(message.get("type", "Error")), "message": str(message.get("message", ""))}
-                elif op in RPC_VERBS:
-                    self._answer(op, message)
-                else:
-                    self._refuse(f"the RPC verb {op!r} (allowed: {', '.join(sorted(RPC_VERBS))})")
-        except _wire.WireError as exc:
-            # Only the host's own replies can get here (what the runner sends is checked in recv).
-            self.reply_error = (f"the host could not send a reply to the runner: {exc}", "reply_error")
         except OSError as exc:
             if self.protocol_error is None and not self.has_result:
                 self.protocol_error = f"the runner's socket failed: {exc}"
         finally:
+            self.stats.rpc_seconds = time.thread_time() - cpu_at_start
             # Whatever ended the conversation, the runner must not block writing to nobody.
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _serve_one(self) -> bool:
+        """Receive and answer one message; return False when the conversation is over.
+
+        Nothing a frame holds may end this thread by an exception: a complete frame that is not
+        a valid message is answered with a ``protocol_error`` reply (the stream is still in step),
+        and only a frame that cannot be read whole (too large, cut short) ends the conversation.
+        """
+        try:
+            # One cap for every frame: a result frame cannot be told apart before it is read.
+            message, size = _wire.recv(self.sock, min(self.max_request_bytes, self.max_result_bytes + MiB))
+        except _wire.ConnectionClosed:
+            return False
+        except _wire.FrameTooLarge as exc:
+            if exc.op == "result":
+                self.result_too_large = exc.size
+                what = f"the result is {exc.size} bytes (cap {exc.cap})"
+            else:
+                verb = f"a {exc.op!r} message" if exc.op else "a message"
+                what = f"the runner sent {verb} of {exc.size} bytes (cap {exc.cap})"
+                self._protocol_violation(what)
+            self._send_error("protocol_error", what + "; the conversation is over")
+            return False
+        except _wire.MalformedFrame as exc:
+            self.stats.bytes_in += exc.size
+            return self._protocol_violation(f"malformed message from the runner: {exc}", answer=True)
+        except _wire.WireError as exc:  # cut short: the stream is out of step
+            self._protocol_violation(f"malformed message from the runner: {exc}")
+            return False
+        self.stats.bytes_in += size
+        try:
+            return self._dispatch(message)
+        except OSError:
+            raise
+        except _wire.WireError as exc:
+            # Only the host's own replies get here (what the runner sends is checked in recv).
+            self.reply_error = (f"the host could not send a reply to the runner: {exc}", "reply_error")
+            return False
+        except Exception as exc:  # a host bug must not take the RPC thread (and with it the job) down silently
+            log.exception("interp RPC: the host failed to handle a message")
+            self.host_failure = self.host_failure or f"{type(exc).__name__}: {str(exc)[:200]}"
+            self._send_error("host_error", f"the host failed to handle the message ({type(exc).__name__})")
+            return True
+
+    def _dispatch(self, message: dict[str, Any]) -> bool:
+        op = message.get("op")
+        if not isinstance(op, str):
+            self._refuse("a message without a verb")
+            return True
+        self.stats.calls[op[:64]] = self.stats.calls.get(op[:64], 0) + 1
+        if op == "job":
+            try:
+                self._reply(self.job)
+            except _wire.WireError as exc:
+                self.reply_error = (f"the job's arguments could not be sent to the runner: {exc}", "invalid_args")
+                return False
+        elif op == "result":
+            self.result, self.has_result = message.get("value"), True
+            self._reply({"ok": True})
+        elif op == "error":
+            self.error = {
+                "type": str(message.get("type", "Error"))[:200],
+                "message": str(message.get("message", ""))[:4000],
+            }
+        elif op in RPC_VERBS:
+            self._answer(op, message)
+        else:
+            self._refuse(f"the RPC verb {op[:64]!r} (allowed: {', '.join(sorted(RPC_VERBS))})")
+        return True
+
+    def _protocol_violation(self, what: str, *, answer: bool = False) -> bool:
+        """Record a broken frame (it fails the job); answer it when ``answer``; return whether to go on."""
+        self.protocol_error = self.protocol_error or what
+        self.stats.protocol_errors.append(what[:300])
+        if answer:
+            self._send_error("protocol_error", what)
+        # A runner that keeps sending garbage is not trying to be understood.
+        return len(self.stats.protocol_errors) < MAX_PROTOCOL_ERRORS
+
+    def _send_error(self, code: str, message: str) -> None:
+        """Best-effort error reply (the runner may already be gone, or not reading)."""
+        with contextlib.suppress(OSError, _wire.WireError):
+            self._reply({"ok": False, "code": code, "error": message})
+
+    def _call_deadline(self, started: float) -> deadline.Deadline:
+        """Return when a model call starting at ``started`` must stop: host time left, or the wall clock."""
+        at, code = math.inf, "host_time_limit"
+        message = "the call ran out of time"
+        if self.max_model_seconds is not None:
+            at = started + self.max_model_seconds - self.stats.host_seconds
+            message = (
+                f"the job's host model time of {self.max_model_seconds:g} s ran out during this call "
+                "(forward passes on the lab's side count as they run)"
+            )
+        if self.wall_deadline is not None and self.wall_deadline < at:
+            at, code = self.wall_deadline, "timeout"
+            message = "the job's wall-clock limit was reached during this call"
+        return deadline.Deadline(at=at, message=message, code=code)
 
     def _refuse(self, what: str) -> None:
         self.stats.refused.append(what)
@@ -1408,9 +1499,10 @@ class RpcServer:
                 {"ok": False, "error": f"the job's RPC transfer budget of {self.max_total_bytes} bytes is spent"}
             )
             return
-        if self.max_model_seconds is not None and self.stats.model_seconds > self.max_model_seconds:
-            self.model_time_spent = True
-            self._reply({"ok": False, "error": f"the job's host model time of {self.max_model_seconds:g} s is spent"})
+        if self.max_model_seconds is not None and self.stats.host_seconds >= self.max_model_seconds:
+            spent = (f"the job's host model time of {self.max_model_seconds:g} s is spent", "host_time_limit")
+            self.host_time_spent = self.host_time_spent or spent
+            self._reply({"ok": False, "code": spent[1], "error": spent[0]})
             return
         request = {k: v for k, v in request.items() if k != SYSTEM_KEY}
         if self.system_prompt:
@@ -1420,11 +1512,27 @@ class RpcServer:
             "trace": lambda m, t: run_trace(m, t, request, self.max_patch_ratio, self.serve),
             "generate": lambda m, t: run_generate(m, t, request, self.max_patch_ratio, self.serve),
         }
-        started = time.perf_counter()
+        handler = handlers[op]
+
+        def timed(model: Any, tokenizer: Any) -> dict[str, Any]:
+            # On the model thread: the clock starts when the call does (not while it waits for
+            # serving's batching step), and the hooks live only as long as the call.
+            started = time.monotonic()
+            try:
+                with deadline.enforced(model, self._call_deadline(started)):
+                    return handler(model, tokenizer)
+            finally:
+                self.stats.model_seconds += time.monotonic() - started
+
         try:
-            body = self.worker.submit(handlers[op]).result()
+            body = self.worker.submit(timed).result()
             reply = {"ok": True, **body}
             frame = _wire.encode(reply)
+        except deadline.DeadlineExceeded as exc:
+            # Like a refused patch: the job fails even if the evaluator's code catches the error.
+            self.host_time_spent = self.host_time_spent or (str(exc), exc.code)
+            self._reply({"ok": False, "code": exc.code, "error": str(exc)})
+            return
         except PatchRefused as exc:
             # Like a forbidden verb: the job fails even if the evaluator's code catches the error.
             self.patch_refused = self.patch_refused or exc
@@ -1440,8 +1548,6 @@ class RpcServer:
             log.exception("interp %s failed", op)
             self._reply({"ok": False, "error": f"the host could not run {op}: {type(exc).__name__}"})
             return
-        finally:
-            self.stats.model_seconds += time.perf_counter() - started
         if len(frame) > self.max_reply_bytes:
             self._reply({"ok": False, "error": f"the reply would be {len(frame)} bytes (cap {self.max_reply_bytes})"})
             return
@@ -1520,14 +1626,15 @@ async def run_job(
         job,
         max_result_bytes=max_result_bytes,
         max_model_seconds=float(limits.cpu_seconds) if limits.cpu_seconds is not None else None,
+        wall_deadline=time.monotonic() + limits.wall_timeout_s,
         system_prompt=spec.system_prompt,
         max_patch_ratio=max_patch_ratio,
         serve=serve,
     )
     env = {
         FD_ENV: str(runner_end.fileno()),
-        # One thread per numerical library: the CPU limit is per process, and idle thread pools
-        # would only eat the memory limit.
+        # One thread per numerical library: the CPU limit counts every thread of every process,
+        # so a pool only spends it faster, and idle pools would eat the memory limit.
         "OPENBLAS_NUM_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
@@ -1561,6 +1668,7 @@ async def run_job(
         "max_rss_kib": result.max_rss_kib,
         "exit_code": result.exit_code,
         "termination": result.termination.value,
+        "cpu_accounting": result.cpu_accounting,
         "rpc": server.stats.as_dict(),
     }
     logs = result.stdout_text + (("\n" if result.stdout and result.stderr else "") + result.stderr_text)
@@ -1572,8 +1680,21 @@ async def run_job(
     )
 
 
+# What a process prints when an allocation fails under RLIMIT_AS (Python, C, C++, OpenBLAS).
+_ALLOCATION_FAILURE = re.compile(r"MemoryError|Cannot allocate memory|bad_alloc|out of memory|failed to allocate", re.I)
+# Signals a process dies of when an allocation it did not check fails (or the OOM killer ends it).
+_MEMORY_SIGNALS = frozenset({signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS})
+
+
 def _diagnose(result: SandboxResult, server: RpcServer, limits: ResourceLimits, cap: int) -> InterpJobError | None:
-    """Turn how the runner ended into a clear job error (None: it delivered a result)."""
+    """Turn how the runner ended into a clear job error naming its cause (None: it delivered a result).
+
+    In order: a limit the sandbox enforced (wall clock, CPU over all processes, memory cgroup,
+    logs, file size); what the host refused or failed at (host time, replies, patches, verbs,
+    result size, broken frames, a host failure); what the runner reported (its code's
+    exception); and last, how the runner's process ended (a signal is named for what sent it).
+    """
+    memory_mib = (limits.memory_bytes or 0) // MiB
     t = result.termination
     if t is Termination.TIMEOUT:
         return InterpJobError(
@@ -1581,7 +1702,15 @@ def _diagnose(result: SandboxResult, server: RpcServer, limits: ResourceLimits, 
         )
     if t is Termination.CPU_LIMIT:
         return InterpJobError(
-            f"the job used up its CPU limit of {limits.cpu_seconds} s and was killed", code="cpu_limit"
+            f"the job used up its CPU limit of {limits.cpu_seconds} s (all its processes together, "
+            f"{result.cpu_time_s:.2f} s counted) and was killed",
+            code="cpu_limit",
+        )
+    if t is Termination.MEMORY_LIMIT:
+        return InterpJobError(
+            f"the job's processes together used more than its memory limit of {memory_mib} MiB and the kernel's "
+            "out-of-memory killer ended the runner",
+            code="memory_limit",
         )
     if t is Termination.OUTPUT_LIMIT:
         return InterpJobError(
@@ -1592,36 +1721,44 @@ def _diagnose(result: SandboxResult, server: RpcServer, limits: ResourceLimits, 
             f"the job tried to write a file larger than {limits.file_size_bytes} bytes and was killed",
             code="file_size_limit",
         )
+    if server.host_time_spent is not None:
+        message, code = server.host_time_spent
+        return InterpJobError(f"{message}; the job was stopped", code=code)
     if server.reply_error is not None:
         return InterpJobError(server.reply_error[0], code=server.reply_error[1])
     if server.patch_refused is not None:
         return InterpJobError(f"the host refused a patch: {server.patch_refused}", code=server.patch_refused.code)
-    if server.model_time_spent:
-        return InterpJobError(
-            f"the job used up its host model time of {limits.cpu_seconds} s (forward passes on the lab's side)",
-            code="cpu_limit",
-        )
     if server.stats.refused:
         return InterpJobError(f"the job's code made a forbidden call: {server.stats.refused[0]}", code="rpc_refused")
     if server.result_too_large is not None:
         return InterpJobError(
             f"the result is {server.result_too_large} bytes; the per-job cap is {cap} bytes", code="result_too_large"
         )
+    if server.protocol_error is not None:
+        return InterpJobError(f"the runner broke the RPC protocol: {server.protocol_error}", code="protocol_error")
+    delivered = result.exit_code == EXIT_OK and server.has_result
+    if server.host_failure is not None and not delivered:
+        return InterpJobError(
+            f"the host failed while answering the runner ({server.host_failure}); the job did not finish",
+            code="host_error",
+        )
     if server.error is not None:
         kind, message = server.error["type"], server.error["message"]
         if kind == "MemoryError":
-            limit = (limits.memory_bytes or 0) // MiB
-            return InterpJobError(f"the job ran out of memory (limit {limit} MiB): {message}", code="memory_limit")
+            return InterpJobError(f"the job ran out of memory (limit {memory_mib} MiB): {message}", code="memory_limit")
         if kind == "rpc_refused":
             return InterpJobError(f"the host refused a call: {message}", code="rpc_refused")
         return InterpJobError(f"the job's code raised {kind}: {message}", code="code_error")
-    if server.protocol_error is not None:
-        return InterpJobError(f"the runner broke the RPC protocol: {server.protocol_error}", code="protocol_error")
-    if result.exit_code == EXIT_OK and server.has_result:
+    if delivered:
         return None
     if result.signal is not None:
-        hint = " (likely the memory limit)" if result.signal in (6, 9, 11) else ""
-        return InterpJobError(f"the runner was killed by signal {result.signal}{hint}", code="killed")
+        return _signal_error(result, limits)
+    if _ALLOCATION_FAILURE.search(result.stderr_text[-4000:]):
+        return InterpJobError(
+            f"the runner ran out of memory (limit {memory_mib} MiB) before it could report: "
+            + _tail(result.stderr_text),
+            code="memory_limit",
+        )
     if result.exit_code in (EXIT_USER_ERROR, EXIT_PROTOCOL_ERROR):
         return InterpJobError(
             "the runner failed before it could report: " + _tail(result.stderr_text), code="runner_error"
@@ -1630,6 +1767,41 @@ def _diagnose(result: SandboxResult, server: RpcServer, limits: ResourceLimits, 
         f"the runner exited with status {result.exit_code} without a result: {_tail(result.stderr_text)}",
         code="runner_error",
     )
+
+
+def _signal_error(result: SandboxResult, limits: ResourceLimits) -> InterpJobError:
+    """Name what killed the runner by a signal: its memory limit only on evidence, else the signal's sender."""
+    sig = result.signal
+    assert sig is not None
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    memory_mib = (limits.memory_bytes or 0) // MiB
+    if sig in _MEMORY_SIGNALS:
+        evidence = None
+        if _ALLOCATION_FAILURE.search(result.stderr_text[-4000:]):
+            evidence = "an allocation failed just before"
+        elif limits.memory_bytes and result.max_rss_kib * 1024 >= 0.9 * limits.memory_bytes:
+            evidence = f"its resident memory had reached {result.max_rss_kib // 1024} MiB"
+        if evidence:
+            return InterpJobError(
+                f"the runner ran out of memory (limit {memory_mib} MiB) and died of {name}: {evidence}",
+                code="memory_limit",
+            )
+    if sig == signal.SIGKILL:
+        if result.host_oom_kills:
+            return InterpJobError(
+                "the runner was killed by SIGKILL while the kernel's out-of-memory killer was active on the host "
+                "(the host ran short of memory; the job had not reached its own limits)",
+                code="killed",
+            )
+        return InterpJobError(
+            "the runner was killed by SIGKILL, but by none of the job's limits (wall clock, CPU, memory, logs): "
+            "a process inside the sandbox sent it, or ended the sandbox's init",
+            code="killed",
+        )
+    return InterpJobError(f"the runner died of {name} (signal {sig})", code="killed")
 
 
 def _tail(text: str, limit: int = 400) -> str:
