@@ -26,6 +26,7 @@ from airlock.backends.tools import (
     TOOL_CALL_OPEN,
     ToolPlan,
     close_json_prefix,
+    match_function,
     parse_generation,
     plan_tools,
     render_messages,
@@ -110,6 +111,29 @@ def test_text_after_the_calls_is_dropped() -> None:
     text = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}</tool_call>\n<tool_response>2</tool_response>'
     parsed = parse_generation(text, AUTO)
     assert parsed.content is None and len(parsed.tool_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("get_weather", "get_weather"),
+        ("  add ", "add"),
+        ("get_wether", "get_weather"),  # misspelt
+        ("get_w", "get_weather"),  # cut short by the name budget
+        ("ad", "add"),
+        ("", "add"),  # nothing written: the first offered
+        ("2 + 3", "add"),  # nothing alike: the first offered
+    ],
+)
+def test_match_function_depends_on_the_written_text_only(written: str, expected: str) -> None:
+    assert match_function(written, ["add", "get_weather"]) == expected
+
+
+def test_match_function_breaks_ties_by_offer_order() -> None:
+    assert match_function("ab", ["ax", "xb"]) == "ax"
+    assert match_function("ab", ["xb", "ax"]) == "xb"
+    with pytest.raises(ValueError, match="no function"):
+        match_function("x", [])
 
 
 @pytest.mark.parametrize(
@@ -351,6 +375,34 @@ async def test_tiny_model_required_picks_an_offered_function(tiny_backend: Local
     result = await tiny_backend.chat(request(tool_choice="required", max_tokens=8, temperature=0))
     (chosen,) = result.choices[0].message.tool_calls or []
     assert chosen["function"]["name"] in {"add", "get_weather"}
+    assert isinstance(json.loads(chosen["function"]["arguments"]), dict)
+
+
+async def test_required_choice_is_the_sampled_name_not_a_logprob_ranking(
+    tiny_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airlock.backends.protocol import CompletionRequest
+
+    names = ["add", "lookup_city_population", "get_weather"]
+    offered = [ADD, {"type": "function", "function": {"name": names[1]}}, WEATHER]
+    req = request(tools=offered, tool_choice="required", max_tokens=6, temperature=0)
+    plan = plan_tools(req)
+    # What the model writes, greedily, where the name goes: a plain completion of the same prompt.
+    prompt = tiny_backend._chat_prompt(req.messages, plan)
+    budget = max(tiny_backend.count_tokens(name) for name in names) + 2  # the name's budget: longest + quote
+    free = await tiny_backend.complete(
+        CompletionRequest(model="m/v", prompt=prompt, max_tokens=budget, temperature=0, stop=['"'])
+    )
+    written = free.choices[0].text
+    expected = match_function(written, names)
+
+    async def no_scoring(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("choosing the function must not score prompts")
+
+    monkeypatch.setattr(tiny_backend, "complete", no_scoring)
+    result = await tiny_backend.chat(req)
+    (chosen,) = result.choices[0].message.tool_calls or []
+    assert chosen["function"]["name"] == expected != names[0]  # a match, not the fallback to the first
     assert isinstance(json.loads(chosen["function"]["arguments"]), dict)
 
 

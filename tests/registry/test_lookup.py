@@ -9,6 +9,7 @@ import pytest
 
 from airlock.errors import ConfigError, InvalidRequestError, NotFoundError
 from airlock.registry import service
+from airlock.registry.schemas import LOCAL_DEFAULT_CONTEXT, LOCAL_DEFAULT_MAX_TOKENS
 from tests.conftest import FAKE_MANIFEST
 
 
@@ -96,7 +97,7 @@ def test_max_output_tokens_is_synced_and_resolved(db: Any) -> None:
 @pytest.mark.parametrize(
     ("backend", "config", "expected"),
     [
-        ("local", {}, service.LOCAL_DEFAULT_CONTEXT),
+        ("local", {}, LOCAL_DEFAULT_CONTEXT),
         ("local", {"max_context": 512}, 512),
         ("openai_upstream", {}, service.DEFAULT_MAX_OUTPUT_TOKENS),
         ("fake", {"max_context": True}, service.DEFAULT_MAX_OUTPUT_TOKENS),
@@ -117,11 +118,23 @@ def test_default_cap_derives_from_the_backend_context(backend: str, config: dict
     assert resolved.output_token_limit() == expected
 
 
-def test_local_default_context_matches_the_local_backend() -> None:
+def test_local_defaults_match_the_local_backend() -> None:
     pytest.importorskip("torch")
     from airlock.backends.local import LocalBackendConfig
 
-    assert LocalBackendConfig().max_context == service.LOCAL_DEFAULT_CONTEXT
+    assert LocalBackendConfig().max_context == LOCAL_DEFAULT_CONTEXT
+    assert LocalBackendConfig().default_max_tokens == LOCAL_DEFAULT_MAX_TOKENS
+
+
+@pytest.mark.parametrize(("config", "ok"), [({}, False), ({"default_max_tokens": 64}, True)])
+def test_local_default_generation_must_fit_the_cap(config: dict[str, Any], ok: bool) -> None:
+    variant = {"name": "x", "backend": "local", "backend_config": config, "max_output_tokens": 100}
+    manifest = {"models": [{"name": "m", "versions": [{"content_hash": "a" * 64, "variants": [variant]}]}]}
+    if ok:
+        service.parse_manifest(manifest)
+    else:
+        with pytest.raises(ConfigError, match="default_max_tokens"):
+            service.parse_manifest(manifest)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1 << 21, "many"])

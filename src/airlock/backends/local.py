@@ -29,7 +29,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import queue
 import re
 import secrets
@@ -1109,35 +1108,42 @@ class LocalBackend(ModelBackend):
         return str(text) + plan.generation_prefix()
 
     async def _choose_required_function(self, request: ChatCompletionRequest, plan: tools.ToolPlan) -> tools.ToolPlan:
-        """For ``tool_choice: "required"`` among several tools, force the function the model finds most likely.
+        """For ``tool_choice: "required"`` among several tools, force the function the model names.
 
-        Left to write the name itself after ``<tool_call>{"name": "``, a small model often invents
-        one, and the answer would hold no call although one is required. Instead each offered name
-        (with its closing quote) is scored as a continuation of the prompt, in one batched
-        prefill, and the best is forced like a named ``tool_choice``.
+        The model writes the name after ``<tool_call>{"name": "``, sampled with the request's own
+        settings and stopped at the closing quote; `tools.match_function` maps the text onto an
+        offered name (a small model may misspell one), which is then forced like a named
+        ``tool_choice``. Nothing here reads a log-probability: the choice reveals only what
+        sampling reveals, whatever the key's scopes.
         """
         if plan.mode != "required" or plan.forced is not None or not plan.active:
             return plan
-        tok = self._tok()
-        base_text = self._chat_text(request.messages, plan)
-        base = list(tok(base_text, add_special_tokens=False)["input_ids"])
-        names = sorted(plan.names)
-        candidates = [list(tok(f'{base_text}{name}"', add_special_tokens=False)["input_ids"]) for name in names]
-        for ids in candidates:
-            self._check_prompt(ids, "the conversation")
-        scoring = CompletionRequest(model=request.model, prompt=candidates, max_tokens=0, echo=True, logprobs=0)
-        result = await self.complete(scoring)
-        best, best_score = names[0], -math.inf
-        for name, ids, choice in zip(names, candidates, result.choices, strict=True):
-            # Score from where the candidate departs from the bare prompt (a token may straddle it).
-            start = next(
-                (k for k, (a, b) in enumerate(zip(base, ids, strict=False)) if a != b), min(len(base), len(ids))
+        engine = await self._ready()
+        prompt = self._chat_prompt(request.messages, plan)
+        self._check_prompt(prompt, "the conversation")
+        # Room for the longest offered name and its closing quote; the quote ends the row early.
+        budget = min(max(self.count_tokens(name) for name in plan.names) + 2, self._max_context - len(prompt))
+        device = torch.device(self.config.device)
+        job = _Job(asyncio.get_running_loop(), self._adapter)
+        job.rows.append(
+            _Row(
+                job,
+                0,
+                prompt,
+                max_new=budget,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                generator=_row_generator(request.seed, 0, device) if request.temperature > 0 else None,
+                stops=['"'],
+                logprobs=False,
+                top_k=0,
             )
-            values = choice.logprobs.token_logprobs[start:] if choice.logprobs is not None else []
-            score = sum(v for v in values if v is not None)
-            if score > best_score:
-                best, best_score = name, score
-        return dataclasses.replace(plan, forced=best)
+        )
+        written = ""
+        engine.submit(job)
+        async for events in self._events(job):
+            written += "".join(ev.text for ev in events if isinstance(ev, _Update))
+        return dataclasses.replace(plan, forced=tools.match_function(written, plan.ordered_names))
 
     def _check_prompt(self, ids: list[int], what: str) -> None:
         if len(ids) > self._max_context:

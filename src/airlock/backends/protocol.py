@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+
+from airlock.registry.schemas import MAX_OUTPUT_TOKENS_CEILING
 
 
 class WireModel(BaseModel):
@@ -96,18 +107,47 @@ def _validate_as(model: type[_W], value: Any, what: str) -> _W:
 class ContentPart(WireModel):
     """One part of a multi-part message content; only text parts are supported."""
 
-    type: str
+    # A plain string (checked by ChatMessage, with a clearer message than a literal's) documented as an enum.
+    type: str = Field(json_schema_extra={"enum": ["text", "input_text"]})
     text: str | None = None
+
+
+# The rules ChatMessage's validators enforce across fields, stated in its JSON schema so the
+# OpenAPI document describes exactly the messages the server accepts.
+_MESSAGE_RULES: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+            "then": {"properties": {"tool_call_id": {"type": "string", "minLength": 1}}, "required": ["tool_call_id"]},
+        },
+        {
+            "if": {"properties": {"role": {"not": {"const": "assistant"}}}, "required": ["role"]},
+            "then": {"properties": {"tool_calls": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}},
+        },
+    ]
+}
 
 
 class ChatMessage(WireModel):
     """A chat message as sent by the client."""
 
+    model_config = ConfigDict(json_schema_extra=_MESSAGE_RULES)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = Field(default=None, description="Required (non-empty) on `tool` messages.")
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="Only on `assistant` messages.")
+
+    @field_validator("tool_calls", mode="wrap", json_schema_input_type=list[ToolCall] | None)
+    @classmethod
+    def _check_tool_calls(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[dict[str, Any]] | None:
+        # The raw dicts are kept (mitigations screen them, the upstream backend forwards them
+        # verbatim); they are only checked against the OpenAI shapes here.
+        calls: list[dict[str, Any]] | None = handler(value)
+        for i, call in enumerate(calls or []):
+            _validate_as(ToolCall, call, f"tool_calls[{i}]")
+        return calls
 
     def text(self) -> str:
         """Return the message's text, joining text parts."""
@@ -127,15 +167,10 @@ class ChatMessage(WireModel):
 
     @model_validator(mode="after")
     def _check_tool_fields(self) -> ChatMessage:
-        # The raw dicts are kept (mitigations screen them, the upstream backend forwards them
-        # verbatim); they are only checked against the OpenAI shapes here.
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
-        if self.tool_calls:
-            if self.role != "assistant":
-                raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r} messages")
-            for i, call in enumerate(self.tool_calls):
-                _validate_as(ToolCall, call, f"tool_calls[{i}]")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r} messages")
         return self
 
     def parsed_tool_calls(self) -> list[ToolCall]:
@@ -183,32 +218,50 @@ class SamplingFields(WireModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+_BUDGET_HELP = (
+    "Maximum generated tokens per choice: at most the variant's `max_output_tokens` "
+    "(`GET /v1/airlock/models/{model}` shows it); a larger value is refused with 400 `invalid_value`."
+)
+# The serving path checks the variant's cap (never above this ceiling); the schema shows the ceiling.
+_BUDGET_SCHEMA: dict[str, Any] = {"maximum": MAX_OUTPUT_TOKENS_CEILING}
+
+
 class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, description="Maximum generated tokens.")
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description=_BUDGET_HELP, json_schema_extra=_BUDGET_SCHEMA)
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description=_BUDGET_HELP, json_schema_extra=_BUDGET_SCHEMA
+    )
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = Field(default=None, description="Function tools the model may call.")
-    tool_choice: Any = Field(default=None, description="'none', 'auto', 'required' or a named function.")
+    tool_choice: Any = Field(
+        default=None,
+        description="'none', 'auto', 'required' (needs tools) or a named function (one of the offered tools).",
+    )
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
 
-    @field_validator("tools")
+    @field_validator("tools", mode="wrap", json_schema_input_type=list[ToolSpec] | None)
     @classmethod
-    def _check_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    def _check_tools(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[dict[str, Any]] | None:
+        # Kept as raw dicts (the upstream backend forwards them verbatim), checked as ToolSpec.
+        tools: list[dict[str, Any]] | None = handler(value)
         seen: set[str] = set()
-        for i, tool in enumerate(value or []):
+        for i, tool in enumerate(tools or []):
             name = _validate_as(ToolSpec, tool, f"tools[{i}]").function.name
             if name in seen:
                 raise ValueError(f"tools[{i}]: function {name!r} is offered twice")
             seen.add(name)
-        return value
+        return tools
 
-    @field_validator("tool_choice")
+    @field_validator(
+        "tool_choice", mode="wrap", json_schema_input_type=Literal["none", "auto", "required"] | NamedToolChoice | None
+    )
     @classmethod
-    def _check_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+    def _check_tool_choice(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        value = handler(value)
         if value is None:
             return None
         if isinstance(value, str):
@@ -263,20 +316,32 @@ class ChatCompletionRequest(SamplingFields):
         return self.logprobs
 
 
+TokenId = Annotated[int, Field(ge=0)]
+_PromptSchema = (
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[list[TokenId]], Field(min_length=1)]
+)
+
+
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions` body."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(default=16, ge=0)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="Text, texts, token ids, or lists of token ids (an empty string or id list is allowed)."
+    )
+    max_tokens: int = Field(default=16, ge=0, description=_BUDGET_HELP, json_schema_extra=_BUDGET_SCHEMA)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap", json_schema_input_type=_PromptSchema)
     @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
+    def _check_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # An empty list is refused with this message rather than one error per union member.
         if isinstance(value, list) and len(value) == 0:
             raise ValueError("prompt must not be empty")
-        return value
+        return handler(value)
 
     def wants_logprobs(self) -> bool:
         """Return whether the client asked for any log-probabilities."""

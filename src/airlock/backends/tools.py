@@ -15,8 +15,12 @@ trained on, so a model that knows any tool format most likely knows this one:
 * **Forcing.** A named ``tool_choice`` starts the assistant's turn with
   ``<tool_call>{"name": "<fn>", "arguments": {``, so even a tiny model produces a call, and
   generation stops at ``</tool_call>``. ``"required"`` with a single tool does the same with that
-  tool; with several, the plan's prefix is ``<tool_call>{"name": "`` and the local backend scores
-  each offered name as its continuation, then forces the likeliest. Arguments the model leaves
+  tool; with several, the model first writes the name after ``<tool_call>{"name": "``, sampled
+  like any other text (the request's temperature, top_p and seed), and `match_function` maps
+  what it wrote onto the offered names (exactly, else the most similar; the first offered when
+  nothing is alike); that function is then forced. The choice depends on the sampled text only:
+  no name is ranked by log-probability, so a key without the ``logprobs`` scope learns nothing
+  sampling would not tell it. Arguments the model leaves
   unfinished (the token budget ran out, or it wrote something that is not JSON) are cut back to
   their longest well-formed prefix and closed, so a forced call always carries a JSON object
   (``finish_reason`` stays ``length`` when the budget ran out).
@@ -30,6 +34,7 @@ trained on, so a model that knows any tool format most likely knows this one:
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Sequence
@@ -44,6 +49,7 @@ __all__ = [
     "ParsedGeneration",
     "ToolPlan",
     "close_json_prefix",
+    "match_function",
     "parse_generation",
     "plan_tools",
     "render_messages",
@@ -89,6 +95,11 @@ class ToolPlan:
         """Names of the offered functions."""
         return frozenset(str(f["name"]) for f in self.functions)
 
+    @property
+    def ordered_names(self) -> tuple[str, ...]:
+        """Names of the offered functions, in the order the request lists them."""
+        return tuple(str(f["name"]) for f in self.functions)
+
     def system_block(self) -> str:
         """Return the tool instructions for the system prompt (empty when no tools are offered)."""
         if not self.active:
@@ -116,6 +127,22 @@ class ToolPlan:
     def stop_sequences(self) -> list[str]:
         """Return extra stop sequences: a forced answer is exactly one call."""
         return [TOOL_CALL_CLOSE] if self.active and (self.forced is not None or not self.parallel) else []
+
+
+def match_function(written: str, names: Sequence[str]) -> str:
+    """Return the offered name the model meant by ``written``: itself, else the most similar, else the first.
+
+    Similarity is difflib's ratio; ties go to the name offered first. The result depends on the
+    text alone, never on scores the model gives the names.
+    """
+    if not names:
+        raise ValueError("no function is offered")
+    written = written.strip()
+    if written in names:
+        return written
+    ratios = [difflib.SequenceMatcher(None, written, name).ratio() for name in names]
+    best = max(range(len(names)), key=lambda i: (ratios[i], -i))
+    return names[best]
 
 
 def plan_tools(request: ChatCompletionRequest) -> ToolPlan:

@@ -13,6 +13,10 @@ Stance = Literal["disabled_for_eval", "claimed"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 #: No variant may let one choice generate more tokens than this, whatever its manifest says.
 MAX_OUTPUT_TOKENS_CEILING = 1 << 20
+#: The local backend's defaults (``LocalBackendConfig``; a test keeps them equal), known here
+#: without importing torch.
+LOCAL_DEFAULT_CONTEXT = 2048
+LOCAL_DEFAULT_MAX_TOKENS = 256
 
 
 def _check_name(value: str) -> str:
@@ -63,6 +67,18 @@ class VariantSpec(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant {self.name!r}: duplicate mitigation names {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> VariantSpec:
+        # A request that names no limit gets the backend's default, which must respect the cap too.
+        if self.backend == "local" and self.max_output_tokens is not None:
+            default = self.backend_config.get("default_max_tokens", LOCAL_DEFAULT_MAX_TOKENS)
+            if isinstance(default, int) and default > self.max_output_tokens:
+                raise ValueError(
+                    f"variant {self.name!r}: backend_config.default_max_tokens ({default}) exceeds "
+                    f"max_output_tokens ({self.max_output_tokens}); lower it"
+                )
         return self
 
 
