@@ -8,7 +8,7 @@ from datetime import datetime
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from airlock.access.service import authorize, grant_status, granted_model_ids
 from airlock.backends.protocol import (
@@ -116,6 +116,7 @@ class VariantInfo(BaseModel):
     variant: str
     grant_id: str
     mitigations: list[MitigationInfo]
+    max_output_tokens: int = Field(description="Most tokens one choice may generate (`max_tokens` above it: 400).")
     fine_tuning_job: str | None = None
 
 
@@ -182,5 +183,6 @@ async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincip
         variant=resolved.variant_name,
         grant_id=principal.grant_id,
         mitigations=[MitigationInfo(name=m["name"], kind=m["kind"], stance=m["stance"]) for m in resolved.mitigations],
+        max_output_tokens=resolved.output_token_limit(),
         fine_tuning_job=job_id,
     )

@@ -59,6 +59,7 @@ async def prepare(
         resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
     audit.version_id = resolved.version_id
     authorize(principal, resolved, scopes)
+    check_output_budget(request, resolved)
     spec = VariantRuntimeSpec.of(resolved)
     check_token_quota(principal.grant)
     if principal.grant.quota_requests_per_minute:
@@ -96,12 +97,29 @@ async def _prepare_fine_tuned(
     audit.version_id = resolved.version_id
     audit.detail["fine_tuning_job"] = ft.job_id
     authorize(principal, resolved, scopes)
+    check_output_budget(request, resolved)
     check_token_quota(principal.grant)
     if principal.grant.quota_requests_per_minute:
         state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
     adapter = FineTuneHandler(state.settings.home_dir).output_dir(ft.job_id) / "adapter"
     backend = await state.pool.adapter_pipeline(VariantRuntimeSpec.of(resolved), ft.job_id, adapter)
     return Target(public_id=request.model, backend=backend)
+
+
+def check_output_budget(request: ChatCompletionRequest | CompletionRequest, resolved: ResolvedVariant) -> None:
+    """Refuse (400 ``invalid_value``) a token budget above the variant's cap, before any work is queued."""
+    limit = resolved.output_token_limit()
+    budgets = [("max_tokens", request.max_tokens)]
+    if isinstance(request, ChatCompletionRequest):
+        budgets.append(("max_completion_tokens", request.max_completion_tokens))
+    for param, value in budgets:
+        if value is not None and value > limit:
+            raise InvalidRequestError(
+                f"{param} is {value}, more than the {limit} tokens per choice that {request.model!r} generates; "
+                f"ask for at most {limit}",
+                code="invalid_value",
+                param=param,
+            )
 
 
 def _account(audit: AuditContext, usage: Usage | None, verdicts: list[Verdict]) -> None:
