@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     from airlock.gateway.routes import airlock_router
     from airlock.gateway.routes import router as openai_router
     from airlock.governance.routes import router as governance_router
+    from airlock.governance.routes import stage_router
     from airlock.interp.routes import router as interp_router
     from airlock.ledger.routes import admin_router as ledger_admin_router
     from airlock.ledger.routes import router as ledger_router
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.include_router(files_router)
     app.include_router(interp_router)
     app.include_router(governance_router)
+    app.include_router(stage_router)
     app.include_router(ledger_router)
     app.include_router(ledger_admin_router)
     app.include_router(publish_router)

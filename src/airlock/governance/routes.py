@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
@@ -17,9 +18,12 @@ from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.governance import service
 from airlock.governance.policy import Policy
 from airlock.governance.schemas import DecisionPublic, GateStage, PolicyPublic, PromoteRequest, PromotionPublic
+from airlock.registry.schemas import ModelPublic, Stage
 from airlock.registry.service import get_model, get_version
 
 router = APIRouter(prefix="/v1/airlock/gate", tags=["governance: gate"])
+# The admin API's stage route: a stage change is a gate decision, so it lives here (same path as ever).
+stage_router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: registry"])
 GateReader = Annotated[AdminPrincipal, require(Permission.GATE_READ)]
 
 
@@ -109,3 +113,44 @@ def decision_report(decision_id: str, session: SessionDep, admin: GateReader) ->
 def trend(model: str, state: StateDep, session: SessionDep, admin: GateReader) -> dict[str, Any]:
     """Return each domain's metric across the model's versions with thresholds and extrapolation."""
     return service.trend(session, get_model(session, model), _policy(state))
+
+
+class StageChangeRequest(BaseModel):
+    """Move a version to another stage (through the deployment gate where the policy says so)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: Stage
+    justification: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        description="Override a blocking gate: needs the policy's decider role; recorded and published.",
+    )
+
+
+@stage_router.post("/models/{model}/versions/{label}/stage", response_model=list[ModelPublic])
+def change_stage(
+    model: str,
+    label: str,
+    body: StageChangeRequest,
+    state: StateDep,
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.STAGE_CHANGE)],
+) -> Any:
+    """Move a version to another lifecycle stage; gated stages go through the deployment gate (409 on block)."""
+    row = get_version(session, get_model(session, model), label)
+    # Never set_stage directly: the gate must not be bypassable through the admin API.
+    outcome = service.promote_as(
+        session,
+        row,
+        body.stage,
+        name=admin.name,
+        role=admin.role,
+        token_id=admin.token_id,
+        policy_path=state.settings.policy_path,
+        justification=body.justification,
+    )
+    session.commit()  # the gate decision is kept even when the promotion is refused
+    state.registry.clear()
+    outcome.raise_if_refused()
+    return [ModelPublic.of(get_model(session, model))]

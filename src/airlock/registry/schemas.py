@@ -168,6 +168,37 @@ class ModelPublic(BaseModel):
     description: str
     versions: list[VersionPublic]
 
+    @classmethod
+    def of(cls, model: Any) -> ModelPublic:
+        """Build the view of a ``Model`` row with its versions, variants and mitigation stances."""
+        return cls(
+            id=model.id,
+            name=model.name,
+            description=model.description,
+            versions=[
+                VersionPublic(
+                    id=v.id,
+                    label=v.label,
+                    content_hash=v.content_hash,
+                    stage=v.stage,
+                    created_at=v.created_at,
+                    variants=[
+                        VariantPublic(
+                            id=var.id,
+                            name=var.name,
+                            backend=var.backend,
+                            mitigations=[
+                                MitigationPublic(name=x.name, kind=x.kind, stance=x.stance, position=x.position)
+                                for x in var.mitigations
+                            ],
+                        )
+                        for var in v.variants
+                    ],
+                )
+                for v in model.versions
+            ],
+        )
+
 
 class SyncReport(BaseModel):
     """What a manifest sync changed."""
