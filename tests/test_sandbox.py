@@ -26,6 +26,8 @@ from airlock.sandbox import (
     SandboxPolicy,
     SandboxResult,
     Termination,
+    _Cgroup,
+    cgroup_parent,
     ensure_regular,
     find_bwrap,
     remove_tree,
@@ -301,6 +303,71 @@ async def test_cpu_time_counts_every_process_even_when_killed() -> None:
     # ...and a spinning command killed by the wall-clock timeout: both still accounted.
     spinner = await sandbox().run(py("while True: pass"), timeout=1)
     assert spinner.timed_out and spinner.cpu_time_s > 0.3, spinner
+
+
+_ACCOUNTINGS = [
+    pytest.param(
+        "cgroup", marks=pytest.mark.skipif(cgroup_parent() is None, reason="no writable cgroup v2 on this machine")
+    ),
+    "proc",
+]
+_SPINNERS = """
+    import os
+    for _ in range(6):
+        if os.fork() == 0:
+            while True:
+                pass
+    os.wait()
+"""
+
+
+@pytest.mark.parametrize("accounting", _ACCOUNTINGS)
+async def test_cpu_limit_covers_the_whole_process_tree(accounting: str) -> None:
+    # Six spinners each stay far below a per-process limit; together they reach the sandbox's.
+    policy = SandboxPolicy(limits=ResourceLimits(cpu_seconds=2, wall_timeout_s=60), cpu_accounting=accounting)  # type: ignore[arg-type]
+    result = await BwrapSandbox(policy).run(py(_SPINNERS))
+    assert result.termination is Termination.CPU_LIMIT and result.cpu_accounting == accounting, result
+    assert 2.0 <= result.cpu_time_s <= 2.5  # killed just past the limit, not at 6x it
+    assert result.exit_code == 137 and result.wall_time_s < 30
+    parent = cgroup_parent()
+    if parent is not None:  # the run's own cgroup is gone with it
+        assert not list(parent.glob(f"airlock-sbx-{os.getpid()}-*"))
+
+
+@pytest.mark.parametrize("accounting", _ACCOUNTINGS)
+async def test_cpu_of_children_that_already_exited_counts(accounting: str) -> None:
+    # Each child spins 0.3 s and exits, reaped by a parent that uses no CPU: no process ever
+    # nears the limit, the tree passes it after a few children.
+    serial = """
+        import os, time
+        for n in range(40):
+            if os.fork() == 0:
+                start = time.process_time()
+                while time.process_time() - start < 0.3:
+                    pass
+                os._exit(0)
+            os.wait()
+            print(n, flush=True)
+    """
+    policy = SandboxPolicy(limits=ResourceLimits(cpu_seconds=1, wall_timeout_s=60), cpu_accounting=accounting)  # type: ignore[arg-type]
+    result = await BwrapSandbox(policy).run(py(serial))
+    assert result.termination is Termination.CPU_LIMIT, result
+    assert len(result.stdout_text.split()) <= 4 and 1.0 <= result.cpu_time_s <= 1.5
+
+
+async def test_cgroup_accounting_is_refused_where_no_cgroup_can_be_made(tmp_path: Path) -> None:
+    policy = SandboxPolicy(cpu_accounting="cgroup", cgroup_parent=tmp_path)
+    with pytest.raises(SandboxError, match="no writable cgroup v2"):
+        await BwrapSandbox(policy).run(["true"])
+    assert (await BwrapSandbox(SandboxPolicy(cgroup_parent=tmp_path)).run(["true"])).cpu_accounting == "proc"
+
+
+def test_cgroup_counters_are_read(tmp_path: Path) -> None:
+    group = _Cgroup(tmp_path)
+    (tmp_path / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    assert group.cpu_seconds() == 2.5 and group.oom_kills() == 0  # no memory controller: no events file
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    assert group.oom_kills() == 1
 
 
 async def test_wall_clock_timeout_kills_the_whole_sandbox() -> None:

@@ -82,9 +82,12 @@ def main() -> int:
         return _report(sock, type(exc).__name__, str(exc) or type(exc).__name__)
     try:
         sock.sendall(frame)
-        _wire.recv(sock, 1024)  # the host's acknowledgement: the result is in
+        ack, _size = _wire.recv(sock, 64 * 1024)  # the host's acknowledgement: the result is in
     except (OSError, _wire.WireError) as exc:
         print(f"airlock runner: the host did not take the result: {exc}", file=sys.stderr)
+        return EXIT_PROTOCOL_ERROR
+    if ack.get("ok") is not True:
+        print(f"airlock runner: the host refused the result: {ack.get('error')}", file=sys.stderr)
         return EXIT_PROTOCOL_ERROR
     return EXIT_OK
 
