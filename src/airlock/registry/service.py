@@ -19,7 +19,14 @@ from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from airlock.ledger import events as ledger_events
 from airlock.registry.models import Mitigation, Model, ModelVersion, StageChange, Variant
-from airlock.registry.schemas import Manifest, ModelSpec, SyncReport, VariantSpec, VersionSpec
+from airlock.registry.schemas import (
+    LOCAL_DEFAULT_CONTEXT,
+    Manifest,
+    ModelSpec,
+    SyncReport,
+    VariantSpec,
+    VersionSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +34,6 @@ log = logging.getLogger(__name__)
 HASH_PREFIX_RE = re.compile(r"[0-9a-f]{8,64}")
 #: Output cap of a variant whose manifest and backend name none.
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
-#: The local backend's default context (``LocalBackendConfig.max_context``; a test keeps them equal).
-LOCAL_DEFAULT_CONTEXT = 2048
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -148,7 +153,7 @@ def _sync_variant(
     report: SyncReport,
     where: str,
 ) -> None:
-    from airlock.backends.mitigations import build_mitigation
+    from airlock.mitigations.kinds import build_mitigation
 
     for m in spec.mitigations:
         build_mitigation(m.name, m.kind, m.config)  # validates the config now, not at first request
