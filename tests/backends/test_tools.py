@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from airlock.backends.base import ModelBackend
-from airlock.backends.mitigations import VERDICTS, Verdict, build_pipeline, chat_input_texts
 from airlock.backends.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -31,6 +30,8 @@ from airlock.backends.tools import (
     plan_tools,
     render_messages,
 )
+from airlock.mitigations import Verdict
+from airlock.mitigations.pipeline import build_pipeline, chat_input_texts
 from tests.conftest import KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab
 
 if TYPE_CHECKING:
@@ -467,13 +468,15 @@ async def test_output_filter_sees_tool_call_arguments() -> None:
         [{"name": "out", "kind": "output_filter", "config": {"patterns": ["CANARY"], "classifier": "none"}}],
     )
     verdicts: list[Verdict] = []
-    token = VERDICTS.set(verdicts)
-    try:
-        ok = await pipeline.chat(request(messages=[{"role": "user", "content": "fine"}]))
-        blocked = await pipeline.chat(request(messages=[{"role": "user", "content": "leak CANARY"}]))
-        streamed = [c async for c in pipeline.chat_stream(request(messages=[{"role": "user", "content": "CANARY"}]))]
-    finally:
-        VERDICTS.reset(token)
+    results = []
+    for content in ("fine", "leak CANARY"):
+        screened = await pipeline.screened_chat(request(messages=[{"role": "user", "content": content}]))
+        results.append(screened.result)
+        verdicts += screened.verdicts
+    ok, blocked = results
+    stream = pipeline.screened_chat_stream(request(messages=[{"role": "user", "content": "CANARY"}]))
+    streamed = [c async for c in stream.chunks]
+    verdicts += stream.verdicts
     assert ok.choices[0].message.tool_calls and ok.choices[0].finish_reason == "tool_calls"
     assert blocked.choices[0].finish_reason == "content_filter" and blocked.choices[0].message.tool_calls is None
     assert [v.blocked for v in verdicts] == [False, True, True]

@@ -13,6 +13,7 @@ from typing import Any
 from airlock.backends.base import ModelBackend
 from airlock.backends.registry import create_backend
 from airlock.errors import ConfigError
+from airlock.mitigations.pipeline import VariantPipeline, build_pipeline
 from airlock.registry.service import ResolvedVariant
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class BackendPool:
 
     def __init__(self) -> None:
         self._backends: dict[str, ModelBackend] = {}
-        self._pipelines: dict[str, ModelBackend] = {}
+        self._pipelines: dict[str, VariantPipeline] = {}
         self._lock = asyncio.Lock()
 
     async def backend(self, spec: VariantRuntimeSpec) -> ModelBackend:
@@ -70,19 +71,17 @@ class BackendPool:
                 self._backends[key] = backend
             return backend
 
-    async def pipeline(self, spec: VariantRuntimeSpec) -> ModelBackend:
+    async def pipeline(self, spec: VariantRuntimeSpec) -> VariantPipeline:
         """Return the variant's backend wrapped in its mitigations, in order."""
         key = spec.pipeline_key()
         pipeline = self._pipelines.get(key)
         if pipeline is None:
-            from airlock.backends.mitigations import build_pipeline
-
             inner = await self.backend(spec)
             pipeline = build_pipeline(inner, spec.mitigations)
             self._pipelines[key] = pipeline
         return pipeline
 
-    async def adapter_pipeline(self, spec: VariantRuntimeSpec, name: str, path: Path) -> ModelBackend:
+    async def adapter_pipeline(self, spec: VariantRuntimeSpec, name: str, path: Path) -> VariantPipeline:
         """Return the variant's pipeline over its local backend running LoRA adapter ``name``.
 
         The adapter is loaded into the shared base model once; the base is never reloaded.
@@ -91,8 +90,7 @@ class BackendPool:
         pipeline = self._pipelines.get(key)
         if pipeline is not None:
             return pipeline
-        from airlock.backends.local import LocalBackend
-        from airlock.backends.mitigations import build_pipeline
+        from airlock.backends.local import LocalBackend  # torch only when an adapter is served
 
         backend = await self.backend(spec)
         if not isinstance(backend, LocalBackend):

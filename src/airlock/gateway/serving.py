@@ -12,8 +12,6 @@ from pydantic import BaseModel
 
 from airlock.access.quotas import check_token_quota
 from airlock.access.service import Principal, authorize
-from airlock.backends.base import ModelBackend
-from airlock.backends.mitigations import VERDICTS, Verdict
 from airlock.backends.pool import VariantRuntimeSpec
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -28,6 +26,7 @@ from airlock.finetune.service import FT_PREFIX, parse_fine_tuned_id
 from airlock.finetune.service import get_own_job as ft_get_own_job
 from airlock.gateway.deps import GatewayState
 from airlock.gateway.middleware import AuditContext
+from airlock.mitigations import MitigatedStream, VariantPipeline, Verdict
 from airlock.registry.service import ResolvedVariant, parse_model_id
 
 
@@ -36,7 +35,7 @@ class Target:
     """The authorized variant a request will be served by."""
 
     public_id: str
-    backend: ModelBackend
+    backend: VariantPipeline
 
 
 async def prepare(
@@ -137,27 +136,19 @@ def _account(audit: AuditContext, usage: Usage | None, verdicts: list[Verdict]) 
 
 async def chat(target: Target, request: ChatCompletionRequest, audit: AuditContext) -> ChatCompletion:
     """Serve a non-streaming chat completion."""
-    verdicts: list[Verdict] = []
-    token = VERDICTS.set(verdicts)
-    try:
-        result = await target.backend.chat(request)
-    finally:
-        VERDICTS.reset(token)
+    screened = await target.backend.screened_chat(request)
+    result = screened.result
     result.model = target.public_id
-    _account(audit, result.usage, verdicts)
+    _account(audit, result.usage, screened.verdicts)
     return result
 
 
 async def complete(target: Target, request: CompletionRequest, audit: AuditContext) -> Completion:
     """Serve a non-streaming text completion."""
-    verdicts: list[Verdict] = []
-    token = VERDICTS.set(verdicts)
-    try:
-        result = await target.backend.complete(request)
-    finally:
-        VERDICTS.reset(token)
+    screened = await target.backend.screened_complete(request)
+    result = screened.result
     result.model = target.public_id
-    _account(audit, result.usage, verdicts)
+    _account(audit, result.usage, screened.verdicts)
     return result
 
 
@@ -176,20 +167,16 @@ async def stream(
     The stream's first event is produced before the HTTP response starts (see routes), so
     errors that happen before any token (bad input, backend down) still get a proper status.
     """
-    verdicts: list[Verdict] = []
-    # Not reset afterwards: the stream's tail runs in another task (Starlette's task group),
-    # where a reset token is invalid; each request has its own context anyway.
-    VERDICTS.set(verdicts)
+    screened: MitigatedStream[ChatCompletionChunk] | MitigatedStream[Completion]
+    if isinstance(request, ChatCompletionRequest):
+        screened = target.backend.screened_chat_stream(request)
+    else:
+        screened = target.backend.screened_complete_stream(request)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     usage: Usage | None = None
     sent = False
     try:
-        chunks: AsyncIterator[ChatCompletionChunk] | AsyncIterator[Completion]
-        if isinstance(request, ChatCompletionRequest):
-            chunks = target.backend.chat_stream(request)
-        else:
-            chunks = target.backend.complete_stream(request)
-        async for chunk in chunks:
+        async for chunk in screened.chunks:
             chunk.model = target.public_id
             if chunk.usage is not None and not chunk.choices:
                 usage = chunk.usage
@@ -208,5 +195,5 @@ async def stream(
         audit.outcome = "error"
         yield _sse(exc.to_openai())
     finally:
-        _account(audit, usage, verdicts)
+        _account(audit, usage, screened.verdicts)
     yield "data: [DONE]\n\n"
