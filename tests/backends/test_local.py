@@ -13,9 +13,9 @@ from typing import Any, Literal
 import pytest
 import torch
 
-from airlock.backends import local as local_module
 from airlock.backends import weights
-from airlock.backends.local import LocalBackend, LocalBackendConfig, _Engine, _Row, _TokenTable
+from airlock.backends.local import engine as local_module
+from airlock.backends.local.engine import LocalBackend, LocalBackendConfig, _Engine, _Row, _TokenTable
 from airlock.backends.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
