@@ -327,7 +327,8 @@ async def test_cpu_limit_covers_the_whole_process_tree(accounting: str) -> None:
     policy = SandboxPolicy(limits=ResourceLimits(cpu_seconds=2, wall_timeout_s=60), cpu_accounting=accounting)  # type: ignore[arg-type]
     result = await BwrapSandbox(policy).run(py(_SPINNERS))
     assert result.termination is Termination.CPU_LIMIT and result.cpu_accounting == accounting, result
-    assert 2.0 <= result.cpu_time_s <= 2.5  # killed just past the limit, not at 6x it
+    # Killed at the limit, not at 6x it (/proc counts whole ticks per process, so it errs early by a few).
+    assert 1.9 <= result.cpu_time_s <= 2.5
     assert result.exit_code == 137 and result.wall_time_s < 30
     parent = cgroup_parent()
     if parent is not None:  # the run's own cgroup is gone with it
@@ -352,7 +353,7 @@ async def test_cpu_of_children_that_already_exited_counts(accounting: str) -> No
     policy = SandboxPolicy(limits=ResourceLimits(cpu_seconds=1, wall_timeout_s=60), cpu_accounting=accounting)  # type: ignore[arg-type]
     result = await BwrapSandbox(policy).run(py(serial))
     assert result.termination is Termination.CPU_LIMIT, result
-    assert len(result.stdout_text.split()) <= 4 and 1.0 <= result.cpu_time_s <= 1.5
+    assert len(result.stdout_text.split()) <= 4 and 0.9 <= result.cpu_time_s <= 1.5
 
 
 async def test_cgroup_accounting_is_refused_where_no_cgroup_can_be_made(tmp_path: Path) -> None:

@@ -847,7 +847,7 @@ class _Run:
             cgroup = await self._admit(exited, status, cgroup)
             if limits.cpu_seconds is not None and status.init_pid is not None:
                 watch = _CpuWatch(
-                    cgroup.cpu_seconds if cgroup is not None else _ProcTree(status.init_pid).cpu_seconds,
+                    cgroup.sample if cgroup is not None else _ProcTree(status.init_pid).sample,
                     float(limits.cpu_seconds),
                     CGROUP_SAMPLE_S if cgroup is not None else PROC_SAMPLE_S,
                     kill=functools.partial(_kill_sandbox, cgroup, status),
@@ -1169,6 +1169,10 @@ class _Cgroup:
                 return int(value) / 1e6
         raise ValueError(f"{self.path}/cpu.stat has no usage_usec")
 
+    def sample(self) -> tuple[float, float]:
+        """Return :meth:`cpu_seconds` and its lag behind the truth (none: the kernel counts in nanoseconds)."""
+        return self.cpu_seconds(), 0.0
+
     def oom_kills(self) -> int:
         """Return how many of its processes the OOM killer killed (0 without the memory controller)."""
         try:
@@ -1267,19 +1271,22 @@ class _ProcTree:
         """Return the root and its descendants, parents first."""
         return [pid for pid, _start in self._tree()]
 
-    def cpu_seconds(self) -> float:
-        """Return the CPU time of the tree, exited processes included.
+    def sample(self) -> tuple[float, float]:
+        """Return the CPU time of the tree (exited processes included) and how far it may lag the truth.
 
         The tree is read first, then each process again parents before children: a child reaped
         in between is then missed once (counted in the next sample) instead of counted twice (in
         its own line and its parent's ``cutime``), so a sample never exceeds the true total.
+        /proc counts in clock ticks, each process's total rounded down: the lag is one tick per
+        process read.
         """
-        ticks = 0
+        ticks = processes = 0
         for pid, start in self._tree():
             stat_ = _proc_stat(pid)
             if stat_ is not None and stat_.start == start:  # not a recycled PID
                 ticks += stat_.ticks
-        return ticks / _CLK_TCK
+                processes += 1
+        return ticks / _CLK_TCK, processes / _CLK_TCK
 
 
 class _CpuWatch:
@@ -1288,12 +1295,13 @@ class _CpuWatch:
     It samples every ``interval`` seconds while far from the limit and faster near it: the
     sandbox cannot burn more than one CPU-second per second per core it may run on, so waiting
     ``(limit - used) / cores`` never lets it pass the limit unseen by more than the sampling
-    floor (5 ms) times the cores.
+    floor (5 ms) times the cores. ``meter`` returns the time counted and how far that may lag
+    the truth; the sandbox is killed once their sum reaches the limit (so never late by the lag).
     """
 
     def __init__(
         self,
-        meter: Callable[[], float],
+        meter: Callable[[], tuple[float, float]],
         limit: float,
         interval: float,
         *,
@@ -1307,6 +1315,8 @@ class _CpuWatch:
         self.wake = wake
         self.exceeded = False
         self.used = 0.0
+        """CPU seconds counted at the last sample."""
+        self.lag = 0.0
         # Every CPU of the machine, not this process's affinity: sandboxed code may widen its own.
         self.cores = os.cpu_count() or 1
         self._stop = threading.Event()
@@ -1322,12 +1332,12 @@ class _CpuWatch:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(self.interval, max((self.limit - self.used) / self.cores, 0.005))):
+        while not self._stop.wait(min(self.interval, max((self.limit - self.used - self.lag) / self.cores, 0.005))):
             try:
-                self.used = self.meter()
+                self.used, self.lag = self.meter()
             except (OSError, ValueError):
                 continue  # the sandbox is ending
-            if self.used >= self.limit:
+            if self.used + self.lag >= self.limit:
                 self.exceeded = True
                 self.kill()
                 self.wake()

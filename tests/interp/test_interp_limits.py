@@ -297,7 +297,7 @@ def test_forked_spinners_hit_the_cpu_limit_of_the_whole_tree(run_code: Callable[
     assert "CPU limit of 2 s (all its processes together" in outcome.error.message
     assert outcome.usage["termination"] == "cpu_limit" and outcome.usage["cpu_accounting"] in ("cgroup", "proc")
     # Six processes never ran six times the limit: the tree was killed just past it.
-    assert 2.0 <= outcome.usage["cpu_seconds"] <= 2.5
+    assert 1.9 <= outcome.usage["cpu_seconds"] <= 2.5
     assert outcome.usage["wall_seconds"] < 20
 
 
