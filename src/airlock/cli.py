@@ -179,11 +179,13 @@ def models_sync(
 ) -> None:
     """Sync a manifest into the registry without serving."""
     from airlock.governance.service import refuse_gated_manifest_stages
+    from airlock.mitigations import check_manifest
     from airlock.registry.service import load_manifest, sync_manifest
 
     def body() -> None:
         with open_database() as (settings, db):
             parsed = load_manifest(manifest or settings.manifest_path)
+            check_manifest(parsed)
             with db.session() as session:
                 refuse_gated_manifest_stages(session, parsed, settings.policy_path)
                 report = sync_manifest(session, parsed, actor="cli")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 
 from tests.conftest import Lab
@@ -74,6 +76,14 @@ def test_manifest_sync_over_api(lab: Lab) -> None:
     assert a.post("/manifest", json=doc).json()["created"] == []
     bad = a.post("/manifest", json={"models": [{"name": "bad name!", "versions": []}]})
     assert bad.status_code == 400 and "models.0" in bad.json()["error"]["message"]
+    # A mitigation config that cannot be built is refused before anything is written.
+    filtered = {"name": "x", "backend": "fake", "mitigations": [{"name": "f", "kind": "input_filter", "config": {}}]}
+    bad_filter = copy.deepcopy(doc)
+    bad_filter["models"][0]["name"] = "m4"
+    bad_filter["models"][0]["versions"][0]["variants"] = [filtered]
+    resp = a.post("/manifest", json=bad_filter)
+    assert resp.status_code == 400 and resp.json()["error"]["message"].startswith("m4@v1/x: ")
+    assert "m4" not in {m["name"] for m in a.get("/models").json()}
     models = {m["name"]: m for m in a.get("/models").json()}
     variants = {v["name"]: v for v in models["m1"]["versions"][0]["variants"]}
     assert [m["stance"] for m in variants["production"]["mitigations"]] == ["disabled_for_eval", "claimed", "claimed"]

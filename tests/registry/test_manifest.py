@@ -134,8 +134,10 @@ def test_bad_mitigation_config_rejected_before_writing(db: Any) -> None:
             }
         ]
     }
-    with pytest.raises(ConfigError), db.session() as session:
-        service.sync_manifest(session, service.parse_manifest(doc))
+    from airlock.mitigations import check_manifest
+
+    with pytest.raises(ConfigError, match=r"x@a+/p: "):
+        check_manifest(service.parse_manifest(doc))
     with db.session() as session:
         assert service.list_models(session) == []
 

@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
     """Migrate the schema and, when a manifest exists, sync it into the registry."""
     from airlock.governance.service import refuse_gated_manifest_stages
+    from airlock.mitigations import check_manifest
     from airlock.registry.service import load_manifest, sync_manifest
 
     db.migrate()
     path = settings.manifest_path
     if sync and path.exists():
         manifest = load_manifest(path)
+        check_manifest(manifest)
         with db.session() as session:
             # A manifest must not move a version into a gated stage behind the gate's back.
             refuse_gated_manifest_stages(session, manifest, settings.policy_path)

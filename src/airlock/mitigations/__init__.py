@@ -8,6 +8,7 @@ from airlock.mitigations.kinds import (
     Mitigation,
     Verdict,
     build_mitigation,
+    check_manifest,
     mitigation_kinds,
     register_mitigation,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Verdict",
     "build_mitigation",
     "build_pipeline",
+    "check_manifest",
     "mitigation_kinds",
     "register_mitigation",
 ]

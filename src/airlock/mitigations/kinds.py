@@ -33,6 +33,7 @@ from airlock.backends.protocol import (
 )
 from airlock.errors import ConfigError
 from airlock.mitigations.classifiers import Classifier, PatternClassifier, build_classifier, run_inference
+from airlock.registry.schemas import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -366,3 +367,16 @@ class OutputFilter(_ContentFilter):
 
 for _cls in (SystemPrompt, InputFilter, OutputFilter, HarmlessnessTraining, RateLimitMitigation, MonitoringMitigation):
     register_mitigation(_cls.kind, _cls)
+
+
+def check_manifest(manifest: Manifest) -> None:
+    """Build every mitigation a manifest declares, so a bad config fails at sync, not at first request."""
+    for model in manifest.models:
+        for version in model.versions:
+            for variant in version.variants:
+                for m in variant.mitigations:
+                    try:
+                        build_mitigation(m.name, m.kind, m.config)
+                    except ConfigError as exc:
+                        where = f"{model.name}@{version.label or version.content_hash or '?'}/{variant.name}"
+                        raise ConfigError(f"{where}: {exc.message}") from None

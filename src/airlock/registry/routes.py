@@ -11,6 +11,7 @@ from airlock.access.service import AdminPrincipal
 from airlock.errors import ConfigError, InvalidRequestError
 from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.governance.service import refuse_gated_manifest_stages
+from airlock.mitigations import check_manifest
 from airlock.registry import service
 from airlock.registry.schemas import ModelPublic, SyncReport
 
@@ -27,6 +28,7 @@ def sync_manifest(
     """Create or update models, versions, variants and mitigations from a manifest document."""
     try:
         manifest = service.parse_manifest(body, source="manifest")
+        check_manifest(manifest)
         refuse_gated_manifest_stages(session, manifest, state.settings.policy_path)
         report = service.sync_manifest(session, manifest, actor=admin.name)
         session.commit()

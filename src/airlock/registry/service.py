@@ -27,6 +27,7 @@ from airlock.registry.schemas import (
     VariantSpec,
     VersionSpec,
 )
+from airlock.registry.weights import weights_content_hash
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ def version_hash(spec: VersionSpec) -> str:
     if spec.content_hash:
         return spec.content_hash
     assert spec.weights is not None  # guaranteed by VersionSpec validation
-    from airlock.backends.weights import weights_content_hash
-
     return weights_content_hash(spec.weights)
 
 
@@ -80,7 +79,9 @@ def sync_manifest(session: Session, manifest: Manifest, *, actor: str = "manifes
     """Create or update every model, version, variant and mitigation the manifest declares.
 
     Sync is additive: objects absent from the manifest are kept, since grants and results may
-    refer to them. A version label may never be re-pointed at different weights.
+    refer to them. A version label may never be re-pointed at different weights. The registry
+    stores mitigation configs as declared; what they mean is the mitigations package's, so every
+    entry point checks them first (``airlock.mitigations.check_manifest``).
     """
     report = SyncReport()
     for model_spec in manifest.models:
@@ -153,10 +154,6 @@ def _sync_variant(
     report: SyncReport,
     where: str,
 ) -> None:
-    from airlock.mitigations.kinds import build_mitigation
-
-    for m in spec.mitigations:
-        build_mitigation(m.name, m.kind, m.config)  # validates the config now, not at first request
     backend_config = _backend_config(version_spec, spec)
     wanted = [(m.name, m.kind, m.config, m.stance) for m in spec.mitigations]
     variant = session.scalar(select(Variant).where(Variant.version_id == version.id, Variant.name == spec.name))
