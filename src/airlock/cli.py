@@ -299,6 +299,15 @@ def grant_create(
     file_bytes: Annotated[int | None, typer.Option(help="Quota: bytes of training files held.")] = None,
     interp_cpu_seconds: Annotated[float | None, typer.Option(help="Quota: interp sandbox CPU-seconds.")] = None,
     result_bytes: Annotated[int | None, typer.Option(help="Quota: bytes of interp results.")] = None,
+    interp_full_logits: Annotated[
+        bool, typer.Option(help="Let interp return full-vocabulary logits (default: top-k and named token ids).")
+    ] = False,
+    interp_served_bytes: Annotated[
+        int | None, typer.Option(help="Quota: bytes interp jobs may be served (default: relative to the model).")
+    ] = None,
+    interp_review_served_bytes: Annotated[
+        int | None, typer.Option(help="Served bytes past which interp results wait for review.")
+    ] = None,
     embargo_days: Annotated[int | None, typer.Option(help="Publication embargo, days after deployment.")] = None,
     notes: Annotated[str, typer.Option(help="Free-text notes.")] = "",
 ) -> None:
@@ -327,6 +336,9 @@ def grant_create(
                     quota_file_bytes=file_bytes,
                     quota_interp_cpu_seconds=interp_cpu_seconds,
                     quota_result_bytes=result_bytes,
+                    interp_full_logits=interp_full_logits,
+                    quota_interp_served_bytes=interp_served_bytes,
+                    interp_review_served_bytes=interp_review_served_bytes,
                     embargo_days=embargo_days,
                     notes=notes,
                     created_by="cli",
@@ -359,7 +371,7 @@ def grant_list(
                 g.id,
                 g.evaluator,
                 ",".join(g.variants),
-                ",".join(g.scopes),
+                ",".join(g.scopes) + (" (interp: full logits)" if g.interp_full_logits else ""),
                 g.status,
                 fmt_ts(g.not_after),
                 str(g.tokens_used),

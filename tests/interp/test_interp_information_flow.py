@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from airlock.interp import _wire, client, host
+from tests.conftest import needs_bwrap
 
 HIDDEN = 64
 VOCAB = 49152
@@ -188,3 +189,237 @@ def test_result_sha256_covers_the_json_values_and_the_arrays() -> None:
         assert caught.value.code == "invalid_result"
     with pytest.raises(host.InterpJobError, match="'__array__' is reserved"):
         _released({"fake": {"__array__": "a0"}})
+
+
+# ---------------------------------------------------------------------------------- the extraction, tried
+
+# The evaluator's code of the extraction: read the final norm's output and logits over many
+# positions, fit the (tied) embedding rows by least squares inside the sandbox, return them.
+EXTRACT = """
+import numpy as np
+from airlock.interp import client
+
+def main(start, rows, prompts, full=False, int8=False):
+    ids = list(range(start, start + rows))
+    states, logits = [], []
+    for i in range(0, len(prompts), 8):
+        t = client.trace(prompts[i : i + 8], read=["model.norm"], logits="full" if full else True,
+                         token_ids=[] if full else ids, top_k=1)
+        for b, pos in enumerate(t.positions):
+            n = len(pos)
+            states.append(t.activations["model.norm"][b, :n])
+            logits.append(t.logits[b, :n][:, ids] if full else t.token_logits[b, :n])
+    h, y = np.concatenate(states).astype(np.float64), np.concatenate(logits).astype(np.float64)
+    rows_fit = np.linalg.lstsq(h, y, rcond=None)[0].T
+    if int8:
+        scale = np.abs(rows_fit).max(axis=1, keepdims=True) / 127
+        return {"ids": ids, "rows": np.round(rows_fit / scale).astype(np.int8), "scale": scale.astype(np.float32)}
+    return {"ids": ids, "rows": rows_fit.astype(np.float32)}
+"""
+
+# The cheapest route known: the first decoder layer's input norm is each token's embedding row,
+# normalised; one read per token gives that row's direction, no fitting needed.
+LAYER0 = """
+from airlock.interp import client
+
+def main(prompts):
+    t = client.trace(prompts, read=["model.layers.0.input_layernorm"], logits=False)
+    rows, tokens = [], []
+    for b, pos in enumerate(t.positions):
+        for j, p in enumerate(pos):
+            tokens.append(t.tokens[b][p])
+            rows.append(t.activations["model.layers.0.input_layernorm"][b, j])
+    return {"tokens": tokens, "rows": rows}
+"""
+
+TINY = {
+    "models": [{"name": "tiny", "versions": [{"label": "v1", "weights": "tiny-random", "variants": [{"name": "x"}]}]}]
+}
+ONE_PERCENT = VOCAB // 100  # 491 rows of the 49,152 x 64 embedding
+
+
+def _attack_prompts(seed: int, count: int = 12) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "river", "stone", "quiet", "orbit", "maple", "ember", "lunar", "cedar", "prism", "delta"]
+    return [" ".join(rng.choice(words, size=14)) for _ in range(count)]
+
+
+class _Lab:
+    """A database, one grant and the interp job handler over one model: submit, run, read back."""
+
+    def __init__(
+        self, db: Any, worker: host.ThreadWorker, evaluator: str, manifest: dict[str, Any] = TINY, **terms: Any
+    ) -> None:
+        from airlock.access import service as access
+        from airlock.config import get_settings
+        from airlock.interp.jobs import KIND, InterpHandler
+        from airlock.jobs.runner import JobRunner
+        from airlock.registry.service import parse_manifest, sync_manifest
+
+        self.db, self.settings = db, get_settings()
+        self.model = str(manifest["models"][0]["name"])
+        with db.session() as session:
+            sync_manifest(session, parse_manifest(manifest))
+            access.create_evaluator(session, evaluator)
+            grant = access.create_grant(
+                session,
+                access.GrantRequest(evaluator=evaluator, model=self.model, variants=["x"], scopes=["interp"], **terms),
+            )
+            key, _token = access.create_api_key(session, grant.id)
+            self.principal = access.Principal(
+                key_id=key.id, grant_id=grant.id, evaluator_id=grant.evaluator_id, evaluator_name=evaluator, grant=grant
+            )
+        self.runner = JobRunner(db, {KIND: InterpHandler(db, self.settings, lambda spec: worker)})
+
+    def run(self, code: str, **args: Any) -> dict[str, Any]:
+        """Submit and run one job; return its public view, and its released value and arrays (if any)."""
+        from airlock.interp import service as interp
+        from airlock.interp.models import InterpJob
+        from airlock.interp.schemas import InterpJobCreate
+        from airlock.jobs.models import Job
+
+        with self.db.session() as session:
+            job_id = interp.create_job(
+                session, self.settings, self.principal, InterpJobCreate(model=f"{self.model}/x", code=code, args=args)
+            ).id
+        assert self.runner.run_once()
+        with self.db.session() as session:
+            job, row = session.get(Job, job_id), session.get(InterpJob, job_id)
+            assert job is not None and row is not None
+            view = interp.to_public(job, row).model_dump()
+            if view["status"] == "succeeded":
+                result = interp.released_result(self.settings.home_dir, job, row)
+                with np.load(interp.released_npz(self.settings.home_dir, job, row)) as data:
+                    arrays = {name: data[name] for name in data.files}
+                view["value"], view["arrays"] = result.value, arrays
+                assert client.result_sha256(result.value, arrays) == result.result_sha256
+        return view
+
+
+def _rows(view: dict[str, Any]) -> np.ndarray[Any, Any]:
+    value, arrays = view["value"], view["arrays"]
+    rows = arrays[value["rows"]["__array__"]].astype(np.float64)
+    if "scale" in value:
+        rows = rows * arrays[value["scale"]["__array__"]]
+    return rows
+
+
+def _extract(
+    lab: _Lab, embedding: np.ndarray[Any, Any], *, full: bool, jobs: int, rows: int, prompts_per_job: int = 12
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run the extraction job after job; return the rows released without review, and every job's view."""
+    released, views = 0, []
+    for n in range(jobs):
+        prompts = _attack_prompts(n, count=prompts_per_job)
+        args = {"start": n * rows, "rows": rows, "prompts": prompts, "full": full, "int8": n % 2 == 1}
+        view = lab.run(EXTRACT, **args)
+        views.append(view)
+        if view["status"] != "succeeded":
+            break
+        ids = view["value"]["ids"]
+        # The attack works: the rows that left are the embedding's (int8 ones to about 1 %).
+        error = np.abs(_rows(view) - embedding[ids]).max() / np.abs(embedding[ids]).max()
+        assert error < 0.02, error
+        released += len(ids)
+    return released, views
+
+
+@needs_bwrap
+def test_the_extraction_is_held_for_review_before_one_percent_of_the_embedding_leaves(
+    db: Any, tiny_worker: host.ThreadWorker
+) -> None:
+    embedding = tiny_worker.model.model.embed_tokens.weight.detach().numpy().astype(np.float64)
+    size = host.model_size_of(tiny_worker.model)
+    assert size.embedding_parameters == VOCAB * HIDDEN
+
+    # With the default terms: logits for requested token ids only, and review past the threshold.
+    lab = _Lab(db, tiny_worker, "org-default")
+    released, views = _extract(lab, embedding, full=False, jobs=4, rows=32)
+    assert released < ONE_PERCENT and views[-1]["status"] == "awaiting_review", views[-1]
+    assert "past its review threshold" in views[-1]["review"]["reasons"][-1]
+    assert views[-1]["logs"].startswith("(withheld")
+
+    # A grant that allows full logits is refused them up front: the whole vocabulary over the
+    # positions a fit needs is more than the default serving budget.
+    full = _Lab(db, tiny_worker, "org-full", interp_full_logits=True)
+    released, views = _extract(full, embedding, full=True, jobs=2, rows=256)
+    assert released == 0 and views[-1]["status"] == "failed", views[-1]
+    assert views[-1]["error"]["code"] == "rpc_refused"
+    assert "of the grant's interp serving budget are left" in views[-1]["error"]["message"]
+
+    # The cheapest route (one read of the first layer's input norm per token) is held as well.
+    cheap = _Lab(db, tiny_worker, "org-layer0")
+    tokens: set[str] = set()
+    for n in range(20):
+        view = cheap.run(LAYER0, prompts=[f"token{n}x{i} " * 2 for i in range(3)])
+        if view["status"] != "succeeded":
+            break
+        tokens.update(view["value"]["tokens"])
+    assert len(tokens) < ONE_PERCENT and view["status"] == "awaiting_review", view
+
+    # Control: the same extraction on a grant whose lab raised both terms far past the defaults
+    # releases more than 1 % of the rows with no review, so the limits above are what held it.
+    open_lab = _Lab(db, tiny_worker, "org-open", quota_interp_served_bytes=10**12, interp_review_served_bytes=10**12)
+    released, views = _extract(open_lab, embedding, full=False, jobs=2, rows=256)
+    assert released >= ONE_PERCENT and all(v["review"]["state"] == "none" for v in views)
+
+
+SMOLLM2 = {
+    "models": [
+        {
+            "name": "smol",
+            "versions": [{"label": "v1", "weights": "embedded:smollm2-135m", "variants": [{"name": "x"}]}],
+        }
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_worker() -> Iterator[host.ThreadWorker]:
+    """SmolLM2-135M-Instruct (30 layers, hidden 576, tied 49,152 x 576 embedding) on its own thread."""
+    from airlock.backends import weights
+
+    loaded = weights.load_model("embedded:smollm2-135m")
+    worker = host.ThreadWorker(loaded.model, loaded.tokenizer)
+    yield worker
+    worker.close()
+
+
+@pytest.mark.slow
+@needs_bwrap
+def test_the_extraction_on_smollm2_is_held_or_refused_under_the_default_terms(
+    db: Any, smollm2_worker: host.ThreadWorker
+) -> None:
+    import json
+
+    from airlock.config import get_settings
+    from airlock.interp import service as interp
+    from airlock.interp.models import InterpJob
+
+    size = host.model_size_of(smollm2_worker.model)
+    limits = interp.served_limits(None, get_settings(), size.parameter_bytes, size.embedding_parameters)
+    # 0.1 % of 538 MB of float32 parameters: half a megabyte, 1/27 of the embedding at 4 bits.
+    assert limits.review_bytes < size.embedding_parameters // 2 // 20
+    embedding = smollm2_worker.model.model.embed_tokens.weight.detach().numpy().astype(np.float64)
+
+    # The finding's trace: the final norm and logits over about 1,000 positions (here the 256
+    # requested ids a call allows); the fit succeeds inside the sandbox, and the result is held.
+    lab = _Lab(db, smollm2_worker, "org-smol", manifest=SMOLLM2)
+    released, views = _extract(lab, embedding, full=False, jobs=2, rows=256, prompts_per_job=48)
+    assert released == 0 and views[-1]["status"] == "awaiting_review", views[-1]
+    with db.session() as session:
+        row = session.get(InterpJob, views[-1]["id"])
+        assert row is not None and row.served_bytes > limits.review_bytes
+    # The lab's reviewer sees what would have left: the fitted rows are the embedding's.
+    stored = interp.job_dir(lab.settings.home_dir, views[-1]["id"])
+    value = json.loads((stored / "result.json").read_text())
+    with np.load(stored / "result.npz") as data:
+        held = data[value["rows"]["__array__"]].astype(np.float64)
+    ids = value["ids"]
+    assert np.abs(held - embedding[ids]).max() / np.abs(embedding[ids]).max() < 1e-3
+
+    # With full logits granted, the call is refused before the model runs: its whole-vocabulary
+    # logits are far over the serving budget.
+    full = _Lab(db, smollm2_worker, "org-smol-full", manifest=SMOLLM2, interp_full_logits=True)
+    released, views = _extract(full, embedding, full=True, jobs=1, rows=256, prompts_per_job=48)
+    assert released == 0 and views[-1]["error"]["code"] == "rpc_refused", views[-1]

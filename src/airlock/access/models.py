@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from airlock.db import Base, new_id, utcnow
@@ -47,6 +47,12 @@ class Grant(Base):
     quota_file_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     quota_interp_cpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     quota_result_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    interp_full_logits: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Whether interp may return full-vocabulary logits (otherwise top-k plus requested token ids)."""
+    quota_interp_served_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Activation, logit and text bytes all interp jobs may be served (None: relative to the model's size)."""
+    interp_review_served_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Served bytes past which interp results wait for review (None: relative to the model's size)."""
     embargo_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     notes: Mapped[str] = mapped_column(Text, default="")
     created_by: Mapped[str] = mapped_column(String(100), default="")

@@ -56,6 +56,20 @@ class GrantCreate(_In):
         default=None, gt=0, description="Sandbox CPU-seconds for remote interpretability jobs."
     )
     quota_result_bytes: int | None = Field(default=None, gt=0, description="Bytes of interpretability results.")
+    interp_full_logits: bool = Field(
+        default=False,
+        description="Interp may return full-vocabulary logits (otherwise top-k plus requested token ids only).",
+    )
+    quota_interp_served_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Activation, logit and text bytes all interp jobs may be served; default relative to the model.",
+    )
+    interp_review_served_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Served bytes past which interp results wait for review; default relative to the model.",
+    )
     embargo_days: int | None = Field(default=None, ge=0, description="Publication embargo after deployment.")
     notes: str = ""
 
@@ -85,6 +99,9 @@ class GrantPublic(BaseModel):
     quota_file_bytes: int | None = None
     quota_interp_cpu_seconds: float | None = None
     quota_result_bytes: int | None = None
+    interp_full_logits: bool = False
+    quota_interp_served_bytes: int | None = None
+    interp_review_served_bytes: int | None = None
     tokens_used: int
     created_at: datetime
     revoked_at: datetime | None
@@ -110,6 +127,9 @@ class GrantPublic(BaseModel):
             quota_file_bytes=row.quota_file_bytes,
             quota_interp_cpu_seconds=row.quota_interp_cpu_seconds,
             quota_result_bytes=row.quota_result_bytes,
+            interp_full_logits=bool(row.interp_full_logits),
+            quota_interp_served_bytes=row.quota_interp_served_bytes,
+            interp_review_served_bytes=row.interp_review_served_bytes,
             tokens_used=row.tokens_used,
             created_at=row.created_at,
             revoked_at=row.revoked_at,

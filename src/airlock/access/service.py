@@ -99,6 +99,9 @@ class GrantRequest:
     quota_file_bytes: int | None = None
     quota_interp_cpu_seconds: float | None = None
     quota_result_bytes: int | None = None
+    interp_full_logits: bool = False
+    quota_interp_served_bytes: int | None = None
+    interp_review_served_bytes: int | None = None
     embargo_days: int | None = None
     notes: str = ""
     created_by: str = "admin"
@@ -140,6 +143,8 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         (req.quota_file_bytes, "file bytes"),
         (req.quota_interp_cpu_seconds, "interp CPU seconds"),
         (req.quota_result_bytes, "result bytes"),
+        (req.quota_interp_served_bytes, "interp served bytes"),
+        (req.interp_review_served_bytes, "interp review threshold"),
     )
     for quota, label in quotas:
         if quota is not None and quota <= 0:
@@ -159,6 +164,9 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         quota_file_bytes=req.quota_file_bytes,
         quota_interp_cpu_seconds=req.quota_interp_cpu_seconds,
         quota_result_bytes=req.quota_result_bytes,
+        interp_full_logits=req.interp_full_logits,
+        quota_interp_served_bytes=req.quota_interp_served_bytes,
+        interp_review_served_bytes=req.interp_review_served_bytes,
         embargo_days=req.embargo_days,
         notes=req.notes,
         created_by=req.created_by,

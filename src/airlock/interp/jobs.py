@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
+
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec
 from airlock.config import Settings
 from airlock.db import Database
@@ -17,6 +19,7 @@ from airlock.interp.models import InterpJob
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
 from airlock.registry.models import Variant
+from airlock.sandbox import ResourceLimits
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +102,15 @@ class InterpHandler:
         )
         ctx.emit("loading the model on the host", model=params["model"])
         worker = self.workers(spec)
+        serve, review_bytes = self._serve_budget(grant_id, worker, sandbox_limits)
         ctx.progress(0.1)
         ctx.emit(
             "starting a sandboxed runner",
             cpu_seconds=sandbox_limits.cpu_seconds,
             wall_seconds=sandbox_limits.wall_timeout_s,
             memory_mb=limits["memory_mb"],
+            served_bytes_left=serve.served_left,
+            full_logits=serve.full_logits,
         )
         job_spec = host.JobSpec(
             code=str(params["code"]),
@@ -121,15 +127,25 @@ class InterpHandler:
                 cancelled=ctx.cancelled,
                 max_result_bytes=self.settings.interp_max_result_bytes,
                 max_patch_ratio=self.settings.interp_max_patch_norm_ratio,
+                serve=serve,
             )
         )
         cpu = float(outcome.usage.get("cpu_seconds", 0.0)) + float(outcome.usage["rpc"]["model_seconds"])
-        self._record_run(ctx.job_id, outcome, cpu)
+        outcome.usage["served_bytes"] = serve.served
+        over, grant_served = self._record_run(ctx.job_id, grant_id, outcome, cpu, serve.served, review_bytes)
         if ctx.cancelled() and outcome.value is None and outcome.error is None:
             self._ledger(ctx.job_id, "cancelled")
             raise JobCancelled()
         ctx.progress(0.9)
         try:
+            if outcome.error is not None and over:
+                # What the code raised is the evaluator's text: past the threshold it stays with the lab
+                # (in the logs reviewers see), like the logs; the error code still says what happened.
+                raise host.InterpJobError(
+                    f"the job failed ({outcome.error.code}); details are withheld because the grant is past its "
+                    "interp serving review threshold (the lab's reviewers see them)",
+                    code=outcome.error.code,
+                )
             if outcome.error is not None:
                 raise outcome.error
             policy = host.OutputPolicy(
@@ -141,6 +157,12 @@ class InterpHandler:
         except AirlockError:
             self._ledger(ctx.job_id, "failed")
             raise
+        if over:
+            released.needs_review = True
+            released.review_reasons.append(
+                f"the grant's interp jobs have been served {grant_served} bytes of activations, logits and text, "
+                f"past its review threshold of {review_bytes} bytes"
+            )
         interp.write_result(self.settings.home_dir, ctx.job_id, released.document, released.npz)
         digest = released.sha256
         with self.db.session() as session:
@@ -162,17 +184,63 @@ class InterpHandler:
             "cpu_seconds": round(cpu, 3),
         }
 
-    def _record_run(self, job_id: str, outcome: host.RunOutcome, cpu: float) -> None:
+    def _serve_budget(
+        self, grant_id: str, worker: host.ModelWorker, limits: ResourceLimits
+    ) -> tuple[host.ServeBudget, int]:
+        """Return what the host may serve this job (and the grant's review threshold), from the grant's terms."""
+        from airlock.access.models import Grant
+
+        size = host.model_size(worker)
+        with self.db.session() as session:
+            grant = session.get(Grant, grant_id)
+            served = interp.served_limits(grant, self.settings, size.parameter_bytes, size.embedding_parameters)
+            before = interp.served_by_grant(session, grant_id)
+            full_logits = bool(grant is not None and grant.interp_full_logits)
+        if before >= served.budget_bytes:
+            raise host.InterpJobError(
+                f"the grant's interp serving budget of {served.budget_bytes} bytes is used up ({before} served)",
+                code="insufficient_quota",
+            )
+        memory = limits.memory_bytes or self.settings.interp_memory_mb * MiB
+        serve = host.ServeBudget(
+            full_logits=full_logits,
+            # A reply must fit in the runner with room to decode and use it.
+            max_reply_bytes=min(self.settings.interp_max_reply_bytes, memory // 4),
+            max_host_bytes=self.settings.interp_host_memory_mb * MiB,
+            served_left=served.budget_bytes - before,
+            served_budget=served.budget_bytes,
+        )
+        return serve, served.review_bytes
+
+    def _record_run(
+        self, job_id: str, grant_id: str, outcome: host.RunOutcome, cpu: float, served: int, review_bytes: int
+    ) -> tuple[bool, int]:
+        """Store the run's usage and logs; return whether the grant is now past its review threshold, and its total."""
+        from airlock.access.models import Grant
+
         with self.db.session() as session:
             row = session.get(InterpJob, job_id)
             assert row is not None
             row.usage = outcome.usage
             # A job re-run after a restart is charged for every attempt.
             row.cpu_seconds = float(row.cpu_seconds or 0.0) + cpu
-            row.logs = outcome.logs
+            row.served_bytes = int(row.served_bytes or 0) + served
+            session.flush()
+            # Jobs of one grant finishing at once are decided one after the other (PostgreSQL row
+            # lock; SQLite serialises writers), so released results never sum past the threshold.
+            session.execute(select(Grant.id).where(Grant.id == grant_id).with_for_update())
+            total = interp.served_by_grant(session, grant_id)
+            # A job that was served nothing carries nothing of the model out.
+            over = served > 0 and total > review_bytes
+            row.logs_withheld = over
+            logs = outcome.logs
+            if over and outcome.error is not None:
+                logs += f"\n[airlock] job error ({outcome.error.code}): {outcome.error.message}"
+            row.logs = logs
             from airlock.jobs.service import add_event
 
             add_event(session, job_id, "runner finished", type="message", **_flat_usage(outcome.usage))
+        return over, total
 
     def _ledger(self, job_id: str, status: str) -> None:
         try:
@@ -194,5 +262,6 @@ def _flat_usage(usage: dict[str, Any]) -> dict[str, Any]:
         "termination": usage.get("termination"),
         "rpc_calls": sum((rpc.get("calls") or {}).values()),
         "rpc_bytes_out": rpc.get("bytes_out"),
+        "served_bytes": usage.get("served_bytes"),
         "model_seconds": rpc.get("model_seconds"),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, String, Text, false, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from airlock.db import Base, utcnow
@@ -45,7 +45,11 @@ class InterpJob(Base):
     """Sandbox CPU/wall/RSS, RPC calls and bytes, host model seconds."""
     cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     """Charged against the grant's interp CPU quota: sandbox CPU plus host model time."""
+    served_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    """Activations, logits and texts the host served into the sandbox (every attempt), for the grant's budget."""
     logs: Mapped[str] = mapped_column(Text, default="")
+    logs_withheld: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """The job ran past its grant's serving review threshold: its logs and error details are the lab's only."""
     result_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     result_arrays: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

@@ -89,7 +89,13 @@ class InterpJobPublic(BaseModel):
     result_bytes: int
     error: JobErrorBody | None
     review: ReviewView
-    logs: str = Field(description="What the runner printed (stdout, then stderr), capped.")
+    logs: str = Field(
+        description="What the runner printed (stdout, then stderr), capped; withheld while the result awaits "
+        "review or was denied, and for jobs past the grant's serving review threshold."
+    )
+    served_bytes: int = Field(
+        default=0, description="Activations, logits and text the host served into the job's sandbox (bytes)."
+    )
 
 
 class InterpJobList(BaseModel):

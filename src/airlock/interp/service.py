@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,12 @@ from airlock.registry.service import parse_model_id, resolve_variant
 KIND = "interp"
 ID_PREFIX = "ijob"
 MAX_ARGS_BYTES = 64 * 1024
+# Default review thresholds never exceed this share of the embedding in float32: at one served
+# number per linear measurement, at most 0.5 % of its rows can be derived before review.
+EMBEDDING_REVIEW_FRACTION = 0.005
+WITHHELD_LOGS = (
+    "(withheld: this job ran past its grant's interp serving review threshold; the lab's reviewers see its logs)"
+)
 
 
 # ---------------------------------------------------------------------------------- storage
@@ -80,6 +87,45 @@ def usage_of_grant(session: Session, grant_id: str) -> tuple[float, int]:
     return float(cpu or 0.0), int(released or 0)
 
 
+def served_by_grant(session: Session, grant_id: str) -> int:
+    """Return the bytes of activations, logits and text the grant's interp jobs have been served, all jobs."""
+    served = session.scalar(
+        select(func.coalesce(func.sum(InterpJob.served_bytes), 0)).where(InterpJob.grant_id == grant_id)
+    )
+    return int(served or 0)
+
+
+@dataclass(frozen=True)
+class ServedLimits:
+    """A grant's budget on what its interp jobs are served, and the review threshold inside it."""
+
+    review_bytes: int
+    """Past this many bytes served to the grant, its jobs' results (and logs) wait for review."""
+    budget_bytes: int
+    """Past this, the host refuses to serve more."""
+
+
+def served_limits(grant: Any, settings: Settings, parameter_bytes: int, embedding_parameters: int) -> ServedLimits:
+    """Return a grant's serving limits: its own terms, else defaults relative to the model's size.
+
+    Default review threshold: ``interp_served_review_fraction`` of the parameter bytes, and never
+    more than :data:`EMBEDDING_REVIEW_FRACTION` of the embedding in float32 (each served number is
+    one linear measurement, so at most that share of the embedding's rows can be derived before
+    review, whatever the architecture). Default budget: ``interp_served_budget_fraction`` of the
+    parameter bytes (at least the threshold).
+    """
+    review = min(
+        int(settings.interp_served_review_fraction * parameter_bytes),
+        int(EMBEDDING_REVIEW_FRACTION * embedding_parameters * 4),
+    )
+    budget = max(int(settings.interp_served_budget_fraction * parameter_bytes), review)
+    own_budget = getattr(grant, "quota_interp_served_bytes", None)
+    own_review = getattr(grant, "interp_review_served_bytes", None)
+    budget = int(own_budget) if own_budget is not None else budget
+    review = int(own_review) if own_review is not None else min(review, budget)
+    return ServedLimits(review_bytes=review, budget_bytes=budget)
+
+
 def grant_result_bytes(grant: Any, settings: Settings) -> int:
     """Return a grant's interp result-bytes budget: its own quota, else the lab's default."""
     quota = getattr(grant, "quota_result_bytes", None)
@@ -102,6 +148,16 @@ def enforce_quotas(session: Session, principal: Principal, settings: Settings | 
             f"your grant's {which} of {budget} result bytes is used up ({released} released)",
             code="insufficient_quota",
         )
+    # The default serving budget depends on the model's size, known where the job runs; an explicit
+    # quota is checked here too, so a spent grant gets a 429 rather than a job that is refused.
+    served_quota = getattr(grant, "quota_interp_served_bytes", None)
+    if served_quota is not None:
+        served = served_by_grant(session, grant.id)
+        if served >= served_quota:
+            raise RateLimitError(
+                f"your grant's interp serving budget of {served_quota} bytes is used up ({served} served)",
+                code="insufficient_quota",
+            )
 
 
 # ---------------------------------------------------------------------------------- submit
@@ -246,15 +302,24 @@ def to_public(job: Job, row: InterpJob) -> InterpJobPublic:
             note=row.review_note,
             reviewed_at=row.reviewed_at,
         ),
-        logs=row.logs,
+        logs=WITHHELD_LOGS if logs_withheld(row) else row.logs,
+        served_bytes=int(row.served_bytes or 0),
     )
+
+
+def logs_withheld(row: InterpJob) -> bool:
+    """Return whether the evaluator may not see a job's logs: a held or denied result, or past the threshold."""
+    if row.review_state in ("pending", "denied"):
+        return True
+    return bool(row.logs_withheld) and row.review_state != "approved"
 
 
 def to_review_item(job: Job, row: InterpJob) -> ReviewItem:
     """Render a job for the lab's reviewers (with code and arguments)."""
-    public = to_public(job, row)
+    public = to_public(job, row).model_dump()
+    public["logs"] = row.logs
     return ReviewItem(
-        **public.model_dump(),
+        **public,
         evaluator_id=row.evaluator_id,
         grant_id=row.grant_id,
         code=str(job.params.get("code", "")),
@@ -376,6 +441,7 @@ def record_ledger(session: Session, job: Job, row: InterpJob, *, event: str, sta
         "result_format": RESULT_FORMAT if row.result_sha256 else None,
         "review": row.review_state,
         "cpu_seconds": round(row.cpu_seconds, 3),
+        "served_bytes": int(row.served_bytes or 0),
     }
     confidential = {"code_sha256": row.code_sha256, "args": row.args, "review_note": row.review_note}
     record_event(session, "interp.job", body, confidential=confidential)

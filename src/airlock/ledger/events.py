@@ -59,6 +59,8 @@ def grant_issued(session: Session, grant: Grant) -> None:
         "not_before": grant.not_before,
         "not_after": grant.not_after,
         "embargo_days": grant.embargo_days,
+        # A capability, like a scope: whether interp may return full-vocabulary logits.
+        "interp_full_logits": bool(grant.interp_full_logits),
     }
     quotas = {
         "requests_per_minute": grant.quota_requests_per_minute,
@@ -68,6 +70,8 @@ def grant_issued(session: Session, grant: Grant) -> None:
         "file_bytes": grant.quota_file_bytes,
         "interp_cpu_seconds": grant.quota_interp_cpu_seconds,
         "result_bytes": grant.quota_result_bytes,
+        "interp_served_bytes": grant.quota_interp_served_bytes,
+        "interp_review_served_bytes": grant.interp_review_served_bytes,
     }
     record_event(
         session,
