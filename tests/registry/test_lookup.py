@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from airlock.errors import ConfigError, InvalidRequestError, NotFoundError
+from airlock.ids import parse_model_id
 from airlock.registry import service
 from airlock.registry.schemas import LOCAL_DEFAULT_CONTEXT, LOCAL_DEFAULT_MAX_TOKENS
 from tests.conftest import FAKE_MANIFEST
@@ -20,7 +21,7 @@ def _synced(db: Any, manifest: dict[str, Any]) -> None:
 
 def _label(db: Any, model_id: str) -> str:
     with db.session() as session:
-        return service.resolve(session, service.parse_model_id(model_id))[1].label
+        return service.resolve(session, parse_model_id(model_id))[1].label
 
 
 def _two_versions() -> dict[str, Any]:
@@ -74,7 +75,7 @@ def test_ambiguous_hash_prefix_is_a_400(db: Any) -> None:
 
 def _resolved(db: Any, model_id: str) -> service.ResolvedVariant:
     with db.session() as session:
-        return service.resolve_variant(session, service.parse_model_id(model_id))
+        return service.resolve_variant(session, parse_model_id(model_id))
 
 
 def test_max_output_tokens_is_synced_and_resolved(db: Any) -> None:

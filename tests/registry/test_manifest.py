@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from airlock.ids import parse_model_id
 from airlock.registry import service
 from airlock.registry.models import StageChange
 from tests.conftest import FAKE_MANIFEST
@@ -24,7 +25,7 @@ def test_sync_creates_then_is_idempotent(db: Any) -> None:
         again = service.sync_manifest(session, manifest)
     assert again.created == [] and again.updated == []
     with db.session() as session:
-        _m, version, variant = service.resolve(session, service.parse_model_id("m1/production"))
+        _m, version, variant = service.resolve(session, parse_model_id("m1/production"))
         assert version.content_hash == "a" * 64
         assert [m.kind for m in variant.mitigations] == ["system_prompt", "input_filter", "output_filter"]
         assert [m.stance for m in variant.mitigations] == ["disabled_for_eval", "claimed", "claimed"]
@@ -42,7 +43,7 @@ def test_sync_updates_mitigations_and_stage(db: Any) -> None:
     assert "variant m1@v1/production" in report.updated
     assert "version m1@v1 stage -> internal" in report.updated
     with db.session() as session:
-        _m, ver, variant = service.resolve(session, service.parse_model_id("m1/production"))
+        _m, ver, variant = service.resolve(session, parse_model_id("m1/production"))
         assert ver.stage == "internal" and len(variant.mitigations) == 1
         history = session.scalars(select(StageChange).where(StageChange.version_id == ver.id)).all()
         assert [(h.from_stage, h.to_stage, h.actor) for h in history] == [
@@ -59,7 +60,7 @@ def test_label_cannot_be_repointed(db: Any) -> None:
     with pytest.raises(ConflictError, match="new label"), db.session() as session:
         service.sync_manifest(session, service.parse_manifest(changed))
     with db.session() as session:  # nothing half-written
-        assert service.resolve(session, service.parse_model_id("m1/production"))[1].content_hash == "a" * 64
+        assert service.resolve(session, parse_model_id("m1/production"))[1].content_hash == "a" * 64
 
 
 def test_latest_version_is_default(db: Any) -> None:
@@ -69,11 +70,11 @@ def test_latest_version_is_default(db: Any) -> None:
     )
     with db.session() as session:
         service.sync_manifest(session, service.parse_manifest(manifest))
-        assert service.resolve(session, service.parse_model_id("m1/production"))[1].label == "v2"
-        assert service.resolve(session, service.parse_model_id("m1@v1/production"))[1].label == "v1"
-        assert service.resolve(session, service.parse_model_id("m1@eeeeeeee/production"))[1].label == "v2"
+        assert service.resolve(session, parse_model_id("m1/production"))[1].label == "v2"
+        assert service.resolve(session, parse_model_id("m1@v1/production"))[1].label == "v1"
+        assert service.resolve(session, parse_model_id("m1@eeeeeeee/production"))[1].label == "v2"
         with pytest.raises(NotFoundError):
-            service.resolve(session, service.parse_model_id("m1@v2/helpful-only"))
+            service.resolve(session, parse_model_id("m1@v2/helpful-only"))
 
 
 @pytest.mark.parametrize(
@@ -154,7 +155,7 @@ def test_load_manifest_file_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("model_id", ["", "m1", "/x", "m1@/x", "a/b/", "m1@v1@v2/x/"])
 def test_parse_model_id_rejects_malformed(model_id: str) -> None:
     with pytest.raises(InvalidRequestError):
-        service.parse_model_id(model_id)
+        parse_model_id(model_id)
 
 
 def test_starter_manifest_is_valid() -> None:

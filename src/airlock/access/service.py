@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 from airlock.access.models import SCOPES, AdminToken, ApiKey, Evaluator, Grant
 from airlock.access.roles import Permission, check_permission, parse_role
 from airlock.db import utcnow
+from airlock.ids import parse_version_ref
 from airlock.errors import (
     AuthenticationError,
     ConflictError,
@@ -118,8 +119,8 @@ def _clean_list(values: Iterable[str], what: str) -> list[str]:
 def create_grant(session: Session, req: GrantRequest) -> Grant:
     """Issue a grant after checking that every named version and variant exists."""
     evaluator = get_evaluator(session, req.evaluator)
-    model_name, _, version_label = req.model.partition("@")
-    model = get_model(session, model_name)
+    ref = parse_version_ref(req.model)
+    model, version_label = get_model(session, ref.model), ref.version
     scopes = _clean_list(req.scopes, "scope")
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import email.utils
 import os
 import random
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -58,6 +57,9 @@ from tenacity import RetryCallState
 from tenacity.wait import wait_base, wait_exponential_jitter
 from typing_extensions import override
 
+from airlock.errors import InvalidRequestError
+from airlock.ids import ModelRef, is_fine_tuned, parse_fine_tuned_id, parse_model_id
+
 __all__ = [
     "PROVENANCE_KEY",
     "AirlockAPI",
@@ -73,7 +75,6 @@ PROVENANCE_KEY = "airlock"
 BASE_URL_VAR = "AIRLOCK_BASE_URL"
 API_KEY_VAR = "AIRLOCK_API_KEY"
 
-_MODEL_ID = re.compile(r"^(?P<model>[^/@\s]+)(?:@(?P<version>[^/@\s]+))?/(?P<variant>[^/@\s]+)$")
 # Waits longer than this are not worth honouring verbatim (a misconfigured quota); fall back to backoff.
 _MAX_RETRY_AFTER_S = 600.0
 
@@ -261,12 +262,16 @@ class AirlockAPI(OpenAICompatibleAPI):
         client_timeout: float | None = None,
         **model_args: Any,
     ) -> None:
-        match = _MODEL_ID.match(model_name)
-        if match is None:
+        # The server's own grammar (airlock.ids): a fine-tuned id is pinned by construction.
+        try:
+            ref = None if is_fine_tuned(model_name) else parse_model_id(model_name)
+            if ref is None:
+                parse_fine_tuned_id(model_name)
+        except InvalidRequestError:
             raise ValueError(
-                f"Airlock model names are airlock/<model>/<variant> or airlock/<model>@<version>/<variant>, "
-                f"not airlock/{model_name}"
-            )
+                f"Airlock model names are airlock/<model>/<variant>, airlock/<model>@<version>/<variant> or "
+                f"airlock/ft:..., not airlock/{model_name}"
+            ) from None
         if model_args.pop("responses_api", False):
             raise ValueError("Airlock serves chat completions, not the Responses API; drop responses_api")
         base_url = base_url or os.environ.get(BASE_URL_VAR)
@@ -280,9 +285,9 @@ class AirlockAPI(OpenAICompatibleAPI):
         #: The provenance record attached to every output (see `provenance_from_log`).
         self.provenance: dict[str, Any] = fetch_provenance(base_url, api_key, model_name)
         served = model_name
-        if pin_version and match.group("version") is None:
+        if pin_version and ref is not None and ref.version is None:
             version = self.provenance["variant"]["version"]
-            served = f"{match.group('model')}@{version}/{match.group('variant')}"
+            served = str(ModelRef(model=ref.model, version=version, variant=ref.variant))
         self.provenance["served_model_id"] = served
         self._served_model_id = served
         # Inspect's retry loop is the only one: the SDK would otherwise retry 429s on its own first.

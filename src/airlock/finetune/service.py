@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -14,37 +12,10 @@ from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.files import get_file
 from airlock.finetune.jobs import KIND
 from airlock.finetune.schemas import FineTuningJob, FineTuningJobCreate, JobError
+from airlock.ids import fine_tuned_model_id, parse_model_id
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
-from airlock.registry.service import ModelRef, RegistryCache, parse_model_id, resolve_variant
-
-FT_PREFIX = "ft:"
-_SLUG = re.compile(r"[^a-z0-9-]+")
-
-
-def _slug(text: str) -> str:
-    return _SLUG.sub("-", text.lower()).strip("-")[:40] or "org"
-
-
-def fine_tuned_model_id(base: str, evaluator: str, suffix: str | None, job_id: str) -> str:
-    """Return ``ft:{model}/{variant}:{evaluator}:{suffix}:{job-id}``."""
-    return f"{FT_PREFIX}{base}:{_slug(evaluator)}:{suffix or ''}:{job_id}"
-
-
-@dataclass(frozen=True)
-class FineTunedRef:
-    """A parsed fine-tuned model id."""
-
-    base: ModelRef
-    job_id: str
-
-
-def parse_fine_tuned_id(model_id: str) -> FineTunedRef:
-    """Parse ``ft:{model}/{variant}:{evaluator}:{suffix}:{job-id}`` (400 when malformed)."""
-    parts = model_id.removeprefix(FT_PREFIX).split(":")
-    if len(parts) != 4 or not parts[3]:
-        raise InvalidRequestError(f"fine-tuned model id {model_id!r} is malformed", param="model")
-    return FineTunedRef(base=parse_model_id(parts[0]), job_id=parts[3])
+from airlock.registry.service import RegistryCache, resolve_variant
 
 
 def create_job(session: Session, registry: RegistryCache, principal: Principal, body: FineTuningJobCreate) -> Job:

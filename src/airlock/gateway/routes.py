@@ -20,12 +20,11 @@ from airlock.backends.protocol import (
     ModelList,
 )
 from airlock.errors import NotFoundError
-from airlock.finetune.service import FT_PREFIX, parse_fine_tuned_id
 from airlock.finetune.service import get_own_job as ft_get_own_job
 from airlock.gateway import serving
 from airlock.gateway.deps import AuditDep, CurrentPrincipal, StateDep
+from airlock.ids import is_fine_tuned, parse_fine_tuned_id, parse_model_id
 from airlock.registry.models import Model, ModelVersion
-from airlock.registry.service import parse_model_id
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -150,7 +149,7 @@ async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincip
     the job that trained it.
     """
     job_id = None
-    if model_id.startswith(FT_PREFIX):
+    if is_fine_tuned(model_id):
         ft = parse_fine_tuned_id(model_id)
 
         def _own_job() -> None:

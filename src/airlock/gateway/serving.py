@@ -22,12 +22,12 @@ from airlock.backends.protocol import (
     Usage,
 )
 from airlock.errors import AirlockError, InvalidRequestError, NotFoundError
-from airlock.finetune.service import FT_PREFIX, parse_fine_tuned_id
 from airlock.finetune.service import get_own_job as ft_get_own_job
 from airlock.gateway.deps import GatewayState
 from airlock.gateway.middleware import AuditContext
+from airlock.ids import is_fine_tuned, parse_fine_tuned_id, parse_model_id
 from airlock.mitigations import MitigatedStream, VariantPipeline, Verdict
-from airlock.registry.service import ResolvedVariant, parse_model_id
+from airlock.registry.service import ResolvedVariant
 
 
 @dataclass
@@ -46,7 +46,7 @@ async def prepare(
 ) -> Target:
     """Authorize the request against the grant, enforce quotas and return its pipeline."""
     audit.model = request.model
-    if request.model.startswith(FT_PREFIX):
+    if is_fine_tuned(request.model):
         return await _prepare_fine_tuned(state, principal, audit, request)
     ref = parse_model_id(request.model)
     audit.variant = ref.variant
@@ -81,6 +81,12 @@ async def _prepare_fine_tuned(
     from airlock.finetune.jobs import FineTuneHandler
 
     ft = parse_fine_tuned_id(request.model)
+    if ft.checkpoint_step is not None:
+        raise InvalidRequestError(
+            f"training checkpoints are listed for their metrics but not served; sample {ft.model_id!r}",
+            code="checkpoint_not_served",
+            param="model",
+        )
     audit.variant = ft.base.variant
     scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
     audit.scope = ",".join(scopes)

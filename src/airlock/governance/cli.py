@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from airlock.cli_support import console, fail, fmt_ts, open_database, run_command
-from airlock.errors import AirlockError
+from airlock.errors import AirlockError, InvalidRequestError
+from airlock.ids import parse_version_ref
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -33,10 +34,12 @@ _STATUS_STYLE = {"ok": "green"}
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
-    model, sep, label = ref.partition("@")
-    if not sep or not model or not label:
-        raise fail(f"{ref!r} is not of the form MODEL@VERSION", EXIT_ERROR)
-    return model, label
+    try:
+        parsed = parse_version_ref(ref, require_version=True)
+    except InvalidRequestError:
+        raise fail(f"{ref!r} is not of the form MODEL@VERSION", EXIT_ERROR) from None
+    assert parsed.version is not None
+    return parsed.model, parsed.version
 
 
 def _lookup(session: Session, ref: str) -> tuple[Model, ModelVersion]:

@@ -32,7 +32,8 @@ from airlock.interp.schemas import (
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
 from airlock.registry.models import ModelVersion
-from airlock.registry.service import parse_model_id, resolve_variant
+from airlock.ids import parse_model_id
+from airlock.registry.service import resolve_variant
 
 KIND = "interp"
 ID_PREFIX = "ijob"

@@ -36,6 +36,7 @@ from airlock.evals.attestation import fingerprint, parse_public_key
 from airlock.evals.attestation import verify as verify_signature
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.service import verify_stored
+from airlock.ids import parse_version_ref
 from airlock.jobs.periodic import PeriodicWorker
 from airlock.ledger.service import record_event
 from airlock.publish import redaction
@@ -165,9 +166,9 @@ def create_report(
     check_window(principal.grant, now)
     if content.title is None or content.body is None:
         raise InvalidRequestError("a new report needs a title and a body")
-    name, _, label = model.partition("@")
-    model_row = get_model(session, name)
-    version = get_version(session, model_row, label or None)
+    ref = parse_version_ref(model)
+    model_row = get_model(session, ref.model)
+    version = get_version(session, model_row, ref.version)
     grant = principal.grant
     if model_row.id != grant.model_id or version.id not in grant.version_ids:
         raise PermissionDeniedError(

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from airlock.ids import ModelRef
 from airlock.ledger import events as ledger_events
 from airlock.registry.models import Mitigation, Model, ModelVersion, StageChange, Variant
 from airlock.registry.schemas import (
@@ -212,34 +213,6 @@ def set_stage(session: Session, version: ModelVersion, stage: str, *, actor: str
 
 
 # ---------------------------------------------------------------- lookups
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed model id: ``{model}/{variant}`` or ``{model}@{version}/{variant}``."""
-
-    model: str
-    version: str | None
-    variant: str
-
-    def __str__(self) -> str:
-        at = f"@{self.version}" if self.version else ""
-        return f"{self.model}{at}/{self.variant}"
-
-
-def parse_model_id(model_id: str) -> ModelRef:
-    """Parse an OpenAI ``model`` field into model, optional version and variant."""
-    head, sep, variant = model_id.rpartition("/")
-    if not sep or not head or not variant:
-        raise InvalidRequestError(
-            f"model {model_id!r} is not of the form '{{model}}/{{variant}}' or '{{model}}@{{version}}/{{variant}}'",
-            code="invalid_model",
-            param="model",
-        )
-    model, _, version = head.partition("@")
-    if not model or "/" in model or (version == "" and "@" in head):
-        raise InvalidRequestError(f"model {model_id!r} is malformed", code="invalid_model", param="model")
-    return ModelRef(model=model, version=version or None, variant=variant)
 
 
 def get_model(session: Session, name: str) -> Model:
