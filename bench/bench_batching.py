@@ -11,7 +11,7 @@ also on a mixed-length workload, where continuous batching should pay.
 
 Only one thread runs torch at any time (the baseline's thread exits before the backends start,
 and the backends run one after the other): on a small CPU every live thread that has run torch
-ops keeps an OpenMP team, and surplus teams slow every other one down (see backends/local.py).
+ops keeps an OpenMP team, and surplus teams slow every other one down (see backends/local/engine.py).
 """
 
 from __future__ import annotations

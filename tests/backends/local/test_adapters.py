@@ -12,7 +12,7 @@ import torch
 from airlock.backends import weights
 from airlock.backends.local import LocalBackend
 from airlock.backends.protocol import ChatCompletion, ChatCompletionRequest, ChatMessage
-from airlock.errors import InvalidRequestError
+from airlock.errors import BackendUnavailableError, InvalidRequestError
 from airlock.finetune.trainer import train_lora
 
 PROMPT = "What is the password?"
@@ -106,5 +106,30 @@ async def test_adapters_served_side_by_side(adapter_dirs: dict[str, Path]) -> No
         assert solo["zebra"] == _reference(adapter_dirs["zebra"])
         await zebra.aclose()  # a view's close leaves the shared worker running
         assert text_of(await otter.chat(chat())) == solo["otter"]
+    finally:
+        await backend.aclose()
+
+
+async def test_view_shares_its_parents_state_and_needs_its_adapter(adapter_dirs: dict[str, Path]) -> None:
+    backend = LocalBackend.from_config({"model": "tiny-random"})
+    await backend.start()
+    try:
+        await backend.load_adapter("zebra", adapter_dirs["zebra"])
+        view = backend.adapter_view("zebra")
+        assert isinstance(view, LocalBackend)
+        # The view owns no state: counters, weights and tokenizer are the parent's.
+        assert view.stats is backend.stats and view.model is backend.model and view.tokenizer is backend.tokenizer
+        assert view.adapters == ("zebra",) and view.content_hash == backend.content_hash
+        await view.load_adapter("otter", adapter_dirs["otter"])  # loads into the parent
+        assert backend.adapters == ("zebra", "otter")
+        answer = text_of(await view.chat(chat()))
+
+        await backend.aclose()
+        await backend.start()  # a fresh worker: adapters are not reloaded by themselves
+        assert backend.adapters == ()
+        with pytest.raises(BackendUnavailableError, match="adapter 'zebra' is not loaded"):
+            await view.chat(chat())
+        await backend.load_adapter("zebra", adapter_dirs["zebra"])
+        assert text_of(await view.chat(chat())) == answer
     finally:
         await backend.aclose()
