@@ -26,7 +26,6 @@ from airlock.sandbox import (
     SandboxPolicy,
     SandboxResult,
     Termination,
-    _Cgroup,
     cgroup_parent,
     ensure_regular,
     find_bwrap,
@@ -34,6 +33,7 @@ from airlock.sandbox import (
     safe_open_beneath,
     seccomp_filter,
 )
+from airlock.sandbox.process import _Cgroup
 from tests.conftest import needs_bwrap
 
 REPO = Path(__file__).resolve().parents[1]
