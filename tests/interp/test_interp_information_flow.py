@@ -423,3 +423,58 @@ def test_the_extraction_on_smollm2_is_held_or_refused_under_the_default_terms(
     full = _Lab(db, smollm2_worker, "org-smol-full", manifest=SMOLLM2, interp_full_logits=True)
     released, views = _extract(full, embedding, full=True, jobs=1, rows=256, prompts_per_job=48)
     assert released == 0 and views[-1]["error"]["code"] == "rpc_refused", views[-1]
+
+
+# ---------------------------------------------------------------------------------- grant terms
+
+
+def test_interp_terms_are_set_at_grant_creation_and_listed(lab: Any) -> None:
+    import httpx
+
+    with httpx.Client(
+        base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {lab.admin_token}"}
+    ) as admin:
+        admin.post("/evaluators", json={"name": "org-terms"})
+        body = {"evaluator": "org-terms", "model": "m1", "variants": ["base"], "scopes": ["interp"]}
+        plain = admin.post("/grants", json=body)
+        assert plain.status_code == 201, plain.text
+        assert plain.json()["interp_full_logits"] is False and plain.json()["quota_interp_served_bytes"] is None
+        terms = {"interp_full_logits": True, "quota_interp_served_bytes": 5_000_000, "interp_review_served_bytes": 1000}
+        created = admin.post("/grants", json=body | terms)
+        assert created.status_code == 201, created.text
+        listed = {g["id"]: g for g in admin.get("/grants").json()}[created.json()["id"]]
+        assert {key: listed[key] for key in terms} == terms
+        refused = admin.post("/grants", json=body | {"quota_interp_served_bytes": 0})
+        assert refused.status_code == 400 and refused.json()["error"]["message"]
+
+
+def test_interp_terms_through_the_cli(airlock_env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from airlock import cli_support
+    from airlock.cli import app
+    from tests.conftest import FAKE_MANIFEST
+
+    runner = CliRunner()
+    monkeypatch.setattr(cli_support.console, "_width", 240)  # the table, unwrapped
+
+    def invoke(*args: str) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    invoke("init", "--no-admin-token")
+    (airlock_env / "airlock.yaml").write_text(yaml.safe_dump(FAKE_MANIFEST))
+    invoke("models", "sync")
+    invoke("evaluator", "add", "org-cli")
+    base = ["grant", "create", "--evaluator", "org-cli", "--model", "m1", "--variants", "base", "--scopes", "interp"]
+    full = invoke(*base, "--interp-full-logits", "--interp-served-bytes", "4000000").strip()
+    plain = invoke(*base).strip()
+    listing = {g["id"]: g for g in json.loads(invoke("grant", "list", "--json"))}
+    assert listing[full]["interp_full_logits"] is True and listing[full]["quota_interp_served_bytes"] == 4_000_000
+    assert listing[plain]["interp_full_logits"] is False
+    table = invoke("grant", "list")
+    assert "interp (interp: full logits)" in table and table.count("full logits") == 1

@@ -30,7 +30,7 @@ def test_logit_lens_example_finds_paris(starter_lab: Lab) -> None:
             time.sleep(0.5)
         assert job["status"] == "succeeded", job
         value = http.get(f"/v1/airlock/interp/jobs/{job_id}/result").json()["value"]
-    assert value["final_answer"] == " Paris"
+    assert value["final_answer"] == " Paris" and -5.0 < value["final_answer_logprob"] < 0.0
     assert len(value["layers"]) == 30
     # Early layers do not yet predict the answer; the residual stream gets there near the top.
     assert value["first_layer_predicting_answer"] is not None and value["first_layer_predicting_answer"] >= 20

@@ -840,10 +840,11 @@ def _execute_trace(model: Any, tokenizer: Any, plan: _TracePlan) -> dict[str, An
     k, ids_wanted = plan.top_k, plan.token_ids
     activations = {path: np.zeros((batch, width, dims.hidden), dtype=np.float32) for path in plan.read}
     full = np.zeros((batch, width, dims.vocab), dtype=np.float32) if plan.mode == "full" else None
-    top_ids = np.zeros((batch, width, k), dtype=np.int64)
-    top_values = np.zeros((batch, width, k), dtype=np.float32)
-    token_values = np.zeros((batch, width, len(ids_wanted)), dtype=np.float32)
-    logsumexp = np.zeros((batch, width), dtype=np.float32)
+    cells = (batch, width) if plan.mode != "none" else (0, 0)
+    top_ids = np.zeros((*cells, k), dtype=np.int64)
+    top_values = np.zeros((*cells, k), dtype=np.float32)
+    token_values = np.zeros((*cells, len(ids_wanted)), dtype=np.float32)
+    logsumexp = np.zeros(cells, dtype=np.float32)
     lens_ids = {path: np.zeros((batch, width, k), dtype=np.int64) for path in plan.lens}
     lens_logprobs = {path: np.zeros((batch, width, k), dtype=np.float32) for path in plan.lens}
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
