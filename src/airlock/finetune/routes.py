@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airlock.access.service import check_window
 from airlock.errors import PermissionDeniedError
@@ -26,6 +27,7 @@ from airlock.finetune.schemas import (
     FineTuningJobList,
 )
 from airlock.gateway.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep
+from airlock.gateway.routing import route_methods
 from airlock.gateway.uploads import read_upload
 from airlock.jobs import service as jobs_service
 
@@ -237,8 +239,24 @@ def fine_tuning_job_checkpoints(
     )
 
 
+async def _not_another_routes_path(request: Request) -> None:
+    """Answer 405 (``Allow`` from the documented routes) where the catch-all below only shadows one.
+
+    ``GET …/{job_id}/cancel`` matches the catch-all's pattern, but the path belongs to the ``POST``
+    route: the caller used the wrong method, and is told so before any credential is checked.
+    """
+    if route_methods(request.app, request.url.path, documented_only=True):
+        raise StarletteHTTPException(405)
+
+
 @router.get("/fine_tuning/jobs/{job_id}/{artifact}", include_in_schema=False)
-def adapter_export_forbidden(job_id: str, artifact: str, principal: CurrentPrincipal, audit: AuditDep) -> None:
+def adapter_export_forbidden(
+    job_id: str,
+    artifact: str,
+    _routed: Annotated[None, Depends(_not_another_routes_path)],
+    principal: CurrentPrincipal,
+    audit: AuditDep,
+) -> None:
     """Refuse every attempt to fetch adapter or checkpoint weights; the attempt is audited."""
     audit.scope = "finetune"
     audit.detail.update({"job_id": job_id, "artifact": artifact[:100], "attempt": "weights_export"})

@@ -18,7 +18,8 @@ from airlock.config import Settings, get_settings
 from airlock.db import Database
 from airlock.gateway.deps import GatewayState
 from airlock.gateway.errors import install_error_handlers
-from airlock.gateway.middleware import AuditMiddleware
+from airlock.gateway.middleware import AuditMiddleware, OptionsMiddleware
+from airlock.gateway.openapi import install_openapi
 from airlock.registry.service import RegistryCache
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     )
     app.state.gateway = state
     install_error_handlers(app)
+    install_openapi(app)
 
     from airlock.access.routes import router as access_router
     from airlock.evals.routes import admin_router as results_admin_router
@@ -136,6 +138,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
             session.execute(text("SELECT 1"))
         return {"status": "ok", "version": __version__}
 
+    # Added first, so it runs inside the audit middleware: OPTIONS requests are audited too.
+    app.add_middleware(OptionsMiddleware)
     app.add_middleware(
         AuditMiddleware,
         writer=audit,

@@ -8,9 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airlock.errors import AirlockError, RateLimitError
+from airlock.gateway.routing import allowed_methods
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,21 @@ _HTTP_TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, in OpenAI's error shape."""
+
+    message: str = Field(description="A readable explanation.")
+    type: str = Field(description="`invalid_request_error`, `authentication_error`, `permission_error`, ...")
+    param: str | None = Field(default=None, description="The request field at fault, when one is.")
+    code: str | None = Field(default=None, description="A stable, machine-readable reason.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
 
 
 def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -72,13 +89,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 404:
+            code, message = "not_found", f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path; the path may have several.
+            allow = ", ".join(allowed_methods(request.app, request.url.path))
+            headers["Allow"] = allow
+            code, message = "method_not_allowed", f"{request.method} is not allowed on {request.url.path}; use {allow}"
+        else:
+            code, message = f"http_{exc.status_code}", str(exc.detail)
         _audit_error(request, code)
-        message = (
-            str(exc.detail) if exc.status_code != 404 else f"no such endpoint: {request.method} {request.url.path}"
-        )
         return JSONResponse(
             error_body(message, _HTTP_TYPES.get(exc.status_code, "invalid_request_error"), code),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )

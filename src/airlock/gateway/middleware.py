@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from airlock.access.audit import AuditRecord, AuditWriter
 from airlock.backends.protocol import new_id
 from airlock.gateway.errors import error_body
+from airlock.gateway.routing import allowed_methods
 
 log = logging.getLogger(__name__)
 UNAUDITED = ("/healthz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
@@ -124,6 +125,29 @@ class AuditMiddleware:
                 ),
                 end=True,
             )
+
+
+class OptionsMiddleware:
+    """Answers ``OPTIONS`` on any served path with 204 and an ``Allow`` listing every method the path supports.
+
+    Starlette would answer 405 naming only the first matching route's methods; a path served by
+    several routes (``GET`` and ``POST /v1/files``) needs them all. A path no route serves falls
+    through to the router's 404.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            methods = allowed_methods(scope["app"], scope["path"])
+            if methods:
+                headers = [(b"allow", ", ".join(methods).encode()), (b"content-length", b"0")]
+                await send({"type": "http.response.start", "status": 204, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await self.app(scope, receive, send)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:

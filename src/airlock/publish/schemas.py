@@ -48,6 +48,22 @@ class ReportCreate(_In):
 class ReportUpdate(_In):
     """``PATCH /v1/airlock/reports/{id}``: a new revision; omitted fields keep their value."""
 
+    # The service refuses a patch that changes nothing; the schema says so (at least one field set).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": [name], "properties": {name: {"type": kind}}}
+                for name, kind in (
+                    ("title", "string"),
+                    ("body", "string"),
+                    ("result_ids", "array"),
+                    ("attachment_ids", "array"),
+                )
+            ]
+        },
+    )
+
     title: str | None = Field(default=None, min_length=1, max_length=MAX_TITLE_CHARS, description="New title.")
     body: str | None = Field(default=None, min_length=1, max_length=MAX_BODY_CHARS, description="New Markdown.")
     result_ids: list[str] | None = Field(default=None, max_length=MAX_RESULTS, description="Replaces cited results.")
