@@ -1,0 +1,126 @@
+"""CPU over the whole sandbox: every process together, exited and killed ones included, by cgroup v2 or /proc."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from airlock.sandbox import BwrapSandbox, ResourceLimits, SandboxError, SandboxPolicy, Termination, cgroup_parent
+from airlock.sandbox.accounting import Cgroup, CpuWatch
+from tests.conftest import needs_bwrap
+from tests.sandbox.conftest import py, sandbox
+
+
+@needs_bwrap
+async def test_cpu_time_limit() -> None:
+    result = await sandbox(cpu_seconds=1, wall_timeout_s=20).run(py("while True: pass"))
+    assert result.termination is Termination.CPU_LIMIT, result
+    assert 0.8 < result.cpu_time_s < 4 and result.wall_time_s < 6
+
+
+@needs_bwrap
+async def test_cpu_time_counts_every_process_even_when_killed() -> None:
+    # An orphan that spins while the command sleeps, killed when the command ends...
+    orphan = await sandbox().run(["bash", "-c", "(python3 -c 'while True: pass' &); sleep 1"])
+    assert orphan.ok and orphan.cpu_time_s > 0.3, orphan
+    # ...and a spinning command killed by the wall-clock timeout: both still accounted.
+    spinner = await sandbox().run(py("while True: pass"), timeout=1)
+    assert spinner.timed_out and spinner.cpu_time_s > 0.3, spinner
+
+
+_ACCOUNTINGS = [
+    pytest.param(
+        "cgroup", marks=pytest.mark.skipif(cgroup_parent() is None, reason="no writable cgroup v2 on this machine")
+    ),
+    "proc",
+]
+
+
+_SPINNERS = """
+    import os
+    for _ in range(6):
+        if os.fork() == 0:
+            while True:
+                pass
+    os.wait()
+"""
+
+
+@needs_bwrap
+@pytest.mark.parametrize("accounting", _ACCOUNTINGS)
+async def test_cpu_limit_covers_the_whole_process_tree(accounting: str) -> None:
+    # Six spinners each stay far below a per-process limit; together they reach the sandbox's.
+    policy = SandboxPolicy(limits=ResourceLimits(cpu_seconds=2, wall_timeout_s=60), cpu_accounting=accounting)  # type: ignore[arg-type]
+    result = await BwrapSandbox(policy).run(py(_SPINNERS))
+    assert result.termination is Termination.CPU_LIMIT and result.cpu_accounting == accounting, result
+    # Killed at the limit, not at 6x it (/proc counts whole ticks per process, so it errs early by a few).
+    assert 1.9 <= result.cpu_time_s <= 2.5
+    assert result.exit_code == 137 and result.wall_time_s < 30
+    parent = cgroup_parent()
+    if parent is not None:  # the run's own cgroup is gone with it
+        assert not list(parent.glob(f"airlock-sbx-{os.getpid()}-*"))
+
+
+@needs_bwrap
+@pytest.mark.parametrize("accounting", _ACCOUNTINGS)
+async def test_cpu_of_children_that_already_exited_counts(accounting: str) -> None:
+    # Each child spins 0.3 s and exits, reaped by a parent that uses no CPU: no process ever
+    # nears the limit, the tree passes it after a few children.
+    serial = """
+        import os, time
+        for n in range(40):
+            if os.fork() == 0:
+                start = time.process_time()
+                while time.process_time() - start < 0.3:
+                    pass
+                os._exit(0)
+            os.wait()
+            print(n, flush=True)
+    """
+    policy = SandboxPolicy(limits=ResourceLimits(cpu_seconds=1, wall_timeout_s=60), cpu_accounting=accounting)  # type: ignore[arg-type]
+    result = await BwrapSandbox(policy).run(py(serial))
+    assert result.termination is Termination.CPU_LIMIT, result
+    assert len(result.stdout_text.split()) <= 4 and 0.9 <= result.cpu_time_s <= 1.5
+
+
+@needs_bwrap
+async def test_cgroup_accounting_is_refused_where_no_cgroup_can_be_made(tmp_path: Path) -> None:
+    policy = SandboxPolicy(cpu_accounting="cgroup", cgroup_parent=tmp_path)
+    with pytest.raises(SandboxError, match="no writable cgroup v2"):
+        await BwrapSandbox(policy).run(["true"])
+    assert (await BwrapSandbox(SandboxPolicy(cgroup_parent=tmp_path)).run(["true"])).cpu_accounting == "proc"
+
+
+@needs_bwrap
+def test_cgroup_counters_are_read(tmp_path: Path) -> None:
+    group = Cgroup(tmp_path)
+    (tmp_path / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    assert group.cpu_seconds() == 2.5 and group.oom_kills() == 0  # no memory controller: no events file
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    assert group.oom_kills() == 1
+
+
+def test_cpu_watch_kills_once_the_count_and_its_lag_reach_the_limit() -> None:
+    # (CPU counted, how far it may lag): the kill comes at the first sample whose sum reaches the
+    # limit, never later; a failing read (the sandbox ending) is skipped, not fatal.
+    samples: list[tuple[float, float] | OSError] = [(0.2, 0.1), OSError("gone"), (0.5, 0.1), (0.85, 0.1), (0.95, 0.1)]
+    taken: list[tuple[float, float]] = []
+    kills: list[float] = []
+    woken = threading.Event()
+
+    def meter() -> tuple[float, float]:
+        sample = samples.pop(0)
+        if isinstance(sample, OSError):
+            raise sample
+        taken.append(sample)
+        return sample
+
+    watch = CpuWatch(meter, 1.0, 0.01, kill=lambda: kills.append(watch.used), wake=woken.set)
+    watch.start()
+    assert woken.wait(10)
+    watch.stop()
+    assert watch.exceeded and kills == [0.95] and taken == [(0.2, 0.1), (0.5, 0.1), (0.85, 0.1), (0.95, 0.1)]
+    assert samples == []
