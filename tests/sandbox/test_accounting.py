@@ -23,12 +23,31 @@ async def test_cpu_time_limit() -> None:
 
 @needs_bwrap
 async def test_cpu_time_counts_every_process_even_when_killed() -> None:
-    # An orphan that spins while the command sleeps, killed when the command ends...
-    orphan = await sandbox().run(["bash", "-c", "(python3 -c 'while True: pass' &); sleep 1"])
-    assert orphan.ok and orphan.cpu_time_s > 0.3, orphan
+    # Each spinner reports the CPU it has used, so the assertions rest on its progress, not on how
+    # much of the machine it got in a second of wall time.
+    # An orphan that spins on after the command has waited for its first 0.4 s of CPU, killed when
+    # the command ends...
+    orphan_code = "import time\nwhile time.process_time() < 0.4: pass\nopen('spun', 'w').close()\nwhile True: pass"
+    orphan = await sandbox(wall_timeout_s=600).run(
+        ["bash", "-c", f'cd /tmp && (python3 -c "{orphan_code}" &); until [ -e spun ]; do sleep 0.05; done']
+    )
+    assert orphan.ok and orphan.cpu_time_s >= 0.4, orphan
     # ...and a spinning command killed by the wall-clock timeout: both still accounted.
-    spinner = await sandbox().run(py("while True: pass"), timeout=1)
-    assert spinner.timed_out and spinner.cpu_time_s > 0.3, spinner
+    spinner = await sandbox().run(
+        py(
+            """
+            import sys, time
+            mark = 0.0
+            while True:
+                if time.process_time() - mark >= 0.05:
+                    mark = time.process_time()
+                    print(mark, flush=True)
+            """
+        ),
+        timeout=1,
+    )
+    reported = [float(line) for line in spinner.stdout_text.split()]
+    assert spinner.timed_out and reported and spinner.cpu_time_s >= reported[-1], spinner
 
 
 _ACCOUNTINGS = [
