@@ -153,6 +153,14 @@ def test_every_operation_lists_its_errors_with_the_shared_schema(lab: Lab) -> No
     assert "security" not in document["paths"]["/public/ledger/checkpoint"]["get"]
 
 
+def test_the_route_table_names_only_documented_operations(lab: Lab) -> None:
+    from airlock.gateway.openapi import ROUTE_RESPONSES
+
+    # A renamed route must not leave its extra responses behind, silently undocumented.
+    paths = _document(lab)["paths"]
+    assert [key for key in ROUTE_RESPONSES if key[1] not in paths or key[0].lower() not in paths[key[1]]] == []
+
+
 def test_schema_states_the_message_rules_the_server_enforces(lab: Lab) -> None:
     _gid, key = lab.grant()
     headers = {"Authorization": f"Bearer {key}"}
