@@ -85,6 +85,10 @@ def init(
                 policy_path.write_text(resources.files("airlock").joinpath("data/example-policy.yaml").read_text())
                 console.print(f"wrote example frontier-safety policy {policy_path} (see docs/governance.md)")
             console.print(f"database {settings.db_url}")
+            from airlock.access.seal import prepare_grant_seals
+
+            sealer = prepare_grant_seals(db, settings)
+            console.print(f"grant seal key {sealer.key.source} (id {sealer.key_id}; keep it apart from the database)")
             if admin_token:
                 with db.session() as session:
                     if session.scalar(select(AdminToken).where(AdminToken.revoked_at.is_(None))) is None:

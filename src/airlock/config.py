@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     ledger_key: Path | None = Field(
         default=None, description="Ledger Ed25519 signing key (PEM); default `<home>/ledger/signing-key.pem`."
     )
+    grant_seal_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the grant seals (hex, at least 32 bytes); default: the file `<home>/grant-seal.key`, "
+        "created on first start while no grant is sealed. Keep it out of the database and its backups.",
+    )
     ledger_sequence_interval_s: float = Field(
         default=1.0, gt=0, description="How often the gateway integrates pending ledger events."
     )
@@ -109,6 +114,11 @@ class Settings(BaseSettings):
     def ledger_key_path(self) -> Path:
         """Return the ledger signing key path."""
         return (self.ledger_key or self.home_dir / "ledger" / "signing-key.pem").expanduser()
+
+    @property
+    def grant_seal_key_path(self) -> Path:
+        """Return the grant seal key file (used when ``grant_seal_key`` is not set)."""
+        return self.home_dir / "grant-seal.key"
 
     @property
     def model_cache_dir(self) -> Path:

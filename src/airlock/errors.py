@@ -25,12 +25,19 @@ class AirlockError(Exception):
     status_code: ClassVar[int] = 500
     error_type: ClassVar[str] = "internal_error"
     default_code: ClassVar[str | None] = None
+    audit_outcome: ClassVar[str | None] = None
+    """The audit outcome of a request this error ends, when not the one its status implies (``alert``)."""
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.param = param
+
+    @property
+    def audit_detail(self) -> dict[str, Any]:
+        """Facts for the audit row of a request this error ends (kept by the lab, never sent to the caller)."""
+        return {}
 
     def to_openai(self) -> dict[str, Any]:
         """Return the OpenAI-style error body for this error."""

@@ -8,6 +8,7 @@ from datetime import timedelta
 import httpx
 
 from airlock.access import service
+from airlock.access.seal import seal_grant
 from airlock.db import utcnow
 from tests.conftest import Lab
 
@@ -53,6 +54,7 @@ def make_key(lab: Lab, state: str, scopes: list[str]) -> str | None:
         if state == "expired":  # keys cannot be issued on an expired grant: let this one lapse
             grant = service.get_grant(session, grant_id)
             grant.not_before, grant.not_after = now - timedelta(days=2), now - timedelta(days=1)
+            seal_grant(session, grant)  # a change the lab made: sealed, unlike an edit in the database
         elif state == "revoked-grant":
             service.revoke_grant(session, grant_id, "matrix")
         elif state == "revoked-key":

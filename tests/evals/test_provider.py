@@ -200,6 +200,7 @@ def test_revoked_grant_fails_the_eval_without_retries(lab: Lab, gateway_key: tup
 
 def test_narrowed_grant_fails_the_eval_without_retries(lab: Lab, gateway_key: tuple[str, str], tmp_path: Path) -> None:
     from airlock.access.models import Grant
+    from airlock.access.seal import seal_grant
 
     grant_id, _key = gateway_key
     model = airlock_model("m1/helpful-only")
@@ -207,6 +208,7 @@ def test_narrowed_grant_fails_the_eval_without_retries(lab: Lab, gateway_key: tu
         grant = session.get(Grant, grant_id)
         assert grant is not None
         grant.variants = ["production"]
+        seal_grant(session, grant)  # narrowed by the lab, so sealed
     log = run(echo_task(1), model, tmp_path, max_retries=5)
     assert log.status == "error" and log.error is not None
     assert "Airlock denied access to 'm1/helpful-only'" in log.error.message

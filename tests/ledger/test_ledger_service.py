@@ -203,7 +203,7 @@ def test_services_log_grants_variants_stages_and_audit_digests(db: Database) -> 
     issued = next(e for e in entries if e["kind"] == "grant.issued")
     assert issued["body"]["evaluator"] == "org-a" and issued["body"]["scopes"] == ["sample"]
     assert issued["body"]["versions"] == [{"model": "m1", "label": "v1", "hash": "a" * 64}]
-    assert set(issued["commitments"]) == {"quotas", "notes", "issued_by"}
+    assert set(issued["commitments"]) == {"quotas", "notes", "issued_by", "terms"}
     production = next(e for e in entries if e["kind"] == "variant.registered" and e["body"]["variant"] == "production")
     assert [m["stance"] for m in production["body"]["mitigations"]] == ["disabled_for_eval", "claimed", "claimed"]
     assert "be safe" not in json.dumps(production)

@@ -61,6 +61,9 @@ class Grant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
     revoked_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # HMAC over every other column but the usage counter (airlock.access.seal), under a key the
+    # database does not hold: a row edited outside the service no longer verifies.
+    seal: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
     evaluator: Mapped[Evaluator] = relationship(back_populates="grants")
     keys: Mapped[list[ApiKey]] = relationship(back_populates="grant")

@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
+from airlock.access import seal
 from airlock.access.models import SCOPES, AdminToken, ApiKey, Evaluator, Grant
 from airlock.access.roles import Permission, check_permission, parse_role
 from airlock.db import utcnow
-from airlock.ids import parse_version_ref
 from airlock.errors import (
     AuthenticationError,
     ConflictError,
@@ -24,6 +24,7 @@ from airlock.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from airlock.ids import parse_version_ref
 from airlock.ledger import events as ledger_events
 from airlock.registry.models import Model, ModelVersion
 from airlock.registry.service import ResolvedVariant, get_model, get_version
@@ -175,6 +176,7 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
     )
     session.add(grant)
     session.flush()
+    seal.seal_grant(session, grant)
     ledger_events.grant_issued(session, grant)
     return grant
 
@@ -202,8 +204,17 @@ def revoke_grant(session: Session, grant_id: str, reason: str = "") -> Grant:
     grant = get_grant(session, grant_id)
     if grant.revoked_at is not None:
         raise ConflictError(f"grant {grant_id} was already revoked at {grant.revoked_at.isoformat()}")
+    # Revocation always goes through, even without the seal key; only a grant that held its seal is
+    # re-sealed, so a row edited outside Airlock keeps failing its check (and stays reported).
+    try:
+        sealer: seal.GrantSealer | None = seal.sealer_for(session)
+    except seal.GrantSealKeyError:
+        sealer = None
+    intact = sealer is not None and sealer.failure(grant) is None
     grant.revoked_at = utcnow()
     grant.revoked_reason = reason or None
+    if sealer is not None and intact:
+        grant.seal = sealer.seal(grant)
     session.flush()
     ledger_events.grant_revoked(session, grant)
     return grant
@@ -291,7 +302,11 @@ def _bearer_hash(token: str | None) -> str:
 
 
 def authenticate_key(session: Session, token: str | None) -> Principal:
-    """Return the principal for an evaluator key; 401 for unknown, revoked keys or revoked grants."""
+    """Return the principal for an evaluator key.
+
+    401 for unknown or revoked keys and revoked grants; 403 ``grant_integrity_error`` (an audit
+    alert) when the key's grant no longer matches its seal.
+    """
     digest = _bearer_hash(token)
     key = session.scalar(
         select(ApiKey).where(ApiKey.key_hash == digest).options(joinedload(ApiKey.grant).joinedload(Grant.evaluator))
@@ -299,6 +314,8 @@ def authenticate_key(session: Session, token: str | None) -> Principal:
     # compare_digest on the stored hash keeps the check constant-time after the indexed lookup.
     if key is None or not hmac.compare_digest(key.key_hash, digest):
         raise AuthenticationError("invalid API key")
+    # Before anything the row says: a grant edited outside Airlock is refused (403) as an audit alert.
+    seal.check_grant(session, key.grant)
     if key.revoked_at is not None:
         raise AuthenticationError("this API key has been revoked", code="key_revoked")
     if key.grant.revoked_at is not None:

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
+from airlock.access.seal import check_grant
 from airlock.access.service import Principal
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import SCHEMA, fingerprint, parse_public_key, verify
@@ -71,6 +72,7 @@ def submit_result(session: Session, principal: Principal, envelope: ResultEnvelo
     grant = session.get(Grant, att.grant_id)
     if grant is None or grant.evaluator_id != principal.evaluator_id:
         raise PermissionDeniedError("the attestation's grant is not one of your organisation's", code="grant_mismatch")
+    check_grant(session, grant)  # what it covered is read from the row: it must be the row the lab sealed
     model = session.scalar(select(Model).where(Model.name == att.model))
     version = (
         session.scalar(

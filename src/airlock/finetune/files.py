@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from airlock.access.models import Grant
+from airlock.access.seal import verified_grant
 from airlock.config import get_settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
@@ -152,7 +152,8 @@ def create_file(
         raise InvalidRequestError(
             f"file is {len(data)} bytes, over the limit of {limit} bytes", code="file_too_large", param="file"
         )
-    quota = session.scalar(select(Grant.quota_file_bytes).where(Grant.id == grant_id))
+    grant = verified_grant(session, grant_id)
+    quota = grant.quota_file_bytes if grant is not None else None
     if quota is not None:
         held = session.scalar(
             select(func.coalesce(func.sum(TrainingFile.bytes), 0)).where(TrainingFile.grant_id == grant_id)

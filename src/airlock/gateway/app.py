@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
-    """Migrate the schema and, when a manifest exists, sync it into the registry."""
+    """Migrate the schema, load the grant seal key and, when a manifest exists, sync it into the registry."""
+    from airlock.access.seal import prepare_grant_seals
     from airlock.governance.service import refuse_gated_manifest_stages
     from airlock.mitigations import check_manifest
     from airlock.registry.service import load_manifest, sync_manifest
 
     db.migrate()
+    # A missing or replaced seal key stops the start here, with a message that says which.
+    prepare_grant_seals(db, settings)
     path = settings.manifest_path
     if sync and path.exists():
         manifest = load_manifest(path)

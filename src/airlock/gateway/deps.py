@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from airlock.access.audit import AuditWriter
 from airlock.access.quotas import RateLimiter
 from airlock.access.roles import Permission, check_independent_review
+from airlock.access.seal import GrantIntegrityError
 from airlock.access.service import (
     AdminPrincipal,
     Principal,
@@ -82,8 +83,8 @@ def get_principal(
     with state.db.session() as session:
         try:
             principal = authenticate_key(session, token)
-        except AuthenticationError:
-            # A revoked key still tells whose it was: record that, then refuse.
+        except (AuthenticationError, GrantIntegrityError):
+            # A revoked key, or one whose grant failed its seal, still tells whose it was: record that, then refuse.
             known = identify_key(session, token)
             if known is not None:
                 audit.actor, audit.evaluator_id = known.evaluator_name, known.evaluator_id

@@ -76,6 +76,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
         _audit_error(request, exc.code)
+        ctx = request.scope.get("airlock.audit")
+        if ctx is not None and exc.audit_outcome:
+            ctx.outcome = exc.audit_outcome
+            ctx.detail.update(exc.audit_detail)
         headers = {}
         if isinstance(exc, RateLimitError) and exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))

@@ -79,9 +79,10 @@ class InterpHandler:
                 backend_config=dict(variant.backend_config),
                 mitigations=[],
             )
-            from airlock.access.models import Grant
+            from airlock.access.seal import verified_grant
 
-            grant = session.get(Grant, grant_id)
+            # The job runs on the grant's terms as they are now: a row edited since submission is refused.
+            grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job {ctx.job_id}")
             cpu_used, bytes_released = interp.usage_of_grant(session, grant_id)
             cpu_quota = grant.quota_interp_cpu_seconds if grant is not None else None
             bytes_quota = interp.grant_result_bytes(grant, self.settings)
@@ -188,11 +189,11 @@ class InterpHandler:
         self, grant_id: str, worker: host.ModelWorker, limits: ResourceLimits
     ) -> tuple[host.ServeBudget, int]:
         """Return what the host may serve this job (and the grant's review threshold), from the grant's terms."""
-        from airlock.access.models import Grant
+        from airlock.access.seal import verified_grant
 
         size = host.model_size(worker)
         with self.db.session() as session:
-            grant = session.get(Grant, grant_id)
+            grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job of grant {grant_id}")
             served = interp.served_limits(grant, self.settings, size.parameter_bytes, size.embedding_parameters)
             before = interp.served_by_grant(session, grant_id)
             full_logits = bool(grant is not None and grant.interp_full_logits)

@@ -1,4 +1,4 @@
-"""`airlock ledger ...`: status, checkpoints, public key, export, offline verify, lab-side check, reveal."""
+"""`airlock ledger ...`: status, checkpoints, public key, export, offline verify, lab-side check, reveal, reseal."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from airlock.cli_support import console, fail, fmt_ts, open_database, run_command
 
@@ -112,19 +113,62 @@ def verify(
 @app.command("check")
 def check(
     audit: Annotated[bool, typer.Option(help="Also recompute every audit-table digest.")] = True,
+    grants: Annotated[
+        bool, typer.Option(help="Also check every grant's seal and compare its terms with its ledger entries.")
+    ] = True,
 ) -> None:
-    """Lab-side tamper check: recompute the log, nodes, checkpoints and audit digests from the database."""
+    """Lab-side tamper check: recompute the log, nodes, checkpoints and audit digests; reconcile grants."""
 
     def body() -> None:
+        from airlock.access.seal import check_grants
         from airlock.ledger import service
 
         with open_database() as (settings, db):
             problems = service.check_database(db, service.get_signer(settings), audit=audit)
+            if grants:
+                with db.session() as session:
+                    problems += check_grants(session, settings)
         if problems:
             for p in problems:
-                console.print(f"[red]✗[/] {p}")
-            raise fail(f"{len(problems)} problem(s): the ledger or the audit table was altered")
-        console.print("[green]ok[/]: entries, tree nodes, checkpoints" + (" and audit digests" if audit else ""))
+                # Escaped: logged values hold brackets that rich would read as markup.
+                console.print(f"[red]✗[/] {escape(p)}")
+            raise fail(f"{len(problems)} problem(s): the ledger, the audit table or a grant was altered")
+        checked = ["entries", "tree nodes", "checkpoints"] + (["audit digests"] if audit else [])
+        checked += ["grant seals and terms"] if grants else []
+        console.print("[green]ok[/]: " + ", ".join(checked[:-1]) + " and " + checked[-1])
+
+    run_command(body)
+
+
+@app.command("reseal-grants")
+def reseal_grants(
+    previous_key: Annotated[
+        Path, typer.Option(help="File holding the previous grant seal key (hex), e.g. the moved-aside grant-seal.key.")
+    ],
+) -> None:
+    """Rotate the grant seal key: re-seal every grant that holds its seal under the previous key.
+
+    The configured key (AIRLOCK_GRANT_SEAL_KEY, or <home>/grant-seal.key, created if absent) is the
+    new one. A grant that fails its seal under the previous key is left as it was, so it stays refused.
+    """
+
+    def body() -> None:
+        from airlock.access.seal import parse_key
+        from airlock.access.seal import reseal_grants as reseal
+
+        if not previous_key.is_file():
+            raise fail(f"{previous_key} is not a file")
+        previous = parse_key(previous_key.read_text(), str(previous_key))
+        with open_database() as (settings, db):
+            report = reseal(db, settings, previous)
+        console.print(
+            f"re-sealed {report.resealed} grant(s) under key id {report.key_id} ({report.key_source}); "
+            f"{report.already} already were"
+        )
+        if report.refused:
+            for grant_id, why in report.refused:
+                console.print(f"[red]✗[/] grant {grant_id}: {why} under the previous key; left refused")
+            raise fail(f"{len(report.refused)} grant(s) failed their seal and were not re-sealed")
 
     run_command(body)
 

@@ -3,8 +3,8 @@
 Public by design (the issue names them): evaluator identity, model, version labels and content
 hashes, variants, scopes, the access window, mitigation names/kinds/stances, stage changes and
 attested-result hashes. Committed (salted SHA-256, revealable later): grant quotas and notes, who
-issued or revoked a grant and why, mitigation configs (prompts, filter patterns), stage-change
-actors, and metrics of results still under a publication embargo.
+issued or revoked a grant and why, a grant's full terms, mitigation configs (prompts, filter
+patterns), stage-change actors, and metrics of results still under a publication embargo.
 """
 
 from __future__ import annotations
@@ -49,8 +49,14 @@ def _grant_ref(session: Session, grant: Grant) -> dict[str, Any]:
     }
 
 
-def grant_issued(session: Session, grant: Grant) -> None:
-    """Log ``grant.issued``: who may do what to which versions and variants, and when."""
+def grant_issued_event(session: Session, grant: Grant) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the public body and the confidential fields ``grant.issued`` logs for ``grant``.
+
+    One function for both sides: the service logs what it returns, and the lab-side check
+    recomputes it from the live row to compare with what was logged.
+    """
+    from airlock.access.seal import issued_terms
+
     body = {
         **_grant_ref(session, grant),
         "versions": _grant_versions(session, grant),
@@ -73,21 +79,30 @@ def grant_issued(session: Session, grant: Grant) -> None:
         "interp_served_bytes": grant.quota_interp_served_bytes,
         "interp_review_served_bytes": grant.interp_review_served_bytes,
     }
-    record_event(
-        session,
-        "grant.issued",
-        body,
-        confidential={"quotas": quotas, "notes": grant.notes, "issued_by": grant.created_by},
-    )
+    # Every term column (the ones the grant seal covers, bar revocation), so any later column is logged too.
+    terms = issued_terms(grant)
+    return body, {"quotas": quotas, "notes": grant.notes, "issued_by": grant.created_by, "terms": terms}
 
 
-def grant_revoked(session: Session, grant: Grant) -> None:
-    """Log ``grant.revoked`` (the reason is committed, not published)."""
+def grant_issued(session: Session, grant: Grant) -> None:
+    """Log ``grant.issued``: who may do what to which versions and variants, and when."""
+    body, confidential = grant_issued_event(session, grant)
+    record_event(session, "grant.issued", body, confidential=confidential)
+
+
+def grant_revoked_event(session: Session, grant: Grant) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the public body and the confidential fields ``grant.revoked`` logs for ``grant``."""
     body = {
         **_grant_ref(session, grant),
         "revoked_at": grant.revoked_at,
     }
-    record_event(session, "grant.revoked", body, confidential={"reason": grant.revoked_reason or ""})
+    return body, {"reason": grant.revoked_reason or ""}
+
+
+def grant_revoked(session: Session, grant: Grant) -> None:
+    """Log ``grant.revoked`` (the reason is committed, not published)."""
+    body, confidential = grant_revoked_event(session, grant)
+    record_event(session, "grant.revoked", body, confidential=confidential)
 
 
 def variant_registered(session: Session, version: ModelVersion, variant: Variant, *, updated: bool = False) -> None:

@@ -500,6 +500,60 @@ def _iter_entries(session: Session, chunk: int = 10_000) -> Iterator[LedgerEntry
         session.expunge_all()
 
 
+@dataclass(frozen=True)
+class LoggedEvent:
+    """A recorded event read back for reconciliation: its parsed entry and the openings the lab keeps."""
+
+    event_id: str
+    kind: str
+    body: dict[str, Any]
+    commitments: dict[str, str]
+    openings: dict[str, tuple[str, str]]
+    """Field → (salt hex, canonical JSON of the value), as kept in ``ledger_commitments``."""
+    integrated: bool
+
+
+def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
+    """Return every recorded event of ``kinds``, integrated or still pending, with its kept openings.
+
+    For services that reconcile their rows with what they logged; an entry that does not parse is
+    left out here (``check_database`` reports it).
+    """
+    rows: list[tuple[str, str, bool]] = [
+        (event_id, entry, True)
+        for event_id, entry in session.execute(
+            select(LedgerEntry.event_id, LedgerEntry.entry).where(LedgerEntry.kind.in_(kinds)).order_by(LedgerEntry.idx)
+        )
+    ]
+    rows += [
+        (event_id, entry, False)
+        for event_id, entry in session.execute(
+            select(LedgerPending.event_id, LedgerPending.entry)
+            .where(LedgerPending.kind.in_(kinds))
+            .order_by(LedgerPending.seq)
+        )
+    ]
+    openings: dict[str, dict[str, tuple[str, str]]] = {}
+    ids = [event_id for event_id, _entry, _integrated in rows]
+    for start in range(0, len(ids), 1000):
+        stmt = select(LedgerCommitment).where(LedgerCommitment.event_id.in_(ids[start : start + 1000]))
+        for c in session.scalars(stmt):
+            openings.setdefault(c.event_id, {})[c.field] = (c.salt, c.value)
+    events: list[LoggedEvent] = []
+    for event_id, text, integrated in rows:
+        try:
+            data = parse_entry(text)
+        except ValueError:
+            continue
+        body, commitments = data.get("body"), data.get("commitments") or {}
+        if not isinstance(body, dict) or not isinstance(commitments, dict):
+            continue
+        events.append(
+            LoggedEvent(event_id, str(data["kind"]), body, commitments, openings.get(event_id, {}), integrated)
+        )
+    return events
+
+
 def check_database(db: Database, signer: Signer, *, audit: bool = True) -> list[str]:
     """Recompute the whole log from the stored entries and return every inconsistency found.
 

@@ -28,6 +28,7 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
+from airlock.access.seal import grant_holds
 from airlock.access.service import Principal, check_window
 from airlock.canonical import canonical_forms, sha256_hex
 from airlock.db import Database, utcnow
@@ -95,8 +96,14 @@ def embargo_of(session: Session, report: Report) -> Embargo:
     if revision.result_ids:
         grant_ids |= set(session.scalars(select(EvalResult.grant_id).where(EvalResult.id.in_(revision.result_ids))))
     grants = list(session.scalars(select(Grant).where(Grant.id.in_(grant_ids)).order_by(Grant.id)))
-    open_ended = [g.id for g in grants if g.embargo_days is None]
     deployed = deployed_at(session, version)
+    # An embargo term read from a row edited outside Airlock sets no date (the failed check is logged).
+    failed = [g.id for g in grants if not grant_holds(session, g)]
+    if failed:
+        return Embargo(
+            None, deployed, f"grant(s) {', '.join(failed)} failed their integrity check: publication needs both parties"
+        )
+    open_ended = [g.id for g in grants if g.embargo_days is None]
     if open_ended:
         return Embargo(
             None, deployed, f"grant(s) {', '.join(open_ended)} set no embargo term: publication needs both parties"
