@@ -157,6 +157,28 @@ def test_the_key_file_is_created_once_with_mode_600_and_seals_carry_its_id(lab_d
         assert (version, key_id, len(mac)) == ("gs1", key.key_id, 64)
 
 
+def test_init_creates_the_key_file(airlock_env: Path) -> None:
+    from airlock.cli import app
+
+    result = CliRunner().invoke(app, ["init", "--no-admin-token"])
+    assert result.exit_code == 0, result.output
+    path = airlock_env / "grant-seal.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key_id = seal.parse_key(path.read_text(), str(path)).key_id
+    assert f"(id {key_id};" in " ".join(result.output.split())
+
+
+def test_a_value_canonical_json_cannot_hold_is_refused_not_a_crash(lab_db: Database) -> None:
+    grant_id = _issue(lab_db, quota_total_tokens=1000)
+    _sql(lab_db, "UPDATE grants SET quota_total_tokens = 1152921504606846976 WHERE id = :id", id=grant_id)  # 2^60
+    with lab_db.session() as session:
+        with pytest.raises(seal.GrantIntegrityError) as refused:
+            seal.check_grant(session, service.get_grant(session, grant_id))
+        assert refused.value.reason == "unencodable"
+        (line,) = seal.check_grants(session)
+    assert "canonical JSON cannot represent" in line
+
+
 def test_malformed_keys_are_refused_naming_their_source() -> None:
     with pytest.raises(seal.GrantSealKeyError, match="in AIRLOCK_GRANT_SEAL_KEY is not hex"):
         seal.parse_key("not hex", "AIRLOCK_GRANT_SEAL_KEY")
