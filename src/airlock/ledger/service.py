@@ -519,20 +519,25 @@ def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
     For services that reconcile their rows with what they logged; an entry that does not parse is
     left out here (``check_database`` reports it).
     """
-    rows: list[tuple[str, str, bool]] = [
-        (event_id, entry, True)
-        for event_id, entry in session.execute(
-            select(LedgerEntry.event_id, LedgerEntry.entry).where(LedgerEntry.kind.in_(kinds)).order_by(LedgerEntry.idx)
-        )
-    ]
-    rows += [
-        (event_id, entry, False)
+    # Pending first: an event only ever moves from pending to integrated, so a sequencer committing
+    # between the two reads (each its own snapshot under PostgreSQL's READ COMMITTED) shows it twice,
+    # never zero times; the integrated copy wins.
+    pending: dict[str, str] = {
+        event_id: entry
         for event_id, entry in session.execute(
             select(LedgerPending.event_id, LedgerPending.entry)
             .where(LedgerPending.kind.in_(kinds))
             .order_by(LedgerPending.seq)
         )
-    ]
+    }
+    integrated: dict[str, str] = {
+        event_id: entry
+        for event_id, entry in session.execute(
+            select(LedgerEntry.event_id, LedgerEntry.entry).where(LedgerEntry.kind.in_(kinds)).order_by(LedgerEntry.idx)
+        )
+    }
+    rows = [(event_id, entry, True) for event_id, entry in integrated.items()]
+    rows += [(event_id, entry, False) for event_id, entry in pending.items() if event_id not in integrated]
     openings: dict[str, dict[str, tuple[str, str]]] = {}
     ids = [event_id for event_id, _entry, _integrated in rows]
     for start in range(0, len(ids), 1000):
@@ -540,7 +545,7 @@ def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
         for c in session.scalars(stmt):
             openings.setdefault(c.event_id, {})[c.field] = (c.salt, c.value)
     events: list[LoggedEvent] = []
-    for event_id, text, integrated in rows:
+    for event_id, text, in_tree in rows:
         try:
             data = parse_entry(text)
         except ValueError:
@@ -548,9 +553,7 @@ def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
         body, commitments = data.get("body"), data.get("commitments") or {}
         if not isinstance(body, dict) or not isinstance(commitments, dict):
             continue
-        events.append(
-            LoggedEvent(event_id, str(data["kind"]), body, commitments, openings.get(event_id, {}), integrated)
-        )
+        events.append(LoggedEvent(event_id, str(data["kind"]), body, commitments, openings.get(event_id, {}), in_tree))
     return events
 
 
