@@ -81,9 +81,9 @@ class Server:
 def setup_lab(home: Path, backend: str, model_spec: str) -> tuple[Any, str]:
     os.environ["AIRLOCK_HOME"] = str(home)
     from airlock.access import service
+    from airlock.app import create_app
     from airlock.config import get_settings, reset_settings
     from airlock.db import Database
-    from airlock.gateway.app import create_app
     from airlock.registry.service import parse_manifest, sync_manifest
 
     reset_settings()

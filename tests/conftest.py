@@ -241,8 +241,8 @@ class Lab:
 def running_lab(db: Any, manifest: dict[str, Any]) -> Iterator[Lab]:
     """Sync ``manifest`` into a migrated ``db`` and serve it over real HTTP until the block ends."""
     from airlock.access.service import create_admin_token
+    from airlock.app import create_app
     from airlock.config import get_settings
-    from airlock.gateway.app import create_app
     from airlock.registry.service import parse_manifest, sync_manifest
 
     with db.session() as session:

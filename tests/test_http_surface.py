@@ -15,10 +15,10 @@ from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, iter_route_contexts
 
+from airlock.app import create_app
 from airlock.config import Settings
 from airlock.db import Database
-from airlock.gateway.app import create_app
-from airlock.gateway.deps import RequirePermission, get_admin, get_principal
+from airlock.deps import RequirePermission, get_admin, get_principal
 
 # Routes anyone may call without a credential: health, the public record and the API description.
 PUBLIC_PREFIXES = ("/public/", "/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json", "/ui")

@@ -111,7 +111,7 @@ def serve(
     """Sync airlock.yaml into the registry and serve the gateway."""
     import uvicorn
 
-    from airlock.gateway.app import bootstrap, create_app
+    from airlock.app import bootstrap, create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))

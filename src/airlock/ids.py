@@ -9,7 +9,7 @@ Every model id an evaluator's tools send in the OpenAI ``model`` field is one of
 
 and a model version alone (grants, reports, the gate, the CLI) is ``{model}@{version}``, the
 version optional where the newest is meant. Parsing never touches the database; resolving an id
-to what it names is the serving package's (:mod:`airlock.gateway.serving`).
+to what it names is the serving package's (:mod:`airlock.serving.service`).
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from airlock.access import roles
 from airlock.access.models import AdminToken, ApiKey, Grant
 from airlock.access.roles import Permission, Role
 from airlock.access.service import create_admin_token, get_grant, hash_secret
+from airlock.app import create_app
 from airlock.db import Database
+from airlock.deps import RequirePermission, get_admin
 from airlock.errors import InvalidRequestError
-from airlock.gateway.app import create_app
-from airlock.gateway.deps import RequirePermission, get_admin
 from tests.conftest import FAKE_MANIFEST, Lab, sqlite_lab
 
 A, R, D, U = "admin", "reviewer", "decider", "auditor"

@@ -298,7 +298,7 @@ def test_a_result_attested_under_a_widened_grant_is_refused_as_an_alert(lab: Lab
 
 
 def test_a_missing_key_file_stops_the_start_and_is_not_recreated(lab_db: Database) -> None:
-    from airlock.gateway.app import bootstrap
+    from airlock.app import bootstrap
 
     _issue(lab_db)
     path = get_settings().grant_seal_key_path
@@ -313,7 +313,7 @@ def test_a_missing_key_file_stops_the_start_and_is_not_recreated(lab_db: Databas
 
 
 def test_a_replaced_key_stops_the_start(lab_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    from airlock.gateway.app import bootstrap
+    from airlock.app import bootstrap
 
     _issue(lab_db)
     monkeypatch.setenv("AIRLOCK_GRANT_SEAL_KEY", "ab" * 32)

@@ -154,7 +154,7 @@ def test_every_operation_lists_its_errors_with_the_shared_schema(lab: Lab) -> No
 
 
 def test_the_route_table_names_only_documented_operations(lab: Lab) -> None:
-    from airlock.gateway.openapi import ROUTE_RESPONSES
+    from airlock.web.openapi import ROUTE_RESPONSES
 
     # A renamed route must not leave its extra responses behind, silently undocumented.
     paths = _document(lab)["paths"]

@@ -180,7 +180,7 @@ def test_result_frames_past_the_cap_are_not_even_read(run_code) -> None:
     assert outcome.usage["rpc"]["bytes_in"] < 1_000_000
 
 
-@pytest.mark.parametrize("module", ["torch", "transformers", "airlock.gateway", "airlock.backends.weights", "requests"])
+@pytest.mark.parametrize("module", ["torch", "transformers", "airlock.app", "airlock.backends.weights", "requests"])
 def test_modules_beyond_the_runtime_are_absent(run_code, module: str) -> None:
     outcome = run_code(f"def main():\n    import {module}\n    return {{}}\n")
     assert outcome.error is not None and outcome.error.code == "code_error"

@@ -23,8 +23,8 @@ from airlock.access.schemas import (
 )
 from airlock.access.service import AdminPrincipal
 from airlock.db import utcnow
+from airlock.deps import SessionDep, StateDep, require
 from airlock.errors import InvalidRequestError
-from airlock.gateway.deps import SessionDep, StateDep, require
 
 router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: access"])
 

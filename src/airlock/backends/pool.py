@@ -1,4 +1,4 @@
-"""Live backends and per-variant mitigation pipelines, created on first use and shared."""
+"""Live backends, created on first use and shared by every variant with the same backend settings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Any
 from airlock.backends.base import ModelBackend
 from airlock.backends.registry import create_backend
 from airlock.errors import ConfigError
-from airlock.mitigations.pipeline import VariantPipeline, build_pipeline
 from airlock.registry.service import ResolvedVariant
 
 log = logging.getLogger(__name__)
@@ -49,11 +48,10 @@ class VariantRuntimeSpec:
 
 
 class BackendPool:
-    """Creates, starts and caches backends and variant pipelines."""
+    """Creates, starts and caches backends (mitigations are wrapped around them by the serving package)."""
 
     def __init__(self) -> None:
         self._backends: dict[str, ModelBackend] = {}
-        self._pipelines: dict[str, VariantPipeline] = {}
         self._lock = asyncio.Lock()
 
     async def backend(self, spec: VariantRuntimeSpec) -> ModelBackend:
@@ -71,25 +69,11 @@ class BackendPool:
                 self._backends[key] = backend
             return backend
 
-    async def pipeline(self, spec: VariantRuntimeSpec) -> VariantPipeline:
-        """Return the variant's backend wrapped in its mitigations, in order."""
-        key = spec.pipeline_key()
-        pipeline = self._pipelines.get(key)
-        if pipeline is None:
-            inner = await self.backend(spec)
-            pipeline = build_pipeline(inner, spec.mitigations)
-            self._pipelines[key] = pipeline
-        return pipeline
+    async def adapter_backend(self, spec: VariantRuntimeSpec, name: str, path: Path) -> ModelBackend:
+        """Return a view of the variant's local backend running LoRA adapter ``name`` (loaded from ``path`` once).
 
-    async def adapter_pipeline(self, spec: VariantRuntimeSpec, name: str, path: Path) -> VariantPipeline:
-        """Return the variant's pipeline over its local backend running LoRA adapter ``name``.
-
-        The adapter is loaded into the shared base model once; the base is never reloaded.
+        The adapter is loaded into the shared base model; the base is never reloaded.
         """
-        key = spec.pipeline_key() + ":" + name
-        pipeline = self._pipelines.get(key)
-        if pipeline is not None:
-            return pipeline
         from airlock.backends.local import LocalBackend  # torch only when an adapter is served
 
         backend = await self.backend(spec)
@@ -98,9 +82,7 @@ class BackendPool:
         async with self._lock:
             if name not in backend.adapters:
                 await backend.load_adapter(name, path)
-        pipeline = build_pipeline(backend.adapter_view(name), spec.mitigations)
-        self._pipelines[key] = pipeline
-        return pipeline
+        return backend.adapter_view(name)
 
     async def aclose(self) -> None:
         """Close every backend."""
@@ -110,4 +92,3 @@ class BackendPool:
             except Exception:  # closing must go on for the others
                 log.exception("closing backend failed")
         self._backends.clear()
-        self._pipelines.clear()

@@ -8,9 +8,9 @@ from fastapi import APIRouter
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
+from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, require
 from airlock.evals import service
 from airlock.evals.schemas import EvalResultPublic, ResultEnvelope, SigningKeyCreate, SigningKeyPublic
-from airlock.gateway.deps import AuditDep, CurrentPrincipal, SessionDep, require
 
 router = APIRouter(prefix="/v1/airlock", tags=["evaluator: results"])
 admin_router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: results"])

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airlock.access.service import check_window
+from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep
 from airlock.errors import PermissionDeniedError
 from airlock.finetune import files as service
 from airlock.finetune import service as ft_service
@@ -26,10 +27,9 @@ from airlock.finetune.schemas import (
     FineTuningJobEventList,
     FineTuningJobList,
 )
-from airlock.gateway.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep
-from airlock.gateway.routing import route_methods
-from airlock.gateway.uploads import read_upload
 from airlock.jobs import service as jobs_service
+from airlock.web.routing import route_methods
+from airlock.web.uploads import read_upload
 
 router = APIRouter(prefix="/v1", tags=["evaluator: files"])
 

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
+from airlock.deps import SessionDep, StateDep, require
 from airlock.errors import ConflictError
-from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.governance import service
 from airlock.governance.policy import Policy
 from airlock.governance.schemas import DecisionPublic, GateStage, PolicyPublic, PromoteRequest, PromotionPublic

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
-from airlock.gateway.deps import (
+from airlock.deps import (
     AuditDep,
     CurrentPrincipal,
     SessionDep,

@@ -11,8 +11,8 @@ from fastapi.responses import PlainTextResponse
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
+from airlock.deps import SessionDep, StateDep, require
 from airlock.errors import InvalidRequestError, NotFoundError
-from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.ledger import service
 from airlock.ledger.schemas import (
     CheckpointPublic,

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
 from airlock.db import utcnow
-from airlock.gateway.deps import (
+from airlock.deps import (
     AuditDep,
     CurrentPrincipal,
     SessionDep,
@@ -19,7 +19,6 @@ from airlock.gateway.deps import (
     require,
     require_independent_review,
 )
-from airlock.gateway.uploads import read_upload
 from airlock.publish import pages, schemas, service
 from airlock.publish.schemas import (
     AttachmentPublic,
@@ -34,6 +33,7 @@ from airlock.publish.schemas import (
     ReportUpdate,
     RevealRequest,
 )
+from airlock.web.uploads import read_upload
 
 router = APIRouter()
 evaluator_router = APIRouter(prefix="/v1/airlock/reports", tags=["evaluator: reports"])

@@ -8,8 +8,8 @@ from fastapi import APIRouter
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
+from airlock.deps import SessionDep, StateDep, require
 from airlock.errors import ConfigError, InvalidRequestError
-from airlock.gateway.deps import SessionDep, StateDep, require
 from airlock.governance.service import refuse_gated_manifest_stages
 from airlock.mitigations import check_manifest
 from airlock.registry import service

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from airlock.errors import AirlockError, RateLimitError
-from airlock.gateway.routing import allowed_methods
+from airlock.web.routing import allowed_methods
 
 log = logging.getLogger(__name__)
 

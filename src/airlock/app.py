@@ -12,15 +12,16 @@ from fastapi.concurrency import run_in_threadpool
 
 from airlock import __version__
 from airlock.access.audit import AuditWriter
+from airlock.access.middleware import AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
 from airlock.backends.pool import BackendPool
 from airlock.config import Settings, get_settings
 from airlock.db import Database
-from airlock.gateway.deps import GatewayState
-from airlock.gateway.errors import install_error_handlers
-from airlock.gateway.middleware import AuditMiddleware, OptionsMiddleware
-from airlock.gateway.openapi import install_openapi
+from airlock.deps import GatewayState, get_admin, get_principal
 from airlock.registry.service import RegistryCache
+from airlock.serving.pipelines import PipelineCache
+from airlock.web.errors import install_error_handlers
+from airlock.web.openapi import EVALUATOR_SCHEME, LAB_SCHEME, install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,13 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     settings = settings or get_settings()
     db = db or Database(settings.db_url)
     audit = AuditWriter(db, flush_interval=settings.audit_flush_interval_s, batch_size=settings.audit_batch_size)
+    pool = BackendPool()
     state = GatewayState(
         settings=settings,
         db=db,
         audit=audit,
-        pool=BackendPool(),
+        pool=pool,
+        pipelines=PipelineCache(pool),
         limiter=make_rate_limiter(settings.redis_url),
         registry=RegistryCache(),
     )
@@ -89,6 +92,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         finally:
             if runner is not None:
                 await run_in_threadpool(runner.stop)
+            state.pipelines.clear()
             await state.pool.aclose()
             audit.close()
             await run_in_threadpool(publisher.stop)
@@ -102,14 +106,12 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     )
     app.state.gateway = state
     install_error_handlers(app)
-    install_openapi(app)
+    install_openapi(app, {EVALUATOR_SCHEME: get_principal, LAB_SCHEME: get_admin})
 
     from airlock.access.routes import router as access_router
     from airlock.evals.routes import admin_router as results_admin_router
     from airlock.evals.routes import router as results_router
     from airlock.finetune.routes import router as files_router
-    from airlock.gateway.routes import airlock_router
-    from airlock.gateway.routes import router as openai_router
     from airlock.governance.routes import router as governance_router
     from airlock.governance.routes import stage_router
     from airlock.interp.routes import router as interp_router
@@ -117,6 +119,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     from airlock.ledger.routes import router as ledger_router
     from airlock.publish.routes import router as publish_router
     from airlock.registry.routes import router as registry_router
+    from airlock.serving.routes import airlock_router
+    from airlock.serving.routes import router as openai_router
 
     app.include_router(openai_router)
     app.include_router(airlock_router)

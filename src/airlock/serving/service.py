@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from airlock.access.middleware import AuditContext
 from airlock.access.quotas import check_token_quota
 from airlock.access.service import Principal, authorize
 from airlock.backends.pool import VariantRuntimeSpec
@@ -21,10 +22,9 @@ from airlock.backends.protocol import (
     CompletionRequest,
     Usage,
 )
+from airlock.deps import GatewayState
 from airlock.errors import AirlockError, InvalidRequestError, NotFoundError
 from airlock.finetune.service import get_own_job as ft_get_own_job
-from airlock.gateway.deps import GatewayState
-from airlock.gateway.middleware import AuditContext
 from airlock.ids import is_fine_tuned, parse_fine_tuned_id, parse_model_id
 from airlock.mitigations import MitigatedStream, VariantPipeline, Verdict
 from airlock.registry.service import ResolvedVariant
@@ -63,7 +63,7 @@ async def prepare(
     check_token_quota(principal.grant)
     if principal.grant.quota_requests_per_minute:
         state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
-    backend = await state.pool.pipeline(spec)
+    backend = await state.pipelines.pipeline(spec)
     if request.wants_logprobs() and not backend.supports_logprobs:
         raise InvalidRequestError(f"variant {ref.variant!r} cannot return log-probabilities", param="logprobs")
     if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
@@ -107,7 +107,7 @@ async def _prepare_fine_tuned(
     if principal.grant.quota_requests_per_minute:
         state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
     adapter = FineTuneHandler(state.settings.home_dir).output_dir(ft.job_id) / "adapter"
-    backend = await state.pool.adapter_pipeline(VariantRuntimeSpec.of(resolved), ft.job_id, adapter)
+    backend = await state.pipelines.adapter_pipeline(VariantRuntimeSpec.of(resolved), ft.job_id, adapter)
     return Target(public_id=request.model, backend=backend)
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airlock.access.audit import AuditRecord, AuditWriter
-from airlock.backends.protocol import new_id
-from airlock.gateway.errors import error_body
-from airlock.gateway.routing import allowed_methods
+from airlock.web.errors import error_body
+from airlock.web.routing import allowed_methods
 
 log = logging.getLogger(__name__)
 UNAUDITED = ("/healthz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
@@ -66,7 +66,7 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["path"] in UNAUDITED:
             await self.app(scope, receive, send)
             return
-        ctx = AuditContext(request_id=new_id("req_"))
+        ctx = AuditContext(request_id=f"req_{uuid.uuid4().hex[:24]}")
         scope["airlock.audit"] = ctx
         started = time.perf_counter()
         status = 500

@@ -19,12 +19,12 @@ from airlock.backends.protocol import (
     ModelCard,
     ModelList,
 )
+from airlock.deps import AuditDep, CurrentPrincipal, StateDep
 from airlock.errors import NotFoundError
 from airlock.finetune.service import get_own_job as ft_get_own_job
-from airlock.gateway import serving
-from airlock.gateway.deps import AuditDep, CurrentPrincipal, StateDep
 from airlock.ids import is_fine_tuned, parse_fine_tuned_id, parse_model_id
 from airlock.registry.models import Model, ModelVersion
+from airlock.serving import service as serving
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from airlock.access.audit import AuditWriter
+from airlock.access.middleware import AuditContext
 from airlock.access.quotas import RateLimiter
 from airlock.access.roles import Permission, check_independent_review
 from airlock.access.seal import GrantIntegrityError
@@ -24,8 +25,8 @@ from airlock.backends.pool import BackendPool
 from airlock.config import Settings
 from airlock.db import Database
 from airlock.errors import AuthenticationError, PermissionDeniedError
-from airlock.gateway.middleware import AuditContext
 from airlock.registry.service import RegistryCache
+from airlock.serving.pipelines import PipelineCache
 
 
 @dataclass
@@ -36,6 +37,7 @@ class GatewayState:
     db: Database
     audit: AuditWriter
     pool: BackendPool
+    pipelines: PipelineCache
     limiter: RateLimiter
     registry: RegistryCache
 

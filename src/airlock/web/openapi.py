@@ -14,15 +14,14 @@ The schemathesis conformance test fails when a route answers a status this docum
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import iter_route_contexts
 
-from airlock.gateway.deps import get_admin, get_principal
-from airlock.gateway.errors import ErrorResponse
+from airlock.web.errors import ErrorResponse
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 EVALUATOR_SCHEME = "evaluatorKey"
@@ -111,10 +110,14 @@ def _error_response(status: int) -> dict[str, Any]:
     return response
 
 
-def route_errors(dependant: Dependant, method: str, path: str) -> tuple[set[int], list[str]]:
+Credentials = Mapping[str, Callable[..., Any]]
+"""Security scheme name -> the dependency that authenticates it (the app names them; the kit knows none)."""
+
+
+def route_errors(dependant: Dependant, method: str, path: str, credentials: Credentials) -> tuple[set[int], list[str]]:
     """Return the error statuses a route can answer and the security schemes it accepts."""
     calls = set(_calls(dependant))
-    schemes = [name for name, call in ((EVALUATOR_SCHEME, get_principal), (LAB_SCHEME, get_admin)) if call in calls]
+    schemes = [name for name, call in credentials.items() if call in calls]
     statuses: set[int] = {401, 403} if schemes else set()
     if dependant.path_params:
         statuses.add(404)
@@ -126,7 +129,7 @@ def route_errors(dependant: Dependant, method: str, path: str) -> tuple[set[int]
     return statuses, schemes
 
 
-def document_errors(app: FastAPI, schema: dict[str, Any]) -> None:
+def document_errors(app: FastAPI, schema: dict[str, Any], credentials: Credentials) -> None:
     """Rewrite ``schema``'s operations in place: real error responses, security, no phantom 422."""
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
@@ -150,7 +153,7 @@ def document_errors(app: FastAPI, schema: dict[str, Any]) -> None:
                 continue
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            statuses, schemes = route_errors(dependant, method, path)
+            statuses, schemes = route_errors(dependant, method, path, credentials)
             for status in sorted(statuses):
                 responses.setdefault(str(status), _error_response(status))
             if schemes:
@@ -160,15 +163,18 @@ def document_errors(app: FastAPI, schema: dict[str, Any]) -> None:
         schemas.pop(name, None)
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Make ``app.openapi()`` return the rewritten document (built once per set of routes)."""
+def install_openapi(app: FastAPI, credentials: Credentials) -> None:
+    """Make ``app.openapi()`` return the rewritten document (built once per set of routes).
+
+    ``credentials`` maps ``evaluatorKey`` and ``labToken`` to the dependencies that check them.
+    """
     generate = FastAPI.openapi
     documented: list[dict[str, Any]] = []
 
     def openapi() -> dict[str, Any]:
         schema = generate(app)  # FastAPI caches it until the routes change
         if not documented or documented[0] is not schema:
-            document_errors(app, schema)
+            document_errors(app, schema, credentials)
             documented[:] = [schema]
         return schema
 

@@ -1,1 +1,0 @@
-"""The HTTP gateway: OpenAI-compatible routes, admin API, errors, audit middleware."""

@@ -1,0 +1,1 @@
+"""Sampling: the OpenAI surface (models, chat and text completions), the model-id resolver, variant pipelines."""
