@@ -27,7 +27,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from airlock.interp import host  # noqa: E402
+from airlock.interp import _runtime  # noqa: E402
+from airlock.interp.run import JobSpec, run_job, runner_limits  # noqa: E402
+from airlock.interp.tracing import describe, run_trace  # noqa: E402
+from airlock.interp.workers import ThreadWorker  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -58,11 +61,11 @@ def main(prompts, reads, calls, positions, big_prompts, big_calls):
 
 
 def _limits() -> Any:
-    return host.runner_limits(cpu_seconds=300, wall_seconds=600, memory_bytes=4096 * 2**20, log_bytes=1 << 20)
+    return runner_limits(cpu_seconds=300, wall_seconds=600, memory_bytes=4096 * 2**20, log_bytes=1 << 20)
 
 
-def _job(code: str, args: dict[str, Any]) -> host.JobSpec:
-    return host.JobSpec(code=code, filename="bench.py", entry_point="main", args=args)
+def _job(code: str, args: dict[str, Any]) -> JobSpec:
+    return JobSpec(code=code, filename="bench.py", entry_point="main", args=args)
 
 
 def main() -> None:
@@ -79,34 +82,34 @@ def main() -> None:
 
     started = time.perf_counter()
     loaded = weights.load_model(opts.model)
-    worker = host.ThreadWorker(loaded.model, loaded.tokenizer)
-    info = worker.submit(lambda m, t: host.describe(m)).result()
+    worker = ThreadWorker(loaded.model, loaded.tokenizer)
+    info = worker.submit(lambda m, t: describe(m)).result()
     reads = [f"model.layers.{i}" for i in range(info["n_layers"])]
     big_prompts = [" ".join(["word"] * 60) + f" {i}" for i in range(16)]
     load_s = time.perf_counter() - started
     print(f"model {opts.model}: {info['n_layers']} layers, hidden {info['hidden_size']} ({load_s:.1f} s to load)")
     started = time.perf_counter()
-    host._runtime.ensure_runtime()
+    _runtime.ensure_runtime()
     print(f"runner runtime built in {time.perf_counter() - started:.2f} s (once per process)")
 
     request = {"prompts": PROMPTS, "read": reads, "positions": [-1], "logits": False}
     for _ in range(3):  # warm-up
-        worker.submit(lambda m, t: host.run_trace(m, t, request)).result()
+        worker.submit(lambda m, t: run_trace(m, t, request)).result()
     in_process = []
     for _ in range(opts.calls):
         t0 = time.perf_counter()
-        worker.submit(lambda m, t: host.run_trace(m, t, request)).result()
+        worker.submit(lambda m, t: run_trace(m, t, request)).result()
         in_process.append(time.perf_counter() - t0)
     big_request = {"prompts": big_prompts, "read": reads, "logits": False}
     t0 = time.perf_counter()
-    reply = worker.submit(lambda m, t: host.run_trace(m, t, big_request)).result()
+    reply = worker.submit(lambda m, t: run_trace(m, t, big_request)).result()
     big_in_process = time.perf_counter() - t0
     big_bytes = sum(a.nbytes for a in reply["activations"].values())
 
     empty = []
     for _ in range(opts.jobs):
         t0 = time.perf_counter()
-        outcome = asyncio.run(host.run_job(_job("def main():\n    return {}\n", {}), worker, _limits()))
+        outcome = asyncio.run(run_job(_job("def main():\n    return {}\n", {}), worker, _limits()))
         empty.append(time.perf_counter() - t0)
         assert outcome.error is None, outcome.logs
 
@@ -119,7 +122,7 @@ def main() -> None:
         "big_calls": opts.big_calls,
     }
     t0 = time.perf_counter()
-    outcome = asyncio.run(host.run_job(_job(JOB, args), worker, _limits(), max_result_bytes=64 * 2**20))
+    outcome = asyncio.run(run_job(_job(JOB, args), worker, _limits(), max_result_bytes=64 * 2**20))
     job_wall = time.perf_counter() - t0
     assert outcome.error is None, (outcome.error, outcome.logs)
     value = outcome.value

@@ -9,31 +9,32 @@ from typing import Any
 
 import pytest
 
-from airlock.interp import host
+from airlock.interp.run import JobSpec, RunOutcome, run_job, runner_limits
+from airlock.interp.workers import ModelWorker, ThreadWorker
 
 
 @pytest.fixture(scope="session")
-def tiny_worker() -> Iterator[host.ThreadWorker]:
+def tiny_worker() -> Iterator[ThreadWorker]:
     """The tiny-random model (2 layers, hidden 64) owned by one thread, shared by the session."""
     from airlock.backends import weights
 
     loaded = weights.load_model("tiny-random")
-    worker = host.ThreadWorker(loaded.model, loaded.tokenizer)
+    worker = ThreadWorker(loaded.model, loaded.tokenizer)
     yield worker
     worker.close()
 
 
-RunCode = Callable[..., host.RunOutcome]
+RunCode = Callable[..., RunOutcome]
 
 
 @pytest.fixture
-def run_code(tiny_worker: host.ThreadWorker) -> RunCode:
+def run_code(tiny_worker: ThreadWorker) -> RunCode:
     """Return ``run(code, **limits)``: run the code's ``main`` in a fresh sandboxed runner on the tiny model."""
     return functools.partial(_run_code, tiny_worker)
 
 
 def _run_code(
-    worker: host.ModelWorker,
+    worker: ModelWorker,
     code: str,
     *,
     args: dict[str, Any] | None = None,
@@ -42,10 +43,10 @@ def _run_code(
     memory_mb: int = 1024,
     log_bytes: int = 64 * 1024,
     max_result_bytes: int = 1024 * 1024,
-) -> host.RunOutcome:
+) -> RunOutcome:
     """Run ``code``'s ``main`` in a fresh sandboxed runner against ``worker``."""
-    spec = host.JobSpec(code=code, filename="job.py", entry_point="main", args=args or {})
-    limits = host.runner_limits(
+    spec = JobSpec(code=code, filename="job.py", entry_point="main", args=args or {})
+    limits = runner_limits(
         cpu_seconds=cpu_seconds, wall_seconds=wall_seconds, memory_bytes=memory_mb * 1024 * 1024, log_bytes=log_bytes
     )
-    return asyncio.run(host.run_job(spec, worker, limits, max_result_bytes=max_result_bytes))
+    return asyncio.run(run_job(spec, worker, limits, max_result_bytes=max_result_bytes))

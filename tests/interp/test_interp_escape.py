@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 from airlock.config import get_settings
-from airlock.interp import host
+from airlock.interp import _runtime
+from airlock.interp.errors import InterpJobError
+from airlock.interp.leak_index import param_index
+from airlock.interp.output_policy import OutputPolicy, apply_policy
+from airlock.interp.workers import ThreadWorker
 from tests.conftest import needs_bwrap
 
 pytestmark = needs_bwrap
@@ -109,7 +113,7 @@ def test_writing_outside_tmp_fails_and_tmp_is_private(run_code, tmp_path: Path) 
     assert outcome.error is not None and outcome.error.code == "code_error"
     assert "Read-only file system" in outcome.error.message or "No such file" in outcome.error.message
     assert not outside.exists()
-    runtime_client = host._runtime.ensure_runtime().root / "site" / "airlock" / "interp" / "client.py"
+    runtime_client = _runtime.ensure_runtime().root / "site" / "airlock" / "interp" / "client.py"
     assert b"pwned" not in runtime_client.read_bytes()
 
 
@@ -164,9 +168,9 @@ def test_huge_result_is_refused(run_code) -> None:
         max_result_bytes=8_000_000,
     )
     assert outcome.error is None and outcome.value is not None
-    policy = host.OutputPolicy(max_result_bytes=100_000, grant_bytes_left=None, review_over_bytes=1 << 20)
-    with pytest.raises(host.InterpJobError, match="per-job cap is 100000 bytes") as caught:
-        host.apply_policy(outcome.value, policy, None)
+    policy = OutputPolicy(max_result_bytes=100_000, grant_bytes_left=None, review_over_bytes=1 << 20)
+    with pytest.raises(InterpJobError, match="per-job cap is 100000 bytes") as caught:
+        apply_policy(outcome.value, policy, None)
     assert caught.value.code == "result_too_large"
 
 
@@ -225,16 +229,16 @@ def test_reading_parameters_as_modules_is_refused(run_code) -> None:
     assert "module 'model.embed_tokens' is not readable" in outcome.error.message
 
 
-def test_returning_parameter_equal_tensors_is_refused(run_code, tiny_worker: host.ThreadWorker) -> None:
+def test_returning_parameter_equal_tensors_is_refused(run_code, tiny_worker: ThreadWorker) -> None:
     weight = tiny_worker.model.model.layers[1].mlp.up_proj.weight.detach().numpy()
     outcome = run_code(
         "import numpy as np\ndef main(row):\n    return {'looks_innocent': np.array(row, dtype=np.float64)}\n",
         args={"row": [float(v) for v in weight[7]]},
     )
     assert outcome.error is None and outcome.value is not None  # the runner delivered it...
-    policy = host.OutputPolicy(max_result_bytes=1 << 20, grant_bytes_left=None, review_over_bytes=1 << 20)
-    with pytest.raises(host.InterpJobError, match=r"withheld: array a0 contains .*up_proj\.weight") as caught:
-        host.apply_policy(outcome.value, policy, host.param_index(tiny_worker))  # ...the policy stops it
+    policy = OutputPolicy(max_result_bytes=1 << 20, grant_bytes_left=None, review_over_bytes=1 << 20)
+    with pytest.raises(InterpJobError, match=r"withheld: array a0 contains .*up_proj\.weight") as caught:
+        apply_policy(outcome.value, policy, param_index(tiny_worker))  # ...the policy stops it
     assert caught.value.code == "weights_in_result"
 
 

@@ -9,24 +9,39 @@ from typing import Any
 import numpy as np
 import pytest
 
-from airlock.interp import _wire, client, host
+from airlock.interp import _wire, client, tracing
+from airlock.interp.errors import InterpJobError, RequestError
+from airlock.interp.output_policy import OutputPolicy, Released, apply_policy
+from airlock.interp.tracing import (
+    DEFAULT_MAX_HOST_BYTES,
+    SYSTEM_KEY,
+    Estimate,
+    MiB,
+    ServeBudget,
+    estimate_generate,
+    plan_trace,
+    run_generate,
+    run_trace,
+    served_payload,
+)
+from airlock.interp.workers import ThreadWorker, model_size_of
 from tests.conftest import needs_bwrap
 
 HIDDEN = 64
 VOCAB = 49152
 
 
-def _trace(worker: host.ThreadWorker, budget: host.ServeBudget | None = None, **request: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_trace(m, t, request, budget=budget)).result()
+def _trace(worker: ThreadWorker, budget: ServeBudget | None = None, **request: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = worker.submit(lambda m, t: run_trace(m, t, request, budget=budget)).result()
     return reply
 
 
-def _plan(worker: host.ThreadWorker, budget: host.ServeBudget | None = None, **request: Any) -> Any:
-    return worker.submit(lambda m, t: host.plan_trace(m, t, request, budget=budget)).result()
+def _plan(worker: ThreadWorker, budget: ServeBudget | None = None, **request: Any) -> Any:
+    return worker.submit(lambda m, t: plan_trace(m, t, request, budget=budget)).result()
 
 
 @pytest.fixture
-def forward_calls(tiny_worker: host.ThreadWorker) -> Iterator[list[int]]:
+def forward_calls(tiny_worker: ThreadWorker) -> Iterator[list[int]]:
     """Count the forward passes of the tiny model's first decoder layer while the test runs."""
     calls: list[int] = []
 
@@ -42,44 +57,44 @@ def forward_calls(tiny_worker: host.ThreadWorker) -> Iterator[list[int]]:
 
 
 def test_oversized_requests_are_refused_before_the_model_runs(
-    tiny_worker: host.ThreadWorker, forward_calls: list[int]
+    tiny_worker: ThreadWorker, forward_calls: list[int]
 ) -> None:
     long_prompts = ["word " * 1000] * 8
-    full = host.ServeBudget(full_logits=True)
+    full = ServeBudget(full_logits=True)
     # Full logits over every position: 8 x 1001 x 49152 float32 is 1.5 GiB, past the reply cap.
-    with pytest.raises(host.RequestError, match=r"this trace would reply with up to \d+ bytes; the cap is 268435456"):
+    with pytest.raises(RequestError, match=r"this trace would reply with up to \d+ bytes; the cap is 268435456"):
         _trace(tiny_worker, full, prompts=long_prompts, logits="full")
-    with pytest.raises(host.RequestError, match=r"would need about \d+ MiB of host memory; the cap is 64 MiB"):
-        _trace(tiny_worker, host.ServeBudget(max_host_bytes=64 * host.MiB), prompts=long_prompts)
-    budget = host.ServeBudget(served_left=1000, served_budget=5000)
-    with pytest.raises(host.RequestError, match=r"only 1000 of 5000 bytes of the grant's interp serving budget"):
+    with pytest.raises(RequestError, match=r"would need about \d+ MiB of host memory; the cap is 64 MiB"):
+        _trace(tiny_worker, ServeBudget(max_host_bytes=64 * MiB), prompts=long_prompts)
+    budget = ServeBudget(served_left=1000, served_budget=5000)
+    with pytest.raises(RequestError, match=r"only 1000 of 5000 bytes of the grant's interp serving budget"):
         _trace(tiny_worker, budget, prompts=["hello world"] * 4, read=["model.layers.0"])
-    with pytest.raises(host.RequestError, match=r"this generate would reply with up to \d+ bytes; the cap is 4096"):
+    with pytest.raises(RequestError, match=r"this generate would reply with up to \d+ bytes; the cap is 4096"):
         tiny_worker.submit(
-            lambda m, t: host.run_generate(
-                m, t, {"prompts": ["hi"] * 64, "max_tokens": 256}, budget=host.ServeBudget(max_reply_bytes=4096)
+            lambda m, t: run_generate(
+                m, t, {"prompts": ["hi"] * 64, "max_tokens": 256}, budget=ServeBudget(max_reply_bytes=4096)
             )
         ).result()
     assert forward_calls == [] and budget.served == 0
 
 
 def test_the_default_trace_of_long_prompts_is_served_cheaply(
-    tiny_worker: host.ThreadWorker, forward_calls: list[int]
+    tiny_worker: ThreadWorker, forward_calls: list[int]
 ) -> None:
     # The defaults (all positions, logits on) no longer mean the whole vocabulary at every position.
     long_prompts = ["word " * 1000] * 8
     plan = _plan(tiny_worker, prompts=long_prompts)
     assert plan.estimate.reply_bytes < 1024 * 1024
-    assert plan.estimate.host_bytes <= host.DEFAULT_MAX_HOST_BYTES
-    budget = host.ServeBudget()
+    assert plan.estimate.host_bytes <= DEFAULT_MAX_HOST_BYTES
+    budget = ServeBudget()
     reply = _trace(tiny_worker, budget, prompts=long_prompts)
     assert "logits" not in reply and reply["top_logits"]["ids"].shape == (8, 1001, 5)
     assert len(_wire.encode({"ok": True, **reply})) <= plan.estimate.reply_bytes
-    assert budget.served == host.served_payload(reply) <= plan.estimate.served_bytes
+    assert budget.served == served_payload(reply) <= plan.estimate.served_bytes
     assert forward_calls
 
 
-SYSTEM = {host.SYSTEM_KEY: "Be careful and kind."}
+SYSTEM = {SYSTEM_KEY: "Be careful and kind."}
 REQUESTS: list[dict[str, Any]] = [
     {"prompts": ["hello there world", "a"], "read": ["model.layers.0", "model.norm"], "positions": [-1, 0]},
     {"prompts": ["the cat sat on the mat", "x y"], "lens": ["model.layers.0", "model.norm"], "top_k": 7},
@@ -91,32 +106,32 @@ REQUESTS: list[dict[str, Any]] = [
 
 
 @pytest.mark.parametrize("request_", REQUESTS)
-def test_the_estimate_bounds_the_real_reply(tiny_worker: host.ThreadWorker, request_: dict[str, Any]) -> None:
-    budget = host.ServeBudget(full_logits=True)
+def test_the_estimate_bounds_the_real_reply(tiny_worker: ThreadWorker, request_: dict[str, Any]) -> None:
+    budget = ServeBudget(full_logits=True)
     plan = _plan(tiny_worker, budget, **request_)
     reply = _trace(tiny_worker, budget, **request_)
     size = len(_wire.encode({"ok": True, **reply}))
     assert size <= plan.estimate.reply_bytes <= 2 * size + 64 * 1024, (size, plan.estimate)
-    assert budget.served == host.served_payload(reply) <= plan.estimate.served_bytes
+    assert budget.served == served_payload(reply) <= plan.estimate.served_bytes
 
 
-def test_the_generate_estimate_bounds_the_real_reply(tiny_worker: host.ThreadWorker) -> None:
+def test_the_generate_estimate_bounds_the_real_reply(tiny_worker: ThreadWorker) -> None:
     request = {"prompts": ["hello", "é😀 tell me more"], "max_tokens": 24, "temperature": 1.0, "seed": 5}
-    budget = host.ServeBudget()
-    reply = tiny_worker.submit(lambda m, t: host.run_generate(m, t, request, budget=budget)).result()
+    budget = ServeBudget()
+    reply = tiny_worker.submit(lambda m, t: run_generate(m, t, request, budget=budget)).result()
 
-    def estimate(model: Any, tokenizer: Any) -> host.Estimate:
-        _texts, longest_json, longest_utf8 = host._token_texts(tokenizer)
-        lengths = [len(host._encode(tokenizer, p, True)[0]) for p in request["prompts"]]
-        return host.estimate_generate(host._dims(model), lengths, 24, longest_json, longest_utf8)
+    def estimate(model: Any, tokenizer: Any) -> Estimate:
+        _texts, longest_json, longest_utf8 = tracing._token_texts(tokenizer)
+        lengths = [len(tracing._encode(tokenizer, p, True)[0]) for p in request["prompts"]]
+        return estimate_generate(tracing._dims(model), lengths, 24, longest_json, longest_utf8)
 
     bound = tiny_worker.submit(estimate).result()
     assert all(reply["texts"])
     assert len(_wire.encode({"ok": True, **reply})) <= bound.reply_bytes
-    assert budget.served == host.served_payload(reply) <= bound.served_bytes
+    assert budget.served == served_payload(reply) <= bound.served_bytes
 
 
-def test_micro_batches_give_the_results_of_one_batch(tiny_worker: host.ThreadWorker) -> None:
+def test_micro_batches_give_the_results_of_one_batch(tiny_worker: ThreadWorker) -> None:
     prompts = [" ".join(["word"] * (40 + 30 * i)) for i in range(5)]
     replacement = np.random.default_rng(0).standard_normal((5, 1, HIDDEN)).astype(np.float32) * 0.1
     request = {
@@ -131,12 +146,12 @@ def test_micro_batches_give_the_results_of_one_batch(tiny_worker: host.ThreadWor
     assert whole.estimate.batches == ((0, 5),)
 
     def forward(batch: int, width: int) -> int:
-        return tiny_worker.submit(lambda m, t: host._forward_bytes(host._dims(m), batch, width)).result()
+        return tiny_worker.submit(lambda m, t: tracing._forward_bytes(tracing._dims(m), batch, width)).result()
 
     # A cap that fits two of the longest prompts' forward pass, not all five.
     longest = max(len(ids) for ids in whole.encoded)
     cap = whole.estimate.host_bytes - forward(5, longest) + forward(2, longest)
-    budget = host.ServeBudget(max_host_bytes=cap)
+    budget = ServeBudget(max_host_bytes=cap)
     split = _plan(tiny_worker, budget, **request)
     assert len(split.estimate.batches) >= 2 and split.estimate.host_bytes <= cap
     one, many = _trace(tiny_worker, **request), _trace(tiny_worker, budget, **request)
@@ -158,11 +173,11 @@ def test_micro_batches_give_the_results_of_one_batch(tiny_worker: host.ThreadWor
 # ---------------------------------------------------------------------------------- result digest
 
 
-def _released(value: Any) -> host.Released:
-    return host.apply_policy(value, host.OutputPolicy(1 << 20, None, 1 << 20), None)
+def _released(value: Any) -> Released:
+    return apply_policy(value, OutputPolicy(1 << 20, None, 1 << 20), None)
 
 
-def _npz(released: host.Released) -> dict[str, np.ndarray[Any, Any]]:
+def _npz(released: Released) -> dict[str, np.ndarray[Any, Any]]:
     with np.load(io.BytesIO(released.npz)) as data:
         return {name: data[name] for name in data.files}
 
@@ -184,10 +199,10 @@ def test_result_sha256_covers_the_json_values_and_the_arrays() -> None:
     for released in (first, second, _released({"nested": [{"y": np.ones(3, np.int8)}, float("nan")]})):
         assert client.result_sha256(released.document, _npz(released)) == released.sha256
     for unrepresentable in ({"text": "\ud800"}, {"count": 2**60}):
-        with pytest.raises(host.InterpJobError, match="not exactly representable as JSON") as caught:
+        with pytest.raises(InterpJobError, match="not exactly representable as JSON") as caught:
             _released(unrepresentable)
         assert caught.value.code == "invalid_result"
-    with pytest.raises(host.InterpJobError, match="'__array__' is reserved"):
+    with pytest.raises(InterpJobError, match="'__array__' is reserved"):
         _released({"fake": {"__array__": "a0"}})
 
 
@@ -248,7 +263,7 @@ class _Lab:
     """A database, one grant and the interp job handler over one model: submit, run, read back."""
 
     def __init__(
-        self, db: Any, worker: host.ThreadWorker, evaluator: str, manifest: dict[str, Any] = TINY, **terms: Any
+        self, db: Any, worker: ThreadWorker, evaluator: str, manifest: dict[str, Any] = TINY, **terms: Any
     ) -> None:
         from airlock.access import service as access
         from airlock.config import get_settings
@@ -326,10 +341,10 @@ def _extract(
 
 @needs_bwrap
 def test_the_extraction_is_held_for_review_before_one_percent_of_the_embedding_leaves(
-    db: Any, tiny_worker: host.ThreadWorker
+    db: Any, tiny_worker: ThreadWorker
 ) -> None:
     embedding = tiny_worker.model.model.embed_tokens.weight.detach().numpy().astype(np.float64)
-    size = host.model_size_of(tiny_worker.model)
+    size = model_size_of(tiny_worker.model)
     assert size.embedding_parameters == VOCAB * HIDDEN
 
     # With the default terms: logits for requested token ids only, and review past the threshold.
@@ -375,12 +390,12 @@ SMOLLM2 = {
 
 
 @pytest.fixture(scope="module")
-def smollm2_worker() -> Iterator[host.ThreadWorker]:
+def smollm2_worker() -> Iterator[ThreadWorker]:
     """SmolLM2-135M-Instruct (30 layers, hidden 576, tied 49,152 x 576 embedding) on its own thread."""
     from airlock.backends import weights
 
     loaded = weights.load_model("embedded:smollm2-135m")
-    worker = host.ThreadWorker(loaded.model, loaded.tokenizer)
+    worker = ThreadWorker(loaded.model, loaded.tokenizer)
     yield worker
     worker.close()
 
@@ -388,7 +403,7 @@ def smollm2_worker() -> Iterator[host.ThreadWorker]:
 @pytest.mark.slow
 @needs_bwrap
 def test_the_extraction_on_smollm2_is_held_or_refused_under_the_default_terms(
-    db: Any, smollm2_worker: host.ThreadWorker
+    db: Any, smollm2_worker: ThreadWorker
 ) -> None:
     import json
 
@@ -396,7 +411,7 @@ def test_the_extraction_on_smollm2_is_held_or_refused_under_the_default_terms(
     from airlock.interp import service as interp
     from airlock.interp.models import InterpJob
 
-    size = host.model_size_of(smollm2_worker.model)
+    size = model_size_of(smollm2_worker.model)
     limits = interp.served_limits(None, get_settings(), size.parameter_bytes, size.embedding_parameters)
     # 0.1 % of 538 MB of float32 parameters: half a megabyte, 1/27 of the embedding at 4 bits.
     assert limits.review_bytes < size.embedding_parameters // 2 // 20

@@ -9,11 +9,11 @@ from sqlalchemy import update
 
 from airlock.access import service as access
 from airlock.config import get_settings
-from airlock.interp import host
 from airlock.interp import service as interp
 from airlock.interp.jobs import KIND, InterpHandler
 from airlock.interp.models import InterpJob
 from airlock.interp.schemas import InterpJobCreate
+from airlock.interp.workers import ThreadWorker
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobRunner
 from airlock.registry.service import parse_manifest, sync_manifest
@@ -45,7 +45,7 @@ def main(prompt):
 
 
 def test_a_job_interrupted_by_a_restart_runs_again_and_reaches_the_ledger(
-    db: Any, tiny_worker: host.ThreadWorker, monkeypatch: pytest.MonkeyPatch
+    db: Any, tiny_worker: ThreadWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorded: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
     monkeypatch.setattr(

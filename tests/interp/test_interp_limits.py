@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from airlock.interp import _wire, deadline, host
+from airlock.interp import _wire, deadline, rpc, run
+from airlock.interp.rpc import RpcServer
+from airlock.interp.run import RunOutcome
+from airlock.interp.workers import ThreadWorker
 from airlock.sandbox import ResourceLimits, SandboxResult, Termination
 from tests.conftest import needs_bwrap
 
@@ -97,7 +100,7 @@ def test_a_call_past_its_deadline_does_not_start() -> None:
     assert model.ran == [] and _hook_count(model) == 0
 
 
-def test_checkpoints_cover_decoder_parts_and_the_unembedding(tiny_worker: host.ThreadWorker) -> None:
+def test_checkpoints_cover_decoder_parts_and_the_unembedding(tiny_worker: ThreadWorker) -> None:
     model = tiny_worker.model
     found = deadline.checkpoints(model)
     layers = model.model.layers
@@ -124,19 +127,19 @@ LAYER_S = 0.02
 
 
 @pytest.fixture
-def slow_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[host.RpcServer, socket.socket]]]:
+def slow_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[RpcServer, socket.socket]]]:
     model = _SlowModel(1000, lambda: time.sleep(LAYER_S))  # 20 s per call without a deadline
     worker = _Worker(model)
 
     def trace(m: Any, _t: Any, _request: Any, *_args: Any, **_kwargs: Any) -> dict[str, Any]:
         return {"sum": float(m(torch.zeros(1)).sum())}
 
-    monkeypatch.setattr(host, "run_trace", trace)
-    opened: list[tuple[host.RpcServer, socket.socket]] = []
+    monkeypatch.setattr(rpc, "run_trace", trace)
+    opened: list[tuple[RpcServer, socket.socket]] = []
 
-    def make(**kwargs: Any) -> tuple[host.RpcServer, socket.socket]:
+    def make(**kwargs: Any) -> tuple[RpcServer, socket.socket]:
         host_end, runner_end = socket.socketpair()
-        server = host.RpcServer(host_end, worker, {"ok": True}, **kwargs)
+        server = RpcServer(host_end, worker, {"ok": True}, **kwargs)
         server.start()
         opened.append((server, runner_end))
         return server, runner_end
@@ -201,9 +204,9 @@ def _result(
 
 
 @pytest.fixture
-def idle_server() -> Iterator[host.RpcServer]:
+def idle_server() -> Iterator[RpcServer]:
     host_end, runner_end = socket.socketpair()
-    server = host.RpcServer(host_end, _Worker(torch.nn.Identity()), {"ok": True})
+    server = RpcServer(host_end, _Worker(torch.nn.Identity()), {"ok": True})
     yield server
     host_end.close()
     runner_end.close()
@@ -262,27 +265,27 @@ SIGKILLED = 128 + signal.SIGKILL
     ],
 )
 def test_each_cause_is_named(
-    idle_server: host.RpcServer, result: SandboxResult, server_state: dict[str, Any], code: str, phrase: str
+    idle_server: RpcServer, result: SandboxResult, server_state: dict[str, Any], code: str, phrase: str
 ) -> None:
     for name, value in server_state.items():
         setattr(idle_server, name, value)
-    error = host._diagnose(result, idle_server, LIMITS, 1 << 20)
+    error = run._diagnose(result, idle_server, LIMITS, 1 << 20)
     assert error is not None and error.code == code, error
     assert phrase in error.message
     if code != "memory_limit":
         assert "memory limit" not in error.message
 
 
-def test_a_host_failure_after_a_delivered_result_does_not_fail_the_job(idle_server: host.RpcServer) -> None:
+def test_a_host_failure_after_a_delivered_result_does_not_fail_the_job(idle_server: RpcServer) -> None:
     idle_server.has_result, idle_server.result, idle_server.host_failure = True, {}, "KeyError: 'x'"
-    assert host._diagnose(_result(exit_code=0), idle_server, LIMITS, 1 << 20) is None
+    assert run._diagnose(_result(exit_code=0), idle_server, LIMITS, 1 << 20) is None
 
 
 # ------------------------------------------------------------------------------ real runners
 
 
 @needs_bwrap
-def test_forked_spinners_hit_the_cpu_limit_of_the_whole_tree(run_code: Callable[..., host.RunOutcome]) -> None:
+def test_forked_spinners_hit_the_cpu_limit_of_the_whole_tree(run_code: Callable[..., RunOutcome]) -> None:
     code = """
         import os
         def main():
@@ -309,7 +312,7 @@ def test_forked_spinners_hit_the_cpu_limit_of_the_whole_tree(run_code: Callable[
         "os.kill(1, signal.SIGTERM)",  # or asks the sandbox's init to end everything
     ],
 )
-def test_a_kill_from_inside_is_not_blamed_on_memory(run_code: Callable[..., host.RunOutcome], body: str) -> None:
+def test_a_kill_from_inside_is_not_blamed_on_memory(run_code: Callable[..., RunOutcome], body: str) -> None:
     outcome = run_code(f"import os, signal, time\ndef main():\n    {body}\n    time.sleep(30)\n", wall_seconds=20)
     assert outcome.error is not None and outcome.error.code == "killed", outcome.error
     assert "SIGKILL, but by none of the job's limits" in outcome.error.message

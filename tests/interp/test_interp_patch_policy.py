@@ -15,23 +15,28 @@ import pytest
 from airlock.access import service as access
 from airlock.config import Settings
 from airlock.errors import InvalidRequestError, RateLimitError
-from airlock.interp import _wire, host
+from airlock.interp import _wire, tracing
 from airlock.interp import service as interp
+from airlock.interp.errors import InterpJobError, PatchRefused, RequestError
 from airlock.interp.models import InterpJob
+from airlock.interp.output_policy import OutputPolicy, apply_policy
+from airlock.interp.rpc import RpcServer
 from airlock.interp.schemas import InterpJobCreate
+from airlock.interp.tracing import HIDDEN_TOKEN, SYSTEM_KEY, run_generate, run_trace
+from airlock.interp.workers import ThreadWorker, base_model
 from airlock.registry.service import parse_manifest, sync_manifest
 from tests.conftest import needs_bwrap
 
 HIDDEN = 64
 
 
-def _trace(worker: host.ThreadWorker, **request: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_trace(m, t, request)).result()
+def _trace(worker: ThreadWorker, **request: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = worker.submit(lambda m, t: run_trace(m, t, request)).result()
     return reply
 
 
-def _generate(worker: host.ThreadWorker, **request: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_generate(m, t, request)).result()
+def _generate(worker: ThreadWorker, **request: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = worker.submit(lambda m, t: run_generate(m, t, request)).result()
     return reply
 
 
@@ -48,52 +53,52 @@ def _one_hot_attack(scale: float) -> tuple[str, np.ndarray[Any, Any]]:
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0])
-def test_one_hot_replacement_of_the_final_norm_is_refused(tiny_worker: host.ThreadWorker, scale: float) -> None:
+def test_one_hot_replacement_of_the_final_norm_is_refused(tiny_worker: ThreadWorker, scale: float) -> None:
     prompt, value = _one_hot_attack(scale)
     patch = {"model.norm": {"op": "set", "value": value, "positions": list(range(HIDDEN))}}
-    with pytest.raises(host.PatchRefused, match=r"patching 'model\.norm' is not allowed") as caught:
+    with pytest.raises(PatchRefused, match=r"patching 'model\.norm' is not allowed") as caught:
         _trace(tiny_worker, prompts=[prompt], patch=patch, positions=list(range(HIDDEN)))
     assert caught.value.code == "patch_not_allowed"
 
 
 @pytest.mark.parametrize("op", ["add", "ablate", "set"])
-def test_no_patch_of_any_kind_reaches_the_final_norm(tiny_worker: host.ThreadWorker, op: str) -> None:
+def test_no_patch_of_any_kind_reaches_the_final_norm(tiny_worker: ThreadWorker, op: str) -> None:
     # add-differencing: logits(x + v) - logits(x) = W_U v; ablation differences leak W_U d the same way.
     vector = np.zeros(HIDDEN, dtype=np.float32)
     vector[3] = 1.0
-    with pytest.raises(host.PatchRefused, match="feeds the unembedding"):
+    with pytest.raises(PatchRefused, match="feeds the unembedding"):
         _trace(tiny_worker, prompts=["hello"], patch={"model.norm": {"op": op, "value": vector}})
-    with pytest.raises(host.PatchRefused, match="feeds the unembedding"):
+    with pytest.raises(PatchRefused, match="feeds the unembedding"):
         _generate(tiny_worker, prompts=["hello"], max_tokens=2, patch={"model.norm": {"op": op, "value": vector}})
 
 
-def test_patches_are_bounded_by_the_activation_they_edit(tiny_worker: host.ThreadWorker) -> None:
+def test_patches_are_bounded_by_the_activation_they_edit(tiny_worker: ThreadWorker) -> None:
     base = _trace(tiny_worker, prompts=["the cat sat"], read=["model.layers.0"], logits=False)
     norms = np.linalg.norm(base["activations"]["model.layers.0"][0], axis=-1)
     # A one-hot row at an inner layer may be chosen, but only as large as R x the activation it replaces.
     big = np.zeros(HIDDEN, dtype=np.float32)
     big[0] = float(norms.min()) * 8.5
     for op in ("set", "add"):
-        with pytest.raises(host.PatchRefused, match=r"on 'model.layers.0' is 8\.\d+ times .* at most 8 is allowed"):
+        with pytest.raises(PatchRefused, match=r"on 'model.layers.0' is 8\.\d+ times .* at most 8 is allowed"):
             _trace(tiny_worker, prompts=["the cat sat"], patch={"model.layers.0": {"op": op, "value": big}})
-    with pytest.raises(host.PatchRefused) as caught:
+    with pytest.raises(PatchRefused) as caught:
         _generate(tiny_worker, prompts=["hi"], max_tokens=2, patch={"model.layers.0": {"op": "add", "value": big * 4}})
     assert caught.value.code == "patch_too_large"
     # A per-position replacement is checked row by row.
     rows = base["activations"]["model.layers.0"].copy()
     rows[0, 1] *= 9.0
-    with pytest.raises(host.PatchRefused, match=r"times the norm"):
+    with pytest.raises(PatchRefused, match=r"times the norm"):
         _trace(tiny_worker, prompts=["the cat sat"], patch={"model.layers.0": {"op": "set", "value": rows}})
     # A steering vector well within the bound, and a lower ratio setting refusing it.
     small = big / 8.5 * 0.9
     steered = _trace(tiny_worker, prompts=["the cat sat"], patch={"model.layers.0": {"op": "add", "value": small}})
     assert np.isfinite(steered["top_logits"]["values"]).all()
     request = {"prompts": ["the cat sat"], "patch": {"model.layers.0": {"op": "add", "value": small}}}
-    with pytest.raises(host.PatchRefused, match=r"at most 0\.5 is allowed"):
-        tiny_worker.submit(lambda m, t: host.run_trace(m, t, request, max_patch_ratio=0.5)).result()
+    with pytest.raises(PatchRefused, match=r"at most 0\.5 is allowed"):
+        tiny_worker.submit(lambda m, t: run_trace(m, t, request, max_patch_ratio=0.5)).result()
 
 
-def test_ablation_is_not_bounded(tiny_worker: host.ThreadWorker) -> None:
+def test_ablation_is_not_bounded(tiny_worker: ThreadWorker) -> None:
     direction = np.random.default_rng(1).standard_normal(HIDDEN).astype(np.float32) * 1e6
     reply = _trace(tiny_worker, prompts=["the cat sat"], patch={"model.layers.1": {"op": "ablate", "value": direction}})
     assert np.isfinite(reply["top_logits"]["values"]).all()
@@ -124,12 +129,12 @@ def test_a_refused_patch_fails_the_job_even_when_caught(run_code) -> None:
 # ---------------------------------------------------------------------------------- item 5
 
 
-def test_patches_never_touch_the_hidden_system_prompt(tiny_worker: host.ThreadWorker) -> None:
-    system = {host.SYSTEM_KEY: "Be careful and kind."}
+def test_patches_never_touch_the_hidden_system_prompt(tiny_worker: ThreadWorker) -> None:
+    system = {SYSTEM_KEY: "Be careful and kind."}
     plain = _trace(tiny_worker, prompts=["hello"], chat=True, read=["model.layers.0"], logits=False, **system)
-    hidden = plain["tokens"][0].count(host.HIDDEN_TOKEN)
+    hidden = plain["tokens"][0].count(HIDDEN_TOKEN)
     assert hidden > 3
-    with pytest.raises(host.RequestError, match="lies in the variant's system prompt, which cannot be patched"):
+    with pytest.raises(RequestError, match="lies in the variant's system prompt, which cannot be patched"):
         _trace(
             tiny_worker,
             prompts=["hello"],
@@ -143,16 +148,16 @@ def test_patches_never_touch_the_hidden_system_prompt(tiny_worker: host.ThreadWo
     captured: dict[str, Any] = {}
 
     def run(model: Any, tokenizer: Any) -> None:
-        base = host._base_model(model)
-        ids, k = host._encode(tokenizer, "hello", True, system[host.SYSTEM_KEY])
+        base = base_model(model)
+        ids, k = tracing._encode(tokenizer, "hello", True, system[SYSTEM_KEY])
         import torch
 
-        patch = host._parse_patches(
+        patch = tracing._parse_patches(
             {"model.layers.0": {"op": "ablate", "value": np.ones(HIDDEN, np.float32)}}, base, HIDDEN
         )
         for name, patches in (("plain", {}), ("patched", patch)):
             out: dict[str, torch.Tensor] = {}
-            with host._hooks(base, ["model.layers.0"], patches, out, [len(ids)], hidden_prefix=[k]):
+            with tracing._hooks(base, ["model.layers.0"], patches, out, [len(ids)], hidden_prefix=[k]):
                 base.model(input_ids=torch.tensor([ids]))
             captured[name] = out["model.layers.0"][0].numpy()
         captured["k"] = k
@@ -199,9 +204,9 @@ def test_decode_refuses_headers_nested_past_the_limit() -> None:
     assert _wire.nesting_depth(ok) == _wire.MAX_DEPTH
 
 
-def test_a_deeply_nested_frame_is_refused_cleanly(tiny_worker: host.ThreadWorker) -> None:
+def test_a_deeply_nested_frame_is_refused_cleanly(tiny_worker: ThreadWorker) -> None:
     host_end, runner_end = socket.socketpair()
-    server = host.RpcServer(host_end, tiny_worker, {"ok": True})
+    server = RpcServer(host_end, tiny_worker, {"ok": True})
     server.start()
     header = ('{"arrays":[],"body":{"op":"job","x":' + "[" * 100_000 + "]" * 100_000 + "}}").encode()
     runner_end.sendall(struct.pack(">QQ", len(header), 0) + header)
@@ -214,9 +219,9 @@ def test_a_deeply_nested_frame_is_refused_cleanly(tiny_worker: host.ThreadWorker
     host_end.close()
 
 
-def test_args_too_deep_for_the_wire_become_a_clear_job_error(tiny_worker: host.ThreadWorker) -> None:
+def test_args_too_deep_for_the_wire_become_a_clear_job_error(tiny_worker: ThreadWorker) -> None:
     host_end, runner_end = socket.socketpair()
-    server = host.RpcServer(host_end, tiny_worker, {"ok": True, "args": {"x": _deep(40)}})
+    server = RpcServer(host_end, tiny_worker, {"ok": True, "args": {"x": _deep(40)}})
     errors: list[BaseException] = []
     previous = threading.excepthook
     threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[assignment,misc]
@@ -235,11 +240,11 @@ def test_args_too_deep_for_the_wire_become_a_clear_job_error(tiny_worker: host.T
 
 
 def test_the_output_policy_refuses_results_nested_past_the_limit() -> None:
-    policy = host.OutputPolicy(max_result_bytes=1 << 20, grant_bytes_left=None, review_over_bytes=1 << 20)
-    with pytest.raises(host.InterpJobError) as caught:
-        host.apply_policy({"x": _deep(200)}, policy, None)
+    policy = OutputPolicy(max_result_bytes=1 << 20, grant_bytes_left=None, review_over_bytes=1 << 20)
+    with pytest.raises(InterpJobError) as caught:
+        apply_policy({"x": _deep(200)}, policy, None)
     assert caught.value.code == "invalid_result"
-    assert host.apply_policy({"x": _deep(_wire.MAX_DEPTH - 1)}, policy, None).document
+    assert apply_policy({"x": _deep(_wire.MAX_DEPTH - 1)}, policy, None).document
 
 
 # ---------------------------------------------------------------------------------- service: items 1c, 2, 4

@@ -17,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from airlock.interp import _wire, host
+from airlock.interp import _wire
+from airlock.interp.rpc import MAX_PROTOCOL_ERRORS, RpcServer
+from airlock.interp.workers import ThreadWorker
 
 PREFIX = struct.Struct(">QQ")
 # Bounded: a few seconds for the whole module.
@@ -54,7 +56,7 @@ class _Conversation:
     def __init__(self, worker: Any = None, **limits: Any) -> None:
         self.host_end, self.runner = socket.socketpair()
         self.runner.settimeout(10)
-        self.server = host.RpcServer(self.host_end, worker or _NoModel(), {"ok": True, "code": "x"}, **limits)
+        self.server = RpcServer(self.host_end, worker or _NoModel(), {"ok": True, "code": "x"}, **limits)
         self.server.start()
 
     def frame(self, header: bytes, blob: bytes = b"") -> dict[str, Any]:
@@ -141,10 +143,10 @@ def test_adversarial_frames_are_answered_with_protocol_error(
 
 def test_too_many_broken_frames_end_the_conversation(thread_deaths: list[BaseException]) -> None:
     talk = _Conversation()
-    for _ in range(host.MAX_PROTOCOL_ERRORS):
+    for _ in range(MAX_PROTOCOL_ERRORS):
         _refused(talk.frame(b"nonsense"))
     talk.server.join(10)
-    assert not talk.server._thread.is_alive() and len(talk.server.stats.protocol_errors) == host.MAX_PROTOCOL_ERRORS
+    assert not talk.server._thread.is_alive() and len(talk.server.stats.protocol_errors) == MAX_PROTOCOL_ERRORS
     talk.close()
 
 
@@ -294,7 +296,7 @@ def test_fuzzed_streams_never_kill_the_thread(thread_deaths: list[BaseException]
     ),
 )
 def test_fuzzed_valid_frames_are_answered_without_killing_the_thread(
-    thread_deaths: list[BaseException], tiny_worker: host.ThreadWorker, op: str, params: dict[str, Any]
+    thread_deaths: list[BaseException], tiny_worker: ThreadWorker, op: str, params: dict[str, Any]
 ) -> None:
     talk = _Conversation(tiny_worker)
     try:

@@ -13,9 +13,14 @@ from airlock.backends.pool import BackendPool, VariantRuntimeSpec
 from airlock.config import Settings
 from airlock.db import Database
 from airlock.errors import AirlockError
-from airlock.interp import host
 from airlock.interp import service as interp
+from airlock.interp.errors import InterpJobError
+from airlock.interp.leak_index import param_index
 from airlock.interp.models import InterpJob
+from airlock.interp.output_policy import OutputPolicy, apply_policy
+from airlock.interp.run import JobSpec, RunOutcome, cpu_limit_for, run_job, runner_limits
+from airlock.interp.tracing import ServeBudget
+from airlock.interp.workers import BackendWorker, ModelWorker, model_size
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
 from airlock.registry.models import Variant
@@ -26,22 +31,22 @@ log = logging.getLogger(__name__)
 KIND = interp.KIND
 MiB = 1024 * 1024
 
-WorkerProvider = Callable[[VariantRuntimeSpec], host.ModelWorker]
+WorkerProvider = Callable[[VariantRuntimeSpec], ModelWorker]
 
 
 def pool_workers(pool: BackendPool, loop: asyncio.AbstractEventLoop) -> WorkerProvider:
     """Return a provider of model workers over the gateway's backends (called from job threads)."""
 
-    def provide(spec: VariantRuntimeSpec) -> host.ModelWorker:
+    def provide(spec: VariantRuntimeSpec) -> ModelWorker:
         from airlock.backends.local import LocalBackend
 
         # The pool belongs to the gateway's event loop; job threads borrow it from there.
         backend = asyncio.run_coroutine_threadsafe(pool.backend(spec), loop).result()
         if not isinstance(backend, LocalBackend):
-            raise host.InterpJobError(
+            raise InterpJobError(
                 f"variant {spec.variant_id} is not served from local weights", code="backend_not_supported"
             )
-        return host.BackendWorker(backend)
+        return BackendWorker(backend)
 
     return provide
 
@@ -67,7 +72,7 @@ class InterpHandler:
             row = session.get(InterpJob, ctx.job_id)
             variant = session.get(Variant, params["variant_id"])
             if row is None or variant is None:
-                raise host.InterpJobError("the job's record or its variant no longer exists", code="not_found")
+                raise InterpJobError("the job's record or its variant no longer exists", code="not_found")
             grant_id = row.grant_id
             # Prompt-level mitigations shape what the weights see; filters act on text, not activations.
             system_prompt = "\n\n".join(
@@ -87,16 +92,16 @@ class InterpHandler:
             cpu_quota = grant.quota_interp_cpu_seconds if grant is not None else None
             bytes_quota = interp.grant_result_bytes(grant, self.settings)
         if spec.backend != "local":
-            raise host.InterpJobError(
+            raise InterpJobError(
                 f"variant {params['model']} is served by a {spec.backend!r} backend; interp jobs need local weights",
                 code="backend_not_supported",
             )
         limits = params["limits"]
         cpu_left = None if cpu_quota is None else cpu_quota - cpu_used
         if cpu_left is not None and cpu_left <= 0:
-            raise host.InterpJobError("the grant's interp CPU quota is used up", code="insufficient_quota")
-        sandbox_limits = host.runner_limits(
-            cpu_seconds=host.cpu_limit_for(cpu_left, int(limits["cpu_seconds"])),
+            raise InterpJobError("the grant's interp CPU quota is used up", code="insufficient_quota")
+        sandbox_limits = runner_limits(
+            cpu_seconds=cpu_limit_for(cpu_left, int(limits["cpu_seconds"])),
             wall_seconds=float(limits["wall_seconds"]),
             memory_bytes=int(limits["memory_mb"]) * MiB,
             log_bytes=self.settings.interp_log_bytes,
@@ -113,7 +118,7 @@ class InterpHandler:
             served_bytes_left=serve.served_left,
             full_logits=serve.full_logits,
         )
-        job_spec = host.JobSpec(
+        job_spec = JobSpec(
             code=str(params["code"]),
             filename=str(params["filename"]),
             entry_point=str(params["entry_point"]),
@@ -121,7 +126,7 @@ class InterpHandler:
             system_prompt=system_prompt or None,
         )
         outcome = asyncio.run(
-            host.run_job(
+            run_job(
                 job_spec,
                 worker,
                 sandbox_limits,
@@ -142,19 +147,19 @@ class InterpHandler:
             if outcome.error is not None and over:
                 # What the code raised is the evaluator's text: past the threshold it stays with the lab
                 # (in the logs reviewers see), like the logs; the error code still says what happened.
-                raise host.InterpJobError(
+                raise InterpJobError(
                     f"the job failed ({outcome.error.code}); details are withheld because the grant is past its "
                     "interp serving review threshold (the lab's reviewers see them)",
                     code=outcome.error.code,
                 )
             if outcome.error is not None:
                 raise outcome.error
-            policy = host.OutputPolicy(
+            policy = OutputPolicy(
                 max_result_bytes=self.settings.interp_max_result_bytes,
                 grant_bytes_left=None if bytes_quota is None else bytes_quota - bytes_released,
                 review_over_bytes=self.settings.interp_review_over_bytes,
             )
-            released = host.apply_policy(outcome.value, policy, host.param_index(worker))
+            released = apply_policy(outcome.value, policy, param_index(worker))
         except AirlockError:
             self._ledger(ctx.job_id, "failed")
             raise
@@ -185,25 +190,23 @@ class InterpHandler:
             "cpu_seconds": round(cpu, 3),
         }
 
-    def _serve_budget(
-        self, grant_id: str, worker: host.ModelWorker, limits: ResourceLimits
-    ) -> tuple[host.ServeBudget, int]:
+    def _serve_budget(self, grant_id: str, worker: ModelWorker, limits: ResourceLimits) -> tuple[ServeBudget, int]:
         """Return what the host may serve this job (and the grant's review threshold), from the grant's terms."""
         from airlock.access.seal import verified_grant
 
-        size = host.model_size(worker)
+        size = model_size(worker)
         with self.db.session() as session:
             grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job of grant {grant_id}")
             served = interp.served_limits(grant, self.settings, size.parameter_bytes, size.embedding_parameters)
             before = interp.served_by_grant(session, grant_id)
             full_logits = bool(grant is not None and grant.interp_full_logits)
         if before >= served.budget_bytes:
-            raise host.InterpJobError(
+            raise InterpJobError(
                 f"the grant's interp serving budget of {served.budget_bytes} bytes is used up ({before} served)",
                 code="insufficient_quota",
             )
         memory = limits.memory_bytes or self.settings.interp_memory_mb * MiB
-        serve = host.ServeBudget(
+        serve = ServeBudget(
             full_logits=full_logits,
             # A reply must fit in the runner with room to decode and use it.
             max_reply_bytes=min(self.settings.interp_max_reply_bytes, memory // 4),
@@ -214,7 +217,7 @@ class InterpHandler:
         return serve, served.review_bytes
 
     def _record_run(
-        self, job_id: str, grant_id: str, outcome: host.RunOutcome, cpu: float, served: int, review_bytes: int
+        self, job_id: str, grant_id: str, outcome: RunOutcome, cpu: float, served: int, review_bytes: int
     ) -> tuple[bool, int]:
         """Store the run's usage and logs; return whether the grant is now past its review threshold, and its total."""
         from airlock.access.models import Grant

@@ -1,24 +1,24 @@
-"""The host's model work (trace, patches, generate), the weights check and the output policy, without a sandbox."""
+"""The model work behind the RPC (modules, trace with reads and patches, generate), without a sandbox."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from airlock.interp import host
+from airlock.interp.errors import RequestError
+from airlock.interp.tracing import ServeBudget, describe, run_generate, run_trace
+from airlock.interp.workers import ThreadWorker
 
 
-def _trace(worker: host.ThreadWorker, budget: host.ServeBudget | None = None, **request: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = worker.submit(lambda m, t: host.run_trace(m, t, request, budget=budget)).result()
+def _trace(worker: ThreadWorker, budget: ServeBudget | None = None, **request: Any) -> dict[str, Any]:
+    reply: dict[str, Any] = worker.submit(lambda m, t: run_trace(m, t, request, budget=budget)).result()
     return reply
 
 
-def _reference(worker: host.ThreadWorker, prompt: str) -> Any:
+def _reference(worker: ThreadWorker, prompt: str) -> Any:
     def run(model: Any, tokenizer: Any) -> Any:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         return model(input_ids=ids, output_hidden_states=True)
@@ -26,9 +26,9 @@ def _reference(worker: host.ThreadWorker, prompt: str) -> Any:
     return worker.submit(run).result()
 
 
-def test_trace_matches_a_plain_forward_pass(tiny_worker: host.ThreadWorker) -> None:
+def test_trace_matches_a_plain_forward_pass(tiny_worker: ThreadWorker) -> None:
     prompts = ["hello there world", "a"]
-    full = host.ServeBudget(full_logits=True)
+    full = ServeBudget(full_logits=True)
     reads = ["model.layers.0", "model.norm"]
     reply = _trace(tiny_worker, full, prompts=prompts, read=reads, positions=[-1, 0], logits="full", token_ids=[7, 9])
     for b, prompt in enumerate(prompts):
@@ -53,18 +53,18 @@ def test_trace_matches_a_plain_forward_pass(tiny_worker: host.ThreadWorker) -> N
     plain = _trace(tiny_worker, prompts=prompts, positions=[-1, 0], token_ids=[7, 9])
     assert "logits" not in plain and plain["top_logits"]["ids"].shape == (2, 2, 5)
     np.testing.assert_array_equal(plain["token_logits"]["values"], reply["token_logits"]["values"])
-    with pytest.raises(host.RequestError, match="full-vocabulary logits need a grant that allows them"):
+    with pytest.raises(RequestError, match="full-vocabulary logits need a grant that allows them"):
         _trace(tiny_worker, prompts=prompts, logits="full")
 
 
-def test_trace_all_positions_pads_short_prompts_with_zeros(tiny_worker: host.ThreadWorker) -> None:
+def test_trace_all_positions_pads_short_prompts_with_zeros(tiny_worker: ThreadWorker) -> None:
     reply = _trace(tiny_worker, prompts=["one two three four", "one"], read=["model.layers.1.mlp"], logits=False)
     acts = reply["activations"]["model.layers.1.mlp"]
     assert acts.shape == (2, 4, 64) and "logits" not in reply
     assert np.all(acts[1, 1:] == 0) and np.any(acts[1, 0] != 0)
 
 
-def test_patches_replace_add_and_ablate(tiny_worker: host.ThreadWorker) -> None:
+def test_patches_replace_add_and_ablate(tiny_worker: ThreadWorker) -> None:
     base = _trace(tiny_worker, prompts=["the cat sat"], read=["model.layers.0", "model.layers.1"], positions=[-1])
     h0 = base["activations"]["model.layers.0"][0, 0]
     direction = np.random.default_rng(0).standard_normal(64).astype(np.float32)
@@ -123,15 +123,15 @@ def test_patches_replace_add_and_ablate(tiny_worker: host.ThreadWorker) -> None:
     ],
 )
 def test_bad_requests_are_refused_with_a_reason(
-    tiny_worker: host.ThreadWorker, request_: dict[str, Any], message: str
+    tiny_worker: ThreadWorker, request_: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(host.RequestError, match=message):
+    with pytest.raises(RequestError, match=message):
         _trace(tiny_worker, **request_)
 
 
-def test_generate_is_deterministic_and_steerable(tiny_worker: host.ThreadWorker) -> None:
+def test_generate_is_deterministic_and_steerable(tiny_worker: ThreadWorker) -> None:
     def gen(**request: Any) -> list[str]:
-        reply: dict[str, Any] = tiny_worker.submit(lambda m, t: host.run_generate(m, t, request)).result()
+        reply: dict[str, Any] = tiny_worker.submit(lambda m, t: run_generate(m, t, request)).result()
         return list(reply["texts"])
 
     plain = gen(prompts=["hello", "world"], max_tokens=6, chat=False)
@@ -141,57 +141,13 @@ def test_generate_is_deterministic_and_steerable(tiny_worker: host.ThreadWorker)
     assert steered[0] != plain[0]
     sampled = gen(prompts=["hello"], max_tokens=6, chat=False, temperature=1.0, top_p=0.9, seed=3)
     assert sampled == gen(prompts=["hello"], max_tokens=6, chat=False, temperature=1.0, top_p=0.9, seed=3)
-    with pytest.raises(host.RequestError, match="max_tokens"):
+    with pytest.raises(RequestError, match="max_tokens"):
         gen(prompts=["hello"], max_tokens=10_000)
 
 
-def test_describe_lists_modules_not_parameters(tiny_worker: host.ThreadWorker) -> None:
-    info = tiny_worker.submit(lambda m, t: host.describe(m)).result()
+def test_describe_lists_modules_not_parameters(tiny_worker: ThreadWorker) -> None:
+    info = tiny_worker.submit(lambda m, t: describe(m)).result()
     names = [entry["name"] for entry in info["modules"]]
     assert info["n_layers"] == 2 and info["hidden_size"] == 64
     assert "model.layers.1.self_attn" in names and "model.norm" in names
     assert not any("weight" in n or "embed" in n or "lm_head" in n for n in names)
-
-
-def test_param_index_finds_copies_and_nothing_else(tiny_worker: host.ThreadWorker) -> None:
-    index = host.param_index(tiny_worker)
-    model = tiny_worker.model
-    up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()  # [128, 64]
-    embed = model.model.embed_tokens.weight.detach().numpy()
-    assert index.find(up[5]) and index.find(up[:, 9].copy())  # a row, a column
-    assert index.find(embed[1234].astype(np.float64))  # a (tied) embedding row, widened
-    assert index.find(np.concatenate([np.ones(7, np.float32), embed[99], np.zeros(3, np.float32)]))  # embedded
-    assert index.find(up[3:5].reshape(-1)[10:110])  # a run spanning two rows
-    assert index.find(up[5] * 2.0) is None and index.find(up[5].astype(np.float16)) is None
-    rng = np.random.default_rng(1)
-    assert index.find(rng.standard_normal((100, 64)).astype(np.float32)) is None
-    assert index.find(np.zeros(1000, np.float32)) is None and index.find(np.arange(10)) is None
-
-
-def test_output_policy_sizes_quota_and_review() -> None:
-    value = {"x": np.ones(100, np.float32), "nested": [{"y": np.zeros((2, 3), np.int64)}], "nan": float("nan")}
-    released = host.apply_policy(value, host.OutputPolicy(10_000, None, 500), None)
-    assert released.document == {"x": {"__array__": "a0"}, "nested": [{"y": {"__array__": "a1"}}], "nan": None}
-    assert released.result_bytes > 448 and released.needs_review
-    assert [a["shape"] for a in released.arrays] == [[100], [2, 3]]
-    assert not host.apply_policy(value, host.OutputPolicy(10_000, None, 5_000), None).needs_review
-    with pytest.raises(host.InterpJobError, match="only 100 bytes of the grant's result quota") as caught:
-        host.apply_policy(value, host.OutputPolicy(10_000, 100, 5_000), None)
-    assert caught.value.code == "insufficient_quota"
-
-
-def test_runtimes_of_dead_processes_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-    import sys
-
-    from airlock.interp import _runtime
-
-    monkeypatch.setattr(_runtime.tempfile, "gettempdir", lambda: str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan, alive, building = (tmp_path / f"{_runtime._PREFIX}{n}" for n in ("a", "b", "c"))
-    for root in (orphan, alive, building):
-        root.mkdir()
-    (orphan / _runtime._OWNER).write_text(dead.stdout.strip())
-    (alive / _runtime._OWNER).write_text(str(os.getpid()))
-    _runtime._sweep_orphans()
-    assert not orphan.exists() and alive.is_dir() and building.is_dir()
