@@ -1,25 +1,31 @@
-"""The interp job handler on the persistent queue: a job interrupted by a restart runs again, and is recorded."""
+"""The interp job handler: a job interrupted by a restart runs again and is recorded; the variant's system prompt."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from sqlalchemy import update
 
 from airlock.access import service as access
+from airlock.backends.protocol import ChatCompletion, ChatCompletionRequest, ChatMessage
 from airlock.config import get_settings
+from airlock.ids import parse_model_id
+from airlock.interp import jobs as interp_jobs
 from airlock.interp import service as interp
 from airlock.interp.jobs import KIND, InterpHandler
 from airlock.interp.models import InterpJob
+from airlock.interp.run import JobSpec, RunOutcome
 from airlock.interp.schemas import InterpJobCreate
-from airlock.interp.workers import ThreadWorker
+from airlock.interp.workers import ModelWorker, ThreadWorker
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobRunner
-from airlock.registry.service import parse_manifest, sync_manifest
+from airlock.mitigations import build_pipeline
+from airlock.registry.service import parse_manifest, resolve_variant, sync_manifest
 from tests.conftest import needs_bwrap
+from tests.fakes import EchoBackend
 
-pytestmark = needs_bwrap
 SYSTEM_PROMPT = {
     "name": "sp",
     "kind": "system_prompt",
@@ -44,6 +50,7 @@ def main(prompt):
 """
 
 
+@needs_bwrap
 def test_a_job_interrupted_by_a_restart_runs_again_and_reaches_the_ledger(
     db: Any, tiny_worker: ThreadWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,3 +96,71 @@ def test_a_job_interrupted_by_a_restart_runs_again_and_reaches_the_ledger(
     assert body["model_version_hash"] and body["result_sha256"] == result.result_sha256
     assert confidential is not None and confidential["args"] == {"prompt": "hello"}
     assert len(confidential["code_sha256"]) == 64
+
+
+def _system_prompt(name: str, prompt: str, mode: str) -> dict[str, Any]:
+    config = {"prompt": prompt, "mode": mode}
+    return {"name": name, "kind": "system_prompt", "stance": "disabled_for_eval", "config": config}
+
+
+FILTER = {"name": "screen", "kind": "input_filter", "stance": "disabled_for_eval", "config": {"patterns": ["x{9}"]}}
+# Two system prompts in each order of modes (and a filter between them, which changes no prompt).
+PROMPT_VARIANTS = {
+    "stacked": [_system_prompt("a", "First.", "prepend"), FILTER, _system_prompt("b", "Second.", "prepend")],
+    "replaced": [_system_prompt("a", "First.", "prepend"), FILTER, _system_prompt("b", "Second.", "replace")],
+    "replaced-first": [_system_prompt("a", "First.", "replace"), _system_prompt("b", "Second.", "prepend")],
+}
+
+
+class _Recording(EchoBackend):
+    """The serving side's backend: records the chat requests the pipeline sends on."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.requests: list[ChatCompletionRequest] = []
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        self.requests.append(request)
+        return await super().chat(request)
+
+
+def test_interp_gets_the_system_prompt_the_chat_pipeline_sends(
+    db: Any, tiny_worker: ThreadWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("airlock.ledger.service.record_event", lambda *args, **kwargs: None)
+    specs: list[JobSpec] = []
+
+    async def run_job(spec: JobSpec, worker: ModelWorker, limits: Any, **kwargs: Any) -> RunOutcome:
+        specs.append(spec)
+        return RunOutcome(value={}, logs="", usage={"cpu_seconds": 0.0, "rpc": {"model_seconds": 0.0}}, error=None)
+
+    monkeypatch.setattr(interp_jobs, "run_job", run_job)
+    variants = [{"name": name, "mitigations": mitigations} for name, mitigations in PROMPT_VARIANTS.items()]
+    manifest = {
+        "models": [{"name": "tiny", "versions": [{"label": "v1", "weights": "tiny-random", "variants": variants}]}]
+    }
+    runner = JobRunner(db, {KIND: InterpHandler(db, get_settings(), lambda spec: tiny_worker)})
+    with db.session() as session:
+        sync_manifest(session, parse_manifest(manifest))
+        access.create_evaluator(session, "org")
+        grant = access.create_grant(
+            session,
+            access.GrantRequest(evaluator="org", model="tiny", variants=list(PROMPT_VARIANTS), scopes=["interp"]),
+        )
+        key, _token = access.create_api_key(session, grant.id)
+        principal = access.Principal(
+            key_id=key.id, grant_id=grant.id, evaluator_id=grant.evaluator_id, evaluator_name="org", grant=grant
+        )
+        served = {name: resolve_variant(session, parse_model_id(f"tiny/{name}")) for name in PROMPT_VARIANTS}
+    for name, variant in served.items():
+        with db.session() as session:
+            body = InterpJobCreate(model=f"tiny/{name}", code="def main():\n    return {}\n")
+            interp.create_job(session, get_settings(), principal, body)
+        assert runner.run_once()
+        backend = _Recording()
+        question = ChatCompletionRequest(model=f"tiny/{name}", messages=[ChatMessage(role="user", content="hello")])
+        asyncio.run(build_pipeline(backend, variant.mitigations).chat(question))
+        sent = backend.requests[0].messages[0]
+        assert sent.role == "system", name
+        assert specs[-1].system_prompt == sent.text(), name
+    assert [spec.system_prompt for spec in specs] == ["Second.\n\nFirst.", "Second.", "Second.\n\nFirst."]

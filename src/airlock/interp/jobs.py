@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
 
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec
+from airlock.backends.protocol import ChatCompletionRequest, ChatMessage
 from airlock.config import Settings
 from airlock.db import Database
 from airlock.errors import AirlockError
@@ -23,6 +24,7 @@ from airlock.interp.tracing import ServeBudget
 from airlock.interp.workers import BackendWorker, ModelWorker, model_size
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
+from airlock.mitigations import build_mitigation
 from airlock.registry.models import Variant
 from airlock.sandbox import ResourceLimits
 
@@ -32,6 +34,21 @@ KIND = interp.KIND
 MiB = 1024 * 1024
 
 WorkerProvider = Callable[[VariantRuntimeSpec], ModelWorker]
+
+
+def variant_system_prompt(mitigations: Sequence[Mapping[str, Any]]) -> str | None:
+    """Return the system prompt a variant's mitigations give a chat that has none of its own (None: no prompt).
+
+    Each mitigation's own ``transform_chat`` runs in manifest order, as the serving pipeline runs
+    them, on a chat of one user message: chat-formatted interp prompts get the system prompt the
+    variant's users get (``prepend`` and ``replace`` included). Filters act on text, not on
+    activations, and change nothing here.
+    """
+    request = ChatCompletionRequest(model="interp", messages=[ChatMessage(role="user", content="")])
+    for spec in mitigations:
+        request = build_mitigation(spec["name"], spec["kind"], spec.get("config")).transform_chat(request)
+    first = request.messages[0]
+    return first.text() if first.role == "system" else None
 
 
 def pool_workers(pool: BackendPool, loop: asyncio.AbstractEventLoop) -> WorkerProvider:
@@ -74,10 +91,9 @@ class InterpHandler:
             if row is None or variant is None:
                 raise InterpJobError("the job's record or its variant no longer exists", code="not_found")
             grant_id = row.grant_id
-            # Prompt-level mitigations shape what the weights see; filters act on text, not activations.
-            system_prompt = "\n\n".join(
-                str(m.config.get("prompt", "")) for m in variant.mitigations if m.kind == "system_prompt"
-            ).strip()
+            system_prompt = variant_system_prompt(
+                [{"name": m.name, "kind": m.kind, "config": dict(m.config)} for m in variant.mitigations]
+            )
             spec = VariantRuntimeSpec(
                 variant_id=variant.id,
                 backend=variant.backend,
@@ -123,7 +139,7 @@ class InterpHandler:
             filename=str(params["filename"]),
             entry_point=str(params["entry_point"]),
             args=dict(params.get("args") or {}),
-            system_prompt=system_prompt or None,
+            system_prompt=system_prompt,
         )
         outcome = asyncio.run(
             run_job(
