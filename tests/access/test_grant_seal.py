@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 from typer.testing import CliRunner
 
-from airlock.access import seal, service
+from airlock.access import seal, service, terms
 from airlock.access.models import AuditEvent, Grant
 from airlock.config import get_settings, reset_settings
 from airlock.db import Database, UTCDateTime, utcnow
@@ -116,9 +116,9 @@ def _cli(monkeypatch: pytest.MonkeyPatch, db: Database, *args: str) -> tuple[int
 
 
 def test_the_sealed_columns_are_pinned() -> None:
-    assert seal.sealed_columns() == SEALED
-    assert {"seal", "tokens_used"} == seal.EXCLUDED_COLUMNS
-    assert set(SEALED) | seal.EXCLUDED_COLUMNS == {c.name for c in Grant.__table__.columns}
+    assert terms.sealed_columns() == SEALED
+    assert {"seal", "tokens_used"} == terms.EXCLUDED_COLUMNS
+    assert set(SEALED) | terms.EXCLUDED_COLUMNS == {c.name for c in Grant.__table__.columns}
 
 
 def test_a_column_added_later_is_covered_without_a_change() -> None:
@@ -136,9 +136,9 @@ def test_a_column_added_later_is_covered_without_a_change() -> None:
 
     row = Row(id="r1", scopes=["sample"], flag=False, extra=None, tokens_used=5, row_seal="x")
     # NULL and declared defaults are left out, so a new column's default keeps old seals valid.
-    assert seal.row_terms(row) == {"id": "r1", "scopes": ["sample"]}
+    assert terms.row_terms(row) == {"id": "r1", "scopes": ["sample"]}
     row.flag, row.extra, row.tokens_used = True, 7, 9
-    assert seal.row_terms(row) == {"id": "r1", "scopes": ["sample"], "flag": True, "extra": 7}
+    assert terms.row_terms(row) == {"id": "r1", "scopes": ["sample"], "flag": True, "extra": 7}
 
 
 def test_the_key_file_is_created_once_with_mode_600_and_seals_carry_its_id(lab_db: Database) -> None:
@@ -248,6 +248,7 @@ def test_a_grant_widened_in_the_database_is_refused_alerted_and_reported(
     code, output = _cli(monkeypatch, lab.db, "check", "--no-audit")
     assert code == 1
     assert all(f"grant {gid}" in output for gid in ids.values()), output
+    assert "4 problem(s)" in output
 
 
 def test_honest_changes_through_the_service_keep_working(lab: Lab) -> None:
@@ -385,7 +386,7 @@ def test_rotation_reseals_intact_grants_and_leaves_edited_ones_refused(
 def test_unsealed_grants_are_sealed_at_start_only_when_they_match_the_ledger(
     lab_db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from airlock.ledger import events
+    from airlock.access import events
 
     original = events.grant_issued_event
 

@@ -30,23 +30,23 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Connection, Engine, inspect, select
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.orm import Session
 
+from airlock.access import events
 from airlock.access.models import AuditEvent, Evaluator, Grant
+from airlock.access.terms import EXCLUDED_COLUMNS, grant_terms, issued_terms, sealed_columns
 from airlock.canonical import CanonicalJSONError, canonical_bytes, canonical_text
 from airlock.config import Settings, get_settings
 from airlock.db import Database, new_id
 from airlock.errors import ConfigError, PermissionDeniedError
-
-if TYPE_CHECKING:
-    from airlock.ledger.service import LoggedEvent
+from airlock.ledger._entry import commitment_of
+from airlock.ledger.service import LoggedEvent, logged_events
 
 __all__ = [
     "ALERT_OUTCOME",
-    "EXCLUDED_COLUMNS",
     "GrantIntegrityError",
     "GrantSealKeyError",
     "GrantSealer",
@@ -55,15 +55,12 @@ __all__ = [
     "check_grant",
     "check_grants",
     "grant_holds",
-    "grant_terms",
-    "issued_terms",
     "load_key",
     "parse_key",
     "prepare_grant_seals",
     "record_alert",
     "reseal_grants",
     "seal_grant",
-    "sealed_columns",
     "sealer_for",
     "verified_grant",
 ]
@@ -73,9 +70,6 @@ log = logging.getLogger(__name__)
 SEAL_VERSION = "gs1"
 KEY_BYTES = 32
 KEY_ENV = "AIRLOCK_GRANT_SEAL_KEY"
-EXCLUDED_COLUMNS = frozenset({"seal", "tokens_used"})
-"""Bookkeeping, not terms: the seal itself, and the usage counter the audit writer adds to."""
-REVOCATION_COLUMNS = ("revoked_at", "revoked_reason")
 ALERT_OUTCOME = "alert"
 """The audit outcome of a refused use of a grant that failed its seal (``outcome = 'alert'``)."""
 
@@ -118,54 +112,6 @@ class GrantIntegrityError(PermissionDeniedError):
     def audit_detail(self) -> dict[str, Any]:
         """The alert's facts for the audit row (the caller sees only the message)."""
         return {"alert": "grant_integrity", "grant_id": self.grant_id, "reason": self.reason}
-
-
-# ---------------------------------------------------------------- canonical terms
-
-
-_TERM_COLUMNS: dict[type, tuple[tuple[str, str, Any], ...]] = {}
-
-
-def _term_columns(model: type) -> tuple[tuple[str, str, Any], ...]:
-    """Return ``(attribute, column name, scalar default)`` for every sealed column of ``model`` (read once)."""
-    found = _TERM_COLUMNS.get(model)
-    if found is None:
-        mapper: Mapper[Any] = inspect(model)
-        columns = []
-        for attr in mapper.column_attrs:
-            column = attr.columns[0]
-            if column.name in EXCLUDED_COLUMNS:
-                continue
-            default = column.default.arg if column.default is not None and column.default.is_scalar else None
-            columns.append((attr.key, column.name, default))
-        found = _TERM_COLUMNS[model] = tuple(columns)
-    return found
-
-
-def row_terms(row: Any) -> dict[str, Any]:
-    """Return the canonical terms of a mapped row: every column but the excluded ones, defaults left out."""
-    terms: dict[str, Any] = {}
-    for key, name, default in _term_columns(type(row)):
-        value = getattr(row, key)
-        if value is None or (default is not None and type(value) is type(default) and value == default):
-            continue
-        terms[name] = value
-    return terms
-
-
-def sealed_columns() -> tuple[str, ...]:
-    """Return the names of the ``grants`` columns the seal covers, sorted."""
-    return tuple(sorted(name for _key, name, _default in _term_columns(Grant)))
-
-
-def grant_terms(grant: Grant) -> dict[str, Any]:
-    """Return what the seal covers: every term of ``grant``, its revocation included."""
-    return row_terms(grant)
-
-
-def issued_terms(grant: Grant) -> dict[str, Any]:
-    """Return the grant's terms without its revocation: what ``grant.issued`` commits to."""
-    return {k: v for k, v in grant_terms(grant).items() if k not in REVOCATION_COLUMNS}
 
 
 # ---------------------------------------------------------------- the key
@@ -444,7 +390,6 @@ class _Logged:
 
 
 def _logged_by_grant(session: Session) -> dict[str, _Logged]:
-    from airlock.ledger.service import logged_events
 
     found: dict[str, _Logged] = {}
     for event in logged_events(session, ("grant.issued", "grant.revoked")):
@@ -486,8 +431,6 @@ def _differences(logged: Any, current: Any, prefix: str = "") -> dict[str, str]:
 
 def _event_differences(event: LoggedEvent, body: dict[str, Any], confidential: dict[str, Any]) -> list[str]:
     """Compare a logged event with the body and confidential fields recomputed from the row."""
-    from airlock.ledger._entry import commitment_of
-
     found = _differences(event.body, _plain(body))
     for name, commitment in sorted(event.commitments.items()):
         if name not in confidential:
@@ -504,8 +447,6 @@ def _event_differences(event: LoggedEvent, body: dict[str, Any], confidential: d
 
 def _ledger_problems(session: Session, grant: Grant, logged: _Logged | None) -> list[str]:
     """Return how ``grant``'s row disagrees with its ``grant.issued`` / ``grant.revoked`` entries."""
-    from airlock.ledger.events import grant_issued_event, grant_revoked_event
-
     logged = logged or _Logged()
     problems: list[str] = []
     if not logged.issued:
@@ -515,7 +456,7 @@ def _ledger_problems(session: Session, grant: Grant, logged: _Logged | None) -> 
             problems.append(f"is logged as issued {len(logged.issued)} times")
         issued = logged.issued[0]
         try:
-            diffs = _event_differences(issued, *grant_issued_event(session, grant))
+            diffs = _event_differences(issued, *events.grant_issued_event(session, grant))
         except CanonicalJSONError as exc:
             diffs = [f"a value canonical JSON cannot represent ({exc})"]
         if diffs:
@@ -531,7 +472,7 @@ def _ledger_problems(session: Session, grant: Grant, logged: _Logged | None) -> 
         problems.append("is revoked, but the ledger has no grant.revoked entry for it")
     else:
         revoked = logged.revoked[0]
-        diffs = _event_differences(revoked, *grant_revoked_event(session, grant))
+        diffs = _event_differences(revoked, *events.grant_revoked_event(session, grant))
         if diffs:
             problems.append(f"differs from its grant.revoked entry {revoked.event_id}: " + "; ".join(diffs))
     return problems

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
+from airlock.access import events as access_events
 from airlock.access import seal
 from airlock.access.models import SCOPES, AdminToken, ApiKey, Evaluator, Grant
 from airlock.access.roles import Permission, check_permission, parse_role
@@ -25,7 +26,6 @@ from airlock.errors import (
     PermissionDeniedError,
 )
 from airlock.ids import parse_version_ref
-from airlock.ledger import events as ledger_events
 from airlock.registry.models import Model, ModelVersion
 from airlock.registry.service import ResolvedVariant, get_model, get_version
 
@@ -177,7 +177,7 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
     session.add(grant)
     session.flush()
     seal.seal_grant(session, grant)
-    ledger_events.grant_issued(session, grant)
+    access_events.grant_issued(session, grant)
     return grant
 
 
@@ -216,7 +216,7 @@ def revoke_grant(session: Session, grant_id: str, reason: str = "") -> Grant:
     if sealer is not None and intact:
         grant.seal = sealer.seal(grant)
     session.flush()
-    ledger_events.grant_revoked(session, grant)
+    access_events.grant_revoked(session, grant)
     return grant
 
 

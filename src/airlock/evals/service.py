@@ -12,10 +12,10 @@ from airlock.access.models import Evaluator, Grant
 from airlock.access.seal import check_grant
 from airlock.access.service import Principal
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from airlock.evals import events as evals_events
 from airlock.evals.attestation import SCHEMA, fingerprint, parse_public_key, verify
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.schemas import Attestation, ResultEnvelope
-from airlock.ledger import events as ledger_events
 from airlock.registry.models import Model, ModelVersion
 from airlock.registry.service import format_validation_error
 
@@ -117,7 +117,7 @@ def submit_result(session: Session, principal: Principal, envelope: ResultEnvelo
     )
     session.add(row)
     session.flush()
-    ledger_events.eval_attested(session, row, grant)
+    evals_events.eval_attested(session, row, grant)
     return row
 
 

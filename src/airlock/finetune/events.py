@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from airlock.jobs.models import Job
-from airlock.ledger.events import version_ref
-from airlock.ledger.service import record_event
+from airlock.ledger import service as ledger
+from airlock.registry.events import version_ref
 from airlock.registry.models import ModelVersion
 
 
@@ -25,4 +25,4 @@ def job_finished(session: Session, job: Job) -> None:
         "steps": result.get("steps"),
         "finished_at": job.finished_at,
     }
-    record_event(session, "finetune.job", body, confidential={"hyperparameters": params.get("hyperparameters")})
+    ledger.record_event(session, "finetune.job", body, confidential={"hyperparameters": params.get("hyperparameters")})

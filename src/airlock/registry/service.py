@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
 from airlock.ids import ModelRef
-from airlock.ledger import events as ledger_events
+from airlock.registry import events as registry_events
 from airlock.registry.models import Mitigation, Model, ModelVersion, StageChange, Variant
 from airlock.registry.schemas import (
     LOCAL_DEFAULT_CONTEXT,
@@ -128,7 +128,7 @@ def _sync_version(session: Session, model: Model, spec: VersionSpec, report: Syn
         session.add(version)
         session.flush()
         session.add(StageChange(version_id=version.id, from_stage=None, to_stage=spec.stage, actor=actor))
-        ledger_events.stage_changed(session, version, None, spec.stage, actor)
+        registry_events.stage_changed(session, version, None, spec.stage, actor)
         report.created.append(f"version {where} ({spec.stage})")
     elif version.stage != spec.stage:
         set_stage(session, version, spec.stage, actor=actor)
@@ -171,7 +171,7 @@ def _sync_variant(
         session.add(variant)
         session.flush()
         _replace_mitigations(session, variant, spec)
-        ledger_events.variant_registered(session, version, variant)
+        registry_events.variant_registered(session, version, variant)
         report.created.append(label)
         return
     current = [(m.name, m.kind, m.config, m.stance) for m in variant.mitigations]
@@ -190,7 +190,7 @@ def _sync_variant(
     variant.description = spec.description
     variant.max_output_tokens = spec.max_output_tokens
     _replace_mitigations(session, variant, spec)
-    ledger_events.variant_registered(session, version, variant, updated=True)
+    registry_events.variant_registered(session, version, variant, updated=True)
     report.updated.append(label)
 
 
@@ -207,7 +207,7 @@ def _replace_mitigations(session: Session, variant: Variant, spec: VariantSpec) 
 def set_stage(session: Session, version: ModelVersion, stage: str, *, actor: str) -> None:
     """Move ``version`` to ``stage``, recording the transition."""
     session.add(StageChange(version_id=version.id, from_stage=version.stage, to_stage=stage, actor=actor))
-    ledger_events.stage_changed(session, version, version.stage, stage, actor)
+    registry_events.stage_changed(session, version, version.stage, stage, actor)
     version.stage = stage
     version.stage_changed_at = utcnow()
 
