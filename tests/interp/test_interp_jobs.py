@@ -91,9 +91,9 @@ def test_a_job_interrupted_by_a_restart_runs_again_and_reaches_the_ledger(
     assert hidden > 3 and tokens[:hidden] == ["<system>"] * hidden and "careful" not in "".join(tokens)
     assert result.value["first"] == hidden
     assert "lies in the variant's system prompt" in result.value["refused"]
-    kind, body, confidential = recorded[-1]
-    assert kind == "interp.job" and body["job_id"] == job_id and body["status"] == "succeeded"
-    assert body["model_version_hash"] and body["result_sha256"] == result.result_sha256
+    kind, entry, confidential = recorded[-1]
+    assert kind == "interp.job" and entry["job_id"] == job_id and entry["status"] == "succeeded"
+    assert entry["model_version_hash"] and entry["result_sha256"] == result.result_sha256
     assert confidential is not None and confidential["args"] == {"prompt": "hello"}
     assert len(confidential["code_sha256"]) == 64
 
