@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from airlock import __version__
-from airlock.access.audit import AuditWriter
+from airlock.access.audit import AUDIT_DIGEST, AuditWriter
 from airlock.access.middleware import AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
 from airlock.backends.pool import BackendPool
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         audit.start()
         from airlock.ledger.service import LedgerSequencer
 
-        ledger = LedgerSequencer(db, settings)
+        ledger = LedgerSequencer(db, settings, AUDIT_DIGEST)
         ledger.start()
         from airlock.publish.service import DuePublisher
 

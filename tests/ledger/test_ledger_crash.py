@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
+from airlock.access.audit import AUDIT_DIGEST
 from airlock.db import Database
 from airlock.ledger import service
 from airlock.ledger._note import Signer
@@ -65,4 +66,7 @@ def test_kill_9_loses_no_committed_event(db: Database) -> None:
         ids = list(session.scalars(select(LedgerEntry.event_id)))
     assert indices == list(range(len(indices)))
     assert len(ids) == len(set(ids)) and set(committed) <= set(ids)
-    assert service.check_database(db, Signer("test.example/ledger", Ed25519PrivateKey.generate())) == []
+    assert (
+        service.check_database(db, Signer("test.example/ledger", Ed25519PrivateKey.generate()), audit=AUDIT_DIGEST)
+        == []
+    )

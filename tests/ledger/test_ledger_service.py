@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
+from airlock.access.audit import AUDIT_DIGEST
 from airlock.db import Database
 from airlock.errors import InvalidRequestError, NotFoundError
 from airlock.ledger import service
@@ -115,7 +116,7 @@ def test_concurrent_sequencers_never_fork_the_log(db: Database) -> None:
     service.sequence(db)
     bodies = sorted(e["body"]["i"] for e in _entries(db))
     assert bodies == sorted(k * 1000 + i for k in range(4) for i in range(50))
-    assert service.check_database(db, _signer(), audit=False) == []
+    assert service.check_database(db, _signer(), audit=AUDIT_DIGEST) == []
 
 
 def test_checkpoints_are_signed_consistent_and_not_duplicated(db: Database) -> None:
@@ -194,8 +195,8 @@ def test_services_log_grants_variants_stages_and_audit_digests(db: Database) -> 
                     outcome="allowed",
                 )
             )
-    assert service.digest_audit(db) == 1
-    assert service.digest_audit(db) == 0
+    assert service.digest_audit(db, AUDIT_DIGEST) == 1
+    assert service.digest_audit(db, AUDIT_DIGEST) == 0
     service.sequence(db)
     entries = _entries(db)
     kinds = [e["kind"] for e in entries]
@@ -215,7 +216,7 @@ def test_services_log_grants_variants_stages_and_audit_digests(db: Database) -> 
     with db.session() as session:
         assert session.scalar(select(func.count()).select_from(LedgerCommitment)) > 0
         assert session.scalar(select(func.count()).select_from(LedgerPending)) == 0
-    assert service.check_database(db, _signer()) == []
+    assert service.check_database(db, _signer(), audit=AUDIT_DIGEST) == []
 
 
 def test_verifier_flags_a_reveal_that_does_not_open_its_commitment(tmp_path: Any) -> None:

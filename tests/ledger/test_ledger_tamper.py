@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 
+from airlock.access.audit import AUDIT_DIGEST
 from airlock.db import Database, utcnow
 from airlock.errors import AirlockError
 from airlock.ledger import service
@@ -58,9 +59,9 @@ def filled(db: Database, signer: Signer) -> Database:
                 )
             )
     service.publish_checkpoint(db, signer)
-    service.digest_audit(db)
+    service.digest_audit(db, AUDIT_DIGEST)
     service.publish_checkpoint(db, signer)
-    assert service.check_database(db, signer) == []
+    assert service.check_database(db, signer, audit=AUDIT_DIGEST) == []
     assert verify_bundle(service.export_bundle(db, signer), signer.verifier.vkey()).ok
     return db
 
@@ -173,7 +174,7 @@ EXPORT_REFUSED = {"deleted entry"}
 def test_edit_is_detected(filled: Database, signer: Signer, edit: str) -> None:
     """The lab-side check flags every edit; the offline bundle verifier flags every edit to public data."""
     EDITS[edit](filled)
-    assert service.check_database(filled, signer), f"{edit} went unnoticed by the lab-side check"
+    assert service.check_database(filled, signer, audit=AUDIT_DIGEST), f"{edit} went unnoticed by the lab-side check"
     if edit in EXPORT_REFUSED:
         # The lab cannot even build proofs from the damaged log: noticed before publication.
         with pytest.raises(AirlockError, match="inconsistent"):

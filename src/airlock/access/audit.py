@@ -13,13 +13,14 @@ import queue
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from airlock.access.models import AuditEvent, Grant
 from airlock.db import Database, utcnow
+from airlock.ledger.service import DigestedTable
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +187,31 @@ def summary(session: Session, *, since_id: int = 0) -> list[dict[str, Any]]:
     )
     keys = ("actor", "variant", "outcome", "status_code", "requests", "tokens_in", "tokens_out")
     return [dict(zip(keys, row, strict=True)) for row in session.execute(stmt)]
+
+
+AUDIT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "ts",
+    "request_id",
+    "actor_type",
+    "actor",
+    "evaluator_id",
+    "grant_id",
+    "key_id",
+    "method",
+    "path",
+    "model",
+    "version_id",
+    "variant",
+    "scope",
+    "status_code",
+    "outcome",
+    "error_code",
+    "tokens_in",
+    "tokens_out",
+    "latency_ms",
+    "detail",
+)
+"""The audit columns the ledger's digests cover (each digest records its list, so old ones stay checkable)."""
+AUDIT_DIGEST = DigestedTable(cast(Table, AuditEvent.__table__), AUDIT_COLUMNS)
+"""The audit trail as the ledger digests it (``audit.digest`` events make the trail tamper-evident)."""

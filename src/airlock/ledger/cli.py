@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from airlock.access.audit import AUDIT_DIGEST
 from airlock.cli_support import console, fail, fmt_ts, open_database, run_command
 
 app = typer.Typer(
@@ -45,7 +46,7 @@ def checkpoint(
         from airlock.ledger import service
 
         with open_database() as (settings, db):
-            service.digest_audit(db)
+            service.digest_audit(db, AUDIT_DIGEST)
             row = service.publish_checkpoint(db, service.get_signer(settings), force=force)
             # Plain echo, never rich: a wrapped signature line would no longer verify.
             typer.echo(row.note, nl=False)
@@ -81,7 +82,7 @@ def export(
         from airlock.ledger import service
 
         with open_database() as (settings, db):
-            service.digest_audit(db)
+            service.digest_audit(db, AUDIT_DIGEST)
             bundle = service.export_bundle(db, service.get_signer(settings))
         out.write_text(json.dumps(bundle, indent=1, ensure_ascii=False) + "\n")
         console.print(f"wrote {out}: {len(bundle['entries'])} entries, {len(bundle['checkpoints'])} checkpoints")
@@ -124,7 +125,7 @@ def check(
         from airlock.ledger import service
 
         with open_database() as (settings, db):
-            problems = service.check_database(db, service.get_signer(settings), audit=audit)
+            problems = service.check_database(db, service.get_signer(settings), audit=AUDIT_DIGEST if audit else None)
             if grants:
                 with db.session() as session:
                     problems += check_grants(session, settings)

@@ -16,9 +16,10 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from airlock.canonical import canonical_bytes, legacy_bytes
@@ -65,29 +66,6 @@ MAX_PAGE = 1000
 # id than one already digested would otherwise fall outside every digest.
 AUDIT_DIGEST_LAG_S = 5.0
 AUDIT_DIGEST_BATCH = 20_000
-AUDIT_COLUMNS = (
-    "id",
-    "ts",
-    "request_id",
-    "actor_type",
-    "actor",
-    "evaluator_id",
-    "grant_id",
-    "key_id",
-    "method",
-    "path",
-    "model",
-    "version_id",
-    "variant",
-    "scope",
-    "status_code",
-    "outcome",
-    "error_code",
-    "tokens_in",
-    "tokens_out",
-    "latency_ms",
-    "detail",
-)
 
 
 # ---------------------------------------------------------------- recording
@@ -359,35 +337,39 @@ AUDIT_ENCODING = "rfc8785"
 """How a digest encodes each row; digests without the field used the legacy sorted JSON."""
 
 
-def audit_rows_hash(
-    rows: Iterable[Any], columns: Sequence[str] = AUDIT_COLUMNS, *, encoding: str = AUDIT_ENCODING
-) -> tuple[str, int]:
-    """Return the SHA-256 over the canonical JSON lines of audit rows (``columns`` only), and the row count."""
+@dataclass(frozen=True)
+class DigestedTable:
+    """An append-only table whose rows the ledger digests: ordered by ``id``, stamped by ``ts``.
+
+    The table's owner (access, for the audit trail) describes it; the ledger knows no domain table.
+    """
+
+    table: Table
+    columns: tuple[str, ...]
+
+
+def audit_rows_hash(rows: Iterable[Any], columns: Sequence[str], *, encoding: str = AUDIT_ENCODING) -> tuple[str, int]:
+    """Return the SHA-256 over the canonical JSON lines of rows (``columns`` only), and the row count."""
     encode = canonical_bytes if encoding == AUDIT_ENCODING else legacy_bytes
     digest, count = hashlib.sha256(), 0
     for row in rows:
-        digest.update(encode({name: getattr(row, name) for name in columns}) + b"\n")
+        values = row._mapping
+        digest.update(encode({name: values[name] for name in columns}) + b"\n")
         count += 1
     return digest.hexdigest(), count
 
 
-def digest_audit(db: Database, *, lag_s: float = AUDIT_DIGEST_LAG_S) -> int:
-    """Record ``audit.digest`` events covering audit rows not yet digested; return how many digests."""
-    from datetime import timedelta
-
-    from airlock.access.models import AuditEvent
-
+def digest_audit(db: Database, audit: DigestedTable, *, lag_s: float = AUDIT_DIGEST_LAG_S) -> int:
+    """Record ``audit.digest`` events covering rows of ``audit`` not yet digested; return how many digests."""
+    table = audit.table
     made = 0
     cutoff = utcnow() - timedelta(seconds=lag_s)
     while True:
         with db.session() as session:
             state = _lock_state(session)
             rows = list(
-                session.scalars(
-                    select(AuditEvent)
-                    .where(AuditEvent.id > state.audit_last_id)
-                    .order_by(AuditEvent.id)
-                    .limit(AUDIT_DIGEST_BATCH)
+                session.execute(
+                    select(table).where(table.c.id > state.audit_last_id).order_by(table.c.id).limit(AUDIT_DIGEST_BATCH)
                 )
             )
             # Stop at the first row younger than the lag so the digested id range stays contiguous.
@@ -395,16 +377,16 @@ def digest_audit(db: Database, *, lag_s: float = AUDIT_DIGEST_LAG_S) -> int:
             rows = rows[:young]
             if not rows:
                 return made
-            sha, count = audit_rows_hash(rows)
+            sha, count = audit_rows_hash(rows, audit.columns)
             body = {
-                "table": "audit_events",
+                "table": table.name,
                 "first_id": rows[0].id,
                 "last_id": rows[-1].id,
                 "after_id": state.audit_last_id,
                 "count": count,
                 "first_ts": rows[0].ts,
                 "last_ts": rows[-1].ts,
-                "columns": list(AUDIT_COLUMNS),
+                "columns": list(audit.columns),
                 "encoding": AUDIT_ENCODING,
                 "sha256": sha,
             }
@@ -557,15 +539,13 @@ def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
     return events
 
 
-def check_database(db: Database, signer: Signer, *, audit: bool = True) -> list[str]:
+def check_database(db: Database, signer: Signer, *, audit: DigestedTable | None = None) -> list[str]:
     """Recompute the whole log from the stored entries and return every inconsistency found.
 
     Lab-side tamper check: entry text vs leaf hash, contiguous indices, every stored node, the
     state root, every checkpoint's signature and root, commitments, and (with ``audit``) every
-    audit digest against the audit rows it covers.
+    audit digest against the rows of that table it covers.
     """
-    from airlock.access.models import AuditEvent
-
     problems: list[str] = []
     tree = MemoryTree()
     digests: list[dict[str, Any]] = []
@@ -615,16 +595,13 @@ def check_database(db: Database, signer: Signer, *, audit: bool = True) -> list[
             published = commitments.get(c.event_id, {}).get(c.field)
             if published is not None and commitment_of(c.salt, c.value) != published:
                 problems.append(f"commitment {c.event_id}/{c.field}: the kept opening does not match the entry")
-        if audit:
+        if audit is not None:
             covered_to = 0
+            table = audit.table
             for d in digests:
-                stmt = (
-                    select(AuditEvent)
-                    .where(AuditEvent.id > d["after_id"], AuditEvent.id <= d["last_id"])
-                    .order_by(AuditEvent.id)
-                )
+                stmt = select(table).where(table.c.id > d["after_id"], table.c.id <= d["last_id"]).order_by(table.c.id)
                 # The digest names its columns, so a later schema change does not break old digests.
-                sha, count = audit_rows_hash(session.scalars(stmt), d["columns"], encoding=d.get("encoding", "legacy"))
+                sha, count = audit_rows_hash(session.execute(stmt), d["columns"], encoding=d.get("encoding", "legacy"))
                 if (sha, count) != (d["sha256"], d["count"]):
                     problems.append(
                         f"audit rows {d['first_id']}..{d['last_id']} differ from their digest (entry {d['_idx']})"
@@ -644,10 +621,11 @@ class LedgerSequencer(PeriodicWorker):
 
     name = "ledger-sequencer"
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, audit: DigestedTable) -> None:
         super().__init__(settings.ledger_sequence_interval_s)
         self.db = db
         self.settings = settings
+        self.audit = audit
         self._next_checkpoint = time.monotonic() + settings.ledger_checkpoint_interval_s
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -662,7 +640,7 @@ class LedgerSequencer(PeriodicWorker):
         """Run one pass: sequence, and when due digest the audit table and sign a checkpoint."""
         sequence(self.db)
         if checkpoint:
-            digest_audit(self.db)
+            digest_audit(self.db, self.audit)
             publish_checkpoint(self.db, get_signer(self.settings))
 
     def run_once(self) -> None:
