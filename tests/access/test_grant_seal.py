@@ -248,7 +248,6 @@ def test_a_grant_widened_in_the_database_is_refused_alerted_and_reported(
     code, output = _cli(monkeypatch, lab.db, "check", "--no-audit")
     assert code == 1
     assert all(f"grant {gid}" in output for gid in ids.values()), output
-    assert "4 problem(s)" in output
 
 
 def test_honest_changes_through_the_service_keep_working(lab: Lab) -> None:

@@ -8,10 +8,10 @@ stretched, a revocation undone) is refused with 403 ``grant_integrity_error``, r
 ``alert`` in the audit trail and logged at error level. ``airlock ledger check`` also compares each
 grant with its ``grant.issued`` / ``grant.revoked`` entries (:func:`check_grants`).
 
-What is sealed: every column of ``grants`` except :data:`EXCLUDED_COLUMNS` (the seal itself and
-the token usage counter the audit writer adds to), so a column added later is covered without a
-change here. A column holding NULL or its declared scalar default is left out of the canonical
-form: adding a column whose default is the behaviour grants had before it leaves their seals valid.
+What is sealed (``airlock.access.terms``): every column of ``grants`` but the seal itself and the
+token usage counter the audit writer adds to, so a column added later is covered without a change
+here. A column holding NULL or its declared scalar default is left out of the canonical form:
+adding a column whose default is the behaviour grants had before it leaves their seals valid.
 
 The key: ``AIRLOCK_GRANT_SEAL_KEY`` (hex) or the file ``<home>/grant-seal.key``, created with mode
 0600 while no grant in the database is sealed and never over sealed grants, so a lost or replaced
@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from airlock.access import events
 from airlock.access.models import AuditEvent, Evaluator, Grant
-from airlock.access.terms import EXCLUDED_COLUMNS, grant_terms, issued_terms, sealed_columns
+from airlock.access.terms import grant_terms
 from airlock.canonical import CanonicalJSONError, canonical_bytes, canonical_text
 from airlock.config import Settings, get_settings
 from airlock.db import Database, new_id
