@@ -129,12 +129,16 @@ def test_loss_decreases_and_result(tmp_path: Path) -> None:
     assert (result.adapter_dir / "adapter_config.json").is_file()
     assert not list(tmp_path.glob(".adapter.tmp-*"))
 
-    store = AdapterStore(tmp_path)
-    assert store.exists("adapter") and store.sha256("adapter") == result.adapter_sha256
+    # The trainer wrote into a job directory laid out as the store expects it.
+    store = AdapterStore(tmp_path.parent)
+    job = tmp_path.name
+    assert store.path(job) == result.adapter_dir
+    assert store.exists(job) and store.sha256(job) == result.adapter_sha256
     assert not store.exists("ftjob_none")
-    with pytest.raises(ValueError):
-        store.path("../escape")
-    assert store.delete("adapter") and not store.exists("adapter") and not store.delete("adapter")
+    for escape in ("../escape", "..", "a/b"):
+        with pytest.raises(ValueError):
+            store.path(escape)
+    assert store.delete(job) and not store.exists(job) and not store.delete(job)
 
 
 def test_seeded_runs_are_deterministic(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""Where fine-tuned LoRA adapters live on the lab's side.
+"""Where fine-tuning jobs keep their checkpoints and adapters on the lab's side: the one place that knows the layout.
 
-The store deliberately has no method that returns adapter bytes to a caller: adapters are only
-ever loaded by a backend in this process to serve the grantee's requests. No endpoint serves
-them as files (issue 5: "the weights never leave"); anything that needs to identify an adapter
-uses :meth:`AdapterStore.sha256`.
+A job's directory is ``<home>/finetune/<job_id>/`` (checkpoints under ``checkpoints/``, the final
+adapter under ``adapter/``). The store deliberately has no method that returns adapter bytes to a
+caller: adapters are only ever loaded by a backend of the lab to serve the grantee's requests, and
+no endpoint serves them as files (the weights never leave); anything that needs to identify an
+adapter uses :meth:`AdapterStore.sha256`.
 """
 
 from __future__ import annotations
@@ -32,17 +33,26 @@ def adapter_dir_sha256(directory: Path) -> str:
 
 
 class AdapterStore:
-    """Adapters of fine-tuning jobs under ``root/<job_id>/`` (never handed out as bytes)."""
+    """Fine-tuning jobs' directories under ``root/<job_id>/``, their adapters in ``adapter/`` (never handed out)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def path(self, job_id: str) -> Path:
-        """Return the directory of ``job_id``'s adapter (a ``save_pretrained`` dir; may not exist yet)."""
+    @classmethod
+    def of_home(cls, home: Path) -> AdapterStore:
+        """Return the store of the data directory ``home``."""
+        return cls(home / "finetune")
+
+    def job_dir(self, job_id: str) -> Path:
+        """Return the working directory of ``job_id`` (checkpoints and adapter; may not exist yet)."""
         # Job ids become path components: refuse anything that could escape the root.
         if not _JOB_ID.fullmatch(job_id) or job_id in (".", ".."):
             raise ValueError(f"invalid job id {job_id!r}")
         return self.root / job_id
+
+    def path(self, job_id: str) -> Path:
+        """Return the directory of ``job_id``'s adapter (a ``save_pretrained`` dir; may not exist yet)."""
+        return self.job_dir(job_id) / "adapter"
 
     def exists(self, job_id: str) -> bool:
         """Return whether ``job_id`` has a complete adapter (its config and weights are present)."""

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from airlock.finetune import events
+from airlock.finetune.adapters import AdapterStore
 from airlock.finetune.files import file_path, validate_chat_jsonl
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
@@ -38,7 +39,7 @@ class FineTuneHandler:
 
     def output_dir(self, job_id: str) -> Path:
         """Return where a job's checkpoints and adapter live (never served to anyone)."""
-        return self.home / "finetune" / job_id
+        return AdapterStore.of_home(self.home).job_dir(job_id)
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         """Validate the files, train, and return the training summary."""

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from airlock.access.service import authorize, grant_status, granted_model_ids
+from airlock.access.service import grant_status, granted_model_ids
 from airlock.backends.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -20,9 +20,6 @@ from airlock.backends.protocol import (
     ModelList,
 )
 from airlock.deps import AuditDep, CurrentPrincipal, StateDep
-from airlock.errors import NotFoundError
-from airlock.finetune.service import get_own_job as ft_get_own_job
-from airlock.ids import is_fine_tuned, parse_fine_tuned_id, parse_model_id
 from airlock.registry.models import Model, ModelVersion
 from airlock.serving import service as serving
 
@@ -148,23 +145,9 @@ async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincip
     A fine-tuned model (``ft:...``) of the caller's grant is described by its base variant, with
     the job that trained it.
     """
-    job_id = None
-    if is_fine_tuned(model_id):
-        ft = parse_fine_tuned_id(model_id)
-
-        def _own_job() -> None:
-            with state.db.session() as session:
-                job = ft_get_own_job(session, principal, ft.job_id)
-                if job.status != "succeeded" or job.params.get("fine_tuned_model") != model_id:
-                    raise NotFoundError(f"model {model_id!r} does not exist", code="model_not_found")
-
-        await run_in_threadpool(_own_job)
-        ref, job_id = ft.base, ft.job_id
-    else:
-        ref = parse_model_id(model_id)
-    audit.model, audit.variant = model_id, ref.variant
-    resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
-    authorize(principal, resolved, [])
+    target = await serving.resolve_target(state, principal, model_id, [], audit)
+    resolved = target.variant
+    job_id = target.fine_tune.job_id if target.fine_tune is not None else None
 
     def _version() -> tuple[str, str]:
         with state.db.session() as session:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from airlock.access.middleware import AuditContext
-from airlock.access.quotas import check_token_quota
+from airlock.access.quotas import RateLimiter, check_token_quota
 from airlock.access.service import Principal, authorize
 from airlock.backends.pool import VariantRuntimeSpec
 from airlock.backends.protocol import (
@@ -22,12 +22,25 @@ from airlock.backends.protocol import (
     CompletionRequest,
     Usage,
 )
-from airlock.deps import GatewayState
+from airlock.config import Settings
+from airlock.db import Database
 from airlock.errors import AirlockError, InvalidRequestError, NotFoundError
+from airlock.finetune.adapters import AdapterStore
 from airlock.finetune.service import get_own_job as ft_get_own_job
-from airlock.ids import is_fine_tuned, parse_fine_tuned_id, parse_model_id
+from airlock.ids import FineTunedRef, is_fine_tuned, parse_fine_tuned_id, parse_model_id
 from airlock.mitigations import MitigatedStream, VariantPipeline, Verdict
-from airlock.registry.service import ResolvedVariant
+from airlock.registry.service import RegistryCache, ResolvedVariant
+from airlock.serving.pipelines import PipelineCache
+
+
+class ServingState(Protocol):
+    """What the sampling path needs of the process-wide state (the app's ``GatewayState`` has it)."""
+
+    settings: Settings
+    db: Database
+    registry: RegistryCache
+    pipelines: PipelineCache
+    limiter: RateLimiter
 
 
 @dataclass
@@ -38,76 +51,83 @@ class Target:
     backend: VariantPipeline
 
 
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A model id resolved to the variant that serves it, authorised for the caller's grant."""
+
+    variant: ResolvedVariant
+    fine_tune: FineTunedRef | None
+    """The fine-tuning job whose adapter the variant runs, for an ``ft:`` id."""
+
+
+async def resolve_target(
+    state: ServingState, principal: Principal, model_id: str, scopes: list[str], audit: AuditContext
+) -> ResolvedTarget:
+    """Turn any model id (``m/v``, ``m@version/v``, ``ft:…``) into a target the caller's grant covers.
+
+    The one resolver of the gateway: a fine-tuned model is visible only to keys of the grant that
+    trained it, once its job has succeeded (404 otherwise, as for a model that does not exist); a
+    training checkpoint id is a clear 400. Authorization failures are 403s, audited by the caller.
+    """
+    audit.model = model_id
+    fine_tune = parse_fine_tuned_id(model_id) if is_fine_tuned(model_id) else None
+    if fine_tune is not None and fine_tune.checkpoint_step is not None:
+        raise InvalidRequestError(
+            f"training checkpoints are listed for their metrics but not served; sample {fine_tune.model_id!r}",
+            code="checkpoint_not_served",
+            param="model",
+        )
+    ref = fine_tune.base if fine_tune is not None else parse_model_id(model_id)
+    audit.variant = ref.variant
+    audit.scope = ",".join(scopes)
+    if fine_tune is None:
+        resolved = state.registry.peek(ref)
+        if resolved is None:
+            resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
+    else:
+        job_id, own_id = fine_tune.job_id, fine_tune.model_id
+
+        def _lookup() -> ResolvedVariant:
+            with state.db.session() as session:
+                job = ft_get_own_job(session, principal, job_id)
+                if job.status != "succeeded" or job.params.get("fine_tuned_model") != own_id:
+                    raise NotFoundError(f"model {model_id!r} does not exist", code="model_not_found")
+            return state.registry.get(state.db.sessions, ref)
+
+        resolved = await run_in_threadpool(_lookup)
+        audit.detail["fine_tuning_job"] = job_id
+    audit.version_id = resolved.version_id
+    authorize(principal, resolved, scopes)
+    return ResolvedTarget(resolved, fine_tune)
+
+
 async def prepare(
-    state: GatewayState,
+    state: ServingState,
     principal: Principal,
     audit: AuditContext,
     request: ChatCompletionRequest | CompletionRequest,
 ) -> Target:
     """Authorize the request against the grant, enforce quotas and return its pipeline."""
-    audit.model = request.model
-    if is_fine_tuned(request.model):
-        return await _prepare_fine_tuned(state, principal, audit, request)
-    ref = parse_model_id(request.model)
-    audit.variant = ref.variant
     scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
-    audit.scope = ",".join(scopes)
-
-    resolved = state.registry.peek(ref)
-    if resolved is None:
-        resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
-    audit.version_id = resolved.version_id
-    authorize(principal, resolved, scopes)
+    target = await resolve_target(state, principal, request.model, scopes, audit)
+    resolved = target.variant
     check_output_budget(request, resolved)
+    check_token_quota(principal.grant)
+    if principal.grant.quota_requests_per_minute:
+        state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
     spec = VariantRuntimeSpec.of(resolved)
-    check_token_quota(principal.grant)
-    if principal.grant.quota_requests_per_minute:
-        state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
-    backend = await state.pipelines.pipeline(spec)
+    if target.fine_tune is None:
+        backend = await state.pipelines.pipeline(spec)
+    else:
+        job_id = target.fine_tune.job_id
+        adapter = AdapterStore.of_home(state.settings.home_dir).path(job_id)
+        backend = await state.pipelines.adapter_pipeline(spec, job_id, adapter)
     if request.wants_logprobs() and not backend.supports_logprobs:
-        raise InvalidRequestError(f"variant {ref.variant!r} cannot return log-probabilities", param="logprobs")
-    if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
-        raise InvalidRequestError(f"variant {ref.variant!r} does not support echo", param="echo")
-    return Target(public_id=request.model, backend=backend)
-
-
-async def _prepare_fine_tuned(
-    state: GatewayState,
-    principal: Principal,
-    audit: AuditContext,
-    request: ChatCompletionRequest | CompletionRequest,
-) -> Target:
-    """Authorize a fine-tuned model: only keys of the grant that trained it may sample it."""
-    from airlock.finetune.jobs import FineTuneHandler
-
-    ft = parse_fine_tuned_id(request.model)
-    if ft.checkpoint_step is not None:
         raise InvalidRequestError(
-            f"training checkpoints are listed for their metrics but not served; sample {ft.model_id!r}",
-            code="checkpoint_not_served",
-            param="model",
+            f"variant {resolved.variant_name!r} cannot return log-probabilities", param="logprobs"
         )
-    audit.variant = ft.base.variant
-    scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
-    audit.scope = ",".join(scopes)
-
-    def _lookup() -> ResolvedVariant:
-        with state.db.session() as session:
-            job = ft_get_own_job(session, principal, ft.job_id)
-            if job.status != "succeeded" or job.params.get("fine_tuned_model") != request.model:
-                raise NotFoundError(f"model {request.model!r} does not exist", code="model_not_found")
-        return state.registry.get(state.db.sessions, ft.base)
-
-    resolved = await run_in_threadpool(_lookup)
-    audit.version_id = resolved.version_id
-    audit.detail["fine_tuning_job"] = ft.job_id
-    authorize(principal, resolved, scopes)
-    check_output_budget(request, resolved)
-    check_token_quota(principal.grant)
-    if principal.grant.quota_requests_per_minute:
-        state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
-    adapter = FineTuneHandler(state.settings.home_dir).output_dir(ft.job_id) / "adapter"
-    backend = await state.pipelines.adapter_pipeline(VariantRuntimeSpec.of(resolved), ft.job_id, adapter)
+    if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
+        raise InvalidRequestError(f"variant {resolved.variant_name!r} does not support echo", param="echo")
     return Target(public_id=request.model, backend=backend)
 
 
