@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from airlock.canonical import sha256_hex
 from airlock.access.roles import Permission, check_permission
+from airlock.canonical import sha256_hex
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import wilson_interval

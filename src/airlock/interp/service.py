@@ -17,6 +17,7 @@ from airlock.access.service import Principal, authorize, check_window
 from airlock.config import Settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
+from airlock.ids import parse_model_id
 from airlock.interp import _wire
 from airlock.interp.client import RESULT_FORMAT
 from airlock.interp.models import InterpJob
@@ -32,7 +33,6 @@ from airlock.interp.schemas import (
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
 from airlock.registry.models import ModelVersion
-from airlock.ids import parse_model_id
 from airlock.registry.service import resolve_variant
 
 KIND = "interp"
