@@ -14,12 +14,34 @@ from airlock import __version__
 from airlock.access.audit import AUDIT_DIGEST, AuditWriter
 from airlock.access.middleware import AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
+from airlock.access.routes import router as access_router
+from airlock.access.seal import prepare_grant_seals
 from airlock.backends.pool import BackendPool
 from airlock.config import Settings, get_settings
 from airlock.db import Database
 from airlock.deps import GatewayState, get_admin, get_principal
-from airlock.registry.service import RegistryCache
+from airlock.evals.routes import admin_router as results_admin_router
+from airlock.evals.routes import router as results_router
+from airlock.finetune.jobs import KIND, FineTuneHandler
+from airlock.finetune.routes import router as files_router
+from airlock.governance.routes import router as governance_router
+from airlock.governance.routes import stage_router
+from airlock.governance.service import refuse_gated_manifest_stages
+from airlock.interp.jobs import KIND as INTERP_KIND
+from airlock.interp.jobs import InterpHandler, pool_workers
+from airlock.interp.routes import router as interp_router
+from airlock.jobs.runner import JobHandler, JobRunner
+from airlock.ledger.routes import admin_router as ledger_admin_router
+from airlock.ledger.routes import router as ledger_router
+from airlock.ledger.service import LedgerSequencer
+from airlock.mitigations import check_manifest
+from airlock.publish.routes import router as publish_router
+from airlock.publish.service import DuePublisher
+from airlock.registry.routes import router as registry_router
+from airlock.registry.service import RegistryCache, load_manifest, sync_manifest
 from airlock.serving.pipelines import PipelineCache
+from airlock.serving.routes import airlock_router
+from airlock.serving.routes import router as openai_router
 from airlock.web.errors import install_error_handlers
 from airlock.web.openapi import EVALUATOR_SCHEME, LAB_SCHEME, install_openapi
 
@@ -28,11 +50,6 @@ log = logging.getLogger(__name__)
 
 def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
     """Migrate the schema, load the grant seal key and, when a manifest exists, sync it into the registry."""
-    from airlock.access.seal import prepare_grant_seals
-    from airlock.governance.service import refuse_gated_manifest_stages
-    from airlock.mitigations import check_manifest
-    from airlock.registry.service import load_manifest, sync_manifest
-
     db.migrate()
     # A missing or replaced seal key stops the start here, with a message that says which.
     prepare_grant_seals(db, settings)
@@ -68,21 +85,14 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(bootstrap, settings, db, sync=sync_manifest)
         audit.start()
-        from airlock.ledger.service import LedgerSequencer
 
         ledger = LedgerSequencer(db, settings, AUDIT_DIGEST)
         ledger.start()
-        from airlock.publish.service import DuePublisher
 
         publisher = DuePublisher(db, settings.report_publish_interval_s)
         publisher.start()
         runner = None
         if settings.run_jobs:
-            from airlock.finetune.jobs import KIND, FineTuneHandler
-            from airlock.interp.jobs import KIND as INTERP_KIND
-            from airlock.interp.jobs import InterpHandler, pool_workers
-            from airlock.jobs.runner import JobHandler, JobRunner
-
             interp = InterpHandler(db, settings, pool_workers(state.pool, asyncio.get_running_loop()))
             handlers: dict[str, JobHandler] = {KIND: FineTuneHandler(settings.home_dir), INTERP_KIND: interp}
             runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s)
@@ -107,20 +117,6 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.state.gateway = state
     install_error_handlers(app)
     install_openapi(app, {EVALUATOR_SCHEME: get_principal, LAB_SCHEME: get_admin})
-
-    from airlock.access.routes import router as access_router
-    from airlock.evals.routes import admin_router as results_admin_router
-    from airlock.evals.routes import router as results_router
-    from airlock.finetune.routes import router as files_router
-    from airlock.governance.routes import router as governance_router
-    from airlock.governance.routes import stage_router
-    from airlock.interp.routes import router as interp_router
-    from airlock.ledger.routes import admin_router as ledger_admin_router
-    from airlock.ledger.routes import router as ledger_router
-    from airlock.publish.routes import router as publish_router
-    from airlock.registry.routes import router as registry_router
-    from airlock.serving.routes import airlock_router
-    from airlock.serving.routes import router as openai_router
 
     app.include_router(openai_router)
     app.include_router(airlock_router)

@@ -97,6 +97,7 @@ class Database:
 
     def migrate(self) -> None:
         """Bring the schema to the latest Alembic revision."""
+        # Alembic loads only when a process migrates, not with every database handle.
         from airlock.migrations import upgrade
 
         upgrade(self.engine)

@@ -33,7 +33,7 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     def record(session: Any, kind: str, body: dict[str, Any], *, confidential: dict[str, Any] | None = None) -> None:
         seen.append((kind, body))
 
-    monkeypatch.setattr(service, "record_event", record)
+    monkeypatch.setattr("airlock.ledger.service.record_event", record)
     return seen
 
 

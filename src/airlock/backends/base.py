@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 from typing import ClassVar
 
 from airlock.backends.protocol import (
+    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
     Completion,
     CompletionRequest,
 )
@@ -58,8 +60,6 @@ class ModelBackend:
 
 
 async def _chat_as_stream(backend: ModelBackend, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-    from airlock.backends.protocol import ChatChunkChoice, ChatDelta
-
     result = await backend.chat(request)
     for choice in result.choices:
         yield ChatCompletionChunk(

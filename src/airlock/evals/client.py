@@ -113,6 +113,7 @@ def provenance_for(summary: LogSummary, lab: LabClient) -> dict[str, Any]:
     """
     from inspect_ai.log import read_eval_log
 
+    # Inspect's provider stack loads only for commands that read eval logs.
     from airlock.evals.provider import provenance_from_log
 
     try:

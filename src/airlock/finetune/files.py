@@ -20,6 +20,7 @@ from airlock.config import get_settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.models import TrainingFile
+from airlock.jobs.models import Job
 
 PURPOSES = ("fine-tune",)
 ROLES = frozenset({"system", "user", "assistant"})
@@ -254,8 +255,6 @@ def read_content(session: Session, home: Path, file_id: str, evaluator_id: str) 
 
 def delete_file(session: Session, file_id: str, evaluator_id: str) -> str:
     """Delete the row (the caller removes the bytes with ``discard_bytes`` once committed)."""
-    from airlock.jobs.models import Job
-
     row = get_file(session, file_id, evaluator_id)
     # A queued or running job reads the file when it starts or resumes: deleting it would fail the job.
     active = session.scalars(

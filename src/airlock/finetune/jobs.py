@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from airlock.finetune import events
 from airlock.finetune.adapters import AdapterStore
 from airlock.finetune.files import file_path, validate_chat_jsonl
+from airlock.finetune.trainer import TrainingCancelled, result_dict, train_lora
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
 
@@ -43,8 +44,6 @@ class FineTuneHandler:
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         """Validate the files, train, and return the training summary."""
-        from airlock.finetune.trainer import TrainingCancelled, result_dict, train_lora
-
         params = ctx.params
         train = validate_chat_jsonl(file_path(self.home, params["training_file"]).read_bytes())
         valid = None

@@ -12,6 +12,7 @@ from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.files import get_file
 from airlock.finetune.jobs import KIND
 from airlock.finetune.schemas import FineTuningJob, FineTuningJobCreate, JobError
+from airlock.finetune.trainer import resolve_hyperparameters
 from airlock.ids import fine_tuned_model_id, parse_model_id
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
@@ -35,8 +36,6 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
             except NotFoundError:
                 raise InvalidRequestError(f"file {file_id!r} does not exist", param=param) from None
     hyper = (body.hyperparameters.model_dump() if body.hyperparameters else {}) | {}
-    from airlock.finetune.trainer import resolve_hyperparameters
-
     try:  # reject impossible values now, not after the job has queued
         resolve_hyperparameters(
             10,

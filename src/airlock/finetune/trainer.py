@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airlock.backends import weights
 from airlock.finetune.adapters import adapter_dir_sha256
 
 if TYPE_CHECKING:
@@ -314,8 +315,6 @@ def train_lora(
     import safetensors.torch
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
-    from airlock.backends import weights
 
     started = time.monotonic()
     stop = should_stop or (lambda: False)

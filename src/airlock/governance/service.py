@@ -35,8 +35,10 @@ from airlock.evals.schemas import Attestation
 from airlock.evals.service import verify_stored
 from airlock.governance.models import GateDecision, Override
 from airlock.governance.policy import ClaimRule, Elicitation, EvalRule, Policy, Threshold, load_policy
+from airlock.ledger import service as ledger
 from airlock.registry.models import Model, ModelVersion, Variant
 from airlock.registry.schemas import Manifest
+from airlock.registry.service import set_stage
 
 REPORT_SCHEMA = "airlock.gate-report/v1"
 Verdict = Literal["below", "cannot_rule_out", "crossed"]
@@ -541,9 +543,6 @@ def promote(
     The gate decision is added to the session whether or not the version moves: the caller
     commits, then calls :meth:`Promotion.raise_if_refused`, so refused attempts stay on record.
     """
-    from airlock.ledger.service import record_event
-    from airlock.registry.service import set_stage
-
     model = session.get(Model, version.model_id)
     assert model is not None
     if version.stage == stage:
@@ -577,7 +576,7 @@ def promote(
     )
     session.add(decision)
     session.flush()
-    record_event(session, "gate.decision", _decision_event(decision, report))
+    ledger.record_event(session, "gate.decision", _decision_event(decision, report))
     where = f"{model.name}@{version.label}"
     if report["decision"] == "allow":
         decision.promoted = True
@@ -598,7 +597,7 @@ def promote(
     )
     session.add(row)
     session.flush()
-    record_event(
+    ledger.record_event(
         session,
         "gate.override",
         {

@@ -445,6 +445,7 @@ def result_sha256(value: Any, arrays: Mapping[str, Array]) -> str:
     See docs/interp.md. Runs where Airlock is installed (not inside a job: the runner has no
     canonical-JSON library); a value JSON cannot represent exactly raises ``ValueError``.
     """
+    # Evaluator-side only: the in-sandbox runtime imports this module but has no canonical-JSON library.
     from airlock.canonical import canonical_bytes
 
     described: dict[str, Any] = {}

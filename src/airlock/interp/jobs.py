@@ -9,6 +9,8 @@ from typing import Any
 
 from sqlalchemy import select
 
+from airlock.access.models import Grant
+from airlock.access.seal import verified_grant
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec
 from airlock.backends.protocol import ChatCompletionRequest, ChatMessage
 from airlock.config import Settings
@@ -24,6 +26,7 @@ from airlock.interp.tracing import ServeBudget
 from airlock.interp.workers import BackendWorker, ModelWorker, model_size
 from airlock.jobs.models import Job
 from airlock.jobs.runner import JobCancelled, JobContext
+from airlock.jobs.service import add_event
 from airlock.mitigations import build_mitigation
 from airlock.registry.models import Variant
 from airlock.sandbox import ResourceLimits
@@ -55,7 +58,7 @@ def pool_workers(pool: BackendPool, loop: asyncio.AbstractEventLoop) -> WorkerPr
     """Return a provider of model workers over the gateway's backends (called from job threads)."""
 
     def provide(spec: VariantRuntimeSpec) -> ModelWorker:
-        from airlock.backends.local import LocalBackend
+        from airlock.backends.local import LocalBackend  # torch only when a job runs on local weights
 
         # The pool belongs to the gateway's event loop; job threads borrow it from there.
         backend = asyncio.run_coroutine_threadsafe(pool.backend(spec), loop).result()
@@ -100,8 +103,6 @@ class InterpHandler:
                 backend_config=dict(variant.backend_config),
                 mitigations=[],
             )
-            from airlock.access.seal import verified_grant
-
             # The job runs on the grant's terms as they are now: a row edited since submission is refused.
             grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job {ctx.job_id}")
             cpu_used, bytes_released = interp.usage_of_grant(session, grant_id)
@@ -208,8 +209,6 @@ class InterpHandler:
 
     def _serve_budget(self, grant_id: str, worker: ModelWorker, limits: ResourceLimits) -> tuple[ServeBudget, int]:
         """Return what the host may serve this job (and the grant's review threshold), from the grant's terms."""
-        from airlock.access.seal import verified_grant
-
         size = model_size(worker)
         with self.db.session() as session:
             grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job of grant {grant_id}")
@@ -236,8 +235,6 @@ class InterpHandler:
         self, job_id: str, grant_id: str, outcome: RunOutcome, cpu: float, served: int, review_bytes: int
     ) -> tuple[bool, int]:
         """Store the run's usage and logs; return whether the grant is now past its review threshold, and its total."""
-        from airlock.access.models import Grant
-
         with self.db.session() as session:
             row = session.get(InterpJob, job_id)
             assert row is not None
@@ -257,8 +254,6 @@ class InterpHandler:
             if over and outcome.error is not None:
                 logs += f"\n[airlock] job error ({outcome.error.code}): {outcome.error.message}"
             row.logs = logs
-            from airlock.jobs.service import add_event
-
             add_event(session, job_id, "runner finished", type="message", **_flat_usage(outcome.usage))
         return over, total
 

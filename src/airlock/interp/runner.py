@@ -49,6 +49,7 @@ def _load(code: str, filename: str) -> types.ModuleType:
 def main() -> int:
     """Run the job this sandbox was started for; return the process exit status."""
     sock = connect()
+    # The client is imported once the socket is connected: it attaches to that socket on first use.
     from airlock.interp import client
 
     client._attach(sock)

@@ -32,6 +32,7 @@ from airlock.interp.schemas import (
 )
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
+from airlock.ledger import service as ledger
 from airlock.registry.models import ModelVersion
 from airlock.registry.service import resolve_variant
 
@@ -426,8 +427,6 @@ def decide(session: Session, job_id: str, *, reviewer: str, decision: str, reaso
 
 def record_ledger(session: Session, job: Job, row: InterpJob, *, event: str, status: str | None = None) -> None:
     """Record an interp job's outcome (or review) on the public ledger; arguments stay confidential."""
-    from airlock.ledger.service import record_event
-
     body = {
         "event": event,
         "job_id": job.id,
@@ -445,4 +444,4 @@ def record_ledger(session: Session, job: Job, row: InterpJob, *, event: str, sta
         "served_bytes": int(row.served_bytes or 0),
     }
     confidential = {"code_sha256": row.code_sha256, "args": row.args, "review_note": row.review_note}
-    record_event(session, "interp.job", body, confidential=confidential)
+    ledger.record_event(session, "interp.job", body, confidential=confidential)

@@ -39,7 +39,8 @@ from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.service import verify_stored
 from airlock.ids import parse_version_ref
 from airlock.jobs.periodic import PeriodicWorker
-from airlock.ledger.service import record_event
+from airlock.ledger import models as ledger_models
+from airlock.ledger import service as ledger
 from airlock.publish import redaction
 from airlock.publish.models import Report, ReportAttachment, ReportComment, ReportRedaction, ReportRevision
 from airlock.registry.models import Model, ModelVersion, StageChange
@@ -277,7 +278,7 @@ def reveal(session: Session, principal: Principal, report_id: str, number: int, 
         raise ConflictError(f"redaction #{number} was already revealed", code="already_revealed")
     report.updated_at = now
     session.flush()
-    record_event(
+    ledger.record_event(
         session,
         "report.revealed",
         {
@@ -499,7 +500,7 @@ def _publish(session: Session, report: Report, reason: str, now: datetime) -> bo
     evaluator = session.get(Evaluator, report.evaluator_id)
     assert model is not None and version is not None and evaluator is not None
     variants = sorted(set(session.scalars(select(EvalResult.variant).where(EvalResult.id.in_(revision.result_ids)))))
-    record_event(
+    ledger.record_event(
         session,
         "report.published",
         {
@@ -858,8 +859,6 @@ def signing_keys(session: Session, results: Sequence[EvalResult]) -> dict[str, s
 
 def ledger_index(session: Session, report_id: str) -> int | None:
     """Return the index of the report's ``report.published`` ledger entry once integrated, else None."""
-    from airlock.ledger import models as ledger_models
-
     # Entries are sequenced into the log asynchronously (and the log may be absent in older
     # schemas): until an integrated entry exists the public view simply carries no index.
     entry_table: Any = getattr(ledger_models, "LedgerEntry", None)

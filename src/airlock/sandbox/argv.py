@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from airlock.config import get_settings
 from airlock.sandbox.discovery import SYSTEM_PATH
 from airlock.sandbox.errors import SandboxError
 from airlock.sandbox.policy import NOBODY_GID, NOBODY_UID, SANDBOX_GID, SANDBOX_UID, SANDBOX_USER, SandboxPolicy
@@ -71,8 +72,6 @@ class BwrapCommand:
 
 def _forbidden_roots() -> list[Path]:
     """Paths no mount may expose wholesale: the host home, Airlock's data dir and the weights cache."""
-    from airlock.config import get_settings
-
     settings = get_settings()
     roots = [settings.home_dir, settings.model_cache_dir]
     with contextlib.suppress(RuntimeError, KeyError):

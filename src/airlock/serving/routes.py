@@ -20,6 +20,7 @@ from airlock.backends.protocol import (
     ModelList,
 )
 from airlock.deps import AuditDep, CurrentPrincipal, StateDep
+from airlock.finetune.service import succeeded_jobs
 from airlock.registry.models import Model, ModelVersion
 from airlock.serving import service as serving
 
@@ -31,8 +32,6 @@ async def list_models(state: StateDep, principal: CurrentPrincipal) -> ModelList
     """List the model ids this key may sample (nothing else is revealed)."""
 
     def _ids() -> list[str]:
-        from airlock.finetune.service import succeeded_jobs
-
         with state.db.session() as session:
             ids = granted_model_ids(session, principal)
             if ids:  # fine-tuned models are listed only to keys of the grant that trained them
