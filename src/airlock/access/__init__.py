@@ -1,1 +1,16 @@
 """Access control: evaluators, grants, keys, quotas and the audit trail."""
+
+# The modules other packages may import (a test holds every import across packages to this list).
+__all__ = [
+    "audit",
+    "events",
+    "middleware",
+    "models",
+    "quotas",
+    "roles",
+    "routes",
+    "schemas",
+    "seal",
+    "service",
+    "terms",
+]

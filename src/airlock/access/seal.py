@@ -42,7 +42,7 @@ from airlock.canonical import CanonicalJSONError, canonical_bytes, canonical_tex
 from airlock.config import Settings, get_settings
 from airlock.db import Database, new_id
 from airlock.errors import ConfigError, PermissionDeniedError
-from airlock.ledger._entry import commitment_of
+from airlock.ledger import commitment_of
 from airlock.ledger.service import LoggedEvent, logged_events
 
 __all__ = [

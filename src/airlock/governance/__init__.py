@@ -15,9 +15,13 @@ __all__ = [
     "OverrideRequest",
     "Policy",
     "Promotion",
+    "cli",
     "evaluate_gate",
     "load_policy",
+    "models",
     "parse_policy",
     "promote",
+    "routes",
+    "service",
     "trend",
 ]

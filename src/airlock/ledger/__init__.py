@@ -5,6 +5,7 @@ This package root stays free of database and server imports so the offline verif
 :func:`airlock.ledger.service.record_event`.
 """
 
+from airlock.ledger._entry import commitment_of
 from airlock.ledger._merkle import ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
 from airlock.ledger._note import Checkpoint, NoteError, Verifier, verify_checkpoint
 from airlock.ledger.verify import Report, access_table, verify_bundle
@@ -16,8 +17,13 @@ __all__ = [
     "Report",
     "Verifier",
     "access_table",
+    "cli",
+    "commitment_of",
     "leaf_hash",
+    "models",
     "node_hash",
+    "routes",
+    "service",
     "verify_bundle",
     "verify_checkpoint",
     "verify_consistency",

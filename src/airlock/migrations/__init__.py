@@ -8,6 +8,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+__all__ = ["alembic_config", "upgrade"]
+
 HERE = Path(__file__).parent
 
 

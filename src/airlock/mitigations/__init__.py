@@ -25,5 +25,6 @@ __all__ = [
     "build_pipeline",
     "check_manifest",
     "mitigation_kinds",
+    "pipeline",
     "register_mitigation",
 ]

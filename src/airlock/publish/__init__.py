@@ -6,4 +6,12 @@ service, routes, CLI) is the platform's own.
 
 from airlock.publish.redaction import commit, placeholder, verify_commitment
 
-__all__ = ["commit", "placeholder", "verify_commitment"]
+__all__ = [
+    "cli",
+    "commit",
+    "models",
+    "placeholder",
+    "routes",
+    "service",
+    "verify_commitment",
+]

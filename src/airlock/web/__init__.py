@@ -3,3 +3,11 @@
 It knows no capability: what it needs from above (which dependencies carry which credential) is
 handed to it by the app.
 """
+
+# The modules other packages may import (a test holds every import across packages to this list).
+__all__ = [
+    "errors",
+    "openapi",
+    "routing",
+    "uploads",
+]
