@@ -313,7 +313,11 @@ def test_forked_spinners_hit_the_cpu_limit_of_the_whole_tree(run_code: Callable[
     ],
 )
 def test_a_kill_from_inside_is_not_blamed_on_memory(run_code: Callable[..., RunOutcome], body: str) -> None:
+    # The host holds more than the runner's memory limit (as a gateway holding weights does): bwrap,
+    # forked from it, starts with that resident set, which must not read as the runner's.
+    ballast = b"\x01" * (1200 * 1024 * 1024)
     outcome = run_code(f"import os, signal, time\ndef main():\n    {body}\n    time.sleep(30)\n", wall_seconds=20)
+    del ballast
     assert outcome.error is not None and outcome.error.code == "killed", outcome.error
     assert "SIGKILL, but by none of the job's limits" in outcome.error.message
     assert "memory limit" not in outcome.error.message

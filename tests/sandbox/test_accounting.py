@@ -143,3 +143,32 @@ def test_cpu_watch_kills_once_the_count_and_its_lag_reach_the_limit() -> None:
     watch.stop()
     assert watch.exceeded and kills == [0.95] and taken == [(0.2, 0.1), (0.5, 0.1), (0.85, 0.1), (0.95, 0.1)]
     assert samples == []
+
+
+@needs_bwrap
+async def test_peak_memory_is_the_sandboxes_own_not_the_forked_hosts() -> None:
+    # The host holds far more than the sandboxed program will; the program holds 64 MiB until told
+    # (by its own progress) that a few samples have passed.
+    ballast = b"\x01" * (512 * 1024 * 1024)
+    result = await sandbox(cpu_seconds=60, wall_timeout_s=600).run(
+        py(
+            """
+            import time
+            held = b"\\x01" * (64 * 1024 * 1024)
+            start = time.monotonic()
+            while time.monotonic() - start < 0.6:
+                time.sleep(0.05)
+            """
+        )
+    )
+    del ballast
+    assert result.ok, result
+    assert 60 * 1024 <= result.max_rss_kib < 400 * 1024, result.max_rss_kib
+
+
+def test_a_reaped_peak_no_higher_than_the_fork_is_not_the_sandboxes() -> None:
+    from airlock.sandbox.process import _sandbox_peak_rss
+
+    assert _sandbox_peak_rss(2_000_000, 2_000_000, 70_000) == 70_000  # the fork's own high-water mark
+    assert _sandbox_peak_rss(2_500_000, 2_000_000, 70_000) == 2_500_000  # beyond the fork: the sandbox's
+    assert _sandbox_peak_rss(1_000, 2_000_000, 0) == 0  # no sample, nothing trustworthy: unknown

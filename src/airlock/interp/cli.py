@@ -43,6 +43,11 @@ class _Lab:
         return self._client.send(method, path, timeout=120, **kwargs)
 
 
+def _rss(kib: Any) -> str:
+    """Format the sandbox's peak memory (0: it could not be told apart from the host process)."""
+    return f"{int(kib) // 1024} MiB" if kib else "n/a"
+
+
 def _parse_args(pairs: list[str], args_json: str | None) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if args_json:
@@ -72,7 +77,7 @@ def _show_job(job: dict[str, Any], *, logs: bool = True) -> None:
     if usage:
         console.print(
             f"  cpu {usage.get('cpu_seconds', 0):.2f}s  wall {usage.get('wall_seconds', 0):.2f}s  "
-            f"rss {int(usage.get('max_rss_kib', 0)) // 1024} MiB  rpc calls {sum((rpc.get('calls') or {}).values())}  "
+            f"rss {_rss(usage.get('max_rss_kib'))}  rpc calls {sum((rpc.get('calls') or {}).values())}  "
             f"model {rpc.get('model_seconds', 0):.2f}s  result {job['result_bytes']} bytes"
         )
     if job.get("review", {}).get("state") not in (None, "none"):

@@ -41,6 +41,7 @@ PROC_SAMPLE_S = 0.1
 """How often the process tree is sampled without a cgroup (a scan of /proc: about 1.5 ms per 100 host processes)."""
 _CGROUP_PREFIX = "airlock-sbx-"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 _probe_lock = threading.Lock()
 _probed: dict[str, Path | None] = {}
 
@@ -122,6 +123,8 @@ class Cgroup:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.peak_rss_kib = 0
+        """The largest resident memory of its processes seen at a sample (KiB; ``memory.peak`` where kept)."""
 
     @classmethod
     def create(cls, parent: Path, memory_bytes: int | None) -> Cgroup:
@@ -166,8 +169,22 @@ class Cgroup:
         raise ValueError(f"{self.path}/cpu.stat has no usage_usec")
 
     def sample(self) -> tuple[float, float]:
-        """Return :meth:`cpu_seconds` and its lag behind the truth (none: the kernel counts in nanoseconds)."""
+        """Return :meth:`cpu_seconds` and its lag behind the truth (none: the kernel counts in nanoseconds).
+
+        Each sample also notes the processes' resident memory, for :meth:`peak_memory_kib`.
+        """
+        rss_pages = 0
+        for pid in self.pids():
+            stat_ = _proc_stat(pid)
+            rss_pages += stat_.rss_pages if stat_ is not None else 0
+        self.peak_rss_kib = max(self.peak_rss_kib, rss_pages * _PAGE_KIB)
         return self.cpu_seconds(), 0.0
+
+    def peak_memory_kib(self) -> int:
+        """Return the run's peak memory: the kernel's ``memory.peak`` where kept, else the samples' peak."""
+        with contextlib.suppress(OSError, ValueError):
+            return max(int(self._read("memory.peak")) // 1024, self.peak_rss_kib)
+        return self.peak_rss_kib
 
     def oom_kills(self) -> int:
         """Return how many of its processes the OOM killer killed (0 without the memory controller)."""
@@ -216,6 +233,7 @@ class _ProcStat:
     start: int
     ticks: int
     """utime + stime of the process (all its threads) + cutime + cstime (the children it reaped)."""
+    rss_pages: int = 0
 
 
 def _proc_stat(pid: int) -> _ProcStat | None:
@@ -227,7 +245,12 @@ def _proc_stat(pid: int) -> _ProcStat | None:
     # The command name is in parentheses and may itself contain spaces and parentheses.
     fields = data[data.rfind(b")") + 2 :].split()
     try:
-        return _ProcStat(ppid=int(fields[1]), start=int(fields[19]), ticks=sum(int(v) for v in fields[11:15]))
+        return _ProcStat(
+            ppid=int(fields[1]),
+            start=int(fields[19]),
+            ticks=sum(int(v) for v in fields[11:15]),
+            rss_pages=int(fields[21]),
+        )
     except (IndexError, ValueError):
         return None
 
@@ -242,6 +265,8 @@ class ProcTree:
 
     def __init__(self, root: int) -> None:
         self.root = root
+        self.peak_rss_kib = 0
+        """The largest resident memory of the whole tree seen at a sample (KiB; a lower bound of the true peak)."""
 
     def _tree(self) -> list[tuple[int, int]]:
         """Return (pid, start time) of the root and its descendants, parents before children."""
@@ -276,12 +301,14 @@ class ProcTree:
         /proc counts in clock ticks, each process's total rounded down: the lag is one tick per
         process read.
         """
-        ticks = processes = 0
+        ticks = processes = rss_pages = 0
         for pid, start in self._tree():
             stat_ = _proc_stat(pid)
             if stat_ is not None and stat_.start == start:  # not a recycled PID
                 ticks += stat_.ticks
+                rss_pages += stat_.rss_pages
                 processes += 1
+        self.peak_rss_kib = max(self.peak_rss_kib, rss_pages * _PAGE_KIB)
         return ticks / _CLK_TCK, processes / _CLK_TCK
 
 

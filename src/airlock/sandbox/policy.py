@@ -150,7 +150,8 @@ class SandboxResult:
     cpu_time_s: float
     """User + system CPU seconds of every process in the sandbox, killed ones included."""
     max_rss_kib: int
-    """Peak resident set of the largest single process, in KiB."""
+    """Peak resident memory of the sandbox's processes in KiB, as far as it can be told apart from the
+    host process bwrap was forked from (a lower bound; 0 when unknown)."""
     termination: Termination
     cpu_accounting: str | None = None
     """How CPU was counted over the whole sandbox while it ran: ``cgroup``, ``proc`` or None (no CPU limit)."""

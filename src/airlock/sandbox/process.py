@@ -23,6 +23,7 @@ import resource
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 from airlock.sandbox.accounting import (
@@ -166,10 +167,13 @@ class Run:
         self.cap = cap
         self.inherit = inherit
         self.block_write: int | None = None
+        self.spawn_rss_kib = 0
+        """This process's resident memory when bwrap was forked from it (what a fork's peak may be)."""
         """Write end of bwrap's --block-fd: the sandbox waits on it, set up but before its command starts."""
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         argv = list(self.command.argv)
+        self.spawn_rss_kib = resident_kib()
         pass_fds: list[int] = []
         try:
             # Synthetic files go through pipes that bwrap reads and closes during setup; they
@@ -291,6 +295,7 @@ class Run:
         exited: asyncio.Future[tuple[int, resource.struct_rusage]] | None = None
         reaped: tuple[int, resource.struct_rusage] | None = None
         watch: CpuWatch | None = None
+        tree: ProcTree | None = None
         termination = Termination.EXITED
         try:
             assert proc.stdout is not None and proc.stderr is not None
@@ -305,8 +310,14 @@ class Run:
             exited = asyncio.ensure_future(_wait_exit(proc.pid))
             cgroup = await self._admit(exited, status, cgroup)
             if limits.cpu_seconds is not None and status.init_pid is not None:
+                meter: Callable[[], tuple[float, float]]
+                if cgroup is not None:
+                    meter = cgroup.sample
+                else:
+                    tree = ProcTree(status.init_pid)  # also keeps the sandbox's peak memory
+                    meter = tree.sample
                 watch = CpuWatch(
-                    cgroup.sample if cgroup is not None else ProcTree(status.init_pid).sample,
+                    meter,
                     float(limits.cpu_seconds),
                     CGROUP_SAMPLE_S if cgroup is not None else PROC_SAMPLE_S,
                     kill=functools.partial(_kill_sandbox, cgroup, status),
@@ -365,9 +376,11 @@ class Run:
                 transport.close()
             status_pipe.close()
             cgroup_cpu, oom_killed = 0.0, False
+            peak_kib = tree.peak_rss_kib if tree is not None else 0
             if cgroup is not None:
                 with contextlib.suppress(OSError, ValueError):
                     cgroup_cpu, oom_killed = cgroup.cpu_seconds(), cgroup.oom_kills() > 0
+                peak_kib = cgroup.peak_memory_kib()
                 cgroup.remove()
         wall_time = time.monotonic() - started
         wait_status, usage = reaped
@@ -392,7 +405,7 @@ class Run:
             stderr_truncated=err.truncated,
             wall_time_s=wall_time,
             cpu_time_s=cpu,
-            max_rss_kib=usage.ru_maxrss,
+            max_rss_kib=_sandbox_peak_rss(usage.ru_maxrss, self.spawn_rss_kib, peak_kib),
             termination=_classify(termination, exit_code, cpu, limits, oom_killed),
             cpu_accounting=None if watch is None else ("cgroup" if cgroup is not None else "proc"),
             oom_killed=oom_killed,
@@ -514,3 +527,24 @@ def _kill_sandbox(cgroup: Cgroup | None, status: _Status) -> None:
 def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closing: the run is over anyway
         loop.call_soon_threadsafe(event.set)
+
+
+def resident_kib() -> int:
+    """Return this process's resident memory now, in KiB (0 where /proc cannot tell)."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _sandbox_peak_rss(reaped_peak_kib: int, spawn_rss_kib: int, sampled_peak_kib: int) -> int:
+    """Return the sandbox's peak resident memory in KiB, or 0 when it cannot be told.
+
+    bwrap is forked from this process, and the kernel keeps a process's high-water mark across
+    exec: a reaped peak no higher than what this process held at the fork may be the fork's own
+    (a gateway holding a model's weights), not the sandbox's. The /proc sampler's peak, taken
+    only from processes inside the sandbox (or the cgroup's own peak), never has that problem.
+    """
+    trusted = reaped_peak_kib if reaped_peak_kib > spawn_rss_kib else 0
+    return max(trusted, sampled_peak_kib)
