@@ -18,6 +18,7 @@ from airlock.errors import ConflictError
 from airlock.governance import service
 from airlock.governance.policy import Policy
 from airlock.governance.schemas import DecisionPublic, GateStage, PolicyPublic, PromoteRequest, PromotionPublic
+from airlock.registry.models import ModelVersion
 from airlock.registry.schemas import ModelPublic, Stage
 from airlock.registry.service import get_model, get_version
 
@@ -60,6 +61,31 @@ def check(
     return service.evaluate_gate(session, row, get_version(session, row, label), stage, policy)
 
 
+def _promote(
+    state: StateDep,
+    session: SessionDep,
+    admin: AdminPrincipal,
+    version: ModelVersion,
+    stage: str,
+    justification: str | None,
+) -> service.Promotion:
+    """Ask the gate to move ``version`` for ``admin``; keep its decision even when it refuses (then raise)."""
+    outcome = service.promote_as(
+        session,
+        version,
+        stage,
+        name=admin.name,
+        role=admin.role,
+        token_id=admin.token_id,
+        policy_path=state.settings.policy_path,
+        justification=justification,
+    )
+    session.commit()  # the gate decision is kept even when the promotion is refused
+    state.registry.clear()
+    outcome.raise_if_refused()
+    return outcome
+
+
 @router.post("/models/{model}/versions/{label}/promote", response_model=PromotionPublic)
 def promote(
     model: str,
@@ -72,19 +98,9 @@ def promote(
     """Move a version to a stage through the gate (409 when it blocks; an override needs the decider role)."""
     row = get_model(session, model)
     version = get_version(session, row, label)
-    outcome = service.promote_as(
-        session,
-        version,
-        body.stage,
-        name=admin.name,
-        role=admin.role,
-        token_id=admin.token_id,
-        policy_path=state.settings.policy_path,
-        justification=body.override.justification if body.override else None,
+    outcome = _promote(
+        state, session, admin, version, body.stage, body.override.justification if body.override else None
     )
-    session.commit()  # the decision is kept even when the promotion is refused
-    state.registry.clear()
-    outcome.raise_if_refused()
     return PromotionPublic(
         model=row.name,
         version=version.label,
@@ -138,19 +154,8 @@ def change_stage(
     admin: Annotated[AdminPrincipal, require(Permission.STAGE_CHANGE)],
 ) -> Any:
     """Move a version to another lifecycle stage; gated stages go through the deployment gate (409 on block)."""
-    row = get_version(session, get_model(session, model), label)
     # Never set_stage directly: the gate must not be bypassable through the admin API.
-    outcome = service.promote_as(
-        session,
-        row,
-        body.stage,
-        name=admin.name,
-        role=admin.role,
-        token_id=admin.token_id,
-        policy_path=state.settings.policy_path,
-        justification=body.justification,
+    _promote(
+        state, session, admin, get_version(session, get_model(session, model), label), body.stage, body.justification
     )
-    session.commit()  # the gate decision is kept even when the promotion is refused
-    state.registry.clear()
-    outcome.raise_if_refused()
     return [ModelPublic.of(get_model(session, model))]
