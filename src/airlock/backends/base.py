@@ -59,10 +59,10 @@ class ModelBackend:
         return max(1, len(text) // 4)
 
 
-async def _chat_as_stream(backend: ModelBackend, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-    result = await backend.chat(request)
-    for choice in result.choices:
-        yield ChatCompletionChunk(
+def chat_chunks(result: ChatCompletion) -> list[ChatCompletionChunk]:
+    """Return ``result`` as stream chunks: one per choice, then a final chunk carrying usage."""
+    chunks = [
+        ChatCompletionChunk(
             id=result.id,
             model=result.model,
             created=result.created,
@@ -77,10 +77,27 @@ async def _chat_as_stream(backend: ModelBackend, request: ChatCompletionRequest)
                 )
             ],
         )
-    yield ChatCompletionChunk(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage)
+        for choice in result.choices
+    ]
+    chunks.append(
+        ChatCompletionChunk(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage)
+    )
+    return chunks
+
+
+def completion_chunks(result: Completion) -> list[Completion]:
+    """Return ``result`` as stream chunks: the choices, then a final chunk carrying usage."""
+    return [
+        result.model_copy(update={"usage": None}),
+        Completion(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage),
+    ]
+
+
+async def _chat_as_stream(backend: ModelBackend, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+    for chunk in chat_chunks(await backend.chat(request)):
+        yield chunk
 
 
 async def _complete_as_stream(backend: ModelBackend, request: CompletionRequest) -> AsyncIterator[Completion]:
-    result = await backend.complete(request)
-    yield result.model_copy(update={"usage": None})
-    yield Completion(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage)
+    for chunk in completion_chunks(await backend.complete(request)):
+        yield chunk

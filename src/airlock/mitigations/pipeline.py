@@ -13,15 +13,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from airlock.backends.base import ModelBackend
+from airlock.backends.base import ModelBackend, chat_chunks, completion_chunks
 from airlock.backends.protocol import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -271,7 +269,7 @@ class VariantPipeline(ModelBackend):
     ) -> AsyncIterator[ChatCompletionChunk]:
         prepared, refusal = await self._chat_screened(request, verdicts)
         if refusal is not None:
-            for chunk in _chat_chunks(self._refused_chat(prepared, refusal)):
+            for chunk in chat_chunks(self._refused_chat(prepared, refusal)):
                 yield chunk
             return
         if not self._output_filters:
@@ -286,7 +284,7 @@ class VariantPipeline(ModelBackend):
         # the whole answer first and replay the filtered result as chunks.
         buffered = prepared.model_copy(update={"stream": False, "stream_options": None})
         result = await self._filter_chat(await self.inner.chat(buffered), verdicts)
-        for chunk in _chat_chunks(result):
+        for chunk in chat_chunks(result):
             yield chunk
 
     # ------------------------------------------------------------ completions
@@ -324,7 +322,7 @@ class VariantPipeline(ModelBackend):
     ) -> AsyncIterator[Completion]:
         refusal = await self._complete_screened(request, verdicts)
         if refusal is not None:
-            for chunk in _completion_chunks(
+            for chunk in completion_chunks(
                 self._refused_completion(request, self._completion_input_texts(request), refusal)
             ):
                 yield chunk
@@ -339,7 +337,7 @@ class VariantPipeline(ModelBackend):
             return
         buffered = request.model_copy(update={"stream": False, "stream_options": None})
         result = await self._filter_completion(await self.inner.complete(buffered), verdicts)
-        for chunk in _completion_chunks(result):
+        for chunk in completion_chunks(result):
             yield chunk
 
 
@@ -348,40 +346,6 @@ async def _aclose(stream: AsyncIterator[Any]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-def _chat_chunks(result: ChatCompletion) -> list[ChatCompletionChunk]:
-    """Return ``result`` as stream chunks: one per choice, then a final chunk carrying usage."""
-    chunks = [
-        ChatCompletionChunk(
-            id=result.id,
-            model=result.model,
-            created=result.created,
-            choices=[
-                ChatChunkChoice(
-                    index=choice.index,
-                    delta=ChatDelta(
-                        role="assistant", content=choice.message.content, tool_calls=choice.message.tool_calls
-                    ),
-                    finish_reason=choice.finish_reason,
-                    logprobs=choice.logprobs,
-                )
-            ],
-        )
-        for choice in result.choices
-    ]
-    chunks.append(
-        ChatCompletionChunk(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage)
-    )
-    return chunks
-
-
-def _completion_chunks(result: Completion) -> list[Completion]:
-    """Return ``result`` as stream chunks: the choices, then a final chunk carrying usage."""
-    return [
-        result.model_copy(update={"usage": None}),
-        Completion(id=result.id, model=result.model, created=result.created, choices=[], usage=result.usage),
-    ]
 
 
 def build_pipeline(inner: ModelBackend, specs: Sequence[Mapping[str, Any]]) -> VariantPipeline:
