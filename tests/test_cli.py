@@ -101,3 +101,15 @@ def test_bad_manifest_fails_serve_with_clear_message(airlock_env: Path) -> None:
     result = runner.invoke(app, ["serve", "--port", "1"])
     assert result.exit_code == 1
     assert "models.0.versions" in result.output
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    import tomllib
+
+    from airlock import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"airlock {__version__}"
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == __version__

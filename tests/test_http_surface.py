@@ -128,6 +128,7 @@ PINNED: list[tuple[str, str, str]] = [
     ("GET", "/v1/fine_tuning/jobs/{job_id}/events", "evaluator"),
     ("GET", "/v1/fine_tuning/jobs/{job_id}/{artifact}", "evaluator"),
     ("GET", "/v1/models", "evaluator"),
+    ("GET", "/v1/models/{model_id:path}", "evaluator"),
     ("HEAD", "/docs", "public"),
     ("HEAD", "/docs/oauth2-redirect", "public"),
     ("HEAD", "/openapi.json", "public"),

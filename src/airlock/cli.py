@@ -48,6 +48,24 @@ app.add_typer(publish_cli.app, name="report")
 T = TypeVar("T")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from airlock import __version__
+
+        console.print(f"airlock {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the installed version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Airlock: structured pre-deployment access for external evaluators."""
+
+
 # ---------------------------------------------------------------- setup
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "FineTunedRef",
     "ModelRef",
     "VersionRef",
+    "checkpoint_model_id",
     "fine_tuned_model_id",
     "is_fine_tuned",
     "parse_fine_tuned_id",
@@ -146,3 +147,9 @@ def fine_tuned_model_id(base: ModelRef | str, organisation: str, suffix: str | N
         base=parse_model_id(str(base)), organisation=_slug(organisation), suffix=suffix or "", job_id=job_id
     )
     return ref.model_id
+
+
+def checkpoint_model_id(fine_tuned_model: str, step: int) -> str:
+    """Return the id of the training checkpoint of ``fine_tuned_model`` saved at ``step``."""
+    ref = parse_fine_tuned_id(fine_tuned_model)
+    return str(FineTunedRef(ref.base, ref.organisation, ref.suffix, ref.job_id, checkpoint_step=int(step)))

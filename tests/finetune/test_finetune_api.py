@@ -181,3 +181,23 @@ def test_checkpoints_are_listed_with_losses(ft_lab: Lab) -> None:
     checkpoints = c.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [cp.step_number for cp in checkpoints] == [20, 10]  # newest first; 24 steps, every 10
     assert all(cp.metrics.train_loss is not None and cp.fine_tuning_job_id == job.id for cp in checkpoints)
+    assert [cp.metrics.step for cp in checkpoints] == [20.0, 10.0]
+
+    # Each listed checkpoint is a model id its grant samples, through the one resolver.
+    checkpoint_id = checkpoints[-1].fine_tuned_model_checkpoint
+    question = [{"role": "user", "content": "code?"}]
+    reply = c.chat.completions.create(model=checkpoint_id, messages=question, max_tokens=3)
+    assert reply.model == checkpoint_id and reply.choices[0].message.content is not None
+    assert c.models.retrieve(checkpoint_id).id == checkpoint_id
+    info = httpx.get(f"{ft_lab.url}/v1/airlock/models/{checkpoint_id}", headers={"Authorization": f"Bearer {key}"})
+    assert info.status_code == 200 and info.json()["fine_tuning_job"] == job.id
+    row = [r for r in ft_lab.audit_rows() if r.path == "/v1/chat/completions"][-1]
+    assert row.detail["checkpoint_step"] == 10 and row.detail["fine_tuning_job"] == job.id
+    # A step that was never saved, and another grant, see no such model.
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(
+            model=checkpoint_id.replace("ckpt-step-10", "ckpt-step-11"), messages=[{"role": "user", "content": "x"}]
+        )
+    _g, other = ft_lab.grant("org-k2", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    with pytest.raises(openai.NotFoundError):
+        client(ft_lab, other).chat.completions.create(model=checkpoint_id, messages=[{"role": "user", "content": "x"}])

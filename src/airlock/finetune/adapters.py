@@ -1,10 +1,10 @@
 """Where fine-tuning jobs keep their checkpoints and adapters on the lab's side: the one place that knows the layout.
 
-A job's directory is ``<home>/finetune/<job_id>/`` (checkpoints under ``checkpoints/``, the final
-adapter under ``adapter/``). The store deliberately has no method that returns adapter bytes to a
-caller: adapters are only ever loaded by a backend of the lab to serve the grantee's requests, and
-no endpoint serves them as files (the weights never leave); anything that needs to identify an
-adapter uses :meth:`AdapterStore.sha256`.
+A job's directory is ``<home>/finetune/<job_id>/`` (checkpoints under ``checkpoints/step-N/``, each
+with its adapter in ``adapter/``; the final adapter under ``adapter/``). The store deliberately has
+no method that returns adapter bytes to a caller: adapters are only ever loaded by a backend of the
+lab to serve the grantee's requests, and no endpoint serves them as files (the weights never
+leave); anything that needs to identify an adapter uses :meth:`AdapterStore.sha256`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ class AdapterStore:
     def path(self, job_id: str) -> Path:
         """Return the directory of ``job_id``'s adapter (a ``save_pretrained`` dir; may not exist yet)."""
         return self.job_dir(job_id) / "adapter"
+
+    def checkpoint_path(self, job_id: str, step: int) -> Path:
+        """Return the directory of the adapter ``job_id`` saved at training step ``step`` (may not exist)."""
+        return self.job_dir(job_id) / "checkpoints" / f"step-{int(step)}" / "adapter"
 
     def exists(self, job_id: str) -> bool:
         """Return whether ``job_id`` has a complete adapter (its config and weights are present)."""

@@ -27,6 +27,7 @@ from airlock.finetune.schemas import (
     FineTuningJobEventList,
     FineTuningJobList,
 )
+from airlock.ids import checkpoint_model_id
 from airlock.jobs import service as jobs_service
 from airlock.web.routing import route_methods
 from airlock.web.uploads import read_upload
@@ -218,7 +219,7 @@ def fine_tuning_job_events(
 def fine_tuning_job_checkpoints(
     job_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
 ) -> FineTuningJobCheckpointList:
-    """Training checkpoints with their losses (metrics only; no weights)."""
+    """Training checkpoints with their losses; each is sampleable by its model id (its weights never leave)."""
     audit.scope = "finetune"
     job = ft_service.get_own_job(session, principal, job_id)
     entries = list((job.result or {}).get("checkpoints") or [])
@@ -227,9 +228,9 @@ def fine_tuning_job_checkpoints(
         FineTuningJobCheckpoint(
             id=f"ftckpt-{job.id}-{c['step']}",
             created_at=int((job.finished_at or job.created_at).timestamp()),
-            fine_tuned_model_checkpoint=f"{model_id}:ckpt-step-{c['step']}",
+            fine_tuned_model_checkpoint=checkpoint_model_id(model_id, int(c["step"])),
             fine_tuning_job_id=job.id,
-            metrics={"train_loss": c.get("train_loss"), "valid_loss": c.get("valid_loss")},
+            metrics={"step": float(c["step"]), "train_loss": c.get("train_loss"), "valid_loss": c.get("valid_loss")},
             step_number=int(c["step"]),
         )
         for c in reversed(entries)

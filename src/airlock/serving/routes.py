@@ -20,6 +20,7 @@ from airlock.backends.protocol import (
     ModelList,
 )
 from airlock.deps import AuditDep, CurrentPrincipal, StateDep
+from airlock.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.finetune.service import succeeded_jobs
 from airlock.registry.models import Model, ModelVersion
 from airlock.serving import service as serving
@@ -40,6 +41,21 @@ async def list_models(state: StateDep, principal: CurrentPrincipal) -> ModelList
 
     ids = await run_in_threadpool(_ids)
     return ModelList(data=[ModelCard(id=i, owned_by=principal.grant.model_id) for i in ids])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, state: StateDep, principal: CurrentPrincipal, audit: AuditDep) -> ModelCard:
+    """Describe one model id this key may sample; any other id is a 404, whether it exists or not."""
+    try:
+        await serving.resolve_target(state, principal, model_id, ["sample"], audit)
+    except (InvalidRequestError, PermissionDeniedError, NotFoundError):
+        # OpenAI answers the same 404 for a model that does not exist and one the key may not use.
+        raise NotFoundError(
+            f"the model {model_id!r} does not exist or you do not have access to it",
+            code="model_not_found",
+            param="model",
+        ) from None
+    return ModelCard(id=model_id, owned_by=principal.grant.model_id)
 
 
 async def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:

@@ -66,17 +66,12 @@ async def resolve_target(
     """Turn any model id (``m/v``, ``m@version/v``, ``ft:…``) into a target the caller's grant covers.
 
     The one resolver of the gateway: a fine-tuned model is visible only to keys of the grant that
-    trained it, once its job has succeeded (404 otherwise, as for a model that does not exist); a
-    training checkpoint id is a clear 400. Authorization failures are 403s, audited by the caller.
+    trained it, once its job has succeeded (404 otherwise, as for a model that does not exist), and
+    so is each training checkpoint the job listed. Authorization failures are 403s, audited by the
+    caller.
     """
     audit.model = model_id
     fine_tune = parse_fine_tuned_id(model_id) if is_fine_tuned(model_id) else None
-    if fine_tune is not None and fine_tune.checkpoint_step is not None:
-        raise InvalidRequestError(
-            f"training checkpoints are listed for their metrics but not served; sample {fine_tune.model_id!r}",
-            code="checkpoint_not_served",
-            param="model",
-        )
     ref = fine_tune.base if fine_tune is not None else parse_model_id(model_id)
     audit.variant = ref.variant
     audit.scope = ",".join(scopes)
@@ -85,17 +80,25 @@ async def resolve_target(
         if resolved is None:
             resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
     else:
-        job_id, own_id = fine_tune.job_id, fine_tune.model_id
+        job_id, own_id, step = fine_tune.job_id, fine_tune.model_id, fine_tune.checkpoint_step
+        home = state.settings.home_dir
 
         def _lookup() -> ResolvedVariant:
             with state.db.session() as session:
                 job = ft_get_own_job(session, principal, job_id)
                 if job.status != "succeeded" or job.params.get("fine_tuned_model") != own_id:
                     raise NotFoundError(f"model {model_id!r} does not exist", code="model_not_found")
+                if step is not None:
+                    saved = {int(c["step"]) for c in (job.result or {}).get("checkpoints") or []}
+                    adapter = AdapterStore.of_home(home).checkpoint_path(job_id, step)
+                    if step not in saved or not (adapter / "adapter_config.json").is_file():
+                        raise NotFoundError(f"model {model_id!r} does not exist", code="model_not_found")
             return state.registry.get(state.db.sessions, ref)
 
         resolved = await run_in_threadpool(_lookup)
         audit.detail["fine_tuning_job"] = job_id
+        if step is not None:
+            audit.detail["checkpoint_step"] = step
     audit.version_id = resolved.version_id
     authorize(principal, resolved, scopes)
     return ResolvedTarget(resolved, fine_tune)
@@ -119,9 +122,7 @@ async def prepare(
     if target.fine_tune is None:
         backend = await state.pipelines.pipeline(spec)
     else:
-        job_id = target.fine_tune.job_id
-        adapter = AdapterStore.of_home(state.settings.home_dir).path(job_id)
-        backend = await state.pipelines.adapter_pipeline(spec, job_id, adapter)
+        backend = await adapter_pipeline(state, spec, target.fine_tune)
     if request.wants_logprobs() and not backend.supports_logprobs:
         raise InvalidRequestError(
             f"variant {resolved.variant_name!r} cannot return log-probabilities", param="logprobs"
@@ -129,6 +130,16 @@ async def prepare(
     if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
         raise InvalidRequestError(f"variant {resolved.variant_name!r} does not support echo", param="echo")
     return Target(public_id=request.model, backend=backend)
+
+
+async def adapter_pipeline(state: ServingState, spec: VariantRuntimeSpec, fine_tune: FineTunedRef) -> VariantPipeline:
+    """Return the variant's pipeline running a fine-tuned model's adapter (or one of its checkpoints')."""
+    store = AdapterStore.of_home(state.settings.home_dir)
+    step = fine_tune.checkpoint_step
+    if step is None:
+        return await state.pipelines.adapter_pipeline(spec, fine_tune.job_id, store.path(fine_tune.job_id))
+    name = f"{fine_tune.job_id}-step-{step}"
+    return await state.pipelines.adapter_pipeline(spec, name, store.checkpoint_path(fine_tune.job_id, step))
 
 
 def check_output_budget(request: ChatCompletionRequest | CompletionRequest, resolved: ResolvedVariant) -> None:
