@@ -31,6 +31,7 @@ from airlock.interp.jobs import KIND as INTERP_KIND
 from airlock.interp.jobs import InterpHandler, pool_workers
 from airlock.interp.routes import router as interp_router
 from airlock.jobs.runner import JobHandler, JobRunner
+from airlock.ledger.cosign import CheckpointCosigner
 from airlock.ledger.routes import admin_router as ledger_admin_router
 from airlock.ledger.routes import router as ledger_router
 from airlock.ledger.service import LedgerSequencer
@@ -88,6 +89,10 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
 
         ledger = LedgerSequencer(db, settings, AUDIT_DIGEST)
         ledger.start()
+        # Its own thread: a slow or absent witness never holds up sequencing or signing.
+        cosigner = CheckpointCosigner(db, settings) if settings.ledger_witnesses else None
+        if cosigner is not None:
+            cosigner.start()
 
         publisher = DuePublisher(db, settings.report_publish_interval_s)
         publisher.start()
@@ -107,6 +112,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
             audit.close()
             await run_in_threadpool(publisher.stop)
             await run_in_threadpool(ledger.stop)
+            if cosigner is not None:
+                await run_in_threadpool(cosigner.stop)
 
     app = FastAPI(
         title="Airlock",

@@ -43,6 +43,7 @@ app.add_typer(finetune_app, name="finetune")
 app.add_typer(interp_cli.app, name="interp")
 app.add_typer(governance_cli.app, name="gate")
 app.add_typer(ledger_cli.app, name="ledger")
+app.add_typer(ledger_cli.witness_app, name="witness")
 app.add_typer(publish_cli.app, name="report")
 
 T = TypeVar("T")

@@ -5,8 +5,17 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WitnessEndpoint(BaseModel):
+    """A witness the gateway asks to cosign its checkpoints: its submission URL and verifier key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1, description="Submission prefix; `<url>/add-checkpoint` is posted to.")
+    key: str = Field(min_length=1, description="The witness's verifier key (`airlock witness pubkey`).")
 
 
 class Settings(BaseSettings):
@@ -86,6 +95,16 @@ class Settings(BaseSettings):
     )
     ledger_checkpoint_interval_s: float = Field(
         default=300.0, gt=0, description="How often the gateway digests the audit table and signs a checkpoint."
+    )
+    ledger_witnesses: list[WitnessEndpoint] = Field(
+        default_factory=list,
+        description='Witnesses asked to cosign each new checkpoint, as JSON: `[{"url": ..., "key": ...}]`.',
+    )
+    ledger_witness_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long the gateway waits for one witness before retrying it later."
+    )
+    ledger_cosign_interval_s: float = Field(
+        default=2.0, gt=0, description="How often the gateway asks witnesses missing from the newest checkpoint."
     )
 
     @property

@@ -5,6 +5,7 @@ This package root stays free of database and server imports so the offline verif
 :func:`airlock.ledger.service.record_event`.
 """
 
+from airlock.ledger._cosig import WitnessVerifier
 from airlock.ledger._entry import commitment_of
 from airlock.ledger._merkle import ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
 from airlock.ledger._note import Checkpoint, NoteError, Verifier, verify_checkpoint
@@ -16,9 +17,11 @@ __all__ = [
     "ProofError",
     "Report",
     "Verifier",
+    "WitnessVerifier",
     "access_table",
     "cli",
     "commitment_of",
+    "cosign",
     "leaf_hash",
     "models",
     "node_hash",
@@ -28,4 +31,5 @@ __all__ = [
     "verify_checkpoint",
     "verify_consistency",
     "verify_inclusion",
+    "witness",
 ]

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from airlock.access.audit import AUDIT_DIGEST
-from airlock.cli_support import console, fail, fmt_ts, open_database, run_command
+from airlock.cli_support import console, err, fail, fmt_ts, open_database, run_command
+
+if TYPE_CHECKING:
+    from airlock.config import Settings
+    from airlock.db import Database
+    from airlock.ledger.witness import Witness
 
 app = typer.Typer(
     help="Public transparency ledger: Merkle log, signed checkpoints, proofs, offline verifier.", no_args_is_help=True
+)
+witness_app = typer.Typer(
+    help="Run a C2SP tlog witness: cosign a log's checkpoints along one append-only history.", no_args_is_help=True
 )
 
 
@@ -48,8 +56,9 @@ def checkpoint(
         with open_database() as (settings, db):
             service.digest_audit(db, AUDIT_DIGEST)
             row = service.publish_checkpoint(db, service.get_signer(settings), force=force)
+            note = _cosign(settings, db) or row.note
             # Plain echo, never rich: a wrapped signature line would no longer verify.
-            typer.echo(row.note, nl=False)
+            typer.echo(note, nl=False)
 
     run_command(body)
 
@@ -83,6 +92,8 @@ def export(
 
         with open_database() as (settings, db):
             service.digest_audit(db, AUDIT_DIGEST)
+            service.publish_checkpoint(db, service.get_signer(settings))
+            _cosign(settings, db)
             bundle = service.export_bundle(db, service.get_signer(settings))
         out.write_text(json.dumps(bundle, indent=1, ensure_ascii=False) + "\n")
         console.print(f"wrote {out}: {len(bundle['entries'])} entries, {len(bundle['checkpoints'])} checkpoints")
@@ -189,5 +200,102 @@ def reveal(
             openings = service.reveal(session, event_id, field or None, publish=publish)
         for o in openings:
             typer.echo(json.dumps({"event": o.event_id, "field": o.field, "salt": o.salt, "value": o.value}))
+
+    run_command(body)
+
+
+def _cosign(settings: Settings, db: Database) -> str | None:
+    """Ask the configured witnesses to cosign the newest checkpoint; return its note (None without witnesses)."""
+    import httpx
+
+    from airlock.ledger import service
+    from airlock.ledger.cosign import cosign_newest, endpoints_of
+
+    endpoints = endpoints_of(settings)
+    if not endpoints:
+        return None
+    with httpx.Client(timeout=settings.ledger_witness_timeout_s) as client:
+        outcome = cosign_newest(db, endpoints, client=client)
+    for name, why in outcome.failed.items():
+        err.print(f"[yellow]witness {escape(name)} did not cosign[/]: {escape(why)} (retried by the gateway)")
+    with db.session() as session:
+        row = service.latest_checkpoint(session)
+        return row.note if row is not None else None
+
+
+# ---------------------------------------------------------------- witness
+
+
+def _witness(store: Path, name: str, logs: list[str]) -> Witness:
+    from airlock.ledger._cosig import Cosigner
+    from airlock.ledger._note import Verifier, load_or_create_key
+    from airlock.ledger.witness import Witness
+
+    verifiers = []
+    for vkey in logs:
+        text = Path(vkey).read_text().strip() if Path(vkey).is_file() else vkey
+        verifiers.append(Verifier.parse(text))
+    return Witness(Cosigner(name, load_or_create_key(store / "witness-key.pem")), verifiers, store / "witness.db")
+
+
+StoreOption = Annotated[Path, typer.Option(help="The witness's directory: its key and its store.")]
+NameOption = Annotated[
+    str, typer.Option(help="The witness's key name, a schema-less URL such as `witness.example.org/w1`.")
+]
+
+
+@witness_app.command("serve")
+def witness_serve(
+    log: Annotated[
+        list[str], typer.Option(help="Verifier key (string or file) of a log to witness; repeat for several.")
+    ],
+    store: StoreOption,
+    name: NameOption,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7380,
+) -> None:
+    """Serve add-checkpoint (c2sp.org/tlog-witness) with this witness's own key and store."""
+
+    def body() -> None:
+        import uvicorn
+
+        from airlock.ledger.witness import create_app
+
+        witness = _witness(store, name, log)
+        err.print(f"witness {witness.verifier.vkey()} on http://{host}:{port} for {', '.join(witness.logs)}")
+        uvicorn.run(create_app(witness), host=host, port=port, log_level="warning")
+
+    run_command(body)
+
+
+@witness_app.command("pubkey")
+def witness_pubkey(store: StoreOption, name: NameOption) -> None:
+    """Print the witness's verifier key (creating its signing key on first use)."""
+
+    def body() -> None:
+        from airlock.ledger._cosig import Cosigner
+        from airlock.ledger._note import load_or_create_key
+
+        typer.echo(Cosigner(name, load_or_create_key(store / "witness-key.pem")).verifier.vkey())
+
+    run_command(body)
+
+
+@witness_app.command("evidence")
+def witness_evidence(
+    store: StoreOption,
+    name: NameOption,
+    out: Annotated[Path | None, typer.Option(help="Write the records to this JSON file.")] = None,
+) -> None:
+    """List the refused, log-signed checkpoints kept as evidence (check them with `airlock-verify --evidence`)."""
+
+    def body() -> None:
+        records = _witness(store, name, []).evidence()
+        text = json.dumps(records, indent=1, ensure_ascii=False) + "\n"
+        if out is not None:
+            out.write_text(text)
+            console.print(f"wrote {out}: {len(records)} refusal(s)")
+        else:
+            typer.echo(text, nl=False)
 
     run_command(body)

@@ -12,7 +12,10 @@ that one rule, loudly). It checks, in order:
 4. that every entry is canonical JSON and that the Merkle tree rebuilt from the entries has the
    signed root at every checkpoint size, and an RFC 9162 inclusion proof of every entry against
    the newest checkpoint;
-5. that every published reveal opens the commitment it names.
+5. that every published reveal opens the commitment it names;
+6. with witness keys (``--witness KEY … --quorum K``), that a checkpoint carries valid
+   tlog-cosignature/v1 cosignatures by at least K of them: the newest such checkpoint is the one
+   the public answers are read against, and entries after it are reported as not yet witnessed.
 
 It then answers the public questions for a model: which evaluators had which access to which
 versions, how many days before deployment, and which results were attested.
@@ -31,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from airlock.ledger._cosig import WitnessVerifier, cosignatures
 from airlock.ledger._entry import parse_entry, parse_time, verify_opening
 from airlock.ledger._merkle import MemoryTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
 from airlock.ledger._note import NoteError, Verifier, verify_checkpoint
@@ -48,6 +52,9 @@ class Report:
     key_pinned: bool = False
     problems: list[str] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
+    witnessed_size: int | None = None
+    """Size of the newest checkpoint with a quorum of cosignatures (None when no quorum was asked)."""
+    witnessed_by: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -58,7 +65,14 @@ class Report:
 UNPINNED = "no pinned key: pass the lab's verifier key (--key), obtained from the lab through another channel"
 
 
-def verify_bundle(bundle: dict[str, Any], pinned_key: str | None, *, trust_bundle_key: bool = False) -> Report:
+def verify_bundle(
+    bundle: dict[str, Any],
+    pinned_key: str | None,
+    *,
+    trust_bundle_key: bool = False,
+    witnesses: Sequence[WitnessVerifier] = (),
+    quorum: int = 0,
+) -> Report:
     """Verify a bundle (see the module docstring for the checks); problems are collected, not raised.
 
     Without ``pinned_key`` the report fails (every other check still runs against the bundle's own
@@ -84,6 +98,7 @@ def verify_bundle(bundle: dict[str, Any], pinned_key: str | None, *, trust_bundl
         return report
     # 2. Signatures and origin of every checkpoint.
     heads: list[tuple[int, bytes]] = []
+    notes: list[tuple[int, str]] = []
     for n, note in enumerate(bundle.get("checkpoints", [])):
         try:
             cp = verify_checkpoint(note, verifier, report.origin)
@@ -91,6 +106,7 @@ def verify_bundle(bundle: dict[str, Any], pinned_key: str | None, *, trust_bundl
             report.problems.append(f"checkpoint {n}: {exc}")
             continue
         heads.append((cp.size, cp.root))
+        notes.append((cp.size, note))
     report.checkpoints = len(heads)
     if not heads:
         report.problems.append("the bundle has no valid checkpoint")
@@ -134,6 +150,9 @@ def verify_bundle(bundle: dict[str, Any], pinned_key: str | None, *, trust_bundl
             bad += 1
     if bad:
         report.problems.append(f"{bad} entries have no valid inclusion proof under the newest signed root")
+    # 6. Witnesses: the newest checkpoint a quorum cosigned is the one the answers rest on.
+    if quorum:
+        _check_quorum(report, notes, witnesses, quorum)
     # 5. Reveals must open the commitments they name.
     by_id = {e["id"]: e for e in report.entries if e}
     for e in report.entries:
@@ -151,6 +170,27 @@ def verify_bundle(bundle: dict[str, Any], pinned_key: str | None, *, trust_bundl
 
 def _b64d(value: str) -> bytes:
     return base64.b64decode(value, validate=True)
+
+
+def _check_quorum(
+    report: Report, notes: Sequence[tuple[int, str]], witnesses: Sequence[WitnessVerifier], k: int
+) -> None:
+    distinct = {w.vkey(): w for w in witnesses}
+    if k > len(distinct):
+        report.problems.append(f"a quorum of {k} needs at least {k} distinct witness keys ({len(distinct)} given)")
+        return
+    for size, note in sorted(notes, key=lambda n: n[0], reverse=True):
+        try:
+            valid, bad = cosignatures(note, list(distinct.values()))
+        except NoteError as exc:
+            report.problems.append(f"checkpoint of size {size}: {exc}")
+            continue
+        report.problems.extend(f"checkpoint of size {size}: {b}" for b in bad)
+        if len(valid) >= k:
+            report.witnessed_size = size
+            report.witnessed_by = sorted(c.name for c in valid)
+            return
+    report.problems.append(f"no checkpoint carries valid cosignatures by {k} of the given witnesses")
 
 
 # ---------------------------------------------------------------- the public questions
@@ -279,6 +319,15 @@ UNSAFE_WARNING = (
 )
 
 
+def _read_key(key: str) -> str:
+    return Path(key).read_text().strip() if Path(key).is_file() else key
+
+
+def parse_witnesses(keys: Sequence[str]) -> list[WitnessVerifier]:
+    """Parse witness verifier keys given as strings or files (raise NoteError on a bad one)."""
+    return [WitnessVerifier.parse(_read_key(k)) for k in keys]
+
+
 def run(
     bundle_path: Path,
     *,
@@ -286,16 +335,26 @@ def run(
     model: str | None,
     version: str | None,
     trust_bundle_key: bool = False,
+    witnesses: Sequence[str] = (),
+    quorum: int | None = None,
 ) -> tuple[int, str]:
     """Verify a bundle file and return ``(exit code, text to print)``."""
     try:
         bundle = json.loads(bundle_path.read_text())
     except (OSError, ValueError) as exc:
         return 2, f"cannot read bundle {bundle_path}: {exc}"
-    if key is not None and Path(key).is_file():
-        key = Path(key).read_text().strip()
+    if key is not None:
+        key = _read_key(key)
     try:
-        report = verify_bundle(bundle, key, trust_bundle_key=trust_bundle_key)
+        witness_keys = parse_witnesses(witnesses)
+    except NoteError as exc:
+        return 2, f"bad witness key: {exc}"
+    if quorum is not None and not witness_keys:
+        return 2, "--quorum needs the witnesses' keys (--witness KEY, once per witness)"
+    # Fail closed: naming witnesses without a quorum asks for all of them.
+    k = (quorum if quorum is not None else len(witness_keys)) if witness_keys else 0
+    try:
+        report = verify_bundle(bundle, key, trust_bundle_key=trust_bundle_key, witnesses=witness_keys, quorum=k)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         # Fail closed on a bundle that is not even well-formed.
         return 1, f"FAILED: malformed bundle ({type(exc).__name__}: {exc})"
@@ -309,10 +368,42 @@ def run(
     if not report.ok:
         lines += ["FAILED:", *(f"  - {p}" for p in report.problems)]
         return 1, "\n".join(lines)
+    entries = report.entries
+    if report.witnessed_size is not None:
+        lines.append(
+            f"witnessed: checkpoint of size {report.witnessed_size} cosigned by {', '.join(report.witnessed_by)} "
+            f"(quorum {k} of {len(witness_keys)})"
+        )
+        if report.witnessed_size < report.size:
+            lines.append(
+                f"note: the {report.size - report.witnessed_size} newest entries are signed by the lab but not yet "
+                "witnessed; the answers below leave them out"
+            )
+        entries = entries[: report.witnessed_size]
     lines.append("OK: signatures, consistency, every entry's inclusion and every reveal verified")
     if model:
-        lines.append(render_access(access_table(report.entries, model, version), model))
+        lines.append(render_access(access_table(entries, model, version), model))
     return 0, "\n".join(lines)
+
+
+def run_evidence(path: Path, key: str) -> tuple[int, str]:
+    """Check a witness's refusal records (``airlock witness evidence``) against the log's key."""
+    from airlock.ledger.witness import check_evidence
+
+    try:
+        data = json.loads(path.read_text())
+        log = Verifier.parse(_read_key(key))
+    except (OSError, ValueError) as exc:
+        return 2, f"cannot read evidence {path}: {exc}"
+    records = data if isinstance(data, list) else [data]
+    lines, forks = [], 0
+    for record in records:
+        proven, why = check_evidence(record if isinstance(record, dict) else {}, log)
+        forks += proven
+        where = f"{record.get('witness', '?')} #{record.get('id', '?')}" if isinstance(record, dict) else "?"
+        lines.append(f"{'FORK' if proven else 'no fork'} ({where}): {why}")
+    lines.append(f"{forks} of {len(records)} record(s) prove that {log.name} showed a fork")
+    return (0 if forks else 1), "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,9 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="airlock-verify",
         description="Verify an Airlock ledger bundle offline: checkpoint signatures, consistency, the inclusion "
-        "of every entry and every reveal; optionally answer who had access to a model before deployment.",
+        "of every entry and every reveal; optionally witness cosignatures, and who had access to a model before "
+        "deployment. Also checks a witness's fork evidence.",
     )
-    parser.add_argument("bundle", type=Path, help="bundle written by `airlock ledger export`")
+    parser.add_argument("bundle", type=Path, nargs="?", help="bundle written by `airlock ledger export`")
     parser.add_argument(
         "--key", help="the lab's verifier key (string or file), from `airlock ledger pubkey`; required to pass"
     )
@@ -331,12 +423,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="trust the key inside the bundle instead of a pinned one (unsafe: prints a warning)",
     )
+    parser.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a witness's verifier key (string or file); repeat for each witness",
+    )
+    parser.add_argument(
+        "--quorum", type=int, help="how many of the witnesses must have cosigned (default: all of them)"
+    )
+    parser.add_argument(
+        "--evidence", type=Path, help="check a witness's refusal records (`airlock witness evidence`) instead"
+    )
     parser.add_argument("--model", help="answer the access questions for this model")
     parser.add_argument("--version", help="restrict to one version (label or content-hash prefix)")
     args = parser.parse_args(argv)
-    code, text = run(
-        args.bundle, key=args.key, model=args.model, version=args.version, trust_bundle_key=args.unsafe_trust_bundle_key
-    )
+    if args.evidence is not None:
+        if not args.key:
+            parser.error("--evidence needs the log's key (--key)")
+        code, text = run_evidence(args.evidence, args.key)
+    elif args.bundle is None:
+        parser.error("give a bundle (or --evidence FILE)")
+    else:
+        code, text = run(
+            args.bundle,
+            key=args.key,
+            model=args.model,
+            version=args.version,
+            trust_bundle_key=args.unsafe_trust_bundle_key,
+            witnesses=args.witness,
+            quorum=args.quorum,
+        )
     print(text)
     return code
 
