@@ -14,7 +14,16 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from airlock.cli_support import console, err, fmt_ts, open_database, openai_client, run_command, summary_table
+from airlock.cli_support import (
+    console,
+    err,
+    fail,
+    fmt_ts,
+    open_database,
+    openai_client,
+    run_command,
+    summary_table,
+)
 from airlock.config import get_settings, reset_settings
 from airlock.db import Database
 from airlock.errors import AirlockError
@@ -65,6 +74,37 @@ def _root(
     ] = False,
 ) -> None:
     """Airlock: structured pre-deployment access for external evaluators."""
+
+
+@app.command("model-report")
+def model_report(
+    target: Annotated[str, typer.Argument(help="MODEL@VERSION (label or content-hash prefix).")],
+    fmt: Annotated[str, typer.Option("--format", help="md or json.")] = "md",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Write the Model Report's external-evaluation section, every statement proven from the ledger."""
+
+    def body() -> None:
+        from airlock.ids import parse_version_ref
+        from airlock.ledger.model_report import render_markdown
+        from airlock.ledger.reporting import build_model_report
+
+        if fmt not in ("md", "json"):
+            raise fail("--format is md or json")
+        ref = parse_version_ref(target, require_version=True)
+        assert ref.version is not None
+        with open_database() as (settings, db):
+            report = build_model_report(db, settings, ref.model, ref.version)
+        text = render_markdown(report) if fmt == "md" else json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            out.write_text(text)
+            console.print(
+                f"wrote {out}: {len(report['statements'])} statements citing {len(report['entries'])} entries"
+            )
+
+    run_command(body)
 
 
 # ---------------------------------------------------------------- setup

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     ledger_checkpoint_interval_s: float = Field(
         default=300.0, gt=0, description="How often the gateway digests the audit table and signs a checkpoint."
     )
+    calendar: str = Field(
+        default="eu",
+        description="Business-day calendar: `eu` (weekends and the EU institutions' shared holidays), `weekends`, "
+        "or a holiday file (YAML: name, base, weekend, holidays).",
+    )
     ledger_witnesses: list[WitnessEndpoint] = Field(
         default_factory=list,
         description='Witnesses asked to cosign each new checkpoint, as JSON: `[{"url": ..., "key": ...}]`.',

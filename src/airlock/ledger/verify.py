@@ -406,6 +406,35 @@ def run_evidence(path: Path, key: str) -> tuple[int, str]:
     return (0 if forks else 1), "\n".join(lines)
 
 
+def run_model_report(path: Path, key: str, witnesses: Sequence[str], quorum: int | None) -> tuple[int, str]:
+    """Re-check a Model Report section (JSON, or Markdown with its JSON block) offline."""
+    from airlock.ledger.model_report import extract_json, render_markdown, verify_model_report
+
+    try:
+        text = path.read_text()
+        report = extract_json(text)
+        witness_keys = parse_witnesses(witnesses)
+    except (OSError, ValueError, NoteError) as exc:
+        return 2, f"cannot read the Model Report {path}: {exc}"
+    k = (quorum if quorum is not None else len(witness_keys)) if witness_keys else 0
+    try:
+        problems = verify_model_report(report, _read_key(key), witnesses=witness_keys, quorum=k)
+        # The Markdown is a rendering of the JSON: any edit to its text is an edit to the report.
+        if not text.lstrip().startswith("{") and render_markdown(report) != text:
+            problems.append("the Markdown text differs from the rendering of its verifiable record")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problems = [f"malformed report ({type(exc).__name__}: {exc})"]
+    name = f"{report.get('model')}@{report.get('version')}"
+    if problems:
+        return 1, "\n".join([f"Model Report {name}: FAILED", *(f"  - {p}" for p in problems)])
+    statements = len(report.get("statements", []))
+    witnessed = f", cosigned by a quorum of {k}" if k else ""
+    return 0, (
+        f"Model Report {name}: OK: {statements} statements re-derived from {len(report.get('entries', []))} "
+        f"ledger entries, each proven in the signed checkpoint{witnessed}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``airlock-verify``."""
     parser = argparse.ArgumentParser(
@@ -436,6 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--evidence", type=Path, help="check a witness's refusal records (`airlock witness evidence`) instead"
     )
+    parser.add_argument(
+        "--model-report", type=Path, help="re-check a Model Report section (`airlock model-report`) instead"
+    )
     parser.add_argument("--model", help="answer the access questions for this model")
     parser.add_argument("--version", help="restrict to one version (label or content-hash prefix)")
     args = parser.parse_args(argv)
@@ -443,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.key:
             parser.error("--evidence needs the log's key (--key)")
         code, text = run_evidence(args.evidence, args.key)
+    elif args.model_report is not None:
+        if not args.key:
+            parser.error("--model-report needs the lab's key (--key)")
+        code, text = run_model_report(args.model_report, args.key, args.witness, args.quorum)
     elif args.bundle is None:
         parser.error("give a bundle (or --evidence FILE)")
     else:
