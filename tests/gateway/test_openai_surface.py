@@ -31,3 +31,16 @@ def test_retrieve_model_is_grant_scoped(lab: Lab) -> None:
     rows = [r for r in lab.audit_rows() if r.path.startswith("/v1/models/")]
     assert sorted({r.status_code for r in rows}) == [200, 401, 404]
     assert all(r.actor == "org-a" for r in rows if r.status_code != 401)
+
+
+def test_unknown_request_fields_are_refused_not_ignored(lab: Lab) -> None:
+    _gid, key = lab.grant()
+    c = client(lab, key)
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(
+            model="m1/helpful-only", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 5}
+        )
+    body = info.value.body
+    assert isinstance(body, dict) and (body["code"], body["param"]) == ("unsupported_parameter", "top_k")
+    row = [r for r in lab.audit_rows() if r.path == "/v1/chat/completions"][-1]
+    assert row.status_code == 400

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import ClassVar
 
 from airlock.backends.protocol import (
@@ -13,6 +13,7 @@ from airlock.backends.protocol import (
     ChatDelta,
     Completion,
     CompletionRequest,
+    SamplingFields,
 )
 from airlock.errors import InvalidRequestError
 
@@ -31,6 +32,20 @@ class ModelBackend:
     supports_logprobs: bool = False
     #: Whether ``/v1/completions`` with ``echo`` returns prompt log-probabilities.
     supports_echo: bool = False
+    #: Whether request fields the wire models do not know are forwarded (else refused with a 400).
+    forwards_unknown_fields: ClassVar[bool] = False
+    #: What the backend does with each modelled request field, for the docs' field table
+    #: (``docs/request-fields.md``, checked by a test); a field it cannot honour is refused in ``check_request``.
+    field_notes: ClassVar[Mapping[str, str]] = {}
+
+    def check_request(self, request: SamplingFields) -> None:
+        """Refuse (400 ``unsupported_parameter``) any field this backend would otherwise ignore."""
+        if self.forwards_unknown_fields:
+            return
+        for name in request.extra_fields():
+            raise InvalidRequestError(
+                f"{name!r} is not supported by this model; remove it", code="unsupported_parameter", param=name
+            )
 
     async def start(self) -> None:
         """Load weights / open connections; called once before the first request."""
@@ -101,3 +116,25 @@ async def _chat_as_stream(backend: ModelBackend, request: ChatCompletionRequest)
 async def _complete_as_stream(backend: ModelBackend, request: CompletionRequest) -> AsyncIterator[Completion]:
     for chunk in completion_chunks(await backend.complete(request)):
         yield chunk
+
+
+def render_field_table(backends: Sequence[type[ModelBackend]]) -> str:
+    """Return the Markdown table of every request field and what each backend does with it (for the docs)."""
+    from airlock.backends.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat, text = ChatCompletionRequest.model_fields, CompletionRequest.model_fields
+    head = "| field | endpoints | " + " | ".join(f"`{b.kind}`" for b in backends) + " |"
+    lines = [head, "|" + "---|" * (len(backends) + 2)]
+    for name in sorted(set(chat) | set(text)):
+        field = chat.get(name) or text[name]
+        endpoints = ", ".join(e for e, fields in (("chat", chat), ("completions", text)) if name in fields)
+        notes = [
+            b.field_notes.get(name, "forwarded" if b.forwards_unknown_fields else "**undeclared**") for b in backends
+        ]
+        lines.append(f"| `{field.alias or name}` | {endpoints} | " + " | ".join(notes) + " |")
+    other = [
+        "forwarded untouched (some refused, below)" if b.forwards_unknown_fields else "400 `unsupported_parameter`"
+        for b in backends
+    ]
+    lines.append("| any other field | both | " + " | ".join(other) + " |")
+    return "\n".join(lines) + "\n"

@@ -9,6 +9,12 @@ Failures map onto Airlock's error tree: unreachable or timed-out upstream -> 503
 429 -> 429; upstream 400/422 -> 400 with the upstream's message (the evaluator's request was
 bad); upstream 401/403/404 and 5xx or unparseable bodies -> 502 (the operator's setup or
 server is at fault, and its details are logged, not shown to the evaluator).
+
+Request fields Airlock does not model (vLLM's ``top_k``, ``min_p``, ``guided_json``,
+``structured_outputs``, ...) are forwarded untouched. Airlock keeps control of what it must: the
+``model`` (rewritten), ``stream`` and ``stream_options`` (set by Airlock), the token budget (checked
+against the variant's cap before this backend runs), log-probabilities (the scope check), and the
+prompt format the mitigations rely on: the fields in ``CONTROLLED_FIELDS`` are refused with a 400.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -58,6 +64,18 @@ _READ_BUFSIZE = 1 << 20
 # Failures where the request never reached a working upstream, or a pooled keep-alive
 # connection had gone stale: generation has no side effects, so these are safe to retry.
 _RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
+
+
+#: Unmodelled fields an upstream would act on that Airlock must control: refused, with the reason.
+CONTROLLED_FIELDS: dict[str, str] = {
+    "chat_template": "the prompt format is the lab's: a client template could drop the variant's system prompt",
+    "chat_template_kwargs": "the prompt format is the lab's",
+    "prompt_logprobs": "prompt log-probabilities come only from /v1/completions with echo and logprobs",
+    "return_token_ids": "token ids of the answer are not relayed; use logprobs",
+    "max_new_tokens": "the token budget is max_tokens or max_completion_tokens (checked against the variant's cap)",
+    "ignore_eos": "the token budget is checked against the variant's cap; generation ends at end-of-sequence",
+    "kv_transfer_params": "the upstream's cache transfer is the lab's to configure",
+}
 
 
 class UpstreamConfig(BaseModel):
@@ -103,6 +121,28 @@ class OpenAIUpstreamBackend(ModelBackend):
     """Forwards chat and text completions to an OpenAI-compatible server with the operator's key."""
 
     kind = "openai_upstream"
+    forwards_unknown_fields = True
+    field_notes: ClassVar[Mapping[str, str]] = {
+        "model": "rewritten to the upstream's model id",
+        "messages": "forwarded (after the variant's mitigations)",
+        "prompt": "forwarded",
+        "stream": "set by Airlock",
+        "stream_options": "set by Airlock (usage is always requested; relayed as asked)",
+        "max_tokens": "forwarded (capped by the variant)",
+        "max_completion_tokens": "forwarded (capped by the variant)",
+        "logprobs": "forwarded when the manifest says the upstream supports them (needs the `logprobs` scope)",
+        "top_logprobs": "forwarded (with `logprobs`)",
+        "echo": "forwarded when the manifest sets `supports_echo`",
+    }
+
+    def check_request(self, request: SamplingFields) -> None:
+        """Refuse the unmodelled fields Airlock must control (``CONTROLLED_FIELDS``); forward the rest."""
+        for name in request.extra_fields():
+            reason = CONTROLLED_FIELDS.get(name)
+            if reason is not None:
+                raise InvalidRequestError(
+                    f"{name!r} is not accepted: {reason}", code="unsupported_parameter", param=name
+                )
 
     def __init__(self, config: UpstreamConfig, api_key: str | None = None) -> None:
         self.config = config
@@ -194,7 +234,8 @@ class OpenAIUpstreamBackend(ModelBackend):
 
     def _payload(self, request: SamplingFields, *, stream: bool) -> bytes:
         # Only the fields the client set: the upstream applies its own defaults for the rest.
-        body = request.model_dump(mode="json", exclude_unset=True)
+        # Unmodelled fields ride along as the client sent them (``check_request`` refused controlled ones).
+        body = request.model_dump(mode="json", exclude_unset=True, by_alias=True)
         body["model"] = self.model
         body["stream"] = stream
         if stream:

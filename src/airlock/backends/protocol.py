@@ -1,7 +1,9 @@
 """OpenAI wire models shared by the gateway and the backends, all on one base model.
 
-Unknown request fields are ignored (the official SDKs add fields over time); every field
-Airlock acts on is validated here, so a bad value is a 400 before any backend runs.
+Every field Airlock acts on is validated here, so a bad value is a 400 before any backend runs.
+Sampling requests keep the fields they do not model (``extra_fields``): a backend either forwards
+them (an OpenAI-compatible upstream: vLLM's ``top_k``, guided decoding, ...) or refuses them with a
+400 naming the field (``ModelBackend.check_request``); none is silently dropped.
 """
 
 from __future__ import annotations
@@ -185,7 +187,9 @@ class StreamOptions(WireModel):
 
 
 class SamplingFields(WireModel):
-    """Sampling fields common to chat and text completions."""
+    """Sampling fields common to chat and text completions (unmodelled fields are kept, see ``extra_fields``)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: str = Field(min_length=1, description="Model id, `{model}/{variant}` or `{model}@{version}/{variant}`.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
@@ -195,9 +199,32 @@ class SamplingFields(WireModel):
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated.")
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0, description="Penalty per time a token was already generated."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias from -100 to 100 added to its logit."
+    )
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias of token {key} is {bias}; biases lie between -100 and 100")
+        return value
+
+    def extra_fields(self) -> dict[str, Any]:
+        """Return the fields the client sent that these wire models do not model, as sent."""
+        return dict(self.model_extra or {})
+
+    def token_bias(self) -> dict[int, float]:
+        """Return ``logit_bias`` keyed by token id."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -226,6 +253,37 @@ _BUDGET_HELP = (
 _BUDGET_SCHEMA: dict[str, Any] = {"maximum": MAX_OUTPUT_TOKENS_CEILING}
 
 
+class JsonSchemaFormat(WireModel):
+    """``response_format.json_schema``: the schema the answer must follow."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(WireModel):
+    """``response_format``: free ``text``, any ``json_object``, or a ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema")
+        return self
+
+    def constraint(self) -> dict[str, Any] | None:
+        """Return the JSON schema the answer must follow (``None`` for free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        assert self.json_schema is not None
+        return self.json_schema.schema_ or {}
+
+
 class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions` body."""
 
@@ -242,6 +300,9 @@ class ChatCompletionRequest(SamplingFields):
         description="'none', 'auto', 'required' (needs tools) or a named function (one of the offered tools).",
     )
     parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="`text`, `json_object` or `json_schema` (constrained decoding)."
+    )
 
     @field_validator("tools", mode="wrap", json_schema_input_type=list[ToolSpec] | None)
     @classmethod

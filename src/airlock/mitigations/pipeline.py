@@ -23,6 +23,7 @@ from airlock.backends.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    SamplingFields,
     Usage,
 )
 from airlock.errors import ConfigError, InvalidRequestError
@@ -124,6 +125,10 @@ class VariantPipeline(ModelBackend):
     async def aclose(self) -> None:
         """Close the inner backend."""
         await self.inner.aclose()
+
+    def check_request(self, request: SamplingFields) -> None:
+        """Refuse what the inner backend would otherwise ignore (see ``ModelBackend.check_request``)."""
+        self.inner.check_request(request)
 
     def count_tokens(self, text: str) -> int:
         """Count tokens with the inner backend's tokenizer."""

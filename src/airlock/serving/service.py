@@ -123,6 +123,7 @@ async def prepare(
         backend = await state.pipelines.pipeline(spec)
     else:
         backend = await adapter_pipeline(state, spec, target.fine_tune)
+    backend.check_request(request)
     if request.wants_logprobs() and not backend.supports_logprobs:
         raise InvalidRequestError(
             f"variant {resolved.variant_name!r} cannot return log-probabilities", param="logprobs"

@@ -1,8 +1,11 @@
 """The OpenAI surface of the local backend: chat and completions, streamed or whole, over the batching engine.
 
 Each request becomes a `Job` of rows (one per choice and prompt) for the `Engine`; its events are
-folded into OpenAI responses or chunks as they arrive. ``presence_penalty`` and
-``frequency_penalty`` are accepted and ignored.
+folded into OpenAI responses or chunks as they arrive. ``logit_bias``, ``presence_penalty``,
+``frequency_penalty`` and ``response_format`` become per-row logits processors
+(:mod:`airlock.backends.local.processors`); ``response_format`` is enforced by constrained decoding
+with ``llguidance`` (the JSON schema compiled to a grammar over the model's own tokenizer). Fields
+the wire models do not know are refused (400 ``unsupported_parameter``).
 
 Tool calling uses the prompt format of :mod:`airlock.backends.tools` for every model (SmolLM2's
 template has no tool support): tools and tool traffic are rendered as text, a forced
@@ -29,6 +32,7 @@ from airlock.backends.base import ModelBackend
 from airlock.backends.local.adapters import AdapterViewMixin
 from airlock.backends.local.config import BatchStats, LocalBackendConfig
 from airlock.backends.local.engine import Engine, Event, Job, PromptInfo, Row, Tok, Update, row_generator
+from airlock.backends.local.processors import GrammarConstraint, LogitBias, LogitsProcessor, RepetitionPenalties
 from airlock.backends.local.tokens import TokenTable
 from airlock.backends.protocol import (
     AssistantMessage,
@@ -45,6 +49,7 @@ from airlock.backends.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     FinishReason,
+    SamplingFields,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -68,6 +73,32 @@ class LocalBackend(ModelBackend):
     supports_echo: bool = True
     _adapter: str | None = None  # the LoRA adapter this backend's requests run with (see adapter_view)
 
+    field_notes: ClassVar[dict[str, str]] = {
+        "model": "rewritten by Airlock",
+        "messages": "rendered with the model's chat template (tool traffic as text)",
+        "prompt": "text, texts or token ids (ids outside the vocabulary: 400)",
+        "temperature": "supported (0: greedy)",
+        "top_p": "supported",
+        "n": "supported (batched rows)",
+        "stop": "supported",
+        "seed": "supported (same output batched or alone)",
+        "stream": "supported",
+        "stream_options": "supported (`include_usage`)",
+        "presence_penalty": "supported (logits processor, generated tokens only)",
+        "frequency_penalty": "supported (logits processor, generated tokens only)",
+        "logit_bias": "supported (logits processor; ids outside the vocabulary: 400)",
+        "user": "recorded nowhere; no effect on generation",
+        "max_tokens": "supported (capped by the variant)",
+        "max_completion_tokens": "supported (capped by the variant)",
+        "logprobs": "supported (raw model distribution; needs the `logprobs` scope)",
+        "top_logprobs": "supported (up to 20)",
+        "echo": "supported (prompt log-probabilities)",
+        "tools": "supported (rendered as text, parsed back)",
+        "tool_choice": "supported",
+        "parallel_tool_calls": "supported",
+        "response_format": "`json_object` / `json_schema`: constrained decoding (llguidance); with tools: 400",
+    }
+
     def __init__(self, config: LocalBackendConfig | None = None) -> None:
         self.config = config or LocalBackendConfig()
         self.spec = weights.resolve_model_spec(self.config.model, seed=self.config.seed)
@@ -78,6 +109,7 @@ class LocalBackend(ModelBackend):
         self._engine: Engine | None = None
         self._start_lock = threading.Lock()
         self._max_context = self.config.max_context
+        self._grammar_tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LocalBackend:
@@ -241,9 +273,76 @@ class LocalBackend(ModelBackend):
                 param="messages" if what == "the conversation" else "prompt",
             )
 
+    # -- logits processors
+
+    def check_request(self, request: SamplingFields) -> None:
+        """Refuse unknown fields, and combinations this backend cannot honour, before any work."""
+        super().check_request(request)
+        response_format = request.response_format if isinstance(request, ChatCompletionRequest) else None
+        if response_format is not None and response_format.constraint() is not None:
+            assert isinstance(request, ChatCompletionRequest)
+            if tools.plan_tools(request).active:
+                raise InvalidRequestError(
+                    "this model cannot combine response_format with tools; send one of them",
+                    code="unsupported_parameter",
+                    param="response_format",
+                )
+
+    def _row_processors(self, request: SamplingFields, grammar: Any | None) -> list[LogitsProcessor]:
+        """Return one row's processors: logit bias, then penalties, then the grammar (which must see them)."""
+        device = torch.device(self.config.device)
+        vocab = len(self._table().bytes)
+        processors: list[LogitsProcessor] = []
+        bias = request.token_bias()
+        if bias:
+            outside = sorted(t for t in bias if t >= vocab)
+            if outside:
+                raise InvalidRequestError(
+                    f"logit_bias names token {outside[0]}, outside this model's vocabulary of {vocab}",
+                    param="logit_bias",
+                )
+            processors.append(LogitBias(bias, device))
+        if request.presence_penalty or request.frequency_penalty:
+            processors.append(RepetitionPenalties(request.presence_penalty, request.frequency_penalty, vocab, device))
+        if grammar is not None:
+            processors.append(GrammarConstraint(grammar.deep_copy(), vocab))
+        return processors
+
+    async def _grammar(self, request: ChatCompletionRequest) -> Any | None:
+        """Compile ``response_format`` into an llguidance matcher (400 when the schema cannot be compiled)."""
+        schema = request.response_format.constraint() if request.response_format is not None else None
+        if schema is None:
+            return None
+        import llguidance
+        import llguidance.hf
+
+        engine = await self._ready()
+        if self._grammar_tokenizer is None:
+            eos = sorted(engine.eos_ids)
+            # About half a second for a 49k vocabulary: built once, off the event loop.
+            self._grammar_tokenizer = await asyncio.to_thread(
+                llguidance.hf.from_tokenizer, self._tok(), n_vocab=len(engine.table.bytes), eos_token=eos
+            )
+        try:
+            # Separators with one space and no free whitespace: a small model can otherwise spend its
+            # whole budget on whitespace between tokens (a schema's "x-guidance" may still override this).
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+            )
+        except ValueError as exc:
+            raise InvalidRequestError(f"response_format schema: {exc}", param="response_format") from None
+        matcher = await asyncio.to_thread(llguidance.LLMatcher, self._grammar_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError(
+                f"response_format schema cannot be enforced: {matcher.get_error()}", param="response_format"
+            )
+        return matcher
+
     # -- chat
 
-    def _chat_job(self, request: ChatCompletionRequest, plan: tools.ToolPlan) -> tuple[Job, int]:
+    def _chat_job(
+        self, request: ChatCompletionRequest, plan: tools.ToolPlan, grammar: Any | None = None
+    ) -> tuple[Job, int]:
         prompt = self._chat_prompt(request.messages, plan)
         self._check_prompt(prompt, "the conversation")
         budget = min(request.max_new_tokens(self.config.default_max_tokens), self._max_context - len(prompt))
@@ -262,6 +361,7 @@ class LocalBackend(ModelBackend):
                     stops=request.stop_list() + plan.stop_sequences(),
                     logprobs=request.logprobs,
                     top_k=request.top_logprobs or 0,
+                    processors=self._row_processors(request, grammar),
                 )
             )
         return job, len(prompt)
@@ -270,7 +370,7 @@ class LocalBackend(ModelBackend):
         """Return a chat completion, batched with whatever else is running; tool calls are parsed out."""
         engine = await self._ready()
         plan = await self._choose_required_function(request, tools.plan_tools(request))
-        job, prompt_tokens = self._chat_job(request, plan)
+        job, prompt_tokens = self._chat_job(request, plan, await self._grammar(request))
         texts = [""] * request.n
         tokens: list[list[Tok]] = [[] for _ in range(request.n)]
         finish: list[FinishReason | None] = [None] * request.n
@@ -348,7 +448,7 @@ class LocalBackend(ModelBackend):
 
     async def _chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         engine = await self._ready()
-        job, prompt_tokens = self._chat_job(request, tools.plan_tools(request))
+        job, prompt_tokens = self._chat_job(request, tools.plan_tools(request), await self._grammar(request))
         chunk_id, created = new_id("chatcmpl-"), now_ts()
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
@@ -444,6 +544,7 @@ class LocalBackend(ModelBackend):
                         top_k=request.logprobs or 0,
                         prompt_logprobs=request.echo and request.logprobs is not None,
                         skip_prompt_tokens=skip,
+                        processors=self._row_processors(request, None),
                     )
                 )
         return job, prompt_tokens, echo_texts

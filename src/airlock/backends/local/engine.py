@@ -10,8 +10,9 @@ dropped from the batch at once. Tokens reach each request's asyncio queue throug
 
 Sampling is per row (temperature, top-p, a per-row ``torch.Generator`` seeded from the request
 seed), so a seeded request gives the same output whether it runs alone or batched with others.
-Reported log-probabilities are those of the model's raw distribution (before temperature/top-p),
-as vLLM does.
+Each row may carry logits processors (``processors.py``: logit bias, presence/frequency penalties,
+grammar constraints) applied to its logits before sampling. Reported log-probabilities are those of
+the model's raw distribution (before processors, temperature and top-p), as vLLM does.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from airlock.backends import weights
 from airlock.backends.local.config import BatchStats, LocalBackendConfig
+from airlock.backends.local.processors import LogitsProcessor
 from airlock.backends.local.tokens import TokenTable
 from airlock.backends.protocol import FinishReason
 from airlock.errors import AirlockError, BackendError, BackendUnavailableError, InvalidRequestError
@@ -136,6 +138,7 @@ class Row:
         top_k: int,
         prompt_logprobs: bool = False,
         skip_prompt_tokens: int = 0,
+        processors: Sequence[LogitsProcessor] = (),
     ) -> None:
         self.job = job
         self.index = index
@@ -150,6 +153,8 @@ class Row:
         self.top_k = top_k if logprobs else 0
         self.prompt_logprobs = prompt_logprobs
         self.skip_prompt_tokens = skip_prompt_tokens
+        #: Steps between this row's logits and its sampler, in order (``processors.py``).
+        self.processors = tuple(processors)
         self.generated = 0
         self.text = ""
         self.released = 0
@@ -606,12 +611,13 @@ class Engine:
         rows = batch.rows
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(rows))
         logprobs = torch.log_softmax(batch.logits, dim=-1)
-        next_ids = logprobs.argmax(dim=-1)
         broken: set[Job] = set()
+        scores = self._processed_logits(batch, broken)
+        next_ids = scores.argmax(dim=-1)
         for i, row in enumerate(rows):
             if row.temperature > 0 and not row.job.dead:
                 try:
-                    next_ids[i] = _sample(batch.logits[i], row.temperature, row.top_p, row.generator)
+                    next_ids[i] = _sample(scores[i], row.temperature, row.top_p, row.generator)
                 except RuntimeError as exc:  # e.g. NaN probabilities: only this request fails
                     self._fail_job(row.job, exc)
                     broken.add(row.job)
@@ -625,6 +631,13 @@ class Engine:
         by_job: dict[Job, list[Event]] = {}
         for i, row in enumerate(rows):
             if row.job.dead:
+                continue
+            try:
+                for processor in row.processors:
+                    processor.accept(ids[i])
+            except Exception as exc:  # a processor's own failure ends only its request
+                self._fail_job(row.job, exc)
+                broken.add(row.job)
                 continue
             update = row.accept(ids[i], chosen[i], tuple(tops[i][: row.top_k]), self)
             self.stats.tokens_generated += 1
@@ -661,6 +674,22 @@ class Engine:
         batch.cache = self._cache_of(out)
         batch.next_pos = batch.next_pos + 1
         batch.logits = out.logits[:, -1, :].float()
+
+    def _processed_logits(self, batch: _Batch, broken: set[Job]) -> torch.Tensor:
+        """Return the logits the sampler draws from: each row's through its processors (raw logits are kept)."""
+        if not any(row.processors for row in batch.rows):
+            return batch.logits
+        scores = batch.logits.clone()
+        for i, row in enumerate(batch.rows):
+            if not row.processors or row.job.dead:
+                continue
+            try:
+                for processor in row.processors:
+                    scores[i] = processor.process(scores[i])
+            except Exception as exc:  # only this request fails
+                self._fail_job(row.job, exc)
+                broken.add(row.job)
+        return scores
 
     def _cache_of(self, out: Any) -> Any:
         return getattr(out, self._cache_arg)
