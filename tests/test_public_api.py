@@ -121,6 +121,7 @@ PINNED: dict[str, list[str]] = {
         "register_mitigation",
     ],
     "publish": ["cli", "commit", "models", "placeholder", "routes", "service", "verify_commitment"],
+    "redteam": ["cli", "events", "models", "routes", "schemas", "service", "terms"],
     "registry": ["events", "models", "routes", "schemas", "service", "weights"],
     "sandbox": [
         "DENY_SYSCALLS",

@@ -38,6 +38,8 @@ from airlock.ledger.service import LedgerSequencer
 from airlock.mitigations import check_manifest
 from airlock.publish.routes import router as publish_router
 from airlock.publish.service import DuePublisher
+from airlock.redteam.routes import admin_router as redteam_admin_router
+from airlock.redteam.routes import router as redteam_router
 from airlock.registry.routes import router as registry_router
 from airlock.registry.service import RegistryCache, load_manifest, sync_manifest
 from airlock.serving.pipelines import PipelineCache
@@ -138,6 +140,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
     app.include_router(ledger_router)
     app.include_router(ledger_admin_router)
     app.include_router(publish_router)
+    app.include_router(redteam_router)
+    app.include_router(redteam_admin_router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

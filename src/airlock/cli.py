@@ -31,6 +31,7 @@ from airlock.governance import cli as governance_cli
 from airlock.interp import cli as interp_cli
 from airlock.ledger import cli as ledger_cli
 from airlock.publish import cli as publish_cli
+from airlock.redteam import cli as redteam_cli
 
 app = typer.Typer(help="Airlock: structured pre-deployment access for external evaluators.", no_args_is_help=True)
 evaluator_app = typer.Typer(help="Evaluator organisations.", no_args_is_help=True)
@@ -54,6 +55,7 @@ app.add_typer(governance_cli.app, name="gate")
 app.add_typer(ledger_cli.app, name="ledger")
 app.add_typer(ledger_cli.witness_app, name="witness")
 app.add_typer(publish_cli.app, name="report")
+app.add_typer(redteam_cli.app, name="redteam")
 
 T = TypeVar("T")
 

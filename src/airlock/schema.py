@@ -16,6 +16,7 @@ import airlock.interp.models
 import airlock.jobs.models
 import airlock.ledger.models
 import airlock.publish.models
+import airlock.redteam.models
 import airlock.registry.models  # noqa: F401  (imported for their tables)
 from airlock.db import Base
 

@@ -58,11 +58,15 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/airlock/interp/review"): {R, U},
     ("GET", "/v1/airlock/interp/review/{job_id}"): {R, U},
     ("POST", "/v1/airlock/interp/review/{job_id}"): {R},
+    ("GET", f"{ADMIN}/redteam/findings"): {A, R, U},
+    ("GET", f"{ADMIN}/redteam/findings/{{finding_id}}/session"): {A, R, U},
+    ("POST", f"{ADMIN}/redteam/findings/{{finding_id}}/triage"): {R},
 }
 ISSUING = {("POST", f"{ADMIN}/grants"), ("POST", f"{ADMIN}/grants/{{grant_id}}/keys")}
 APPROVING = {
     ("POST", "/v1/airlock/interp/review/{job_id}"),
     ("POST", f"{ADMIN}/reports/{{report_id}}/agree-release"),
+    ("POST", f"{ADMIN}/redteam/findings/{{finding_id}}/triage"),
 }
 # Path parameters: real names where a read can succeed, missing ids elsewhere (writes then stop at 404).
 PATH_VALUES = defaultdict(lambda: "missing", {"model": "m1", "label": "v1", "grant_id": "grant_missing"})

@@ -47,6 +47,8 @@ class Permission(StrEnum):
     REPORTS_READ = "reports:read"
     REPORTS_REVIEW = "reports:review"
     LEDGER_CHECKPOINT = "ledger:checkpoint"
+    REDTEAM_READ = "redteam:read"
+    REDTEAM_TRIAGE = "redteam:triage"
 
 
 DESCRIPTIONS: Mapping[Permission, str] = {
@@ -67,11 +69,13 @@ DESCRIPTIONS: Mapping[Permission, str] = {
     Permission.REPORTS_READ: "read submitted reports",
     Permission.REPORTS_REVIEW: "comment on reports and agree to their early release",
     Permission.LEDGER_CHECKPOINT: "integrate pending ledger events and sign a checkpoint",
+    Permission.REDTEAM_READ: "read red-teaming findings and the transcripts they cite",
+    Permission.REDTEAM_TRIAGE: "triage red-teaming findings (acknowledge, dispute, mark fixed)",
 }
 
 ROLE_DESCRIPTIONS: Mapping[Role, str] = {
     Role.ADMIN: "runs the lab platform: models and manifest, evaluators, grants, keys, revocation",
-    Role.REVIEWER: "reviews held interp results and submitted reports (comments, early release)",
+    Role.REVIEWER: "reviews held interp results, submitted reports and red-teaming findings (triage)",
     Role.DECIDER: "moves versions between stages; overrides a blocking gate when the policy names this role",
     Role.AUDITOR: "reads the audit trail, grants, evaluators, results and reports; signs ledger checkpoints",
 }
@@ -92,6 +96,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.STAGE_CHANGE,
         Permission.REPORTS_READ,
         Permission.LEDGER_CHECKPOINT,
+        Permission.REDTEAM_READ,
     },
     Role.REVIEWER: _EVERYONE
     | {
@@ -99,6 +104,8 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.INTERP_REVIEW_DECIDE,
         Permission.REPORTS_READ,
         Permission.REPORTS_REVIEW,
+        Permission.REDTEAM_READ,
+        Permission.REDTEAM_TRIAGE,
     },
     Role.DECIDER: _EVERYONE | {Permission.STAGE_CHANGE},
     Role.AUDITOR: _EVERYONE
@@ -109,11 +116,12 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.INTERP_REVIEW_READ,
         Permission.REPORTS_READ,
         Permission.LEDGER_CHECKPOINT,
+        Permission.REDTEAM_READ,
     },
 }
 
 ISSUES_ACCESS = frozenset({Permission.GRANTS_ISSUE, Permission.KEYS_ISSUE})
-APPROVES_WORK = frozenset({Permission.INTERP_REVIEW_DECIDE, Permission.REPORTS_REVIEW})
+APPROVES_WORK = frozenset({Permission.INTERP_REVIEW_DECIDE, Permission.REPORTS_REVIEW, Permission.REDTEAM_TRIAGE})
 
 
 def separation_conflicts(matrix: Mapping[Role, frozenset[Permission]]) -> list[Role]:

@@ -36,6 +36,7 @@ from airlock.evals.service import verify_stored
 from airlock.governance.models import GateDecision, Override
 from airlock.governance.policy import ClaimRule, Elicitation, EvalRule, Policy, Threshold, load_policy
 from airlock.ledger import service as ledger
+from airlock.redteam.service import findings_against
 from airlock.registry.models import Model, ModelVersion, Variant
 from airlock.registry.schemas import Manifest
 from airlock.registry.service import set_stage
@@ -393,6 +394,41 @@ def _claim_status(
     return base | {"status": "ok", "reason": reason, "evidence": evidence, "excluded": excluded}
 
 
+def _contest_claims(session: Session, version: ModelVersion, safety_case: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Count open high/critical red-team findings against the claimed mitigations of their variant.
+
+    Each such finding (see :func:`airlock.redteam.service.findings_against`) turns every claimed
+    mitigation of its variant into a blocking entry naming the finding, until the finding is fixed
+    in a later version, disputed with a reason, or the block is overridden.
+    """
+    findings = findings_against(session, version)
+    by_variant: dict[str, list[str]] = {}
+    for f in findings:
+        by_variant.setdefault(f.variant, []).append(f.id)
+    for entry in safety_case:
+        ids = by_variant.get(entry["variant"])
+        if entry["stance"] != "claimed" or not ids:
+            continue
+        entry["redteam_findings"] = ids
+        contest = f"contested by red-team finding(s) {', '.join(ids)}"
+        if entry["status"] == "ok":
+            entry |= {"status": "contested", "reason": contest}
+        else:
+            entry["reason"] = f"{entry['reason']}; {contest}"
+        entry["blocks"] = True
+    return [
+        {
+            "finding_id": f.id,
+            "variant": f.variant,
+            "category": f.category,
+            "severity": f.severity,
+            "status": f.status,
+            "counts_against_claims": f.variant in {e["variant"] for e in safety_case if e["stance"] == "claimed"},
+        }
+        for f in findings
+    ]
+
+
 def _safeguards(threshold: Threshold, safety_case: list[dict[str, Any]], deployed: set[str]) -> list[dict[str, Any]]:
     out = []
     for sg in threshold.safeguards:
@@ -426,6 +462,7 @@ def evaluate_gate(
     now = now or utcnow()
     pool = collect_evidence(session, model, version, policy)
     safety_case = _safety_case(version, pool, policy, now)
+    redteam = _contest_claims(session, version, safety_case)
     deployed = {v.name for v in version.variants if v.name not in policy.safety_case.evaluation_only_variants}
     domains: list[dict[str, Any]] = []
     blocking: list[str] = []
@@ -486,6 +523,7 @@ def evaluate_gate(
         "blocking": blocking,
         "domains": domains,
         "safety_case": safety_case,
+        "redteam_findings": redteam,
         "ignored_results": pool.ignored,
         "evidence_result_ids": sorted(
             {e["result_id"] for d in domains for t in d["thresholds"] for ev in t["evals"] for e in ev["evidence"]}
@@ -611,6 +649,10 @@ def promote(
             "role": row.decider_role,
             "justification": row.justification,
             "blocking": row.blocking,
+            # The red-team findings this override sets aside, by id (their content stays committed).
+            "redteam_finding_ids": sorted(
+                {f for e in report["safety_case"] if e["blocks"] for f in e.get("redteam_findings", [])}
+            ),
             "report_sha256": decision.report_sha256,
         },
     )

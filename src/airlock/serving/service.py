@@ -109,9 +109,15 @@ async def prepare(
     principal: Principal,
     audit: AuditContext,
     request: ChatCompletionRequest | CompletionRequest,
+    *,
+    scope: str = "sample",
 ) -> Target:
-    """Authorize the request against the grant, enforce quotas and return its pipeline."""
-    scopes = ["sample"] + (["logprobs"] if request.wants_logprobs() else [])
+    """Authorize the request against the grant, enforce quotas and return its pipeline.
+
+    ``scope`` is the capability the request exercises: ``sample`` for the OpenAI routes, ``redteam``
+    for a red-teaming session's turn (same pipeline, same quotas, another grant scope).
+    """
+    scopes = [scope] + (["logprobs"] if request.wants_logprobs() else [])
     target = await resolve_target(state, principal, request.model, scopes, audit)
     resolved = target.variant
     check_output_budget(request, resolved)
