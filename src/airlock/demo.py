@@ -88,6 +88,74 @@ def _ask(client: Any, model: str, prompt: str, **kwargs: Any) -> tuple[str, str]
     return (choice.message.content or "").strip(), choice.finish_reason
 
 
+def _verify(*args: str) -> str:
+    """Run ``airlock-verify`` as a reader would: no database, no server."""
+    result = subprocess.run(
+        [sys.executable, "-m", "airlock.ledger.verify", *args], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"airlock-verify {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result.stdout.strip()
+
+
+def _start_witness(home: Path, name: str, vkey: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start one witness process with its own key and store; return it, its URL and its verifier key."""
+    store, port = home / "witnesses" / name.split("/", 1)[0], _free_port()
+    store.mkdir(parents=True, exist_ok=True)
+    log = (store / "witness.log").open("wb")
+    args = ["witness", "serve", "--store", str(store), "--name", name, "--log", str(vkey), "--port", str(port)]
+    proc = subprocess.Popen([sys.executable, "-m", "airlock", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"witness {name} exited; see {store / 'witness.log'}")
+        try:
+            return proc, url, httpx.get(url + "/pubkey", timeout=1).text.strip()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"witness {name} did not start")
+
+
+def witnessed_ending(home: Path, env: dict[str, str], model: str, version: str) -> None:
+    """Two independent witnesses cosign the ledger; the bundle and the Model Report section are verified offline."""
+    _step("12. Public: two independent witnesses cosign the ledger's checkpoint; verified offline with a quorum")
+    ledger = home / "ledger"
+    shutil.rmtree(home / "witnesses", ignore_errors=True)
+    vkey = ledger / "lab.vkey"
+    _cli("ledger", "pubkey", "--out", str(vkey), env=env)
+    witnesses = []
+    try:
+        for name in ("witness.evals-institute.example/w1", "witness.second-opinion.example/w1"):
+            witnesses.append(_start_witness(home, name, vkey, env))
+        keys = []
+        for (_proc, _url, key), n in zip(witnesses, (1, 2), strict=True):
+            path = ledger / f"witness{n}.vkey"
+            path.write_text(key + "\n")
+            keys += ["--witness", str(path)]
+            console.print(f"witness {n}: {key}")
+        config = json.dumps([{"url": url, "key": key} for _proc, url, key in witnesses])
+        wenv = {**env, "AIRLOCK_LEDGER_WITNESSES": config}
+        _show(_cli("ledger", "checkpoint", "--force", env=wenv))
+        bundle = ledger / "bundle.json"
+        _show(_cli("ledger", "export", "-o", str(bundle), env=wenv))
+        _show(_verify(str(bundle), "--key", str(vkey), *keys, "--quorum", "2", "--model", model))
+
+        _step("13. Public: the Model Report's external-evaluation section, every statement proven, verified offline")
+        section = ledger / "model-report.md"
+        _cli("model-report", f"{model}@{version}", "--format", "md", "-o", str(section), env=wenv)
+        _show(section.read_text().split("<details>")[0].rstrip())
+        _show(_verify("--model-report", str(section), "--key", str(vkey), *keys, "--quorum", "2"))
+    finally:
+        for proc, _url, _key in witnesses:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def run_demo(home: Path) -> int:
     """Run the demo in ``home`` (the database is recreated; the converted model cache is kept)."""
     import openai
@@ -370,17 +438,12 @@ def run_demo(home: Path) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    _step("11. Public: the transparency ledger, verified offline with only the bundle and the lab's key")
-    _show(_cli("ledger", "checkpoint", "--force", env=env))
-    bundle, vkey = home / "ledger" / "bundle.json", home / "ledger" / "lab.vkey"
-    _cli("ledger", "pubkey", "--out", str(vkey), env=env)
-    _show(_cli("ledger", "export", "-o", str(bundle), env=env))
-    _show(_cli("ledger", "verify", str(bundle), "--key", str(vkey), "--model", "smollm2-135m", env=env))
-
-    _step("12. Lab: the audit trail (every request, allowed or denied)")
+    _step("11. Lab: the audit trail (every request, allowed or denied)")
     db = Database(f"sqlite:///{home / 'airlock.db'}")
     with db.session() as session:
         console.print(summary_table(summary(session)))
     db.dispose()
+
+    witnessed_ending(home, env, "smollm2-135m", "v1")
     console.print(Panel.fit(f"Demo finished. Data dir: {home}. Try: AIRLOCK_HOME={home} airlock audit tail"))
     return 0

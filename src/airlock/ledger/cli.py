@@ -112,11 +112,23 @@ def verify(
     unsafe_trust_bundle_key: Annotated[
         bool, typer.Option(help="Trust the key inside the bundle instead of a pinned one (prints a warning).")
     ] = False,
+    witness: Annotated[
+        list[str] | None, typer.Option(help="A witness's verifier key (string or file); repeat for each.")
+    ] = None,
+    quorum: Annotated[int | None, typer.Option(help="How many witnesses must have cosigned (default: all).")] = None,
 ) -> None:
-    """Verify a bundle offline (same as `airlock-verify`): signatures, consistency, inclusion, reveals."""
+    """Verify a bundle offline (same as `airlock-verify`): signatures, consistency, inclusion, reveals, cosignatures."""
     from airlock.ledger.verify import run
 
-    code, text = run(bundle, key=key, model=model, version=version, trust_bundle_key=unsafe_trust_bundle_key)
+    code, text = run(
+        bundle,
+        key=key,
+        model=model,
+        version=version,
+        trust_bundle_key=unsafe_trust_bundle_key,
+        witnesses=witness or [],
+        quorum=quorum,
+    )
     typer.echo(text)
     if code:
         raise typer.Exit(code)

@@ -302,11 +302,13 @@ def _metrics(metrics: Any) -> str:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """Render the section as Markdown; the verifiable JSON follows in a fenced block."""
     cp_lines = str(report["checkpoint"]).split("\n")
+    names = report.get("witnessed_by") or []
+    witnessed = f"cosigned by {', '.join(names)}" if names else "not witnessed"
     out = [
         f"## External evaluation: {report['model']}@{report['version']}",
         "",
         f"Version `{report['version_hash'][:16]}…`. Every statement cites its ledger entry (#index), proven "
-        f"included in checkpoint {cp_lines[1]} of `{cp_lines[0]}` ({report['witnessed_by'] or 'not witnessed'}). "
+        f"included in checkpoint {cp_lines[1]} of `{cp_lines[0]}` ({witnessed}). "
         f"Business days: calendar `{report['calendar']['name']}`. Check with "
         "`airlock-verify --model-report FILE --key LAB_KEY [--witness KEY … --quorum K]`.",
         "",
