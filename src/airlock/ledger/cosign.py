@@ -101,13 +101,22 @@ def _proof(db: Database, old: int, new: int) -> list[bytes]:
         return consistency_proof(session, old, new)
 
 
-def _ask(db: Database, client: httpx.Client, endpoint: Endpoint, row_id: int, size: int, note: str, old: int) -> str:
+def _ask(
+    db: Database,
+    client: httpx.Client,
+    endpoint: Endpoint,
+    size: int,
+    note: str,
+    old: int,
+    proofs: dict[int, list[bytes]],
+) -> str:
     """Ask one witness; return its verified cosignature line or raise with why not."""
     body, _ = split_note(note)
     for _attempt in range(2):
         if old > size:
             raise RuntimeError(f"the witness has cosigned size {old}, beyond this checkpoint ({size})")
-        response = client.post(f"{endpoint.url}/add-checkpoint", content=request_body(old, _proof(db, old, size), note))
+        proof = proofs[old] if old in proofs else _proof(db, old, size)
+        response = client.post(f"{endpoint.url}/add-checkpoint", content=request_body(old, proof, note))
         if response.status_code == 409 and response.headers.get("content-type", "").startswith(SIZE_CONTENT_TYPE):
             text = response.text.strip()
             if not text.isdigit():
@@ -138,9 +147,18 @@ def _store(db: Database, row_id: int, line: str) -> None:
 
 
 def cosign_newest(
-    db: Database, endpoints: Sequence[Endpoint], *, client: httpx.Client, pool: ThreadPoolExecutor | None = None
+    db: Database,
+    endpoints: Sequence[Endpoint],
+    *,
+    client: httpx.Client,
+    pool: ThreadPoolExecutor | None = None,
+    known: dict[str, int] | None = None,
 ) -> CosignOutcome:
-    """Ask every witness missing from the newest checkpoint to cosign it; store each answer as it comes."""
+    """Ask every witness missing from the newest checkpoint to cosign it; store each answer as it comes.
+
+    ``known`` remembers, across passes, the size each witness last cosigned (read from the stored
+    cosignatures when absent); a witness's 409 corrects it.
+    """
     outcome = CosignOutcome()
     with db.session() as session:
         row = latest_checkpoint(session)
@@ -152,11 +170,18 @@ def cosign_newest(
     outcome.already = [e.name for e in endpoints if e.name in present]
     missing = [e for e in endpoints if e.name not in present]
 
+    sizes = known if known is not None else {}
+    for endpoint in missing:
+        if endpoint.name not in sizes:
+            sizes[endpoint.name] = _last_cosigned_size(db, endpoint, row_id)
+    # One proof per distinct old size, read before the requests go out (usually one for all).
+    proofs = {old: _proof(db, old, size) for old in {sizes[e.name] for e in missing} if old <= size}
+
     def one(endpoint: Endpoint) -> None:
         try:
-            old = _last_cosigned_size(db, endpoint, row_id)
-            line = _ask(db, client, endpoint, row_id, size, note, old)
+            line = _ask(db, client, endpoint, size, note, sizes[endpoint.name], proofs)
             _store(db, row_id, line)
+            sizes[endpoint.name] = size
             outcome.cosigned.append(endpoint.name)
         except (httpx.HTTPError, RuntimeError, NoteError) as exc:
             outcome.failed[endpoint.name] = str(exc) or type(exc).__name__
@@ -186,10 +211,11 @@ class CheckpointCosigner(PeriodicWorker):
         self.endpoints = endpoints_of(settings)
         self.client = httpx.Client(timeout=settings.ledger_witness_timeout_s)
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.endpoints)), thread_name_prefix="cosign")
+        self.known: dict[str, int] = {}
 
     def run_once(self) -> CosignOutcome:
         """Ask the witnesses missing from the newest checkpoint."""
-        return cosign_newest(self.db, self.endpoints, client=self.client, pool=self.pool)
+        return cosign_newest(self.db, self.endpoints, client=self.client, pool=self.pool, known=self.known)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread and close the connections."""

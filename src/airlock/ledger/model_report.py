@@ -20,7 +20,7 @@ from typing import Any
 
 from airlock.businessdays import Calendar
 from airlock.ledger._cosig import WitnessVerifier, cosignatures
-from airlock.ledger._entry import iso_utc, parse_entry, parse_time
+from airlock.ledger._entry import iso_utc, parse_time
 from airlock.ledger._merkle import ProofError, leaf_hash, verify_inclusion
 from airlock.ledger._note import NoteError, Verifier, verify_checkpoint
 
@@ -212,6 +212,25 @@ def derive(
     return statements
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("an entry repeats a key")
+    return dict(pairs)
+
+
+def parse_cited(text: str) -> dict[str, Any]:
+    """Parse one cited entry unambiguously (no repeated keys, the required fields present).
+
+    Its exact text is what the inclusion proof covers, so every reader parses the same values;
+    the full canonical-form check of the bundle verifier is not needed for that.
+    """
+    data = json.loads(text, object_pairs_hook=_no_duplicates)
+    if not isinstance(data, dict) or not all(k in data for k in ("v", "id", "kind", "time", "body")):
+        raise ValueError("not a ledger entry")
+    return data
+
+
 def years_of(entries: Iterable[Mapping[str, Any]]) -> list[int]:
     """Return the calendar years the entries' times span (for the embedded holiday list)."""
     years = sorted({parse_time(e["time"]).year for e in entries})
@@ -249,7 +268,7 @@ def verify_model_report(
         try:
             proof = [base64.b64decode(p, validate=True) for p in item["proof"]]
             verify_inclusion(leaf_hash(text.encode()), index, checkpoint.size, proof, checkpoint.root)
-            entries[index] = parse_entry(text)
+            entries[index] = parse_cited(text)
         except (ProofError, ValueError, TypeError) as exc:
             problems.append(f"entry {index}: not proven in the checkpoint ({exc})")
     version_hash = str(report.get("version_hash", ""))

@@ -11,10 +11,10 @@ from airlock.businessdays import load_calendar
 from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, NotFoundError
 from airlock.ledger._cosig import cosignatures
-from airlock.ledger._entry import iso_utc, parse_entry
+from airlock.ledger._entry import iso_utc
 from airlock.ledger._merkle import MemoryTree
 from airlock.ledger.cosign import endpoints_of
-from airlock.ledger.model_report import FORMAT, KINDS, derive, is_relevant, years_of
+from airlock.ledger.model_report import FORMAT, KINDS, derive, is_relevant, parse_cited, years_of
 from airlock.ledger.models import LedgerCheckpoint, LedgerEntry
 from airlock.ledger.service import get_signer
 
@@ -64,7 +64,7 @@ def build_model_report(db: Database, settings: Settings, model: str, version: st
             for idx, kind, h, text in chunk:
                 tree.append(h)
                 if kind in KINDS:
-                    relevant[idx] = (text, parse_entry(text))
+                    relevant[idx] = (text, parse_cited(text))
             if len(chunk) < 20_000:
                 break
             last = chunk[-1][0]
