@@ -61,7 +61,7 @@ PINNED: dict[str, list[str]] = {
         "service",
         "terms",
     ],
-    "backends": ["base", "local", "pool", "protocol", "registry", "weights"],
+    "backends": ["base", "local", "pool", "protocol", "registry", "tokenization", "weights"],
     "evals": ["attestation", "client", "events", "models", "reporting", "routes", "schemas", "service"],
     "finetune": ["adapters", "events", "jobs", "models", "routes", "service"],
     "governance": [

@@ -43,7 +43,7 @@ from airlock.redteam.routes import router as redteam_router
 from airlock.registry.routes import router as registry_router
 from airlock.registry.service import RegistryCache, load_manifest, sync_manifest
 from airlock.serving.pipelines import PipelineCache
-from airlock.serving.routes import airlock_router
+from airlock.serving.routes import airlock_router, tokenizer_router
 from airlock.serving.routes import router as openai_router
 from airlock.web.errors import install_error_handlers
 from airlock.web.openapi import EVALUATOR_SCHEME, LAB_SCHEME, install_openapi
@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
 
     app.include_router(openai_router)
     app.include_router(airlock_router)
+    app.include_router(tokenizer_router)
     app.include_router(registry_router)
     app.include_router(access_router)
     app.include_router(results_router)

@@ -7,5 +7,6 @@ __all__ = [
     "pool",
     "protocol",
     "registry",
+    "tokenization",
     "weights",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from airlock.backends.protocol import (
     ChatChunkChoice,
@@ -15,6 +15,7 @@ from airlock.backends.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from airlock.backends.tokenization import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from airlock.errors import InvalidRequestError
 
 
@@ -72,6 +73,25 @@ class ModelBackend:
     def count_tokens(self, text: str) -> int:
         """Return the number of tokens in ``text`` (approximate where unknown)."""
         return max(1, len(text) // 4)
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """Tokenize like vLLM's ``/tokenize`` (default: this backend has no tokenizer to offer)."""
+        raise _no_tokenizer(self)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """Detokenize like vLLM's ``/detokenize`` (default: this backend has no tokenizer to offer)."""
+        raise _no_tokenizer(self)
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """Describe the tokenizer like vLLM's ``/tokenizer_info`` (default: none to offer)."""
+        raise _no_tokenizer(self)
+
+
+def _no_tokenizer(backend: ModelBackend) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"this model's {backend.kind or 'backend'!s} server offers no tokenizer endpoints",
+        code="tokenizer_not_available",
+    )
 
 
 def chat_chunks(result: ChatCompletion) -> list[ChatCompletionChunk]:

@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, ClassVar, NoReturn
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from airlock.backends import tokenization
 from airlock.backends.base import ModelBackend
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -92,8 +95,31 @@ class UpstreamConfig(BaseModel):
     max_connections: int = Field(default=64, ge=1)
     max_retries: int = Field(default=2, ge=0, le=10, description="Retries of non-streaming calls on connect/503.")
     supports_logprobs: bool = True
-    supports_echo: bool = False
+    supports_echo: bool | None = Field(
+        default=None, description="Whether echo returns prompt log-probabilities (default: true for vLLM)."
+    )
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    engine: Literal["openai", "vllm"] = Field(
+        default="openai",
+        description="`vllm`: the server is vLLM (tokenizer endpoints, prompt_logprobs and runtime LoRA adapters).",
+    )
+    weights: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The checkpoint the server loads, as the lab's workers read it (fine-tuning and interp).",
+    )
+    worker_device: str | None = Field(
+        default=None, description="Device of the lab-side model worker that holds `weights` (default cpu)."
+    )
+    worker_dtype: str | None = Field(
+        default=None, description="Dtype of that worker's weights: float32, bfloat16, float16 or auto."
+    )
+    adapter_root: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Airlock's fine-tuning directory (`<home>/finetune`) as the vLLM server mounts it; "
+        "default: the same path as on the gateway.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -115,6 +141,27 @@ class UpstreamConfig(BaseModel):
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
         return self
+
+    @model_validator(mode="after")
+    def _vllm_only(self) -> UpstreamConfig:
+        if self.engine != "vllm":
+            for name in ("weights", "adapter_root", "worker_device", "worker_dtype"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} needs engine: vllm")
+        elif not self.base_url.endswith("/v1"):
+            # vLLM's tokenizer endpoints live beside /v1, at the server's root.
+            raise ValueError("with engine: vllm, base_url must end in /v1 (e.g. http://10.0.0.5:8000/v1)")
+        return self
+
+    @property
+    def echo_supported(self) -> bool:
+        """Whether ``echo`` with log-probabilities returns the prompt's (vLLM does)."""
+        return self.supports_echo if self.supports_echo is not None else self.engine == "vllm"
+
+    @property
+    def server_root(self) -> str:
+        """The server's root URL (``base_url`` without ``/v1``), where vLLM serves ``/tokenize``."""
+        return self.base_url.removesuffix("/v1")
 
 
 class OpenAIUpstreamBackend(ModelBackend):
@@ -152,9 +199,13 @@ class OpenAIUpstreamBackend(ModelBackend):
         # Capabilities depend on the upstream, so they are per instance (ModelBackend declares
         # them as class variables for the common case of fixed capabilities).
         self.supports_logprobs = config.supports_logprobs  # type: ignore[misc]
-        self.supports_echo = config.supports_echo  # type: ignore[misc]
+        self.supports_echo = config.echo_supported  # type: ignore[misc]
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        # Airlock's adapter name -> the opaque name the server knows it by; names and paths to keep hidden.
+        self._adapters: dict[str, str] = {}
+        self._adapter_paths: dict[str, Path] = {}
+        self._adapter_secrets: set[str] = set()
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s, sock_connect=config.connect_timeout_s)
         # Streams may legitimately run for minutes; bound the silence between chunks instead.
         self._stream_timeout = aiohttp.ClientTimeout(
@@ -227,9 +278,16 @@ class OpenAIUpstreamBackend(ModelBackend):
 
     # ------------------------------------------------------------ helpers
 
+    def _hidden(self) -> list[str]:
+        """Strings no evaluator may see: the server's address and the names and paths of adapters loaded on it."""
+        return [self.config.server_root, urlsplit(self.base_url).netloc, *self._adapter_secrets]
+
     def _redact(self, text: str) -> str:
         if self._api_key:
             text = text.replace(self._api_key, "[redacted]")
+        for secret in sorted(self._hidden(), key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "[hidden]")
         return text[:_MAX_ERROR_CHARS]
 
     def _payload(self, request: SamplingFields, *, stream: bool) -> bytes:
@@ -320,13 +378,14 @@ class OpenAIUpstreamBackend(ModelBackend):
         logger.warning("upstream %s sent an invalid response: %s", self.base_url, self._redact(detail))
         raise BackendError("the upstream model server sent an invalid response") from None
 
-    async def _post_json(self, path: str, body: bytes) -> dict[str, Any]:
-        """POST ``body`` and return the JSON object answered, retrying connect failures and 503s."""
-        url = self.base_url + path
+    async def _post_json(self, path: str, body: bytes | None, *, root: str | None = None) -> dict[str, Any]:
+        """POST ``body`` (GET when None) and return the JSON object answered, retrying connect failures and 503s."""
+        url = (root or self.base_url) + path
         attempt = 0
         while True:
             try:
-                async with self._get_session().post(url, data=body, timeout=self._timeout) as response:
+                method = "GET" if body is None else "POST"
+                async with self._get_session().request(method, url, data=body, timeout=self._timeout) as response:
                     if response.status == 503 and attempt < self.config.max_retries:
                         delay = _retry_after(response)
                         await response.read()
@@ -389,6 +448,126 @@ class OpenAIUpstreamBackend(ModelBackend):
             self._timed_out()
         except (aiohttp.ClientError, HttpProcessingError, UnicodeDecodeError, ValueError) as exc:
             self._bad_response(f"stream interrupted: {exc!r}")
+
+    # ------------------------------------------------------------ vLLM: tokenizer endpoints
+
+    def _check_vllm(self) -> None:
+        if self.config.engine != "vllm":
+            raise InvalidRequestError(
+                "this model's server offers no tokenizer endpoints", code="tokenizer_not_available"
+            )
+
+    async def tokenize(self, request: tokenization.TokenizeRequest) -> tokenization.TokenizeResponse:
+        """Forward to vLLM's ``/tokenize`` (for the served base model)."""
+        self._check_vllm()
+        body = request.model_dump(mode="json", exclude_unset=True) | {"model": self._base_model}
+        data = await self._post_json("/tokenize", json.dumps(body).encode(), root=self.config.server_root)
+        try:
+            return tokenization.TokenizeResponse.model_validate(data)
+        except ValidationError as exc:
+            self._bad_response(f"tokenize answer does not validate: {exc.errors(include_input=False)}")
+
+    async def detokenize(self, request: tokenization.DetokenizeRequest) -> tokenization.DetokenizeResponse:
+        """Forward to vLLM's ``/detokenize``."""
+        self._check_vllm()
+        body = {"model": self._base_model, "tokens": request.tokens}
+        data = await self._post_json("/detokenize", json.dumps(body).encode(), root=self.config.server_root)
+        try:
+            return tokenization.DetokenizeResponse.model_validate(data)
+        except ValidationError as exc:
+            self._bad_response(f"detokenize answer does not validate: {exc.errors(include_input=False)}")
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """Forward to vLLM's ``/tokenizer_info`` (served with ``--enable-tokenizer-info-endpoint``), paths left out."""
+        self._check_vllm()
+        data = await self._post_json("/tokenizer_info", None, root=self.config.server_root)
+        if not isinstance(data.get("tokenizer_class"), str):
+            self._bad_response("tokenizer_info answer has no tokenizer_class")
+        return tokenization.public_tokenizer_info(data)
+
+    # ------------------------------------------------------------ vLLM: runtime LoRA adapters
+
+    @property
+    def _base_model(self) -> str:
+        return self.model
+
+    def served_adapter_name(self, name: str, path: Path) -> str:
+        """Return the opaque name adapter ``name`` (at ``path``) is loaded under on the server."""
+        digest = hashlib.sha256(f"{self.config.server_root}\0{name}\0{Path(path).resolve()}".encode()).hexdigest()
+        return "airlock-lora-" + digest[:24]
+
+    def _server_path(self, path: Path) -> str:
+        """Return where the server reads the adapter at ``path`` (``adapter_root`` maps the job directories)."""
+        if self.config.adapter_root is None:
+            return str(Path(path).resolve())
+        local = Path(path).resolve()
+        return f"{self.config.adapter_root.rstrip('/')}/{local.parent.name}/{local.name}"
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Adapters this gateway has loaded into the server (by Airlock's name)."""
+        return tuple(self._adapters)
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load LoRA adapter ``name`` into the vLLM server (``POST /v1/load_lora_adapter``) under an opaque name.
+
+        The server must run with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``. An
+        adapter already loaded under that name (this gateway restarted) is reused. Failures are
+        logged with their details for the operator; the caller only learns that loading failed.
+        """
+        if self.config.engine != "vllm":
+            raise InvalidRequestError("this model's server cannot load fine-tuned adapters", param="model")
+        served = self.served_adapter_name(name, path)
+        server_path = self._server_path(path)
+        self._adapter_secrets.update({served, server_path, str(Path(path).resolve())})
+        body = json.dumps({"lora_name": served, "lora_path": server_path}).encode()
+        status, raw = await self._post_raw("/load_lora_adapter", body)
+        if status != 200 and not (status == 400 and b"already been loaded" in raw):
+            logger.error(
+                "upstream %s could not load adapter %s from %s (HTTP %d): %s",
+                self.base_url,
+                served,
+                server_path,
+                status,
+                raw[:_MAX_ERROR_CHARS].decode("utf-8", errors="replace"),
+            )
+            raise BackendError(
+                "the model server could not load the fine-tuned model; the operator has the details",
+                code="adapter_load_failed",
+            )
+        self._adapters[name] = served
+        self._adapter_paths[name] = Path(path)
+        logger.info("upstream %s: adapter %s loaded as %s", self.base_url, name, served)
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Unload adapter ``name`` from the server (``POST /v1/unload_lora_adapter``); return whether it was loaded."""
+        served = self._adapters.pop(name, None)
+        if served is None:
+            return False
+        status, raw = await self._post_raw("/unload_lora_adapter", json.dumps({"lora_name": served}).encode())
+        if status not in (200, 404):
+            logger.error(
+                "upstream %s could not unload adapter %s (HTTP %d): %r", self.base_url, served, status, raw[:200]
+            )
+            raise BackendError("the model server could not unload the fine-tuned model", code="adapter_unload_failed")
+        return status == 200
+
+    def adapter_view(self, name: str) -> OpenAIUpstreamBackend:
+        """Return a backend whose requests run on adapter ``name`` (loaded first with :meth:`load_adapter`)."""
+        served = self._adapters.get(name)
+        if served is None:
+            raise InvalidRequestError(f"adapter {name!r} is not loaded", param="model")
+        return _UpstreamAdapterView(self, name, served)
+
+    async def _post_raw(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` to ``base_url + path`` once; return the status and body (transport failures: 503)."""
+        try:
+            async with self._get_session().post(self.base_url + path, data=body, timeout=self._timeout) as response:
+                return response.status, await response.read()
+        except TimeoutError:
+            self._timed_out()
+        except (aiohttp.ClientError, HttpProcessingError) as exc:
+            self._unreachable(exc)
 
     # ------------------------------------------------------------ chat
 
@@ -500,6 +679,61 @@ class OpenAIUpstreamBackend(ModelBackend):
             yield Completion(id="cmpl-upstream", model=self.model, choices=[], usage=usage)
         else:
             yield Completion(id=last.id, model=last.model, created=last.created, choices=[], usage=usage)
+
+
+class _UpstreamAdapterView(OpenAIUpstreamBackend):
+    """The upstream backend with every request sent to one runtime-loaded LoRA adapter (by its opaque name).
+
+    It shares its parent's HTTP session and hidden strings; a server that lost the adapter (it
+    restarted) makes the parent forget it, so the next request loads it again.
+    """
+
+    def __init__(self, parent: OpenAIUpstreamBackend, name: str, served: str) -> None:
+        super().__init__(parent.config, parent._api_key)
+        self._parent = parent
+        self._name = name
+        self.model = served
+        self._adapters = parent._adapters
+        self._adapter_paths = parent._adapter_paths
+        self._adapter_secrets = parent._adapter_secrets
+
+    @property
+    def _base_model(self) -> str:
+        return self._parent.model
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        return self._parent._get_session()
+
+    async def start(self) -> None:
+        """Start the parent backend (the view owns no connections)."""
+        await self._parent.start()
+
+    async def aclose(self) -> None:
+        """Do nothing: the parent owns the session."""
+
+    async def _ensure_loaded(self) -> None:
+        if self._name not in self._adapters:
+            await self._parent.load_adapter(self._name, self._adapter_paths[self._name])
+
+    async def _post_json(self, path: str, body: bytes | None, *, root: str | None = None) -> dict[str, Any]:
+        await self._ensure_loaded()
+        return await super()._post_json(path, body, root=root)
+
+    async def _stream_events(self, path: str, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
+        await self._ensure_loaded()
+        events = super()._stream_events(path, body)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        if response.status == 404:
+            # The server no longer has the adapter (it restarted): load it again on the next request.
+            logger.warning("upstream %s lost adapter %s; it will be loaded again", self.base_url, self.model)
+            self._adapters.pop(self._name, None)
+            await response.read()
+            raise BackendUnavailableError("the fine-tuned model is being reloaded on the model server; retry")
+        await super()._raise_for_status(response)
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:

@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from airlock.backends.base import ModelBackend
 from airlock.backends.registry import create_backend
@@ -47,6 +47,42 @@ class VariantRuntimeSpec:
         return self.variant_id + ":" + hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+@runtime_checkable
+class AdapterHost(Protocol):
+    """A backend that serves LoRA adapters next to its base model (local weights, a vLLM server)."""
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of the adapters loaded."""
+        ...
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load adapter ``name`` from the ``save_pretrained`` directory ``path``."""
+        ...
+
+    def adapter_view(self, name: str) -> ModelBackend:
+        """Return a backend whose requests run with adapter ``name``."""
+        ...
+
+
+def weights_spec(spec: VariantRuntimeSpec) -> VariantRuntimeSpec | None:
+    """Return the local-weights spec of a variant: itself when local, its lab-side ``weights`` for a vLLM upstream.
+
+    Work that needs the weights in transformers (interpretability) runs on a model worker built
+    from this spec; None when the variant has no weights the lab's workers can load.
+    """
+    if spec.backend == "local":
+        return spec
+    config = spec.backend_config
+    if spec.backend == "openai_upstream" and config.get("engine") == "vllm" and isinstance(config.get("weights"), str):
+        local: dict[str, Any] = {"model": config["weights"]}
+        for key in ("device", "dtype"):
+            if isinstance(config.get("worker_" + key), str):
+                local[key] = config["worker_" + key]
+        return VariantRuntimeSpec(spec.variant_id, "local", local, spec.mitigations)
+    return None
+
+
 class BackendPool:
     """Creates, starts and caches backends (mitigations are wrapped around them by the serving package)."""
 
@@ -70,15 +106,14 @@ class BackendPool:
             return backend
 
     async def adapter_backend(self, spec: VariantRuntimeSpec, name: str, path: Path) -> ModelBackend:
-        """Return a view of the variant's local backend running LoRA adapter ``name`` (loaded from ``path`` once).
+        """Return a view of the variant's backend running LoRA adapter ``name`` (loaded from ``path`` once).
 
-        The adapter is loaded into the shared base model; the base is never reloaded.
+        The adapter is loaded next to the shared base model (a local backend's, or a vLLM server's
+        through its runtime LoRA API); the base is never reloaded.
         """
-        from airlock.backends.local import LocalBackend  # torch only when an adapter is served
-
         backend = await self.backend(spec)
-        if not isinstance(backend, LocalBackend):
-            raise ConfigError(f"variant {spec.variant_id} is not served by a local backend; adapters need one")
+        if not isinstance(backend, AdapterHost):
+            raise ConfigError(f"variant {spec.variant_id} is not served from weights that can take adapters")
         async with self._lock:
             if name not in backend.adapters:
                 await backend.load_adapter(name, path)

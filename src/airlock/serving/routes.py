@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -19,11 +20,19 @@ from airlock.backends.protocol import (
     ModelCard,
     ModelList,
 )
+from airlock.backends.tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
 from airlock.deps import AuditDep, CurrentPrincipal, StateDep
 from airlock.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.finetune.service import succeeded_jobs
 from airlock.registry.models import Model, ModelVersion
 from airlock.serving import service as serving
+from airlock.serving.tokenization import tokenizer_backend
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -183,3 +192,33 @@ async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincip
         max_output_tokens=resolved.output_token_limit(),
         fine_tuning_job=job_id,
     )
+
+
+tokenizer_router = APIRouter(tags=["tokenizer"])
+
+
+@tokenizer_router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(
+    body: TokenizeCompletionRequest | TokenizeChatRequest, state: StateDep, principal: CurrentPrincipal, audit: AuditDep
+) -> TokenizeResponse:
+    """Tokenize a prompt or chat with a granted variant's tokenizer (vLLM's `/tokenize`)."""
+    backend = await tokenizer_backend(state, principal, audit, body.model)
+    return await backend.tokenize(body)
+
+
+@tokenizer_router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(
+    body: DetokenizeRequest, state: StateDep, principal: CurrentPrincipal, audit: AuditDep
+) -> DetokenizeResponse:
+    """Turn token ids back into text with a granted variant's tokenizer (vLLM's `/detokenize`)."""
+    backend = await tokenizer_backend(state, principal, audit, body.model)
+    return await backend.detokenize(body)
+
+
+@tokenizer_router.get("/tokenizer_info", response_model=dict[str, Any])
+async def tokenizer_info(
+    state: StateDep, principal: CurrentPrincipal, audit: AuditDep, model: str | None = None
+) -> dict[str, Any]:
+    """Describe a granted variant's tokenizer: special tokens, chat template (vLLM's `/tokenizer_info`)."""
+    backend = await tokenizer_backend(state, principal, audit, model)
+    return await backend.tokenizer_info()

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from airlock.backends import tools, weights
+from airlock.backends import tokenization, tools, weights
 from airlock.backends.base import ModelBackend
 from airlock.backends.local.adapters import AdapterViewMixin
 from airlock.backends.local.config import BatchStats, LocalBackendConfig
@@ -201,6 +201,25 @@ class LocalBackend(ModelBackend):
     def count_tokens(self, text: str) -> int:
         """Return the number of tokens of ``text`` under the model's tokenizer."""
         return len(self._tok().encode(text, add_special_tokens=False))
+
+    async def tokenize(self, request: tokenization.TokenizeRequest) -> tokenization.TokenizeResponse:
+        """Tokenize like vLLM's ``/tokenize`` with the model's own tokenizer."""
+        tok = self._tok()
+        try:  # off the event loop: a long text takes a while
+            return await asyncio.to_thread(tokenization.hf_tokenize, tok, request, self._max_context)
+        except Exception as exc:  # the chat template refuses roles or shapes
+            raise InvalidRequestError(f"the model's tokenizer rejected the request: {exc}") from exc
+
+    async def detokenize(self, request: tokenization.DetokenizeRequest) -> tokenization.DetokenizeResponse:
+        """Detokenize like vLLM's ``/detokenize``."""
+        try:
+            return await asyncio.to_thread(tokenization.hf_detokenize, self._tok(), request)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="tokens") from exc
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """Describe the tokenizer like vLLM's ``/tokenizer_info`` (the lab's paths left out)."""
+        return tokenization.hf_tokenizer_info(self._tok())
 
     def _tok(self) -> Any:
         if self._tokenizer is None:
