@@ -45,6 +45,9 @@ def test_lm_eval_loglikelihood_with_the_remote_tokenizer(
 
     _gid, key = starter_lab.grant(model="smollm2-135m", variants=["helpful-only", "production"])
     base_url = f"{starter_lab.url}/v1/completions"
+    # The first call loads the model; lm-eval's detection gives each call 5 s.
+    warm = httpx.get(f"{starter_lab.url}/tokenizer_info", headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    assert warm.status_code == 200, warm.text
     # lm-eval's own auto-detection finds Airlock's vLLM-shaped tokenizer endpoints.
     assert check_remote_tokenizer_support(base_url, auth_token=key)
     assert not check_remote_tokenizer_support(base_url, auth_token="ak-wrong", max_retries=1)
