@@ -269,3 +269,29 @@ def test_reevaluation_triggers(db: Any, tmp_path: Path) -> None:
     ev = bio_v2(staged)
     assert ev["evidence"] == [] and "predates the version's last stage change" in ev["excluded"][0]["reason"]
     assert [e["result_id"] for e in bio_v2(POLICY)["evidence"]] == [fresh]
+
+
+def test_external_access_needs_the_policy_s_business_days(db: Any, evidence: Evidence) -> None:
+    """The gate counts each evaluator's business days of access from the ledger and blocks below the minimum."""
+
+    from airlock.ledger import service as ledger
+
+    evidence.submit("knowledge_proxy", 5, 100)
+    _robust(evidence)
+    policy = policy_dict(
+        external_access={"min_business_days": 20},
+        reevaluation={"new_version": True, "stage_change": False, "max_evidence_age_days": 365},
+    )
+    ledger.sequence(db)
+    report = gate(db, policy)
+    access = report["external_access"]
+    assert access["min_business_days"] == 20 and access["calendar"] == "eu"
+    [row] = access["evaluators"]
+    assert row["evaluator"] == "org-a" and row["business_days"] == 0
+    assert set(row["by_access"]) == {"production/sample", "helpful-only/sample"}
+    assert report["decision"] == "block"
+    assert any("org-a had 0 business day(s)" in b for b in report["blocking"])
+    later = gate(db, policy, now=datetime.now(UTC) + timedelta(days=40))
+    assert later["external_access"]["evaluators"][0]["business_days"] >= 20
+    assert not any(b.startswith("external access") for b in later["blocking"]), later["blocking"]
+    assert gate(db)["external_access"] is None  # a policy without the rule sets no minimum

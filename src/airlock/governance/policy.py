@@ -194,6 +194,22 @@ class SafetyCase(PolicyModel):
     )
 
 
+class ExternalAccess(PolicyModel):
+    """Adequate time for external evaluators (EU GPAI Code of Practice, Appendix 3.4: 20 business days)."""
+
+    min_business_days: int = Field(
+        ge=1, description="Fewest business days of access each evaluator granted this version must have had."
+    )
+    stages: list[GatedStage] = Field(
+        default_factory=lambda: list[GatedStage](["deployed"]),
+        min_length=1,
+        description="Gated stages this requirement applies to.",
+    )
+    calendar: str = Field(
+        default="eu", description="Business-day calendar: `eu`, `weekends`, or a holiday file (YAML)."
+    )
+
+
 class Policy(PolicyModel):
     """A lab's frontier-safety policy, as read from ``policy.yaml``."""
 
@@ -204,6 +220,9 @@ class Policy(PolicyModel):
     reevaluation: Reevaluation = Field(default_factory=Reevaluation)
     domains: list[Domain] = Field(min_length=1)
     safety_case: SafetyCase = Field(default_factory=SafetyCase)
+    external_access: ExternalAccess | None = Field(
+        default=None, description="Minimum business days of evaluator access before a gated stage (none: no minimum)."
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> Policy:

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from airlock.access.roles import Permission, check_permission
+from airlock.businessdays import load_calendar
 from airlock.canonical import sha256_hex
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -455,6 +456,69 @@ def _safeguards(threshold: Threshold, safety_case: list[dict[str, Any]], deploye
     return out
 
 
+def _when(value: str) -> datetime:
+    """Parse a ledger time (UTC ISO-8601, ``Z`` or an offset)."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def external_access(
+    session: Session, model: Model, version: ModelVersion, policy: Policy, stage: str, now: datetime
+) -> dict[str, Any] | None:
+    """Count each evaluator's business days of access to ``version`` from the ledger's grant entries.
+
+    Per evaluator: the longest access among their grants (start: issue or ``not_before``; end: now,
+    ``not_after`` or revocation), with the count for each granted variant and scope.
+    """
+    rule = policy.external_access
+    if rule is None or stage not in rule.stages:
+        return None
+    try:
+        calendar = load_calendar(rule.calendar)
+    except ValueError as exc:
+        raise ConfigError(f"policy external_access.calendar: {exc}", code="invalid_policy") from None
+    events = ledger.logged_events(session, ["grant.issued", "grant.revoked"])
+    revoked = {
+        e.body.get("grant"): _when(e.body.get("revoked_at") or e.time) for e in events if e.kind == "grant.revoked"
+    }
+    evaluators: dict[str, dict[str, Any]] = {}
+    for e in events:
+        body = e.body
+        if e.kind != "grant.issued" or body.get("model") != model.name:
+            continue
+        if not any(v.get("hash") == version.content_hash for v in body.get("versions", [])):
+            continue
+        start = _when(e.time)
+        if body.get("not_before"):
+            start = max(start, _when(str(body["not_before"])))
+        ends = [now] + ([_when(str(body["not_after"]))] if body.get("not_after") else [])
+        if body.get("grant") in revoked:
+            ends.append(revoked[body["grant"]])
+        days = calendar.business_days(start, min(ends))
+        row = evaluators.setdefault(
+            str(body.get("evaluator")), {"evaluator": body.get("evaluator"), "business_days": 0, "by_access": {}}
+        )
+        row["business_days"] = max(row["business_days"], days)
+        for variant in body.get("variants", []):
+            for scope in body.get("scopes", []):
+                key = f"{variant}/{scope}"
+                row["by_access"][key] = max(row["by_access"].get(key, 0), days)
+    rows = sorted(evaluators.values(), key=lambda r: r["evaluator"])
+    blocking = [
+        f"external access: {r['evaluator']} had {r['business_days']} business day(s) of access, "
+        f"fewer than {rule.min_business_days} (external_access.min_business_days)"
+        for r in rows
+        if r["business_days"] < rule.min_business_days
+    ]
+    if not rows:
+        blocking.append("external access: no external evaluator was granted access to this version")
+    return {
+        "min_business_days": rule.min_business_days,
+        "calendar": calendar.name,
+        "evaluators": rows,
+        "blocking": blocking,
+    }
+
+
 def evaluate_gate(
     session: Session, model: Model, version: ModelVersion, stage: str, policy: Policy, *, now: datetime | None = None
 ) -> dict[str, Any]:
@@ -505,6 +569,9 @@ def evaluate_gate(
                 "thresholds": thresholds,
             }
         )
+    access = external_access(session, model, version, policy, stage, now)
+    if access is not None:
+        blocking += access["blocking"]
     for entry in safety_case:
         if entry["blocks"]:
             blocking.append(
@@ -525,6 +592,7 @@ def evaluate_gate(
         "safety_case": safety_case,
         "redteam_findings": redteam,
         "ignored_results": pool.ignored,
+        "external_access": access,
         "evidence_result_ids": sorted(
             {e["result_id"] for d in domains for t in d["thresholds"] for ev in t["evals"] for e in ev["evidence"]}
             | {e["result_id"] for s in safety_case for e in s.get("evidence", [])}

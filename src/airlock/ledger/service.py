@@ -493,6 +493,8 @@ class LoggedEvent:
     openings: dict[str, tuple[str, str]]
     """Field → (salt hex, canonical JSON of the value), as kept in ``ledger_commitments``."""
     integrated: bool
+    time: str = ""
+    """When the event was recorded (UTC ISO-8601)."""
 
 
 def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
@@ -535,7 +537,17 @@ def logged_events(session: Session, kinds: Sequence[str]) -> list[LoggedEvent]:
         body, commitments = data.get("body"), data.get("commitments") or {}
         if not isinstance(body, dict) or not isinstance(commitments, dict):
             continue
-        events.append(LoggedEvent(event_id, str(data["kind"]), body, commitments, openings.get(event_id, {}), in_tree))
+        events.append(
+            LoggedEvent(
+                event_id,
+                str(data["kind"]),
+                body,
+                commitments,
+                openings.get(event_id, {}),
+                in_tree,
+                str(data.get("time", "")),
+            )
+        )
     return events
 
 
