@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from airlock import __version__
 from airlock.access.audit import AUDIT_DIGEST, AuditWriter
+from airlock.access.cache import ACCESS_CHANNEL, AuthCache
 from airlock.access.middleware import AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
 from airlock.access.routes import router as access_router
@@ -82,11 +83,14 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         pipelines=PipelineCache(pool),
         limiter=make_rate_limiter(settings.redis_url),
         registry=RegistryCache(),
+        auth=AuthCache(settings.auth_cache_ttl_s),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(bootstrap, settings, db, sync=sync_manifest)
+        # Any process revoking a key or grant empties this process's authentication cache at once.
+        stop_listening = db.signals.subscribe(ACCESS_CHANNEL, state.auth.invalidate)
         audit.start()
 
         ledger = LedgerSequencer(db, settings, AUDIT_DIGEST)
@@ -107,10 +111,12 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         try:
             yield
         finally:
+            stop_listening()
             if runner is not None:
                 await run_in_threadpool(runner.stop)
             state.pipelines.clear()
             await state.pool.aclose()
+            await state.limiter.aclose()
             audit.close()
             await run_in_threadpool(publisher.stop)
             await run_in_threadpool(ledger.stop)
@@ -162,3 +168,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         max_upload_bytes=settings.max_file_bytes,
     )
     return app
+
+
+def worker_app() -> FastAPI:
+    """Build the app in one of ``airlock serve --workers N``'s processes (the parent has migrated and synced)."""
+    return create_app(get_settings(), sync_manifest=False)

@@ -168,6 +168,13 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default AIRLOCK_HOST or 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default AIRLOCK_PORT or 8000).")] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=1, help="Gateway processes sharing the port (more than one needs AIRLOCK_REDIS_URL).")
+    ] = 1,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(help="Log every HTTP request (default AIRLOCK_ACCESS_LOG, off: the audit trail records them)."),
+    ] = None,
 ) -> None:
     """Sync airlock.yaml into the registry and serve the gateway."""
     import uvicorn
@@ -177,18 +184,26 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     settings = get_settings()
+    if workers > 1 and not settings.redis_url:
+        # Per-minute limits counted in each process would let N times the quota through.
+        raise typer.BadParameter("more than one worker needs AIRLOCK_REDIS_URL, so quotas are counted once")
     db = Database(settings.db_url)
     # Sync before binding the port, so a bad manifest fails the start with a clear message.
     run_command(lambda: bootstrap(settings, db))
     run_command(lambda: prepare_local_weights(db))
-    application = create_app(settings, db=db, sync_manifest=False)
-    uvicorn.run(
-        application,
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=10,
-    )
+    options: dict[str, Any] = {
+        "host": host or settings.host,
+        "port": port or settings.port,
+        "log_level": log_level,
+        "access_log": settings.access_log if access_log is None else access_log,
+        "timeout_graceful_shutdown": 10,
+    }
+    if workers > 1:
+        db.dispose()
+        # Each worker process builds its own app (and database pool) from the same settings.
+        uvicorn.run("airlock.app:worker_app", factory=True, workers=workers, **options)
+        return
+    uvicorn.run(create_app(settings, db=db, sync_manifest=False), **options)
 
 
 def prepare_local_weights(db: Database) -> None:

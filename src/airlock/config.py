@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="Redis URL for shared rate-limit counters (optional).")
     host: str = "127.0.0.1"
     port: int = 8000
+    auth_cache_ttl_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long an authenticated key is answered without reading the database (0: never); "
+        "revocations empty the cache of every process at once.",
+    )
+    access_log: bool = Field(
+        default=False, description="Log every HTTP request (uvicorn's access log); the audit trail records them anyway."
+    )
     audit_flush_interval_s: float = Field(default=0.05, description="Max delay before audit events hit the DB.")
     audit_batch_size: int = Field(default=200, description="Audit events written per transaction at most.")
     max_request_bytes: int = Field(default=4 * 1024 * 1024, description="Largest accepted request body.")

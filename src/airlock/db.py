@@ -13,6 +13,8 @@ from sqlalchemy import JSON, DateTime, Engine, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from airlock.signals import Signals
+
 
 def utcnow() -> datetime:
     """Return the current time as an aware UTC datetime."""
@@ -73,6 +75,8 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    # pre-ping survives a database restart; the request path reads no database on a warm
+    # authentication cache, so the round trip it adds is paid off the hot path.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
@@ -83,6 +87,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.signals = Signals(url, self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -103,5 +108,6 @@ class Database:
         upgrade(self.engine)
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Stop listening for signals and close every pooled connection."""
+        self.signals.close()
         self.engine.dispose()

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from airlock.access.audit import AuditWriter
+from airlock.access.cache import AuthCache
 from airlock.access.middleware import AuditContext
 from airlock.access.quotas import RateLimiter
 from airlock.access.roles import Permission, check_independent_review
@@ -18,7 +20,6 @@ from airlock.access.service import (
     AdminPrincipal,
     Principal,
     authenticate_admin,
-    authenticate_key,
     identify_key,
 )
 from airlock.backends.pool import BackendPool
@@ -40,6 +41,7 @@ class GatewayState:
     pipelines: PipelineCache
     limiter: RateLimiter
     registry: RegistryCache
+    auth: AuthCache
 
 
 # Trivial dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in the
@@ -74,17 +76,32 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     state: Annotated[GatewayState, Depends(get_state)],
     audit: Annotated[AuditContext, Depends(get_audit)],
 ) -> Principal:
-    """Authenticate the evaluator key of this request (401 otherwise) and note it for the audit."""
+    """Authenticate the evaluator key of this request (401 otherwise) and note it for the audit.
+
+    A key seen in the last few seconds is answered from the authentication cache, which every
+    revocation empties in every process (``airlock.access.cache``); otherwise the database decides.
+    """
     audit.actor_type = "evaluator"
     token = _bearer(request)
+    principal = state.auth.lookup(token)
+    if principal is None:
+        principal = await run_in_threadpool(_authenticate, state, token, audit)
+    audit.actor = principal.evaluator_name
+    audit.evaluator_id = principal.evaluator_id
+    audit.grant_id = principal.grant_id
+    audit.key_id = principal.key_id
+    return principal
+
+
+def _authenticate(state: GatewayState, token: str | None, audit: AuditContext) -> Principal:
     with state.db.session() as session:
         try:
-            principal = authenticate_key(session, token)
+            return state.auth.authenticate(session, token)
         except (AuthenticationError, GrantIntegrityError):
             # A revoked key, or one whose grant failed its seal, still tells whose it was: record that, then refuse.
             known = identify_key(session, token)
@@ -92,11 +109,6 @@ def get_principal(
                 audit.actor, audit.evaluator_id = known.evaluator_name, known.evaluator_id
                 audit.grant_id, audit.key_id = known.grant_id, known.key_id
             raise
-    audit.actor = principal.evaluator_name
-    audit.evaluator_id = principal.evaluator_id
-    audit.grant_id = principal.grant_id
-    audit.key_id = principal.key_id
-    return principal
 
 
 def get_admin(

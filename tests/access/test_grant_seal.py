@@ -331,6 +331,7 @@ def test_a_request_without_the_key_fails_closed_without_details(lab: Lab, monkey
         assert _chat(http, key).status_code == 200
         # As if the process had never loaded the key and the file were gone since.
         monkeypatch.setattr(seal, "_SEALERS", weakref.WeakKeyDictionary())
+        lab.server.app.state.gateway.auth.invalidate()  # nor authenticated anyone with it
         get_settings().grant_seal_key_path.unlink()
         resp = _chat(http, key)
     assert resp.status_code == 500

@@ -30,33 +30,59 @@ def _limiters() -> list[RateLimiter]:
 
 
 @pytest.mark.parametrize("limiter", _limiters(), ids=lambda lim: type(lim).__name__)
-def test_limit_per_grant(limiter: RateLimiter) -> None:
+async def test_limit_per_grant(limiter: RateLimiter) -> None:
     for _ in range(3):
-        limiter.hit("grant_a", 3)
+        await limiter.hit("grant_a", 3)
     with pytest.raises(RateLimitError) as info:
-        limiter.hit("grant_a", 3)
+        await limiter.hit("grant_a", 3)
     assert info.value.retry_after is not None and 0 < info.value.retry_after <= 60
-    limiter.hit("grant_b", 3)  # other grants are counted separately
+    await limiter.hit("grant_b", 3)  # other grants are counted separately
+    await limiter.aclose()
 
 
-def test_redis_window_is_shared_between_replicas() -> None:
+async def test_redis_window_is_shared_between_replicas() -> None:
     if not _redis_reachable():
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
     prefix = f"airlock-test:{secrets.token_hex(4)}:"
     a = RedisRateLimiter("redis://127.0.0.1:6379/0", prefix=prefix)
     b = RedisRateLimiter("redis://127.0.0.1:6379/0", prefix=prefix)
-    a.hit("g", 2)
-    b.hit("g", 2)
+    await a.hit("g", 2)
+    await b.hit("g", 2)
     with pytest.raises(RateLimitError):
-        a.hit("g", 2)
+        await a.hit("g", 2)
+    await a.aclose()
+    await b.aclose()
 
 
-def test_memory_window_slides() -> None:
+async def test_redis_limiter_counts_concurrent_hits_exactly() -> None:
+    """Many requests at once through two limiters: exactly the limit passes."""
+    import asyncio
+
+    if not _redis_reachable():
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"airlock-test:{secrets.token_hex(4)}:"
+    a = RedisRateLimiter("redis://127.0.0.1:6379/0", prefix=prefix)
+    b = RedisRateLimiter("redis://127.0.0.1:6379/0", prefix=prefix)
+
+    async def attempt(limiter: RedisRateLimiter) -> bool:
+        try:
+            await limiter.hit("g", 25)
+        except RateLimitError:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(*(attempt(a if i % 2 else b) for i in range(80)))
+    assert sum(outcomes) == 25
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_memory_window_slides() -> None:
     limiter = MemoryRateLimiter(window_s=0.05)
-    limiter.hit("g", 1)
+    await limiter.hit("g", 1)
     with pytest.raises(RateLimitError):
-        limiter.hit("g", 1)
+        await limiter.hit("g", 1)
     import time
 
     time.sleep(0.06)
-    limiter.hit("g", 1)
+    await limiter.hit("g", 1)

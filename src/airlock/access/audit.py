@@ -9,8 +9,8 @@ arrives and on shutdown; ``flush()`` blocks until everything queued so far is du
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -55,18 +55,25 @@ _STOP = object()
 
 
 class AuditWriter:
-    """Background, batching writer of audit events."""
+    """Background, batching writer of audit events.
+
+    The request path only appends to a deque; the writer thread is woken once per batch (not per
+    event), then waits ``flush_interval`` for the batch to gather unless someone is flushing.
+    """
 
     def __init__(self, db: Database, *, flush_interval: float = 0.05, batch_size: int = 200) -> None:
         self._db = db
         self._interval = flush_interval
         self._batch = batch_size
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._items: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._urgent = threading.Event()
         self._thread = threading.Thread(target=self._run, name="airlock-audit", daemon=True)
         self._started = False
         self._lock = threading.Lock()
         self._open = 0
         self._idle = threading.Condition(self._lock)
+        self._idle_waiters = 0
         self.written = 0
 
     def start(self) -> None:
@@ -85,16 +92,23 @@ class AuditWriter:
         """Queue an event; never blocks on the database. ``end`` closes a ``begin()``."""
         if not self._started:
             self.start()
-        self._queue.put(event)
+        self._items.append(event)
+        if not self._wake.is_set():
+            self._wake.set()
         if end:
-            with self._idle:
+            with self._lock:
                 self._open -= 1
-                self._idle.notify_all()
+                if self._idle_waiters and self._open <= 0:
+                    self._idle.notify_all()
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until every begun request has recorded its event, then flush (tests, shutdown)."""
         with self._idle:
-            self._idle.wait_for(lambda: self._open <= 0, timeout)
+            self._idle_waiters += 1
+            try:
+                self._idle.wait_for(lambda: self._open <= 0, timeout)
+            finally:
+                self._idle_waiters -= 1
         self.flush(timeout)
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -102,7 +116,9 @@ class AuditWriter:
         if not self._started:
             return
         done = threading.Event()
-        self._queue.put(done)
+        self._items.append(done)
+        self._urgent.set()
+        self._wake.set()
         if not done.wait(timeout):
             log.error("audit flush timed out after %.1fs", timeout)
 
@@ -110,32 +126,44 @@ class AuditWriter:
         """Write everything still queued and stop the thread."""
         if not self._started:
             return
-        self._queue.put(_STOP)
+        self._items.append(_STOP)
+        self._urgent.set()
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            # Let a batch gather, unless a flush or the shutdown is waiting for it.
+            if not self._urgent.is_set():
+                self._urgent.wait(self._interval)
+            self._urgent.clear()
+            if self._drain():
+                return
+
+    def _drain(self) -> bool:
+        """Write everything queued now, in batches; release flush waiters after; return whether to stop."""
+        batch: list[AuditRecord] = []
+        waiters: list[threading.Event] = []
         stop = False
-        while not stop:
-            item = self._queue.get()
-            batch: list[AuditRecord] = []
-            waiters: list[threading.Event] = []
-            while True:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, threading.Event):
-                    waiters.append(item)
-                else:
-                    batch.append(item)
-                if stop or len(batch) >= self._batch:
-                    break
-                try:
-                    item = self._queue.get(timeout=self._interval if batch else 0.0)
-                except queue.Empty:
-                    break
-            if batch:
-                self._write(batch)
-            for waiter in waiters:
-                waiter.set()
+        # Only what is queued now: under constant load the deque never empties, and flush waiters must not starve.
+        for _ in range(len(self._items)):
+            item = self._items.popleft()
+            if item is _STOP:
+                stop = True
+            elif isinstance(item, threading.Event):
+                waiters.append(item)
+            else:
+                batch.append(item)
+                if len(batch) >= self._batch:
+                    self._write(batch)
+                    batch = []
+        if batch:
+            self._write(batch)
+        for waiter in waiters:
+            waiter.set()
+        return stop
 
     def _write(self, batch: list[AuditRecord]) -> None:
         rows = [asdict(e) for e in batch]

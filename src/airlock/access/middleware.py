@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,23 @@ from airlock.web.routing import allowed_methods
 
 log = logging.getLogger(__name__)
 UNAUDITED = ("/healthz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
+# Request ids: a random tag per process and a counter, unique across processes and replicas
+# without drawing randomness (uuid4) on every request.
+_PROCESS_TAG = os.urandom(6).hex()
+_COUNTER = itertools.count()
+
+
+def _new_process_tag() -> None:
+    global _PROCESS_TAG
+    _PROCESS_TAG = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
+def new_request_id() -> str:
+    """Return a new request id such as ``req_3f9c0a1b2c4d000000000017``."""
+    return f"req_{_PROCESS_TAG}{next(_COUNTER):012x}"
 
 
 @dataclass
@@ -66,7 +84,7 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["path"] in UNAUDITED:
             await self.app(scope, receive, send)
             return
-        ctx = AuditContext(request_id=f"req_{uuid.uuid4().hex[:24]}")
+        ctx = AuditContext(request_id=new_request_id())
         scope["airlock.audit"] = ctx
         started = time.perf_counter()
         status = 500

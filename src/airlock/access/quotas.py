@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
+import os
 import threading
 import time
 from collections import defaultdict, deque
 from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from airlock.access.models import Grant
 from airlock.errors import RateLimitError
@@ -15,8 +21,11 @@ from airlock.errors import RateLimitError
 class RateLimiter(Protocol):
     """Counts requests per grant in a sliding 60-second window."""
 
-    def hit(self, grant_id: str, limit: int) -> None:
+    async def hit(self, grant_id: str, limit: int) -> None:
         """Count one request, raising RateLimitError when ``limit`` per minute is exceeded."""
+
+    async def aclose(self) -> None:
+        """Release connections (a no-op for the in-process limiter)."""
 
 
 class MemoryRateLimiter:
@@ -27,8 +36,15 @@ class MemoryRateLimiter:
         self._hits: dict[str, deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
 
-    def hit(self, grant_id: str, limit: int) -> None:
+    async def hit(self, grant_id: str, limit: int) -> None:
         """Count one request for ``grant_id``; raise when over ``limit`` in the window."""
+        self.hit_sync(grant_id, limit)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+    def hit_sync(self, grant_id: str, limit: int) -> None:
+        """Count one request for ``grant_id`` from any thread; raise when over ``limit`` in the window."""
         now = time.monotonic()
         with self._lock:
             hits = self._hits[grant_id]
@@ -60,18 +76,33 @@ class RedisRateLimiter:
     """
 
     def __init__(self, url: str, window_s: float = 60.0, prefix: str = "airlock:rpm:") -> None:
-        import redis
-
-        self._client: Any = redis.Redis.from_url(url)
+        self._url = url
         self._window = window_s
         self._prefix = prefix
-        self._script = self._client.register_script(self._SCRIPT)
+        # Unique sorted-set members without a clock race: this process's random tag and a counter.
+        self._tag = os.urandom(6).hex()
+        self._counter = itertools.count()
+        self._client: Any = None
+        self._script: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def hit(self, grant_id: str, limit: int) -> None:
-        """Count one request for ``grant_id`` atomically in Redis; raise when over ``limit``."""
+    def _ready(self) -> Any:
+        # redis.asyncio connections belong to the event loop that opened them.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            import redis.asyncio
+
+            self._client = redis.asyncio.Redis.from_url(self._url)
+            self._script = self._client.register_script(self._SCRIPT)
+            self._loop = loop
+        return self._script
+
+    async def hit(self, grant_id: str, limit: int) -> None:
+        """Count one request for ``grant_id`` atomically in Redis, without blocking the event loop."""
+        script = self._ready()
         now = time.time()
-        member = f"{now:.6f}:{threading.get_ident()}:{time.perf_counter_ns()}"
-        ok, oldest = self._script(keys=[self._prefix + grant_id], args=[now, self._window, limit, member])
+        member = f"{now:.6f}:{self._tag}:{next(self._counter)}"
+        ok, oldest = await script(keys=[self._prefix + grant_id], args=[now, self._window, limit, member])
         if not int(ok):
             retry = float(oldest) + self._window - now if oldest else self._window
             raise RateLimitError(
@@ -79,10 +110,22 @@ class RedisRateLimiter:
                 retry_after=retry,
             )
 
+    async def aclose(self) -> None:
+        """Close the Redis connections of this loop."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.aclose()
 
-def check_token_quota(grant: Grant) -> None:
-    """Raise RateLimitError when the grant has used its total-token quota."""
-    if grant.quota_total_tokens is not None and grant.tokens_used >= grant.quota_total_tokens:
+
+def tokens_used(session: Session, grant_id: str) -> int:
+    """Return the tokens a grant has used so far, as the audit writer has charged them."""
+    return int(session.scalar(select(Grant.tokens_used).where(Grant.id == grant_id)) or 0)
+
+
+def check_token_quota(grant: Grant, used: int | None = None) -> None:
+    """Raise RateLimitError when the grant has used its total-token quota (``used``: a fresh count)."""
+    used = grant.tokens_used if used is None else used
+    if grant.quota_total_tokens is not None and used >= grant.quota_total_tokens:
         raise RateLimitError(
             f"your grant's quota of {grant.quota_total_tokens} tokens is used up",
             code="insufficient_quota",

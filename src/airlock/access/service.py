@@ -28,11 +28,20 @@ from airlock.errors import (
 from airlock.ids import parse_version_ref
 from airlock.registry.models import Model, ModelVersion
 from airlock.registry.service import ResolvedVariant, get_model, get_version
+from airlock.signals import emit
 
 KEY_PREFIX = "ak_"
 ADMIN_PREFIX = "at_"
 _DURATION_RE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+ACCESS_CHANNEL = "airlock_access"
+"""Signalled when a key or grant changes in a way that may end or narrow access (``airlock.signals``)."""
+
+
+def access_changed(session: Session) -> None:
+    """Make every process drop its cached authentications when ``session`` commits (revocations, edits)."""
+    emit(session, ACCESS_CHANNEL)
 
 
 def hash_secret(token: str) -> str:
@@ -217,6 +226,7 @@ def revoke_grant(session: Session, grant_id: str, reason: str = "") -> Grant:
         grant.seal = sealer.seal(grant)
     session.flush()
     access_events.grant_revoked(session, grant)
+    access_changed(session)
     return grant
 
 
@@ -254,6 +264,7 @@ def revoke_api_key(session: Session, key_id: str) -> ApiKey:
         raise NotFoundError(f"key {key_id!r} does not exist")
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        access_changed(session)
     session.flush()
     return key
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from airlock.access.service import grant_status, granted_model_ids
@@ -67,6 +67,11 @@ async def retrieve_model(model_id: str, state: StateDep, principal: CurrentPrinc
     return ModelCard(id=model_id, owned_by=principal.grant.model_id)
 
 
+def _json(result: ChatCompletion | Completion) -> Response:
+    # Serialised by pydantic in one pass; FastAPI's generic encoder walks the model field by field.
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
 async def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:
     # Pull the first event before committing to a 200 so early failures keep their status code.
     first = await body.__anext__()
@@ -82,23 +87,23 @@ async def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, state: StateDep, principal: CurrentPrincipal, audit: AuditDep
-) -> ChatCompletion | StreamingResponse:
+) -> Response:
     """Create a chat completion on a granted variant."""
     target = await serving.prepare(state, principal, audit, body)
     if body.stream:
         return await _streaming_response(serving.stream(target, body, audit))
-    return await serving.chat(target, body, audit)
+    return _json(await serving.chat(target, body, audit))
 
 
 @router.post("/completions", response_model=None)
 async def completions(
     body: CompletionRequest, state: StateDep, principal: CurrentPrincipal, audit: AuditDep
-) -> Completion | StreamingResponse:
+) -> Response:
     """Create a text completion on a granted variant (supports ``echo`` + ``logprobs``)."""
     target = await serving.prepare(state, principal, audit, body)
     if body.stream:
         return await _streaming_response(serving.stream(target, body, audit))
-    return await serving.complete(target, body, audit)
+    return _json(await serving.complete(target, body, audit))
 
 
 airlock_router = APIRouter(prefix="/v1/airlock", tags=["evaluator"])

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from airlock.access.middleware import AuditContext
-from airlock.access.quotas import RateLimiter, check_token_quota
+from airlock.access.quotas import RateLimiter, check_token_quota, tokens_used
 from airlock.access.service import Principal, authorize
 from airlock.backends.pool import VariantRuntimeSpec
 from airlock.backends.protocol import (
@@ -121,9 +121,12 @@ async def prepare(
     target = await resolve_target(state, principal, request.model, scopes, audit)
     resolved = target.variant
     check_output_budget(request, resolved)
-    check_token_quota(principal.grant)
+    if principal.grant.quota_total_tokens is not None:
+        # The principal may come from the authentication cache: read the usage counter itself.
+        used = await run_in_threadpool(_tokens_used, state.db, principal.grant_id)
+        check_token_quota(principal.grant, used)
     if principal.grant.quota_requests_per_minute:
-        state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
+        await state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
     spec = VariantRuntimeSpec.of(resolved)
     if target.fine_tune is None:
         backend = await state.pipelines.pipeline(spec)
@@ -147,6 +150,11 @@ async def adapter_pipeline(state: ServingState, spec: VariantRuntimeSpec, fine_t
         return await state.pipelines.adapter_pipeline(spec, fine_tune.job_id, store.path(fine_tune.job_id))
     name = f"{fine_tune.job_id}-step-{step}"
     return await state.pipelines.adapter_pipeline(spec, name, store.checkpoint_path(fine_tune.job_id, step))
+
+
+def _tokens_used(db: Database, grant_id: str) -> int:
+    with db.session() as session:
+        return tokens_used(session, grant_id)
 
 
 def check_output_budget(request: ChatCompletionRequest | CompletionRequest, resolved: ResolvedVariant) -> None:
