@@ -37,11 +37,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
+# Each benchmark prints its own details; the gateway's figures are gathered into one table at the
+# end, with the machine's load average beside each (BENCH_ARGS=--quick for a short run).
+BENCH_RESULTS := $(CURDIR)/.bench-results.jsonl
 bench: $(STAMP)
+	rm -f $(BENCH_RESULTS)
+	AIRLOCK_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python bench/bench_gateway.py --replicas $(BENCH_ARGS)
 	$(BIN)/python bench/bench_batching.py
-	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_ledger.py
 	$(BIN)/python bench/bench_interp.py
+	$(BIN)/python bench/table.py $(BENCH_RESULTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,184 +1,181 @@
-"""Gateway overhead: the same requests sent to a backend directly and through Airlock over HTTP.
+"""Gateway cost: the same chat requests sent to an instant upstream directly and through Airlock, interleaved.
 
-Both paths run in this process, at the same concurrency. The default `fake` backend answers
-instantly, so the difference is the gateway's own cost (HTTP, auth, authorization, audit);
-`--model tiny-random` adds a real (tiny) transformers forward pass.
+The upstream (bench/instant_upstream.py), the gateway (`airlock serve`) and the closed-loop load
+generator (bench/loadgen.py) are three processes. For each number of clients the direct run and
+the run through Airlock alternate, repeated; each row gives min/median/max over the repeats of
+the throughput ratio (through / direct), p50 and p99 latencies, and the gateway's CPU per
+request (user+system time of the gateway's processes over the requests they served). The
+gateway runs with the in-process limiter on SQLite, and with the Redis limiter on PostgreSQL
+(the grant has a requests/min quota high enough never to refuse). `--replicas` adds requests/s
+through two `airlock serve` replicas on one PostgreSQL and Redis against one.
 
-    python bench/bench_gateway.py [--requests 400] [--concurrency 1,8,32] [--model fake|tiny-random]
+    python bench/bench_gateway.py [--quick] [--clients 1,4,16,32,64] [--repeats 3] [--workers 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
+import json
+import subprocess
 import sys
 import tempfile
-import threading
-import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aiohttp  # noqa: E402
-import uvicorn  # noqa: E402
+from _common import loadavg, report, spread, tree_cpu_seconds  # noqa: E402
+from _gateway import MODEL, REDIS_URL, REPO, database, instant_upstream, prepare_lab, serve  # noqa: E402
 
-from airlock.backends.base import ModelBackend, create_backend  # noqa: E402
-from airlock.backends.protocol import ChatCompletionRequest  # noqa: E402
+LOADGEN = str(REPO / "bench" / "loadgen.py")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def load(url: str, key: str, clients: int, duration: float) -> dict[str, Any]:
+    """Run the load generator in its own process against ``url`` (comma-separated for several)."""
+    cmd = [sys.executable, LOADGEN, "--url", url, "--key", key, "--model", MODEL, "--clients", str(clients)]
+    out = subprocess.run([*cmd, "--duration", str(duration)], capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
-async def run_load(call: Any, n: int, concurrency: int) -> tuple[list[float], float]:
-    latencies: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-
-    async def worker() -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            t0 = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - start
-
-
-def body(i: int, model: str) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": f"request {i} hello"}],
-        "max_tokens": 8,
-        "temperature": 0,
-    }
-
-
-class Server:
-    def __init__(self, app: Any) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def setup_lab(home: Path, backend: str, model_spec: str) -> tuple[Any, str]:
-    os.environ["AIRLOCK_HOME"] = str(home)
-    from airlock.access import service
-    from airlock.app import create_app
-    from airlock.config import get_settings, reset_settings
-    from airlock.db import Database
-    from airlock.registry.service import parse_manifest, sync_manifest
-
-    reset_settings()
-    settings = get_settings()
-    db = Database(settings.db_url)
-    db.migrate()
-    config = {"model": model_spec} if backend == "local" else {}
-    manifest = {
-        "models": [
-            {
-                "name": "bench",
-                "versions": [
-                    {
-                        "label": "v1",
-                        "content_hash": "0" * 64,
-                        "variants": [{"name": "helpful-only", "backend": backend, "backend_config": config}],
-                    }
-                ],
-            }
-        ]
-    }
-    with db.session() as session:
-        sync_manifest(session, parse_manifest(manifest))
-        service.create_evaluator(session, "bench-org")
-        grant = service.create_grant(
-            session,
-            service.GrantRequest(evaluator="bench-org", model="bench", variants=["helpful-only"], scopes=["sample"]),
+def gateway_rows(args: argparse.Namespace, db_kind: str, redis: bool) -> list[dict[str, Any]]:
+    """Measure one configuration; return one row per client count."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        upstream, _up_pid = stack.enter_context(instant_upstream())
+        db_url = stack.enter_context(database(db_kind, Path(tmp)))
+        lab = prepare_lab(
+            Path(tmp) / "home",
+            db_url,
+            upstream,
+            redis_url=REDIS_URL if redis else None,
+            requests_per_minute=10**9 if redis else None,
         )
-        _key, token = service.create_api_key(session, grant.id)
-    return create_app(settings, db=db, sync_manifest=False), token
+        gateway, pid = stack.enter_context(serve(lab, workers=args.workers))
+        direct_url, through_url = upstream + "/chat/completions", gateway + "/v1/chat/completions"
+        load(through_url, lab.key, 4, 1.0)  # warm-up: backend session, pools, caches
+        for clients in args.clients:
+            ratios, cpu, d_p50, g_p50, d_p99, g_p99, d_rps, g_rps = ([] for _ in range(8))
+            for _ in range(args.repeats):
+                direct = load(direct_url, "", clients, args.duration)
+                before = tree_cpu_seconds(pid)
+                through = load(through_url, lab.key, clients, args.duration)
+                used = tree_cpu_seconds(pid) - before
+                bad = {k: v for k, v in through["statuses"].items() if k != "200"}
+                if bad:
+                    raise RuntimeError(f"gateway answered errors: {bad}")
+                ratios.append(through["rps"] / direct["rps"])
+                cpu.append(used / through["requests"] * 1000)
+                d_rps.append(direct["rps"])
+                g_rps.append(through["rps"])
+                d_p50.append(direct["p50_ms"])
+                g_p50.append(through["p50_ms"])
+                d_p99.append(direct["p99_ms"])
+                g_p99.append(through["p99_ms"])
+            row = {
+                "config": f"{db_kind}{'+redis' if redis else ''} w={args.workers}",
+                "clients": clients,
+                "ratio": ratios,
+                "cpu_ms": cpu,
+                "direct_rps": d_rps,
+                "airlock_rps": g_rps,
+                "direct_p50": d_p50,
+                "airlock_p50": g_p50,
+                "direct_p99": d_p99,
+                "airlock_p99": g_p99,
+                "load": loadavg(),
+            }
+            print_row(row)
+            rows.append(row)
+    return rows
 
 
-async def measure(backend: ModelBackend, url: str, key: str, n: int, concurrency: int) -> dict[str, Any]:
-    async def direct(i: int) -> None:
-        await backend.chat(ChatCompletionRequest.model_validate(body(i, "bench/helpful-only")))
+def print_row(row: dict[str, Any]) -> None:
+    """Print one measured row (min/median/max over the repeats)."""
+    print(
+        f"{row['config']:<18} c={row['clients']:<3} thru/direct {spread(row['ratio'], '{:.2f}'):<16} "
+        f"gw CPU/req {spread(row['cpu_ms'], '{:.3f}'):<20} ms  "
+        f"req/s {spread(row['airlock_rps'], '{:.0f}')} vs {spread(row['direct_rps'], '{:.0f}')}  "
+        f"p50 {spread(row['airlock_p50'], '{:.2f}')} vs {spread(row['direct_p50'], '{:.2f}')} ms  "
+        f"p99 {spread(row['airlock_p99'], '{:.2f}')} ms  load {row['load']}",
+        flush=True,
+    )
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, headers={"Authorization": f"Bearer {key}"}) as http:
 
-        async def via_gateway(i: int) -> None:
-            async with http.post(url + "/v1/chat/completions", json=body(i, "bench/helpful-only")) as resp:
-                assert resp.status == 200, await resp.text()
-                await resp.read()
-
-        await run_load(via_gateway, min(20, n), concurrency)  # warm-up: backend start, pools
-        await run_load(direct, min(20, n), concurrency)
-        d_lat, d_wall = await run_load(direct, n, concurrency)
-        g_lat, g_wall = await run_load(via_gateway, n, concurrency)
-    return {
-        "direct_p50": percentile(d_lat, 0.5),
-        "direct_p95": percentile(d_lat, 0.95),
-        "direct_rps": n / d_wall,
-        "gw_p50": percentile(g_lat, 0.5),
-        "gw_p95": percentile(g_lat, 0.95),
-        "gw_rps": n / g_wall,
-    }
+def replica_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """Requests/s through two replicas on one PostgreSQL and Redis vs one replica, interleaved."""
+    clients = max(args.clients)
+    one, two = [], []
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        upstream, _pid = stack.enter_context(instant_upstream())
+        db_url = stack.enter_context(database("postgresql", Path(tmp)))
+        lab = prepare_lab(Path(tmp) / "home", db_url, upstream, redis_url=REDIS_URL, requests_per_minute=10**9)
+        first, _ = stack.enter_context(serve(lab))
+        second, _ = stack.enter_context(serve(lab))
+        urls = [first + "/v1/chat/completions", second + "/v1/chat/completions"]
+        load(",".join(urls), lab.key, 4, 1.0)
+        for _ in range(args.repeats):
+            one.append(load(urls[0], lab.key, clients, args.duration)["rps"])
+            two.append(load(",".join(urls), lab.key, clients, args.duration)["rps"])
+    ratios = [b / a for a, b in zip(one, two, strict=True)]
+    row = {"clients": clients, "one": one, "two": two, "ratio": ratios, "load": loadavg()}
+    print(
+        f"replicas c={clients}: 2 vs 1 {spread(ratios, '{:.2f}')}x  "
+        f"(req/s {spread(two, '{:.0f}')} vs {spread(one, '{:.0f}')})  load {row['load']}",
+        flush=True,
+    )
+    return row
 
 
 def main() -> None:
+    """Run the configurations and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--model", default="fake", help="fake (no model) or tiny-random (local backend)")
+    parser.add_argument("--quick", action="store_true", help="fewer clients and shorter runs (under 2 minutes)")
+    parser.add_argument("--clients", default="1,4,16,32,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per run")
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes (airlock serve --workers)")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--replicas", action="store_true", help="also measure 2 replicas vs 1")
     args = parser.parse_args()
-    backend_kind = "fake" if args.model == "fake" else "local"
-    if backend_kind == "fake":
-        from tests.fakes import register_fake_backend
-
-        register_fake_backend()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("AIRLOCK_MODEL_CACHE", str(REPO / ".cache" / "models"))
-        app, key = setup_lab(Path(tmp), backend_kind, args.model)
-        direct_backend = create_backend(backend_kind, {"model": args.model} if backend_kind == "local" else {})
-        with Server(app) as url:
-            print(f"gateway overhead, backend={args.model}, {args.requests} requests per run")
-            print(
-                f"{'conc':>4} | {'direct p50':>10} {'p95':>8} {'req/s':>8} | {'gateway p50':>11} {'p95':>8} "
-                f"{'req/s':>8} | {'+p50 ms':>7} {'thru ratio':>10}"
-            )
-
-            async def go() -> None:
-                await direct_backend.start()
-                try:
-                    for c in (int(x) for x in args.concurrency.split(",")):
-                        r = await measure(direct_backend, url, key, args.requests, c)
-                        print(
-                            f"{c:>4} | {r['direct_p50'] * 1e3:>8.2f}ms {r['direct_p95'] * 1e3:>6.2f}ms "
-                            f"{r['direct_rps']:>8.0f} | {r['gw_p50'] * 1e3:>9.2f}ms {r['gw_p95'] * 1e3:>6.2f}ms "
-                            f"{r['gw_rps']:>8.0f} | {(r['gw_p50'] - r['direct_p50']) * 1e3:>7.2f} "
-                            f"{r['gw_rps'] / r['direct_rps']:>10.3f}"
-                        )
-                finally:
-                    await direct_backend.aclose()
-
-            asyncio.run(go())
+    if args.quick:
+        args.clients, args.duration = "1,16", 1.5
+    args.clients = [int(c) for c in str(args.clients).split(",")]
+    print(f"gateway cost vs an instant upstream; {args.repeats} repeats of {args.duration:g}s, min/median/max")
+    configs = [("sqlite", args.workers > 1)] + ([] if args.no_postgres else [("postgresql", True)])
+    rows = []
+    for db_kind, redis in configs:
+        rows += gateway_rows(args, db_kind, redis)
+    figures = []
+    for row in rows:
+        figures.append(
+            {
+                "figure": f"gateway CPU per request, {row['config']}, c={row['clients']}",
+                "value": spread(row["cpu_ms"], "{:.3f}") + " ms",
+                "goal": "<= 0.5 ms",
+                "load": row["load"],
+            }
+        )
+        figures.append(
+            {
+                "figure": f"throughput through/direct, {row['config']}, c={row['clients']}",
+                "value": spread(row["ratio"], "{:.2f}"),
+                "goal": ">= 0.95 (enough workers)",
+                "load": row["load"],
+            }
+        )
+    if args.replicas:
+        rep = replica_rows(args)
+        figures.append(
+            {
+                "figure": f"requests/s, 2 replicas vs 1, c={rep['clients']}",
+                "value": spread(rep["ratio"], "{:.2f}") + "x",
+                "goal": ">= 1.8x",
+                "load": rep["load"],
+            }
+        )
+    report("gateway", figures)
 
 
 if __name__ == "__main__":

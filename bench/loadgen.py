@@ -24,31 +24,33 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
     body = json.dumps(
         {"model": args.model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0}
     ).encode()
+    urls = args.url.split(",")
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
         # Warm every client's connection before the clock starts.
         async def one() -> None:
-            async with http.post(args.url, data=body) as resp:
+            async with http.post(urls[0], data=body) as resp:
                 await resp.read()
 
         await asyncio.gather(*(one() for _ in range(args.clients)))
         stop_at = time.perf_counter() + args.duration
         remaining = [args.requests] if args.requests else None
 
-        async def client() -> None:
+        async def client(url: str) -> None:
             while time.perf_counter() < stop_at if remaining is None else remaining[0] > 0:
                 if remaining is not None:
                     remaining[0] -= 1
                 t0 = time.perf_counter()
-                async with http.post(args.url, data=body) as resp:
+                async with http.post(url, data=body) as resp:
                     await resp.read()
                     statuses[resp.status] += 1
                 latencies.append(time.perf_counter() - t0)
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(args.clients)))
+        # Clients are spread over the URLs given (gateway replicas behind a round-robin balancer).
+        await asyncio.gather(*(client(urls[i % len(urls)]) for i in range(args.clients)))
         elapsed = time.perf_counter() - start
     latencies.sort()
 
@@ -68,7 +70,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     """Run the load and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", required=True)
+    parser.add_argument("--url", required=True, help="one URL, or several separated by commas")
     parser.add_argument("--key", default="")
     parser.add_argument("--model", default="instant")
     parser.add_argument("--clients", type=int, default=1)

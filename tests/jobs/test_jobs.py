@@ -296,3 +296,18 @@ def test_list_jobs_cursor_paging_and_isolation(db: Database) -> None:
             service.get_job(session, mine[0], evaluator_id="evalr_b")
         with pytest.raises(NotFoundError):
             service.request_cancel(session, mine[0], evaluator_id="evalr_b")
+
+
+@pytest.mark.parametrize("writer", ["same process", "another process"])
+def test_a_queued_job_wakes_an_idle_runner(db: Database, writer: str) -> None:
+    """The poll is only a fallback: a runner polling once a minute still starts a new job at once."""
+    other = Database(db.url) if writer == "another process" else db
+    try:
+        with running(db, {"echo": FnHandler(lambda ctx: {"ok": True})}, poll_interval=600):
+            time.sleep(0.1)  # let the worker find the queue empty and go idle
+            job_id = enqueue(other)
+            job = wait_for(db, job_id, "succeeded", timeout=30)
+        assert job.result == {"ok": True}
+    finally:
+        if other is not db:
+            other.dispose()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from airlock.access.models import AuditEvent, Grant
@@ -176,7 +176,7 @@ class AuditWriter:
         for attempt in range(5):
             try:
                 with self._db.session() as session:
-                    session.execute(insert(AuditEvent), rows)
+                    insert_audit_rows(session, rows)
                     for grant_id, tokens in sorted(usage.items()):
                         session.execute(
                             update(Grant).where(Grant.id == grant_id).values(tokens_used=Grant.tokens_used + tokens)
@@ -187,6 +187,22 @@ class AuditWriter:
                 log.exception("writing %d audit events failed (attempt %d)", len(rows), attempt + 1)
                 threading.Event().wait(0.2 * (attempt + 1))
         log.critical("dropping %d audit events after repeated failures", len(rows))
+
+
+AUDIT_INSERT_LOCK = 0x6169726C6F636B  # "airlock": the advisory lock that orders audit inserts on PostgreSQL
+
+
+def insert_audit_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert audit rows so that their ids commit in order, across every writer of every replica.
+
+    On PostgreSQL two replicas' batches draw ids from one sequence but may commit in either order;
+    a digest taken between the two would cover the later ids and skip, forever, the earlier ones
+    committed after it. A transaction-scoped advisory lock taken before the ids are drawn makes
+    the batch that draws ids first also commit first. SQLite has a single writer already.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_INSERT_LOCK})
+    session.execute(insert(AuditEvent), rows)
 
 
 def tail(session: Session, limit: int = 20, *, grant_id: str | None = None) -> list[AuditEvent]:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from airlock.db import Database, new_id, utcnow
 from airlock.errors import AirlockError
 from airlock.jobs.models import Job
-from airlock.jobs.service import add_event
+from airlock.jobs.service import JOBS_CHANNEL, add_event
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class JobRunner:
         db: Database,
         handlers: Mapping[str, JobHandler],
         workers: int = 1,
-        poll_interval: float = 0.2,
+        poll_interval: float = 2.0,
         *,
         stale_after: float = 30.0,
         max_attempts: int = 3,
@@ -132,6 +132,8 @@ class JobRunner:
         self.max_attempts = max_attempts
         self.runner_id = new_id("runner")
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._unsubscribe: Any = None
         self._threads: list[threading.Thread] = []
 
     @property
@@ -146,6 +148,9 @@ class JobRunner:
         if self._threads:
             raise RuntimeError("runner already started")
         self._stop.clear()
+        # A queued job wakes an idle worker at once (in this process directly, in others through the
+        # database's signal); the poll is only the fallback for a missed signal.
+        self._unsubscribe = self.db.signals.subscribe(JOBS_CHANNEL, self._wake.set)
         self.recover()
         for n in range(self.workers):
             thread = threading.Thread(target=self._work, name=f"airlock-job-worker-{n}", daemon=True)
@@ -158,6 +163,10 @@ class JobRunner:
     def stop(self, timeout: float = 30.0) -> None:
         """Ask running handlers to stop (resumable jobs are re-queued) and join the threads."""
         self._stop.set()
+        self._wake.set()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -283,7 +292,8 @@ class JobRunner:
                 log.exception("job worker failed to claim a job")
                 ran = False
             if not ran:
-                self._stop.wait(self.poll_interval)
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
 
     def _execute(self, job_id: str, kind: str, params: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         handler = self.handlers[kind]

@@ -8,10 +8,13 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from airlock.db import new_id, utcnow
+from airlock.signals import emit
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError
 from airlock.jobs.models import EVENT_TYPES, TERMINAL_STATUSES, Job, JobEvent
 
 MAX_PAGE = 100
+JOBS_CHANNEL = "airlock_jobs"
+"""Signalled when a job is queued, so idle runners in every process claim it at once."""
 
 
 def enqueue(
@@ -36,6 +39,7 @@ def enqueue(
     session.add(job)
     session.flush()
     add_event(session, job.id, "job queued", type="status", status="queued")
+    emit(session, JOBS_CHANNEL)
     return job
 
 
