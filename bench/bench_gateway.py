@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import loadavg, report, spread, tree_cpu_seconds  # noqa: E402
-from _gateway import MODEL, REDIS_URL, REPO, database, instant_upstream, prepare_lab, serve  # noqa: E402
+from _common import loadavg, report, spread, tree_cpu_seconds
+from _gateway import MODEL, REDIS_URL, REPO, database, instant_upstream, prepare_lab, serve
 
 LOADGEN = str(REPO / "bench" / "loadgen.py")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from sqlalchemy import func, select
 
 from airlock.access.audit import AUDIT_DIGEST, AuditRecord, insert_audit_rows

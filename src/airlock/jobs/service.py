@@ -8,9 +8,9 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from airlock.db import new_id, utcnow
-from airlock.signals import emit
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError
 from airlock.jobs.models import EVENT_TYPES, TERMINAL_STATUSES, Job, JobEvent
+from airlock.signals import emit
 
 MAX_PAGE = 100
 JOBS_CHANNEL = "airlock_jobs"
