@@ -50,6 +50,7 @@ def imports_across_packages() -> Iterator[tuple[str, str, str]]:
 PINNED: dict[str, list[str]] = {
     "access": [
         "audit",
+        "cache",
         "events",
         "middleware",
         "models",
