@@ -70,6 +70,7 @@ PINNED: dict[str, list[str]] = {
         "OverrideRequest",
         "Policy",
         "Promotion",
+        "calls",
         "cli",
         "evaluate_gate",
         "load_policy",

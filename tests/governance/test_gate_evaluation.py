@@ -295,3 +295,44 @@ def test_external_access_needs_the_policy_s_business_days(db: Any, evidence: Evi
     assert later["external_access"]["evaluators"][0]["business_days"] >= 20
     assert not any(b.startswith("external access") for b in later["blocking"]), later["blocking"]
     assert gate(db)["external_access"] is None  # a policy without the rule sets no minimum
+
+
+def test_without_evaluators_only_an_unanswered_public_call_lets_the_gate_pass(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appendix 3.5: a closed call, open long enough, that found no qualified evaluator; recorded in the ledger."""
+    import airlock.ledger.service as ledger_service
+    from airlock.governance.calls import calls_for, close_call, open_call, record_application
+    from airlock.ledger import service as ledger
+    from airlock.registry.service import get_model, get_version
+
+    sync(db)
+    policy = policy_dict(external_access={"min_business_days": 20, "min_call_business_days": 20})
+    assert any("no external evaluator" in b for b in gate(db, policy)["blocking"])
+
+    def call(applicant_qualified: bool, opened_days_ago: int) -> str:
+        with db.session() as session:
+            version = get_version(session, get_model(session, "m1"), "v1")
+            real = ledger_service.utcnow
+            monkeypatch.setattr(ledger_service, "utcnow", lambda: real() - timedelta(days=opened_days_ago))
+            call_id = open_call(session, version, "Seeking qualified evaluators for m1 v1 bio uplift.", "lab")
+            monkeypatch.setattr(ledger_service, "utcnow", real)
+            record_application(session, call_id, "acme", qualified=applicant_qualified, reason="assessed", actor="lab")
+        with db.session() as session:
+            close_call(session, call_id, "lab")
+        return call_id
+
+    call(False, 10)  # two weeks: too short
+    assert any("no external evaluator" in b for b in gate(db, policy)["blocking"])
+    call(True, 60)  # long enough, but a qualified evaluator answered (and was not granted access)
+    assert any("no external evaluator" in b for b in gate(db, policy)["blocking"])
+    unanswered = call(False, 60)
+    ledger.sequence(db)
+    report = gate(db, policy)
+    assert not any("no external evaluator" in b for b in report["blocking"]), report["blocking"]
+    [used] = report["external_access"]["unanswered_calls"]
+    assert used["call"] == unanswered and used["business_days_open"] >= 20 and used["applications"] == 1
+    with db.session() as session:
+        assert len(calls_for(session, "a" * 64)) == 3
+        entries = ledger.logged_events(session, ["call.application"])
+    assert all("applicant" in e.commitments and "applicant" not in e.body for e in entries)

@@ -15,6 +15,7 @@ __all__ = [
     "OverrideRequest",
     "Policy",
     "Promotion",
+    "calls",
     "cli",
     "evaluate_gate",
     "load_policy",

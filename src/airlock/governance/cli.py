@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 policy_app = typer.Typer(help="The frontier-safety policy file.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+call_app = typer.Typer(help="Public calls for external evaluators, recorded in the ledger.", no_args_is_help=True)
+app.add_typer(call_app, name="call")
 
 EXIT_BLOCK = 1
 EXIT_ERROR = 2
@@ -310,5 +312,64 @@ def policy_validate(
         for d in policy.domains:
             evals = ", ".join(f"{e.suite}:{e.metric}>={e.threshold:g}" for t in d.thresholds for e in t.evals)
             console.print(f"  {d.id} ({d.status}): {len(d.thresholds)} threshold(s): {evals}")
+
+    run_command(body)
+
+
+# ---------------------------------------------------------------- public calls for evaluators
+
+
+@call_app.command("open")
+def call_open(
+    ref: Annotated[str, typer.Argument(help="MODEL@VERSION the call is for.")],
+    text: Annotated[str, typer.Option(help="The public text of the call.")],
+    actor: Annotated[str, typer.Option(help="Who opens it (committed in the ledger).")] = "lab",
+) -> None:
+    """Open a public call for evaluators (a `call.opened` ledger event)."""
+
+    def body() -> None:
+        from airlock.governance.calls import open_call
+
+        with open_database() as (_settings, db), db.session() as session:
+            _model, version = _lookup(session, ref)
+            call_id = open_call(session, version, text, actor)
+        console.print(f"opened call {call_id} for {ref}")
+
+    run_command(body)
+
+
+@call_app.command("apply")
+def call_apply(
+    call_id: Annotated[str, typer.Argument(help="The call's id.")],
+    applicant: Annotated[str, typer.Option(help="The applicant (committed, not published).")],
+    reason: Annotated[str, typer.Option(help="Why the applicant is or is not qualified (public).")],
+    qualified: Annotated[bool, typer.Option(help="Whether the applicant is a qualified evaluator.")] = False,
+    actor: Annotated[str, typer.Option(help="Who assessed it (committed).")] = "lab",
+) -> None:
+    """Record an application and its assessment (a `call.application` ledger event)."""
+
+    def body() -> None:
+        from airlock.governance.calls import record_application
+
+        with open_database() as (_settings, db), db.session() as session:
+            record_application(session, call_id, applicant, qualified=qualified, reason=reason, actor=actor)
+        console.print(f"recorded a {'qualified' if qualified else 'not qualified'} application to {call_id}")
+
+    run_command(body)
+
+
+@call_app.command("close")
+def call_close(
+    call_id: Annotated[str, typer.Argument(help="The call's id.")],
+    actor: Annotated[str, typer.Option(help="Who closes it (committed).")] = "lab",
+) -> None:
+    """Close a call (a `call.closed` ledger event with its counts)."""
+
+    def body() -> None:
+        from airlock.governance.calls import close_call
+
+        with open_database() as (_settings, db), db.session() as session:
+            call = close_call(session, call_id, actor)
+        console.print(f"closed {call_id}: {call.applications} application(s), {call.qualified} qualified")
 
     run_command(body)

@@ -208,6 +208,12 @@ class ExternalAccess(PolicyModel):
     calendar: str = Field(
         default="eu", description="Business-day calendar: `eu`, `weekends`, or a holiday file (YAML)."
     )
+    min_call_business_days: int = Field(
+        default=20,
+        ge=1,
+        description="Without any evaluator, a closed public call open this many business days that found no "
+        "qualified evaluator lets the gate pass (Appendix 3.5).",
+    )
 
 
 class Policy(PolicyModel):

@@ -34,6 +34,7 @@ from airlock.evals.attestation import wilson_interval
 from airlock.evals.models import EvalResult
 from airlock.evals.schemas import Attestation
 from airlock.evals.service import verify_stored
+from airlock.governance.calls import calls_for
 from airlock.governance.models import GateDecision, Override
 from airlock.governance.policy import ClaimRule, Elicitation, EvalRule, Policy, Threshold, load_policy
 from airlock.ledger import service as ledger
@@ -509,12 +510,25 @@ def external_access(
         for r in rows
         if r["business_days"] < rule.min_business_days
     ]
+    unanswered: list[dict[str, Any]] = []
     if not rows:
-        blocking.append("external access: no external evaluator was granted access to this version")
+        # Appendix 3.5: no external evaluation is needed only when a public call, open long enough, found none.
+        for call in calls_for(session, version.content_hash):
+            if call.closed_at is None or call.qualified:
+                continue
+            open_days = calendar.business_days(call.opened_at, call.closed_at)
+            if open_days >= rule.min_call_business_days:
+                unanswered.append({"call": call.id, "business_days_open": open_days, "applications": call.applications})
+        if not unanswered:
+            blocking.append(
+                "external access: no external evaluator was granted access to this version, and no closed public "
+                f"call open {rule.min_call_business_days} business days found none qualified"
+            )
     return {
         "min_business_days": rule.min_business_days,
         "calendar": calendar.name,
         "evaluators": rows,
+        "unanswered_calls": unanswered,
         "blocking": blocking,
     }
 
