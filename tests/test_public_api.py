@@ -146,7 +146,7 @@ PINNED: dict[str, list[str]] = {
         "safe_open_beneath",
         "seccomp_filter",
     ],
-    "serving": ["pipelines", "routes", "service"],
+    "serving": ["pipelines", "responses", "routes", "service"],
     "web": ["errors", "openapi", "routing", "uploads"],
 }
 

@@ -3,6 +3,7 @@
 # The modules other packages may import (a test holds every import across packages to this list).
 __all__ = [
     "pipelines",
+    "responses",
     "routes",
     "service",
 ]

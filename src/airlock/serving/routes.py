@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``."""
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from airlock.deps import AuditDep, CurrentPrincipal, StateDep
 from airlock.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.finetune.service import succeeded_jobs
 from airlock.registry.models import Model, ModelVersion
+from airlock.serving import responses
 from airlock.serving import service as serving
+from airlock.serving.responses import ResponsesRequest, to_chat_request
 from airlock.serving.tokenization import tokenizer_backend
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -104,6 +106,18 @@ async def completions(
     if body.stream:
         return await _streaming_response(serving.stream(target, body, audit))
     return _json(await serving.complete(target, body, audit))
+
+
+@router.post("/responses", response_model=None)
+async def create_response(
+    body: ResponsesRequest, state: StateDep, principal: CurrentPrincipal, audit: AuditDep
+) -> dict[str, Any] | StreamingResponse:
+    """Create a response (OpenAI's Responses API: text and function calls) on a granted variant."""
+    chat = to_chat_request(body)
+    target = await serving.prepare(state, principal, audit, chat)
+    if body.stream:
+        return await _streaming_response(responses.stream_response(target, body, chat, audit))
+    return await responses.create_response(target, body, chat, audit)
 
 
 airlock_router = APIRouter(prefix="/v1/airlock", tags=["evaluator"])

@@ -173,7 +173,8 @@ def check_output_budget(request: ChatCompletionRequest | CompletionRequest, reso
             )
 
 
-def _account(audit: AuditContext, usage: Usage | None, verdicts: list[Verdict]) -> None:
+def account(audit: AuditContext, usage: Usage | None, verdicts: list[Verdict]) -> None:
+    """Put a call's token usage and mitigation verdicts into its audit event."""
     if usage is not None:
         audit.tokens_in = usage.prompt_tokens
         audit.tokens_out = usage.completion_tokens
@@ -191,7 +192,7 @@ async def chat(target: Target, request: ChatCompletionRequest, audit: AuditConte
     screened = await target.backend.screened_chat(request)
     result = screened.result
     result.model = target.public_id
-    _account(audit, result.usage, screened.verdicts)
+    account(audit, result.usage, screened.verdicts)
     return result
 
 
@@ -200,7 +201,7 @@ async def complete(target: Target, request: CompletionRequest, audit: AuditConte
     screened = await target.backend.screened_complete(request)
     result = screened.result
     result.model = target.public_id
-    _account(audit, result.usage, screened.verdicts)
+    account(audit, result.usage, screened.verdicts)
     return result
 
 
@@ -247,5 +248,5 @@ async def stream(
         audit.outcome = "error"
         yield _sse(exc.to_openai())
     finally:
-        _account(audit, usage, screened.verdicts)
+        account(audit, usage, screened.verdicts)
     yield "data: [DONE]\n\n"

@@ -48,6 +48,7 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     # the OpenAI surface
     ("POST", "/v1/chat/completions"): _SERVING,
     ("POST", "/v1/completions"): _SERVING,
+    ("POST", "/v1/responses"): _SERVING,
     ("GET", "/v1/airlock/models/{model_id}"): frozenset({400}),
     ("POST", "/v1/files"): frozenset({429}),
     ("GET", "/v1/files"): _LISTING,
