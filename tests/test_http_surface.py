@@ -171,8 +171,8 @@ PINNED: list[tuple[str, str, str]] = [
     ("POST", "/v1/airlock/signing-keys", "evaluator"),
     ("POST", "/v1/chat/completions", "evaluator"),
     ("POST", "/v1/completions", "evaluator"),
-    ("POST", "/v1/responses", "evaluator"),
     ("POST", "/v1/files", "evaluator"),
     ("POST", "/v1/fine_tuning/jobs", "evaluator"),
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", "evaluator"),
+    ("POST", "/v1/responses", "evaluator"),
 ]
