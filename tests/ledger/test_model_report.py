@@ -113,6 +113,12 @@ def _record(db: Database) -> None:
         }
         service.record_event(session, "gate.override", override)
         service.record_event(session, "stage.changed", {"version": V1, "from": "internal", "to": "deployed"})
+        for n, severity in enumerate(("low", "critical")):
+            finding = {"finding": f"rtf_{n}", "evaluator": "org-a", "version": V1, "variant": "production"}
+            finding |= {"category": "jailbreak", "severity": severity, "session": "rts_1", "grant": "grt_1"}
+            service.record_event(session, "redteam.finding", finding)
+        triage = {"finding": "rtf_1", "version": V1, "variant": "production", "severity": "critical"}
+        service.record_event(session, "redteam.triage", {**triage, "status": "fixed", "fixed_in": V2, "role": "admin"})
 
 
 def _cosign(db: Database, witnesses: list[Witness]) -> None:
@@ -141,7 +147,11 @@ def test_report_is_proven_and_every_edit_is_detected(db: Database, tmp_path: Pat
     report = build_model_report(db, settings, "m1", "v1")
     assert report["witnessed_by"] == ["w.example/0", "w.example/1"]
     kinds = [s["kind"] for s in report["statements"]]
-    assert kinds == ["access", "result", "gate", "override", "stage"]  # org-b's v2 grant and the noise left out
+    # org-b's v2 grant and the noise left out; findings last, worst first, with their triage
+    assert kinds == ["access", "result", "gate", "override", "stage", "findings_by_severity", "finding", "finding"]
+    summary, worst = report["statements"][5:7]
+    assert summary["counts"] == {"critical": 1, "low": 1} and summary["open"] == 1
+    assert worst["severity"] == "critical" and worst["status"] == "fixed" and len(worst["cites"]) == 2
     access, result, gate = report["statements"][:3]
     assert access["evaluator"] == "org-a" and access["business_days_before_stage_changes"][0]["stage"] == "deployed"
     assert len(result["sample_selection"]["indices"]) == 5 and result["metrics"]["mean_score"]["value"] == 0.25
@@ -162,6 +172,9 @@ def test_report_is_proven_and_every_edit_is_detected(db: Database, tmp_path: Pat
     edited = json.loads(json.dumps(report))
     edited["entries"][1]["entry"] = edited["entries"][1]["entry"].replace("0.25", "0.05")
     assert any("not proven" in p for p in verify_model_report(edited, key))
+    edited = json.loads(json.dumps(report))
+    edited["statements"][5]["counts"]["critical"] = 0
+    assert verify_model_report(edited, key)
     edited = json.loads(json.dumps(report))
     del edited["statements"][3]
     assert verify_model_report(edited, key)

@@ -37,7 +37,17 @@ __all__ = [
 FORMAT = "airlock.model-report/v1"
 SAMPLES_PER_EVALUATION = 5
 _SAMPLE_DOMAIN = b"airlock.model-report/samples/v1\n"
-KINDS = ("grant.issued", "grant.revoked", "stage.changed", "eval.attested", "gate.decision", "gate.override")
+KINDS = (
+    "grant.issued",
+    "grant.revoked",
+    "stage.changed",
+    "eval.attested",
+    "gate.decision",
+    "gate.override",
+    "redteam.finding",
+    "redteam.triage",
+)
+SEVERITIES = ("critical", "high", "medium", "low")
 SCOPES_SHOWN = ("sampling", "logprobs", "finetune", "interp", "redteam")
 
 
@@ -55,7 +65,14 @@ def is_relevant(entry: Mapping[str, Any], model: str, version_hash: str, grants:
         return body.get("model") == model and any(v.get("hash") == version_hash for v in body.get("versions", []))
     if kind == "grant.revoked":
         return body.get("grant") in grants
-    if kind in ("stage.changed", "eval.attested", "gate.decision", "gate.override"):
+    if kind in (
+        "stage.changed",
+        "eval.attested",
+        "gate.decision",
+        "gate.override",
+        "redteam.finding",
+        "redteam.triage",
+    ):
         return _version_hash(body) == version_hash
     return False
 
@@ -209,7 +226,46 @@ def derive(
                     "at": e["time"],
                 }
             )
+    statements += _findings(ordered)
     return statements
+
+
+def _findings(ordered: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Red-team findings by severity, each with its latest triage status."""
+    findings: dict[str, dict[str, Any]] = {}
+    for i, e in ordered:
+        body = e["body"]
+        if e["kind"] == "redteam.finding":
+            findings[str(body.get("finding"))] = {
+                "kind": "finding",
+                "cites": [i],
+                "finding": body.get("finding"),
+                "evaluator": body.get("evaluator"),
+                "variant": body.get("variant"),
+                "category": body.get("category"),
+                "severity": body.get("severity"),
+                "status": "open",
+            }
+        elif e["kind"] == "redteam.triage" and str(body.get("finding")) in findings:
+            row = findings[str(body.get("finding"))]
+            row["status"] = body.get("status")
+            row["severity"] = body.get("severity", row["severity"])
+            row["cites"].append(i)
+    if not findings:
+        return []
+    rows = list(findings.values())
+    order = {s: n for n, s in enumerate(SEVERITIES)}
+    rows.sort(key=lambda r: (order.get(str(r["severity"]), len(order)), r["cites"][0]))
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r["severity"])] = counts.get(str(r["severity"]), 0) + 1
+    summary = {
+        "kind": "findings_by_severity",
+        "cites": sorted(c for r in rows for c in r["cites"]),
+        "counts": counts,
+        "open": sum(1 for r in rows if r["status"] == "open"),
+    }
+    return [summary, *rows]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -356,6 +412,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{', fine-tuned' if s['elicitation']['fine_tuned'] else ''}): {_metrics(s['metrics'])}; samples "
                 f"{sel['indices']} drawn from the checkpoint root, shown as the log commitment "
                 f"`{(sel['commitment'] or '-')[:12]}…` (#{s['cites'][0]})"
+            )
+    out += ["", "### Red-team findings", ""]
+    for s in statements:
+        if s["kind"] == "findings_by_severity":
+            counts = ", ".join(f"{n} {sev}" for sev, n in s["counts"].items())
+            out.append(f"- by severity: {counts}; {s['open']} still open")
+        elif s["kind"] == "finding":
+            cites = ", ".join(f"#{c}" for c in s["cites"])
+            out.append(
+                f"- {s['severity']}: {s['category']} on `{s['variant']}` by {s['evaluator']}, {s['status']} ({cites})"
             )
     out += ["", "### Stage changes, gate decisions and overrides", ""]
     for s in statements:
