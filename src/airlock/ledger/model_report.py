@@ -423,6 +423,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             out.append(
                 f"- {s['severity']}: {s['category']} on `{s['variant']}` by {s['evaluator']}, {s['status']} ({cites})"
             )
+    if not any(s["kind"] == "findings_by_severity" for s in statements):
+        out.append("- none recorded for this version")
     out += ["", "### Stage changes, gate decisions and overrides", ""]
     for s in statements:
         if s["kind"] == "stage":
