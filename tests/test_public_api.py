@@ -52,6 +52,7 @@ PINNED: dict[str, list[str]] = {
         "audit",
         "cache",
         "events",
+        "metrics",
         "middleware",
         "models",
         "quotas",
@@ -107,7 +108,7 @@ PINNED: dict[str, list[str]] = {
         "verify_inclusion",
         "witness",
     ],
-    "migrations": ["alembic_config", "upgrade"],
+    "migrations": ["SchemaState", "alembic_config", "schema_state", "upgrade"],
     "mitigations": [
         "DEFAULT_REFUSAL",
         "Mitigated",
@@ -147,7 +148,7 @@ PINNED: dict[str, list[str]] = {
         "seccomp_filter",
     ],
     "serving": ["pipelines", "responses", "routes", "service"],
-    "web": ["errors", "openapi", "routing", "uploads"],
+    "web": ["errors", "health", "openapi", "routing", "uploads"],
 }
 
 

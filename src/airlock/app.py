@@ -6,21 +6,26 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from airlock import __version__
 from airlock.access.audit import AUDIT_DIGEST, AuditWriter
 from airlock.access.cache import ACCESS_CHANNEL, AuthCache
-from airlock.access.middleware import AuditMiddleware, OptionsMiddleware
+from airlock.access.metrics import CONTENT_TYPE, GatewayMetrics
+from airlock.access.middleware import AuditContext, AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
+from airlock.access.roles import Permission
 from airlock.access.routes import router as access_router
 from airlock.access.seal import prepare_grant_seals
-from airlock.backends.pool import BackendPool
+from airlock.access.service import AdminPrincipal
+from airlock.backends.pool import BackendPool, VariantRuntimeSpec
 from airlock.config import Settings, get_settings
 from airlock.db import Database
-from airlock.deps import GatewayState, get_admin, get_principal
+from airlock.deps import GatewayState, RequirePermission, get_admin, get_audit, get_principal, get_state
 from airlock.evals.routes import admin_router as results_admin_router
 from airlock.evals.routes import router as results_router
 from airlock.finetune.jobs import KIND, FineTuneHandler
@@ -47,14 +52,18 @@ from airlock.serving.pipelines import PipelineCache
 from airlock.serving.routes import airlock_router, tokenizer_router
 from airlock.serving.routes import router as openai_router
 from airlock.web.errors import install_error_handlers
+from airlock.web.health import Readiness
 from airlock.web.openapi import EVALUATOR_SCHEME, LAB_SCHEME, install_openapi
 
 log = logging.getLogger(__name__)
 
 
 def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
-    """Migrate the schema, load the grant seal key and, when a manifest exists, sync it into the registry."""
-    db.migrate()
+    """Check the schema is migrated, load the grant seal key and, when a manifest exists, sync it into the registry.
+
+    Migrating is ``airlock migrate``'s job alone: replicas starting together must not race over the schema.
+    """
+    db.require_migrated()
     # A missing or replaced seal key stops the start here, with a message that says which.
     prepare_grant_seals(db, settings)
     path = settings.manifest_path
@@ -69,8 +78,93 @@ def bootstrap(settings: Settings, db: Database, *, sync: bool = True) -> None:
             log.info("manifest: %s", line)
 
 
-def create_app(settings: Settings | None = None, *, db: Database | None = None, sync_manifest: bool = True) -> FastAPI:
-    """Build the Airlock HTTP application."""
+def job_handlers(
+    settings: Settings, db: Database, pool: BackendPool, loop: asyncio.AbstractEventLoop
+) -> dict[str, JobHandler]:
+    """Return the handler of every job kind (the gateway's in-process runner and ``airlock worker`` share them)."""
+    interp = InterpHandler(db, settings, pool_workers(pool, loop))
+    return {KIND: FineTuneHandler(settings.home_dir), INTERP_KIND: interp}
+
+
+def served_backends(db: Database) -> list[VariantRuntimeSpec]:
+    """Return one runtime spec per distinct backend the registry's variants use (what start-up loads)."""
+    from sqlalchemy import select
+
+    from airlock.registry.models import Variant
+
+    specs: dict[str, VariantRuntimeSpec] = {}
+    with db.session() as session:
+        for variant in session.scalars(select(Variant).order_by(Variant.created_at)):
+            spec = VariantRuntimeSpec(variant.id, variant.backend, dict(variant.backend_config), [])
+            specs.setdefault(spec.backend_key(), spec)
+    return list(specs.values())
+
+
+def backend_label(spec: VariantRuntimeSpec) -> str:
+    """Name a backend for start-up progress (its kind and weights or upstream, never a key)."""
+    config = spec.backend_config
+    what = config.get("model") or config.get("upstream_model") or config.get("base_url") or spec.variant_id
+    return f"{spec.backend} backend {what}"
+
+
+async def load_backends(pool: BackendPool, specs: list[VariantRuntimeSpec], readiness: Readiness) -> None:
+    """Start every backend in ``specs`` (loading weights), logging progress; a failure keeps the process unready."""
+    for spec in specs:
+        label = backend_label(spec)
+        readiness.begin(label)
+    readiness.open()
+    for spec in specs:
+        label = backend_label(spec)
+        log.warning("start-up: loading %s ...", label)
+        try:
+            await pool.backend(spec)
+        except Exception as exc:
+            log.exception("start-up: loading %s failed; /readyz stays 503", label)
+            readiness.finish(label, error=f"{type(exc).__name__}: {exc}")
+            continue
+        readiness.finish(label)
+        log.warning("start-up: %s loaded", label)
+    if readiness.ready:
+        log.warning("start-up: ready (every backend loaded)")
+
+
+class MetricsScraper(RequirePermission):
+    """Who may scrape ``/metrics``: ``AIRLOCK_METRICS_TOKEN``, or a lab token whose role reads the audit trail."""
+
+    def __init__(self) -> None:
+        super().__init__(Permission.AUDIT_READ)
+
+    async def __call__(  # type: ignore[override]
+        self,
+        request: Request,
+        state: Annotated[GatewayState, Depends(get_state)],
+        audit: Annotated[AuditContext, Depends(get_audit)],
+    ) -> AdminPrincipal | None:
+        """Accept the scrape token (constant-time compare), else check a lab token like any admin route."""
+        import hmac
+
+        expected = state.settings.metrics_token
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if expected is not None and given and hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+            audit.actor_type, audit.actor = "admin", "metrics-scraper"
+            return None
+        admin = await run_in_threadpool(get_admin, request, state, audit)
+        return await super().__call__(admin, audit)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    db: Database | None = None,
+    sync_manifest: bool = True,
+    load_weights: bool = False,
+) -> FastAPI:
+    """Build the Airlock HTTP application.
+
+    With ``load_weights`` every backend is started right after start-up (``/readyz`` turns 200 once all
+    have loaded); without it backends start on first use and the process is ready as soon as it serves.
+    """
     settings = settings or get_settings()
     db = db or Database(settings.db_url)
     audit = AuditWriter(db, flush_interval=settings.audit_flush_interval_s, batch_size=settings.audit_batch_size)
@@ -85,12 +179,17 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         registry=RegistryCache(),
         auth=AuthCache(settings.auth_cache_ttl_s),
     )
+    readiness = Readiness()
+    metrics = GatewayMetrics(db, lambda: {"audit": audit.queued()})
+    audit.observers.append(metrics.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        readiness.begin("database")
         await run_in_threadpool(bootstrap, settings, db, sync=sync_manifest)
         # Any process revoking a key or grant empties this process's authentication cache at once.
         stop_listening = db.signals.subscribe(ACCESS_CHANNEL, state.auth.invalidate)
+        readiness.finish("database")
         audit.start()
 
         ledger = LedgerSequencer(db, settings, AUDIT_DIGEST)
@@ -104,14 +203,21 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         publisher.start()
         runner = None
         if settings.run_jobs:
-            interp = InterpHandler(db, settings, pool_workers(state.pool, asyncio.get_running_loop()))
-            handlers: dict[str, JobHandler] = {KIND: FineTuneHandler(settings.home_dir), INTERP_KIND: interp}
+            handlers = job_handlers(settings, db, state.pool, asyncio.get_running_loop())
             runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s)
             runner.start()
+        loading: asyncio.Task[None] | None = None
+        if load_weights:
+            specs = await run_in_threadpool(served_backends, db)
+            loading = asyncio.create_task(load_backends(state.pool, specs, readiness))
+        else:
+            readiness.open()
         try:
             yield
         finally:
             stop_listening()
+            if loading is not None and not loading.done():
+                loading.cancel()
             if runner is not None:
                 await run_in_threadpool(runner.stop)
             state.pipelines.clear()
@@ -130,6 +236,8 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
         lifespan=lifespan,
     )
     app.state.gateway = state
+    app.state.readiness = readiness
+    app.state.metrics = metrics
     install_error_handlers(app)
     install_openapi(app, {EVALUATOR_SCHEME: get_principal, LAB_SCHEME: get_admin})
 
@@ -159,6 +267,17 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
             session.execute(text("SELECT 1"))
         return {"status": "ok", "version": __version__}
 
+    @app.get("/readyz", tags=["ops"])
+    def readyz() -> JSONResponse:
+        """Readiness: 200 once start-up is done and every backend's weights are loaded, 503 until then."""
+        report = readiness.report()
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    def prometheus_metrics(_scraper: Annotated[AdminPrincipal | None, Depends(MetricsScraper())]) -> Response:
+        """Prometheus metrics (requests, latency, tokens per grant, jobs, queues); no request content."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     # Added first, so it runs inside the audit middleware: OPTIONS requests are audited too.
     app.add_middleware(OptionsMiddleware)
     app.add_middleware(
@@ -172,4 +291,4 @@ def create_app(settings: Settings | None = None, *, db: Database | None = None, 
 
 def worker_app() -> FastAPI:
     """Build the app in one of ``airlock serve --workers N``'s processes (the parent has migrated and synced)."""
-    return create_app(get_settings(), sync_manifest=False)
+    return create_app(get_settings(), sync_manifest=False, load_weights=True)

@@ -164,6 +164,36 @@ def init(
 
 
 @app.command()
+def migrate(
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report; exit 1 when migrations are pending (for CI and probes).")
+    ] = False,
+) -> None:
+    """Bring the database schema to this release's head (run once per upgrade, before serve and worker start)."""
+    from airlock.migrations import schema_state
+
+    def body() -> None:
+        with open_database(migrate=False) as (_settings, db):
+            state = schema_state(db.engine)
+            where = db.engine.url.render_as_string(hide_password=True)
+            if state.ahead:
+                raise AirlockError(f"{where} is at revision {state.current}, newer than this release ({state.head})")
+            if state.at_head:
+                console.print(f"{where}: schema at {state.head} (head), nothing to migrate")
+                return
+            if check:
+                console.print(f"{where}: at {state.current or 'none'}, pending: {', '.join(state.pending)}")
+                raise typer.Exit(1)
+            console.print(
+                f"{where}: migrating {state.current or 'empty'} → {state.head} ({len(state.pending)} step(s))"
+            )
+            db.migrate()
+            console.print(f"{where}: schema at {state.head} (head)")
+
+    run_command(body)
+
+
+@app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default AIRLOCK_HOST or 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default AIRLOCK_PORT or 8000).")] = None,
@@ -176,7 +206,7 @@ def serve(
         typer.Option(help="Log every HTTP request (default AIRLOCK_ACCESS_LOG, off: the audit trail records them)."),
     ] = None,
 ) -> None:
-    """Sync airlock.yaml into the registry and serve the gateway."""
+    """Sync airlock.yaml into the registry and serve the gateway (run `airlock migrate` first)."""
     import uvicorn
 
     from airlock.app import bootstrap, create_app
@@ -188,9 +218,16 @@ def serve(
         # Per-minute limits counted in each process would let N times the quota through.
         raise typer.BadParameter("more than one worker needs AIRLOCK_REDIS_URL, so quotas are counted once")
     db = Database(settings.db_url)
+    # Start-up progress goes to stderr whatever the log level: the first start converts and loads weights.
+    err.print(f"start-up: checking the schema of {db.engine.url.render_as_string(hide_password=True)}")
     # Sync before binding the port, so a bad manifest fails the start with a clear message.
     run_command(lambda: bootstrap(settings, db))
+    err.print("start-up: registry synced from the manifest")
     run_command(lambda: prepare_local_weights(db))
+    err.print(
+        f"start-up: serving on {host or settings.host}:{port or settings.port}; weights load in the background "
+        "(/healthz answers now, /readyz turns 200 once every backend is loaded)"
+    )
     options: dict[str, Any] = {
         "host": host or settings.host,
         "port": port or settings.port,
@@ -203,7 +240,44 @@ def serve(
         # Each worker process builds its own app (and database pool) from the same settings.
         uvicorn.run("airlock.app:worker_app", factory=True, workers=workers, **options)
         return
-    uvicorn.run(create_app(settings, db=db, sync_manifest=False), **options)
+    uvicorn.run(create_app(settings, db=db, sync_manifest=False, load_weights=True), **options)
+
+
+@app.command()
+def worker(
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run job workers (fine-tuning, interp) without the HTTP server; stop with Ctrl-C or SIGTERM."""
+    import asyncio
+    import signal
+
+    from airlock.app import job_handlers
+    from airlock.backends.pool import BackendPool
+    from airlock.jobs.runner import JobRunner
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    db = Database(settings.db_url)
+    run_command(db.require_migrated)
+
+    async def work() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        pool = BackendPool()
+        runner = JobRunner(db, job_handlers(settings, db, pool, loop), stale_after=settings.job_stale_after_s)
+        runner.start()
+        err.print(f"worker: running jobs from {db.engine.url.render_as_string(hide_password=True)}; Ctrl-C stops")
+        try:
+            await stop.wait()
+        finally:
+            err.print("worker: stopping (running jobs are checkpointed or requeued)")
+            await asyncio.to_thread(runner.stop)
+            await pool.aclose()
+            db.dispose()
+
+    asyncio.run(work())
 
 
 def prepare_local_weights(db: Database) -> None:

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         description="Key of the grant seals (hex, at least 32 bytes); default: the file `<home>/grant-seal.key`, "
         "created on first start while no grant is sealed. Keep it out of the database and its backups.",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token a Prometheus server presents to scrape /metrics (lab tokens whose role reads the "
+        "audit trail may scrape too). Unset: only those lab tokens.",
+    )
     ledger_sequence_interval_s: float = Field(
         default=1.0, gt=0, description="How often the gateway integrates pending ledger events."
     )

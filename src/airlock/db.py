@@ -107,6 +107,29 @@ class Database:
 
         upgrade(self.engine)
 
+    def require_migrated(self) -> None:
+        """Refuse (``ConfigError``) a schema that ``airlock migrate`` has not brought to this code's head.
+
+        Processes that serve or work never migrate on their own: replicas starting together would race.
+        """
+        from airlock.errors import ConfigError
+        from airlock.migrations import schema_state
+
+        state = schema_state(self.engine)
+        if state.at_head:
+            return
+        where = self.engine.url.render_as_string(hide_password=True)
+        if state.ahead:
+            raise ConfigError(
+                f"the database {where} is at schema revision {state.current}, which this Airlock release does not "
+                f"know (its newest is {state.head}): upgrade Airlock, do not run an older release against it"
+            )
+        raise ConfigError(
+            f"the database {where} is at schema revision {state.current or 'none (empty)'} but this release needs "
+            f"{state.head} ({len(state.pending)} migration(s) pending): run `airlock migrate` first",
+            code="schema_not_migrated",
+        )
+
     def dispose(self) -> None:
         """Stop listening for signals and close every pooled connection."""
         self.signals.close()

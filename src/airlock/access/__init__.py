@@ -5,6 +5,7 @@ __all__ = [
     "audit",
     "cache",
     "events",
+    "metrics",
     "middleware",
     "models",
     "quotas",

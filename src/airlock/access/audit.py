@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -75,6 +76,8 @@ class AuditWriter:
         self._idle = threading.Condition(self._lock)
         self._idle_waiters = 0
         self.written = 0
+        # Called with each record as it is queued (metrics); an observer must be quick and never raise.
+        self.observers: list[Callable[[AuditRecord], None]] = []
 
     def start(self) -> None:
         """Start the writer thread (idempotent)."""
@@ -95,6 +98,11 @@ class AuditWriter:
         self._items.append(event)
         if not self._wake.is_set():
             self._wake.set()
+        for observe in self.observers:
+            try:
+                observe(event)
+            except Exception:  # an observer's bug must not lose the audit event or fail the request
+                log.exception("audit observer failed")
         if end:
             with self._lock:
                 self._open -= 1
@@ -121,6 +129,10 @@ class AuditWriter:
         self._wake.set()
         if not done.wait(timeout):
             log.error("audit flush timed out after %.1fs", timeout)
+
+    def queued(self) -> int:
+        """Return how many events wait to be written (approximate, for metrics)."""
+        return len(self._items)
 
     def close(self) -> None:
         """Write everything still queued and stop the thread."""

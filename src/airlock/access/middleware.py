@@ -17,7 +17,7 @@ from airlock.web.errors import error_body
 from airlock.web.routing import allowed_methods
 
 log = logging.getLogger(__name__)
-UNAUDITED = ("/healthz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
+UNAUDITED = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
 # Request ids: a random tag per process and a counter, unique across processes and replicas
 # without drawing randomness (uuid4) on every request.
 _PROCESS_TAG = os.urandom(6).hex()

@@ -7,6 +7,7 @@ handed to it by the app.
 # The modules other packages may import (a test holds every import across packages to this list).
 __all__ = [
     "errors",
+    "health",
     "openapi",
     "routing",
     "uploads",
