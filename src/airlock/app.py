@@ -205,13 +205,22 @@ def create_app(
         if settings.run_jobs:
             handlers = job_handlers(settings, db, state.pool, asyncio.get_running_loop())
             runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s)
-            runner.start()
         loading: asyncio.Task[None] | None = None
         if load_weights:
             specs = await run_in_threadpool(served_backends, db)
-            loading = asyncio.create_task(load_backends(state.pool, specs, readiness))
+
+            async def load_then_run_jobs() -> None:
+                await load_backends(state.pool, specs, readiness)
+                # Jobs start once the weights are in: a job thread importing the ML stack while the
+                # loader does can see a half-initialised module.
+                if runner is not None:
+                    await run_in_threadpool(runner.start)
+
+            loading = asyncio.create_task(load_then_run_jobs())
         else:
             readiness.open()
+            if runner is not None:
+                runner.start()
         try:
             yield
         finally:

@@ -60,6 +60,9 @@ def _serve(home: Path, port: int) -> subprocess.Popen[bytes]:
 def home(airlock_env: Path) -> Iterator[Path]:
     airlock_env.mkdir(parents=True, exist_ok=True)
     (airlock_env / "airlock.yaml").write_text(yaml.safe_dump(single_variant_manifest("tiny", "tiny-random")))
+    db = Database(f"sqlite:///{airlock_env / 'airlock.db'}")
+    db.migrate()  # `serve` refuses an unmigrated database: migrating is the operator's explicit step
+    db.dispose()
     yield airlock_env
 
 

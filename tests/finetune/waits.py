@@ -50,7 +50,7 @@ def wait_for_recorded_checkpoint(db: Database, job_id: str) -> Job:
         if job.checkpoint:
             return True
         if job.status in ("succeeded", "failed", "cancelled"):
-            raise AssertionError(f"job {job_id} ended {job.status} without recording a checkpoint")
+            raise AssertionError(f"job {job_id} ended {job.status} without recording a checkpoint: {job.error}")
         return False
 
     return wait_on_progress(db, job_id, done)
