@@ -100,3 +100,35 @@ def test_concurrent_requests_and_streaming(smol: openai.OpenAI) -> None:
     )
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == results[0].choices[0].message.content
+
+
+def test_responses_api_with_a_json_schema_on_the_real_model(smol: openai.OpenAI) -> None:
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"enum": ["France", "Spain", "Italy"]}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    resp = smol.responses.create(
+        model="smollm2-135m/helpful-only",
+        input="Name the capital of France as JSON with keys city and country.",
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema, "strict": True}},
+        max_output_tokens=48,
+        temperature=0,
+    )
+    assert resp.status == "completed", resp
+    answer = json.loads(resp.output_text)
+    assert set(answer) == {"city", "country"} and answer["country"] in ("France", "Spain", "Italy")
+    events = list(
+        smol.responses.create(
+            model="smollm2-135m/helpful-only", input="Say hello.", max_output_tokens=8, temperature=0, stream=True
+        )
+    )
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    last = events[-1]
+    # As OpenAI does, a response cut by max_output_tokens ends with response.incomplete.
+    assert last.type in ("response.completed", "response.incomplete")
+    final = last.response  # type: ignore[union-attr]
+    assert "".join(deltas) == final.output_text and final.usage is not None and final.usage.output_tokens > 0
