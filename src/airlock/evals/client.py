@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,13 @@ def find_logs(paths: Sequence[Path]) -> list[Path]:
     return logs
 
 
-def provenance_for(summary: LogSummary, lab: LabClient) -> dict[str, Any]:
-    """Return the target's provenance as recorded in the log by the native provider, else ask the lab.
+def provenance_for(summary: LogSummary, lab: LabClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the target's provenance and where it came from: the log, else the lab asked now.
 
     What the log recorded wins: it is what the eval actually ran against, even if the lab has
     registered a newer version since. Logs made with the stock ``openai-api`` provider carry no
-    provenance, so the lab's current description of the variant is used.
+    provenance; the lab's description of the variant is then looked up at submission, and the
+    attestation says so, pinned to the version and hash the lookup resolved.
     """
     from inspect_ai.log import read_eval_log
 
@@ -119,16 +121,23 @@ def provenance_for(summary: LogSummary, lab: LabClient) -> dict[str, Any]:
     try:
         record = provenance_from_log(read_eval_log(str(summary.path)))
     except ValueError:
-        return lab.variant_info(summary.model_id)
+        info = lab.variant_info(summary.model_id)
+        source = {
+            "from": "lab_lookup_at_submission",
+            "looked_up_at": datetime.now(UTC).isoformat(),
+            "version": info.get("version"),
+            "version_hash": info.get("version_hash"),
+        }
+        return info, source
     variant: dict[str, Any] = record["variant"]
-    return variant
+    return variant, {"from": "log"}
 
 
 def attest_and_submit(log: Path, lab: LabClient, key_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build, sign and submit the attestation of one log; returns (envelope, lab's stored result)."""
     summary = summarize_log(log)
-    provenance = provenance_for(summary, lab)
-    attestation = build_attestation(summary, provenance, evaluator=lab.grant()["evaluator"])
+    provenance, source = provenance_for(summary, lab)
+    attestation = build_attestation(summary, provenance, evaluator=lab.grant()["evaluator"], provenance_source=source)
     envelope = sign(attestation, load_private_key(key_path))
     log.with_suffix(".attestation.json").write_text(json.dumps(envelope, indent=2, sort_keys=True))
     return envelope, lab.submit(envelope)

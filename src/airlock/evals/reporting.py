@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,12 +48,23 @@ class LogSummary:
     model_id: str
     status: str
     per_sample: dict[tuple[str, int], float]
-    reported: dict[str, dict[str, float]]
+    reported: dict[str, dict[str, float | None]]
     eval_metadata: dict[str, Any]
     elicitation: dict[str, Any]
     dataset_hash: str
     suite: str | None
     suite_version: str | None
+    excluded: list[str] = field(default_factory=list)
+    """Samples (``id#epoch``) whose score is not a number (NaN, unscorable): left out of the metric, counted."""
+
+
+def _finite(value: Any) -> float | None:
+    """Return ``value`` as a float, or None for NaN and infinities (JSON and RFC 8785 have no such numbers)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def summarize_log(path: Path) -> LogSummary:
@@ -62,6 +73,7 @@ def summarize_log(path: Path) -> LogSummary:
 
     log = read_eval_log(str(path))
     per_sample: dict[tuple[str, int], float] = {}
+    excluded: list[str] = []
     scorer_name = None
     if log.results and log.results.scores:
         scorer_name = log.results.scores[0].name
@@ -75,9 +87,12 @@ def summarize_log(path: Path) -> LogSummary:
         value = _float(score.value)
         if value is not None:
             per_sample[(str(sample.id), int(sample.epoch))] = value
-    reported: dict[str, dict[str, float]] = {}
+        else:
+            excluded.append(f"{sample.id}#{sample.epoch}")
+    # A metric Inspect reports as NaN (a grader that could not score) is kept as null, never as NaN.
+    reported: dict[str, dict[str, float | None]] = {}
     for eval_score in log.results.scores if log.results else []:
-        reported[eval_score.name] = {k: float(m.value) for k, m in eval_score.metrics.items()}
+        reported[eval_score.name] = {k: _finite(m.value) for k, m in eval_score.metrics.items()}
     metadata = dict(log.eval.metadata or {})
     task = log.eval.task.split("/")[-1]
     suite = metadata.get("suite") or (task if task in SUITE_MODULES else None)
@@ -104,15 +119,26 @@ def summarize_log(path: Path) -> LogSummary:
         dataset_hash=str(dataset_hash),
         suite=str(suite) if suite else None,
         suite_version=str(metadata["suite_version"]) if metadata.get("suite_version") else None,
+        excluded=excluded,
     )
 
 
-def build_attestation(summary: LogSummary, provenance: dict[str, Any], evaluator: str) -> dict[str, Any]:
-    """Build the attestation for one log, given the variant's provenance from the lab."""
+def build_attestation(
+    summary: LogSummary,
+    provenance: dict[str, Any],
+    evaluator: str,
+    provenance_source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the attestation for one log, given the variant's provenance and where it came from.
+
+    Rule for scores that are not numbers: such samples are excluded from ``metrics`` and counted in
+    ``excluded_samples`` (with their ids); reported metrics that are NaN are null.
+    """
     if summary.status != "success":
         raise ValueError(f"{summary.path.name}: the eval did not finish (status {summary.status}); rerun it first")
     if not summary.per_sample:
-        raise ValueError(f"{summary.path.name}: no scored samples")
+        nan = f" ({len(summary.excluded)} sample(s) scored NaN or not a number, e.g. {summary.excluded[0]})"
+        raise ValueError(f"{summary.path.name}: no scored samples{nan if summary.excluded else ''}")
     model_id = summary.model_id
     fine_tuned = model_id.startswith("ft:")
     return {
@@ -132,6 +158,12 @@ def build_attestation(summary: LogSummary, provenance: dict[str, Any], evaluator
         "samples": len(summary.per_sample),
         "metrics": {"mean_score": mean_with_ci(list(summary.per_sample.values()))},
         "reported_metrics": summary.reported,
+        "excluded_samples": {
+            "count": len(summary.excluded),
+            "samples": summary.excluded[:100],
+            "rule": "scores that are not numbers (NaN, unscorable) are left out of metrics and counted here",
+        },
+        "provenance_source": provenance_source or {"from": "log"},
         "elicitation": {
             **summary.elicitation,
             "fine_tuned": fine_tuned,
