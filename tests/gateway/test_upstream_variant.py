@@ -101,3 +101,27 @@ def test_upstream_failure_is_not_a_500(upstream_lab: Lab) -> None:
         )
     assert info.value.status_code == 502
     assert UPSTREAM_KEY not in str(info.value.body)
+
+
+def test_upstream_gets_unmodelled_fields_and_responses_requests(upstream_lab: Lab, upstream: str) -> None:
+    _gid, key = upstream_lab.grant(model="frontier", variants=["helpful-only"])
+    client = openai.OpenAI(base_url=upstream_lab.url + "/v1", api_key=key, max_retries=0)
+    vllm_fields = {"top_k": 5, "min_p": 0.1, "structured_outputs": {"regex": "[a-z]+"}}
+    client.chat.completions.create(
+        model="frontier/helpful-only", messages=[{"role": "user", "content": "abc"}], extra_body=vllm_fields
+    )
+    with urllib.request.urlopen(f"{upstream}/_debug/requests", timeout=5) as r:
+        body = json.loads(r.read())[-1]["body"]
+    assert {k: body[k] for k in vllm_fields} == vllm_fields and body["model"] == UPSTREAM_MODEL
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="frontier/helpful-only",
+            messages=[{"role": "user", "content": "abc"}],
+            extra_body={"chat_template": "{{ messages[-1].content }}"},
+        )
+    assert info.value.body["param"] == "chat_template"  # type: ignore[index]
+    resp = client.responses.create(model="frontier/helpful-only", input="abc def", extra_body={"top_k": 3})
+    assert resp.output_text == "fed cba"
+    with urllib.request.urlopen(f"{upstream}/_debug/requests", timeout=5) as r:
+        body = json.loads(r.read())[-1]["body"]
+    assert body["top_k"] == 3 and body["messages"] == [{"role": "user", "content": "abc def"}]
