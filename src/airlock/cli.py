@@ -706,10 +706,16 @@ def eval_run(
         options = {"limit": limit, "epochs": epochs, "task_args": args, "max_tokens": max_tokens}
         directory = log_dir or get_settings().home_dir / "evals" / run_dir_name(tasks, model, options)
         console.print(f"logs: {directory}")
+        # memoize=False: a fresh client per run, reading the current AIRLOCK_BASE_URL/API_KEY.
+        models = [get_model(f"airlock/{m}", memoize=False) for m in model]
+        # Each model's provenance also goes into every log header (eval-level metadata, keyed by the
+        # log's model name): it survives --no-log-samples and header-only reads. Inspect leaves
+        # metadata out of an eval set's task identity, so resuming is unaffected.
+        header = {str(m): getattr(m.api, "provenance", None) for m in models}
         success, logs = eval_set(
             resolve_tasks(tasks, args),
-            # memoize=False: a fresh client per run, reading the current AIRLOCK_BASE_URL/API_KEY.
-            model=[get_model(f"airlock/{m}", memoize=False) for m in model],
+            model=models,
+            metadata={"airlock": {name: record for name, record in header.items() if record is not None}},
             log_dir=str(directory),
             limit=limit,
             epochs=epochs,

@@ -36,6 +36,12 @@ def test_run_submit_results_compare(lab: Lab, tmp_path: Path, monkeypatch: pytes
     invoke("eval", "run", str(TASK_FILE), *models, "--log-dir", str(log_dir), "--display", "none")
     logs = sorted(log_dir.glob("*.eval"))
     assert len(logs) == 2
+    from inspect_ai.log import read_eval_log
+
+    for path in logs:  # the provenance is in the header: it survives --no-log-samples and header-only reads
+        header = read_eval_log(str(path), header_only=True)
+        record = header.eval.metadata["airlock"][header.eval.model]
+        assert record["variant"]["variant"] == header.eval.model.rsplit("/", 1)[-1] and record["variant"]["grant_id"]
     requests_before = len([r for r in lab.audit_rows() if r.path == "/v1/chat/completions"])
     assert requests_before == 12
     # Re-running the same eval set finds everything done and sends nothing.

@@ -140,7 +140,7 @@ def fetch_provenance(base_url: str, api_key: str, model_id: str, *, timeout: flo
 
 
 def provenance_from_log(log: EvalLog) -> dict[str, Any]:
-    """Return the Airlock provenance recorded in ``log`` (read with its samples).
+    """Return the Airlock provenance recorded in ``log``: from its header when present, else from its samples.
 
     The result is the record the provider attached to the outputs (``model_id``, ``base_url``,
     ``variant``: ``{id, model, version, version_hash, stage, variant, grant_id, mitigations}``,
@@ -148,6 +148,12 @@ def provenance_from_log(log: EvalLog) -> dict[str, Any]:
     Raises ``ValueError`` when the log has no samples or no Airlock outputs, or when samples
     name different grants, versions or variants.
     """
+    # `airlock eval run` also writes the record into the log header (eval-level metadata, keyed by the
+    # log's model), which survives --no-log-samples and header-only reads.
+    header = (log.eval.metadata or {}).get(PROVENANCE_KEY)
+    if isinstance(header, dict) and isinstance(header.get(log.eval.model), dict):
+        in_header: dict[str, Any] = header[log.eval.model]
+        return in_header
     if not log.samples:
         raise ValueError("the eval log has no samples (read it with header_only=False); provenance is per output")
     found: list[dict[str, Any]] = []
