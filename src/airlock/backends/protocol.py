@@ -373,8 +373,8 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens or default
 
     def wants_logprobs(self) -> bool:
-        """Return whether the client asked for any log-probabilities."""
-        return self.logprobs
+        """Return whether the client asked for any log-probabilities (vLLM's ``prompt_logprobs`` included)."""
+        return self.logprobs or self.extra_fields().get("prompt_logprobs") is not None
 
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -405,8 +405,8 @@ class CompletionRequest(SamplingFields):
         return handler(value)
 
     def wants_logprobs(self) -> bool:
-        """Return whether the client asked for any log-probabilities."""
-        return self.logprobs is not None
+        """Return whether the client asked for any log-probabilities (vLLM's ``prompt_logprobs`` included)."""
+        return self.logprobs is not None or self.extra_fields().get("prompt_logprobs") is not None
 
     def prompts(self) -> list[str | list[int]]:
         """Return the prompt(s) as a list of strings or token-id lists."""
@@ -531,6 +531,14 @@ class CompletionLogprobs(WireModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(WireModel):
+    """One entry of vLLM's ``prompt_logprobs``: a token's log-probability, rank and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(WireModel):
     """One choice of a text completion."""
 
@@ -538,6 +546,9 @@ class CompletionChoice(WireModel):
     text: str
     finish_reason: FinishReason | None = "stop"
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        default=None, description="vLLM's prompt log-probabilities by token id (vLLM upstreams, on request)."
+    )
 
 
 class Completion(WireModel):

@@ -16,7 +16,7 @@ from airlock.finetune.trainer import resolve_hyperparameters
 from airlock.ids import fine_tuned_model_id, parse_model_id
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
-from airlock.registry.service import RegistryCache, resolve_variant
+from airlock.registry.service import RegistryCache, ResolvedVariant, resolve_variant
 
 
 def create_job(session: Session, registry: RegistryCache, principal: Principal, body: FineTuningJobCreate) -> Job:
@@ -27,8 +27,9 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
     check_window(principal.grant)
     target = resolve_variant(session, ref)
     authorize(principal, target, ["finetune"])
-    if target.backend != "local" or "model" not in target.backend_config:
-        raise InvalidRequestError(f"variant {body.model!r} is not served from local weights; it cannot be fine-tuned")
+    weights = trainable_weights(target)
+    if weights is None:
+        raise InvalidRequestError(f"variant {body.model!r} is not served from weights the lab trains on")
     for param, file_id in (("training_file", body.training_file), ("validation_file", body.validation_file)):
         if file_id is not None:
             try:
@@ -58,7 +59,7 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
     job.params = {
         "model": base,
         "version_id": target.version_id,
-        "base_model": target.backend_config["model"],
+        "base_model": weights,
         "training_file": body.training_file,
         "validation_file": body.validation_file,
         "hyperparameters": hyper,
@@ -68,6 +69,22 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
     }
     session.flush()
     return job
+
+
+def trainable_weights(target: ResolvedVariant) -> str | None:
+    """Return the weights spec adapters of ``target`` are trained on, or None when the lab holds none.
+
+    A local variant trains on the weights it serves; a vLLM-served variant on the ``weights`` it
+    declares (the checkpoint its server loads), and its adapter is then loaded into that server.
+    """
+    config = target.backend_config
+    if target.backend == "local":
+        model = config.get("model")
+    elif target.backend == "openai_upstream" and config.get("engine") == "vllm":
+        model = config.get("weights")
+    else:
+        model = None
+    return model if isinstance(model, str) and model else None
 
 
 def enforce_job_quotas(session: Session, principal: Principal) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from airlock.access.models import Grant
 from airlock.access.seal import verified_grant
-from airlock.backends.pool import BackendPool, VariantRuntimeSpec
+from airlock.backends.pool import BackendPool, VariantRuntimeSpec, weights_spec
 from airlock.backends.protocol import ChatCompletionRequest, ChatMessage
 from airlock.config import Settings
 from airlock.db import Database
@@ -108,9 +108,12 @@ class InterpHandler:
             cpu_used, bytes_released = interp.usage_of_grant(session, grant_id)
             cpu_quota = grant.quota_interp_cpu_seconds if grant is not None else None
             bytes_quota = interp.grant_result_bytes(grant, self.settings)
-        if spec.backend != "local":
+        # A vLLM-served variant is studied on a model worker holding the same weights in transformers.
+        local = weights_spec(spec)
+        if local is None:
             raise InterpJobError(
-                f"variant {params['model']} is served by a {spec.backend!r} backend; interp jobs need local weights",
+                f"variant {params['model']} is served by a {spec.backend!r} backend without lab-side weights; "
+                "interp jobs need weights a model worker can load",
                 code="backend_not_supported",
             )
         limits = params["limits"]
@@ -124,7 +127,7 @@ class InterpHandler:
             log_bytes=self.settings.interp_log_bytes,
         )
         ctx.emit("loading the model on the host", model=params["model"])
-        worker = self.workers(spec)
+        worker = self.workers(local)
         serve, review_bytes = self._serve_budget(grant_id, worker, sandbox_limits)
         ctx.progress(0.1)
         ctx.emit(

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from airlock.access.service import Principal, authorize, check_window
+from airlock.backends.pool import VariantRuntimeSpec, weights_spec
 from airlock.config import Settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
@@ -195,9 +196,10 @@ def create_job(session: Session, settings: Settings, principal: Principal, body:
         raise InvalidRequestError(f"args are over {MAX_ARGS_BYTES} bytes of JSON", param="args")
     target = resolve_variant(session, parse_model_id(body.model))
     authorize(principal, target, ["interp"])
-    if target.backend != "local":
+    if weights_spec(VariantRuntimeSpec.of(target)) is None:
         raise InvalidRequestError(
-            f"variant {body.model!r} is served by a {target.backend!r} backend; interp jobs need local weights",
+            f"variant {body.model!r} is served by a {target.backend!r} backend without lab-side weights; "
+            "interp jobs need weights a model worker can load (local, or vLLM with `weights`)",
             code="backend_not_supported",
             param="model",
         )

@@ -144,6 +144,14 @@ def _backend_config(version_spec: VersionSpec, spec: VariantSpec) -> dict[str, A
     # A local variant serves the version's own weights unless told otherwise.
     if spec.backend == "local" and "model" not in config and version_spec.weights:
         config["model"] = version_spec.weights
+    # A vLLM-served variant's lab-side weights are the version's, unless it names its own.
+    if (
+        spec.backend == "openai_upstream"
+        and config.get("engine") == "vllm"
+        and "weights" not in config
+        and version_spec.weights
+    ):
+        config["weights"] = version_spec.weights
     return config
 
 
