@@ -63,7 +63,7 @@ PINNED: dict[str, list[str]] = {
         "service",
         "terms",
     ],
-    "backends": ["base", "local", "pool", "protocol", "registry", "tokenization", "weights"],
+    "backends": ["base", "local", "pool", "protocol", "registry", "tokenization", "watermark", "weights"],
     "evals": ["attestation", "client", "events", "models", "reporting", "routes", "schemas", "service"],
     "finetune": ["adapters", "events", "jobs", "models", "routes", "service"],
     "governance": [
@@ -84,6 +84,7 @@ PINNED: dict[str, list[str]] = {
     ],
     "interp": ["cli", "client", "jobs", "models", "routes", "service"],
     "jobs": ["models", "periodic", "runner", "service"],
+    "leak": ["cli", "keys", "trace"],
     "ledger": [
         "Checkpoint",
         "NoteError",

@@ -29,6 +29,7 @@ from airlock.db import Database
 from airlock.errors import AirlockError
 from airlock.governance import cli as governance_cli
 from airlock.interp import cli as interp_cli
+from airlock.leak import cli as leak_cli
 from airlock.ledger import cli as ledger_cli
 from airlock.publish import cli as publish_cli
 from airlock.redteam import cli as redteam_cli
@@ -54,6 +55,7 @@ app.add_typer(interp_cli.app, name="interp")
 app.add_typer(governance_cli.app, name="gate")
 app.add_typer(ledger_cli.app, name="ledger")
 app.add_typer(ledger_cli.witness_app, name="witness")
+app.add_typer(leak_cli.app, name="leak")
 app.add_typer(publish_cli.app, name="report")
 app.add_typer(redteam_cli.app, name="redteam")
 

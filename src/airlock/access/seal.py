@@ -129,6 +129,14 @@ class SealKey:
         """Return the key's public id (16 hex), written into every seal it makes."""
         return hmac.new(self.secret, _KEY_ID_DOMAIN, hashlib.sha256).hexdigest()[:16]
 
+    def derive(self, purpose: str, grant_id: str) -> bytes:
+        """Return a 32-byte key for ``purpose`` and one grant: HMAC-SHA256 under the lab secret, never stored.
+
+        The purpose separates the domains (a derived key reveals neither the secret nor the seals).
+        """
+        message = b"airlock derived key v1\0" + purpose.encode() + b"\0" + grant_id.encode()
+        return hmac.new(self.secret, message, hashlib.sha256).digest()
+
 
 def parse_key(text: str, source: str) -> SealKey:
     """Parse a hex key of at least 32 bytes (GrantSealKeyError naming ``source`` otherwise)."""

@@ -8,5 +8,6 @@ __all__ = [
     "protocol",
     "registry",
     "tokenization",
+    "watermark",
     "weights",
 ]

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -207,6 +208,16 @@ class SamplingFields(WireModel):
         default=None, description="Token id (as a string) -> bias from -100 to 100 added to its logit."
     )
     user: str | None = None
+    _watermark_key: bytes | None = PrivateAttr(default=None)
+
+    @property
+    def watermark_key(self) -> bytes | None:
+        """Return the key of the watermark sampled tokens carry (set by the gateway from the grant, never sent)."""
+        return self._watermark_key
+
+    def set_watermark_key(self, key: bytes | None) -> None:
+        """Have the tokens this request samples (temperature > 0) carry the watermark of ``key``."""
+        self._watermark_key = key
 
     @field_validator("logit_bias")
     @classmethod

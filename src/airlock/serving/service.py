@@ -28,6 +28,7 @@ from airlock.errors import AirlockError, InvalidRequestError, NotFoundError
 from airlock.finetune.adapters import AdapterStore
 from airlock.finetune.service import get_own_job as ft_get_own_job
 from airlock.ids import FineTunedRef, is_fine_tuned, parse_fine_tuned_id, parse_model_id
+from airlock.leak.keys import watermark_key
 from airlock.mitigations import MitigatedStream, VariantPipeline, Verdict
 from airlock.registry.service import RegistryCache, ResolvedVariant
 from airlock.serving.pipelines import PipelineCache
@@ -139,6 +140,8 @@ async def prepare(
         )
     if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
         raise InvalidRequestError(f"variant {resolved.variant_name!r} does not support echo", param="echo")
+    if request.temperature > 0:
+        request.set_watermark_key(await run_in_threadpool(_grant_watermark_key, state, principal.grant_id))
     return Target(public_id=request.model, backend=backend)
 
 
@@ -155,6 +158,12 @@ async def adapter_pipeline(state: ServingState, spec: VariantRuntimeSpec, fine_t
 def _tokens_used(db: Database, grant_id: str) -> int:
     with db.session() as session:
         return tokens_used(session, grant_id)
+
+
+def _grant_watermark_key(state: ServingState, grant_id: str) -> bytes:
+    """Return the grant's watermark key (derived from the lab secret, applied where Airlock samples)."""
+    with state.db.session() as session:
+        return watermark_key(session, grant_id)
 
 
 def check_output_budget(request: ChatCompletionRequest | CompletionRequest, resolved: ResolvedVariant) -> None:

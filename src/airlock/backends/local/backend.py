@@ -56,6 +56,7 @@ from airlock.backends.protocol import (
     new_id,
     now_ts,
 )
+from airlock.backends.watermark import WatermarkStream
 from airlock.errors import AirlockError, BackendUnavailableError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,7 @@ class LocalBackend(ModelBackend):
                 stops=['"'],
                 logprobs=False,
                 top_k=0,
+                watermark=_watermark(request, prompt),
             )
         )
         written = ""
@@ -381,6 +383,7 @@ class LocalBackend(ModelBackend):
                     logprobs=request.logprobs,
                     top_k=request.top_logprobs or 0,
                     processors=self._row_processors(request, grammar),
+                    watermark=_watermark(request, prompt),
                 )
             )
         return job, len(prompt)
@@ -564,6 +567,7 @@ class LocalBackend(ModelBackend):
                         prompt_logprobs=request.echo and request.logprobs is not None,
                         skip_prompt_tokens=skip,
                         processors=self._row_processors(request, None),
+                        watermark=_watermark(request, ids),
                     )
                 )
         return job, prompt_tokens, echo_texts
@@ -712,6 +716,14 @@ class LocalBackend(ModelBackend):
 
     def _fingerprint(self) -> str | None:
         return f"local-{self.content_hash[:12]}" if self.content_hash else None
+
+
+def _watermark(request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> WatermarkStream | None:
+    """Return a row's watermark stream when the request carries a key and samples (temperature > 0)."""
+    key = request.watermark_key
+    if key is None or request.temperature <= 0:
+        return None
+    return WatermarkStream.start(key, prompt_ids)
 
 
 def _finite(value: float | None) -> float:

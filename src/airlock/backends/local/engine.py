@@ -41,6 +41,7 @@ from airlock.backends.local.config import BatchStats, LocalBackendConfig
 from airlock.backends.local.processors import LogitsProcessor
 from airlock.backends.local.tokens import TokenTable
 from airlock.backends.protocol import FinishReason
+from airlock.backends.watermark import WatermarkStream
 from airlock.errors import AirlockError, BackendError, BackendUnavailableError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Row:
         prompt_logprobs: bool = False,
         skip_prompt_tokens: int = 0,
         processors: Sequence[LogitsProcessor] = (),
+        watermark: WatermarkStream | None = None,
     ) -> None:
         self.job = job
         self.index = index
@@ -155,6 +157,8 @@ class Row:
         self.skip_prompt_tokens = skip_prompt_tokens
         #: Steps between this row's logits and its sampler, in order (``processors.py``).
         self.processors = tuple(processors)
+        #: The grant's watermark, steering sampled (temperature > 0) tokens; greedy rows carry none.
+        self.watermark = watermark if temperature > 0 else None
         self.generated = 0
         self.text = ""
         self.released = 0
@@ -167,6 +171,8 @@ class Row:
     ) -> Update | None:
         """Append one sampled token; return what can be released to the client now."""
         self.generated += 1
+        if self.watermark is not None:
+            self.watermark.advance(token_id)
         if token_id in engine.eos_ids:
             self._finish("stop")
         else:
@@ -617,7 +623,7 @@ class Engine:
         for i, row in enumerate(rows):
             if row.temperature > 0 and not row.job.dead:
                 try:
-                    next_ids[i] = _sample(scores[i], row.temperature, row.top_p, row.generator)
+                    next_ids[i] = _sample(scores[i], row.temperature, row.top_p, row.generator, row.watermark)
                 except RuntimeError as exc:  # e.g. NaN probabilities: only this request fails
                     self._fail_job(row.job, exc)
                     broken.add(row.job)
@@ -769,9 +775,19 @@ def _eos_ids(loaded: weights.LoadedModel) -> frozenset[int]:
     return frozenset(found)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token id from ``logits`` with temperature and nucleus (top-p) filtering."""
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    watermark: WatermarkStream | None = None,
+) -> torch.Tensor:
+    """Draw one token id from ``logits`` with temperature and nucleus (top-p) filtering, watermarked if asked."""
     probs = torch.softmax(logits / temperature, dim=-1)
+    if watermark is not None:
+        # The watermark is the last sampling step: it reweights the final distribution (after every
+        # logits step, temperature and top-p) and the row's generator draws from the result.
+        return torch.multinomial(watermark.tilt(_nucleus(probs, top_p)), 1, generator=generator)[0]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
@@ -780,6 +796,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         pick = torch.multinomial(sorted_probs, 1, generator=generator)
         return order[keep][pick][0]
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Return ``probs`` with the tokens outside the top-``top_p`` nucleus set to zero (renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+    kept = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return kept / kept.sum()
 
 
 def row_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator:
