@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 
 from airlock.app import create_app
 from airlock.config import Settings
+from airlock.console.routes import console_user
 from airlock.db import Database
 from airlock.deps import RequirePermission, get_admin, get_principal
 
@@ -34,6 +35,8 @@ def _callers(dependant: Dependant) -> Iterator[str]:
             yield "evaluator"
         elif call is get_admin:
             yield "lab:any"
+        elif call is console_user:
+            yield "console"  # the page checks the signed-in key's grant or the token's role itself
         yield from _callers(dep)
 
 
@@ -80,7 +83,6 @@ def test_the_surface_is_pinned(table: list[tuple[str, str, str]]) -> None:
 PINNED: list[tuple[str, str, str]] = [
     ("DELETE", "/v1/files/{file_id}", "evaluator"),
     ("GET", "/docs", "public"),
-    ("GET", "/docs/oauth2-redirect", "public"),
     ("GET", "/healthz", "public"),
     ("GET", "/metrics", "lab:audit:read"),
     ("GET", "/openapi.json", "public"),
@@ -97,6 +99,16 @@ PINNED: list[tuple[str, str, str]] = [
     ("GET", "/readyz", "public"),
     ("GET", "/redoc", "public"),
     ("GET", "/tokenizer_info", "evaluator"),
+    ("GET", "/ui", "console"),
+    ("GET", "/ui/", "console"),
+    ("GET", "/ui/docs-assets", "public"),
+    ("GET", "/ui/lab", "console"),
+    ("GET", "/ui/lab/findings/{finding_id}", "console"),
+    ("GET", "/ui/public", "console"),
+    ("GET", "/ui/redteam", "console"),
+    ("GET", "/ui/redteam/sessions/{session_id}", "console"),
+    ("GET", "/ui/sign-in", "console"),
+    ("GET", "/ui/static", "public"),
     ("GET", "/v1/airlock/admin/audit", "lab:audit:read"),
     ("GET", "/v1/airlock/admin/evaluators", "lab:evaluators:read"),
     ("GET", "/v1/airlock/admin/grants", "lab:grants:read"),
@@ -138,13 +150,18 @@ PINNED: list[tuple[str, str, str]] = [
     ("GET", "/v1/fine_tuning/jobs/{job_id}/{artifact}", "evaluator"),
     ("GET", "/v1/models", "evaluator"),
     ("GET", "/v1/models/{model_id:path}", "evaluator"),
-    ("HEAD", "/docs", "public"),
-    ("HEAD", "/docs/oauth2-redirect", "public"),
     ("HEAD", "/openapi.json", "public"),
-    ("HEAD", "/redoc", "public"),
     ("PATCH", "/v1/airlock/reports/{report_id}", "evaluator"),
     ("POST", "/detokenize", "evaluator"),
     ("POST", "/tokenize", "evaluator"),
+    ("POST", "/ui/lab/findings/{finding_id}/triage", "console"),
+    ("POST", "/ui/lab/grants", "console"),
+    ("POST", "/ui/redteam/sessions", "console"),
+    ("POST", "/ui/redteam/sessions/{session_id}/close", "console"),
+    ("POST", "/ui/redteam/sessions/{session_id}/findings", "console"),
+    ("POST", "/ui/redteam/sessions/{session_id}/turns", "console"),
+    ("POST", "/ui/sign-in", "public"),
+    ("POST", "/ui/sign-out", "console"),
     ("POST", "/v1/airlock/admin/evaluators", "lab:evaluators:manage"),
     ("POST", "/v1/airlock/admin/grants", "lab:grants:issue"),
     ("POST", "/v1/airlock/admin/grants/{grant_id}/keys", "lab:keys:issue"),

@@ -125,6 +125,7 @@ PINNED: dict[str, list[str]] = {
         "register_mitigation",
     ],
     "publish": ["cli", "commit", "models", "placeholder", "routes", "service", "verify_commitment"],
+    "console": ["auth", "models", "routes"],
     "redteam": ["cli", "events", "models", "routes", "schemas", "service", "terms"],
     "registry": ["events", "models", "routes", "schemas", "service", "weights"],
     "sandbox": [

@@ -24,6 +24,7 @@ from airlock.access.seal import prepare_grant_seals
 from airlock.access.service import AdminPrincipal
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec
 from airlock.config import Settings, get_settings
+from airlock.console.routes import install as install_console
 from airlock.db import Database
 from airlock.deps import GatewayState, RequirePermission, get_admin, get_audit, get_principal, get_state
 from airlock.evals.routes import admin_router as results_admin_router
@@ -240,6 +241,9 @@ def create_app(
 
     app = FastAPI(
         title="Airlock",
+        # Served by the console from packaged assets instead of FastAPI's CDN-backed pages.
+        docs_url=None,
+        redoc_url=None,
         version=__version__,
         summary="Structured pre-deployment access to frontier models for external evaluators.",
         lifespan=lifespan,
@@ -266,6 +270,7 @@ def create_app(
     app.include_router(publish_router)
     app.include_router(redteam_router)
     app.include_router(redteam_admin_router)
+    install_console(app)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

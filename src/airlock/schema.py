@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import MetaData
 
 import airlock.access.models
+import airlock.console.models
 import airlock.evals.models
 import airlock.finetune.models
 import airlock.governance.models

@@ -340,6 +340,35 @@ def authenticate_key(session: Session, token: str | None) -> Principal:
     )
 
 
+def authenticate_key_id(session: Session, key_id: str) -> Principal:
+    """Re-check a signed-in key by id: the same refusals as :func:`authenticate_key`, at once after revocation."""
+    key = session.scalar(
+        select(ApiKey).where(ApiKey.id == key_id).options(joinedload(ApiKey.grant).joinedload(Grant.evaluator))
+    )
+    if key is None:
+        raise AuthenticationError("invalid API key")
+    seal.check_grant(session, key.grant)
+    if key.revoked_at is not None:
+        raise AuthenticationError("this API key has been revoked", code="key_revoked")
+    if key.grant.revoked_at is not None:
+        raise AuthenticationError("the grant of this API key has been revoked", code="grant_revoked")
+    return Principal(
+        key_id=key.id,
+        grant_id=key.grant_id,
+        evaluator_id=key.grant.evaluator_id,
+        evaluator_name=key.grant.evaluator.name,
+        grant=key.grant,
+    )
+
+
+def authenticate_admin_id(session: Session, token_id: str) -> AdminPrincipal:
+    """Re-check a lab token already signed in (by id); 401 once it is revoked."""
+    row = session.get(AdminToken, token_id)
+    if row is None or row.revoked_at is not None:
+        raise AuthenticationError("this lab token has been revoked", code="token_revoked")
+    return AdminPrincipal(token_id=row.id, name=row.name, role=row.role)
+
+
 def identify_key(session: Session, token: str | None) -> Principal | None:
     """Return who a key belongs to even when it is revoked (for the audit trail), or None."""
     if not token:
