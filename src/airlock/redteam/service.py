@@ -389,7 +389,7 @@ def list_findings(
     if model:
         model_row = session.scalar(select(Model).where(Model.name == model))
         if model_row is None:
-            raise NotFoundError(f"model {model!r} does not exist", code="model_not_found")
+            return []  # a filter, not a resource: no such model has no findings
         stmt = stmt.where(RedteamFinding.model_id == model_row.id)
     if status:
         stmt = stmt.where(RedteamFinding.status == status)
