@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from airlock.access import events as access_events
@@ -42,6 +42,31 @@ ACCESS_CHANNEL = "airlock_access"
 def access_changed(session: Session) -> None:
     """Make every process drop its cached authentications when ``session`` commits (revocations, edits)."""
     emit(session, ACCESS_CHANNEL)
+
+
+# Usage counters move on every request through a core UPDATE; a change to them alters no access.
+_USAGE_COLUMNS = frozenset({"tokens_used"})
+
+
+@event.listens_for(Session, "before_flush")
+def _signal_access_edits(session: Session, _context: object, _instances: object) -> None:
+    """Signal :data:`ACCESS_CHANNEL` for any edit to a grant, key or evaluator, however it was made.
+
+    Revocation signals explicitly; this catches the rest (a grant narrowed by the lab, a key moved,
+    an evaluator renamed), so a cached authentication never outlives the row it was read from.
+    """
+    for row in (*session.dirty, *session.deleted):
+        if isinstance(row, Grant | ApiKey | Evaluator) and (row in session.deleted or _edited(row)):
+            access_changed(session)
+            return
+
+
+def _edited(row: object) -> bool:
+    state = inspect(row)
+    return any(
+        attr.key not in _USAGE_COLUMNS and attr.history.has_changes()
+        for attr in state.attrs  # type: ignore[union-attr]
+    )
 
 
 def hash_secret(token: str) -> str:

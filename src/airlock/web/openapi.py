@@ -45,6 +45,8 @@ _JOB_CANCEL = frozenset({409})
 
 #: Statuses a route can answer that its signature does not show, by (method, path as documented).
 ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
+    # the scrape endpoint checks its own token (or a lab token) inside its dependency
+    ("GET", "/metrics"): frozenset({401, 403}),
     # the OpenAI surface
     ("POST", "/v1/chat/completions"): _SERVING,
     ("POST", "/v1/completions"): _SERVING,
