@@ -63,8 +63,8 @@ PINNED: dict[str, list[str]] = {
         "service",
         "terms",
     ],
-    "backends": ["base", "local", "pool", "protocol", "registry", "tokenization", "watermark", "weights"],
-    "evals": ["attestation", "client", "events", "models", "reporting", "routes", "schemas", "service"],
+    "backends": ["base", "local", "noise", "pool", "protocol", "registry", "tokenization", "watermark", "weights"],
+    "evals": ["attestation", "client", "elicitation", "events", "models", "reporting", "routes", "schemas", "service"],
     "finetune": ["adapters", "events", "jobs", "models", "routes", "service"],
     "governance": [
         "GateBlockedError",

@@ -859,6 +859,52 @@ def eval_compare(
     run_command(body)
 
 
+@eval_app.command("elicitation")
+def eval_elicitation(
+    model_version: Annotated[str, typer.Argument(help="The model version, {model}@{version}.")],
+    task: Annotated[str, typer.Option("--task", "-t", help="The task whose attested results are compared.")],
+    lab_side: Annotated[
+        bool, typer.Option("--lab", help="Read every evaluator's results from the lab's database instead.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Attested results of a task by elicitation level, and the sandbagging checks (exit 1 on a flag)."""
+    from airlock.evals.client import LabClient
+    from airlock.evals.service import elicitation_report
+
+    def body() -> None:
+        if lab_side:
+            with open_database() as (_settings, db), db.session() as session:
+                report = elicitation_report(session, model_version, task)
+        else:
+            report = LabClient.from_env().elicitation(model_version, task)
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            table = Table("level", "result", "variant", "settings", "mean score (95% CI)")
+            for level, rows in report["levels"].items():
+                for r in rows:
+                    settings = [f"{r['few_shot']}-shot"]
+                    if r.get("noise"):
+                        settings.append(f"sigma={r['noise']['sigma']:g} seed={r['noise']['seed']}")
+                    if r.get("finetune_job"):
+                        settings.append(r["finetune_job"])
+                    table.add_row(level, r["result_id"], r["variant"], ", ".join(settings), _ci(r))
+            console.print(table)
+            console.print(
+                f"{report['family_size']} comparison(s), each at {100 * report['interval_level']:.4g} % "
+                f"({report['interval_method']}); family-wise alpha {report['alpha']:g}"
+            )
+            for flag in report["flags"]:
+                console.print(f"[red]flag[/] {flag['check']}: {flag['reason']}")
+            if not report["flags"]:
+                console.print("[green]no flags[/]: no sign of sandbagging in these results")
+        if report["flagged"]:
+            raise typer.Exit(1)
+
+    run_command(body)
+
+
 def _ci(stats: dict[str, Any]) -> str:
     return f"{stats['value']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
 

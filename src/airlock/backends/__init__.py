@@ -4,6 +4,7 @@
 __all__ = [
     "base",
     "local",
+    "noise",
     "pool",
     "protocol",
     "registry",

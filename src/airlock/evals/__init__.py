@@ -4,6 +4,7 @@
 __all__ = [
     "attestation",
     "client",
+    "elicitation",
     "events",
     "models",
     "reporting",

@@ -91,6 +91,12 @@ class LabClient:
         result: list[dict[str, Any]] = self._request("GET", "/airlock/results")
         return result
 
+    def elicitation(self, model_version: str, task: str) -> dict[str, Any]:
+        """Return the elicitation report of one task on ``model@version`` over the organisation's results."""
+        params = {"model": model_version, "task": task}
+        result: dict[str, Any] = self._request("GET", "/airlock/results/elicitation", params=params)
+        return result
+
 
 def find_logs(paths: Sequence[Path]) -> list[Path]:
     """Expand files and directories into ``.eval`` log files, sorted."""

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
 from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, require
 from airlock.evals import service
-from airlock.evals.schemas import EvalResultPublic, ResultEnvelope, SigningKeyCreate, SigningKeyPublic
+from airlock.evals.schemas import (
+    ElicitationReport,
+    EvalResultPublic,
+    ResultEnvelope,
+    SigningKeyCreate,
+    SigningKeyPublic,
+)
 
 router = APIRouter(prefix="/v1/airlock", tags=["evaluator: results"])
 admin_router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: results"])
@@ -39,6 +45,33 @@ def submit(body: ResultEnvelope, session: SessionDep, principal: CurrentPrincipa
 def my_results(session: SessionDep, principal: CurrentPrincipal) -> list[EvalResultPublic]:
     """List your organisation's accepted results."""
     return [EvalResultPublic.of(r) for r in service.list_results(session, evaluator_id=principal.evaluator_id)]
+
+
+_MODEL = Query(min_length=3, max_length=200, description="The model version, `{model}@{version}`.")
+_TASK = Query(min_length=1, max_length=200, description="The task whose results are compared.")
+
+
+@router.get("/results/elicitation", response_model=ElicitationReport)
+def my_elicitation(
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    model: Annotated[str, _MODEL],
+    task: Annotated[str, _TASK],
+) -> ElicitationReport:
+    """Your organisation's results of one task by elicitation level, with the sandbagging checks."""
+    report = service.elicitation_report(session, model, task, evaluator_id=principal.evaluator_id)
+    return ElicitationReport.model_validate(report)
+
+
+@admin_router.get("/results/elicitation", response_model=ElicitationReport)
+def elicitation(
+    session: SessionDep,
+    admin: Annotated[AdminPrincipal, require(Permission.RESULTS_READ)],
+    model: Annotated[str, _MODEL],
+    task: Annotated[str, _TASK],
+) -> ElicitationReport:
+    """Every evaluator's results of one task by elicitation level, with the sandbagging checks."""
+    return ElicitationReport.model_validate(service.elicitation_report(session, model, task))
 
 
 @admin_router.get("/results", response_model=list[EvalResultPublic])

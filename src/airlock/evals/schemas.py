@@ -99,3 +99,40 @@ class EvalResultPublic(BaseModel):
     def of(cls, row: EvalResult) -> EvalResultPublic:
         """Build from a row."""
         return cls.model_validate(row, from_attributes=True)
+
+
+class ElicitationFlag(BaseModel):
+    """One comparison of two results: which check, the difference, its interval, and whether it flags."""
+
+    check: str = Field(description="`weaker_elicitation_wins`, `noise_raises_score` or `few_shot_unlocks`.")
+    task: str
+    base: str = Field(description="The result compared against (the weaker level, un-noised or zero-shot run).")
+    other: str = Field(description="The result compared (the stronger level, noised or few-shot run).")
+    difference: float = Field(description="Score of `other` minus score of `base`.")
+    ci: list[float] = Field(description="The difference's Bonferroni-adjusted Newcombe interval.")
+    margin: float = Field(description="What the difference must clear in the suspicious direction.")
+    flagged: bool
+    reason: str | None = None
+
+
+class ElicitationReport(BaseModel):
+    """Results of one task on one model version by elicitation level, and the sandbagging checks."""
+
+    model: str
+    version: str
+    version_hash: str
+    task: str
+    metric: str
+    alpha: float = Field(description="Chance that an honest model's report flags anything (family-wise).")
+    family_size: int = Field(description="Number of comparisons the intervals are adjusted for.")
+    interval_level: float
+    interval_method: str
+    few_shot_min_gain: float
+    levels: dict[str, list[dict[str, Any]]] = Field(
+        description="`production`, `helpful-only`, `fine-tuned`, `noise-injected`: each result with its score."
+    )
+    strongest_level: str | None
+    comparisons: list[ElicitationFlag]
+    flags: list[ElicitationFlag]
+    flagged: bool
+    ignored_results: list[dict[str, str]]

@@ -14,10 +14,12 @@ from airlock.access.service import Principal
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals import events as evals_events
 from airlock.evals.attestation import SCHEMA, fingerprint, parse_public_key, verify
+from airlock.evals.elicitation import DEFAULT_ALPHA, DEFAULT_FEW_SHOT_MIN_GAIN, Observation, analyse, observation_of
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.schemas import Attestation, ResultEnvelope
+from airlock.ids import parse_version_ref
 from airlock.registry.models import Model, ModelVersion
-from airlock.registry.service import format_validation_error
+from airlock.registry.service import format_validation_error, get_model, get_version
 
 
 def register_signing_key(session: Session, evaluator_id: str, public_b64: str, *, registered_by: str) -> SigningKey:
@@ -138,6 +140,57 @@ def list_results(session: Session, *, evaluator_id: str | None = None, **filters
         if value is not None:
             stmt = stmt.where(getattr(EvalResult, column) == value)
     return list(session.scalars(stmt))
+
+
+def elicitation_report(
+    session: Session,
+    model_version: str,
+    task: str,
+    *,
+    evaluator_id: str | None = None,
+    metric: str = "mean_score",
+    alpha: float = DEFAULT_ALPHA,
+    few_shot_min_gain: float = DEFAULT_FEW_SHOT_MIN_GAIN,
+) -> dict[str, Any]:
+    """Gather the verified results of ``task`` on ``model@version`` by elicitation level and run the checks.
+
+    ``evaluator_id`` limits the report to one organisation's results (what an evaluator may see);
+    results whose signature no longer verifies, or whose row disagrees with the signed
+    attestation, are listed as ignored and take no part.
+    """
+    ref = parse_version_ref(model_version, require_version=True)
+    model = get_model(session, ref.model)
+    version = get_version(session, model, ref.version)
+    rows = list_results(session, evaluator_id=evaluator_id, version_id=version.id, task=task)
+    observations: list[Observation] = []
+    ignored: list[dict[str, str]] = []
+    for row in sorted(rows, key=lambda r: (r.created_at, r.id)):
+        att = row.attestation
+        if not verify_stored(session, row):
+            ignored.append({"result_id": row.id, "reason": "signature does not verify against a registered key"})
+            continue
+        if (att.get("task"), att.get("variant"), att.get("version_hash")) != (
+            row.task,
+            row.variant,
+            version.content_hash,
+        ):
+            ignored.append({"result_id": row.id, "reason": "the stored row disagrees with its signed attestation"})
+            continue
+        obs, why = observation_of(row.id, att, metric)
+        if obs is None:
+            ignored.append({"result_id": row.id, "reason": why or "unusable"})
+            continue
+        observations.append(obs)
+    report = analyse(observations, alpha=alpha, few_shot_min_gain=few_shot_min_gain)
+    return {
+        "model": model.name,
+        "version": version.label,
+        "version_hash": version.content_hash,
+        "task": task,
+        "metric": metric,
+        **report,
+        "ignored_results": ignored,
+    }
 
 
 def _is_b64(value: str) -> bool:

@@ -31,6 +31,7 @@ from airlock.canonical import sha256_hex
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import wilson_interval
+from airlock.evals.elicitation import Observation, analyse, observation_of
 from airlock.evals.models import EvalResult
 from airlock.evals.schemas import Attestation
 from airlock.evals.service import verify_stored
@@ -285,6 +286,11 @@ def _evaluate_eval(
     else:
         verdict = "cannot_rule_out"
         reason = "no qualifying evidence" + (f" ({len(excluded)} result(s) excluded)" if excluded else "")
+    flags = _elicitation_flags(rule, pool, version, policy, now)
+    if flags and verdict != "crossed":
+        # A sign of sandbagging or of incomplete elicitation: the best score is no upper bound.
+        verdict = "cannot_rule_out"
+        reason = f"elicitation flag ({flags[0]['check']}): {flags[0]['reason']}"
     return {
         "suite": rule.suite,
         "task": rule.task,
@@ -297,7 +303,23 @@ def _evaluate_eval(
         "reason": reason,
         "evidence": evidence,
         "excluded": excluded,
+        "elicitation_flags": flags,
     }
+
+
+def _elicitation_flags(
+    rule: EvalRule, pool: EvidencePool, version: ModelVersion, policy: Policy, now: datetime
+) -> list[dict[str, Any]]:
+    """Run the sandbagging checks over every fresh result of the rule's eval, at any elicitation level."""
+    observations: list[Observation] = []
+    for ev in pool.verified:
+        if not _matches(ev, rule.suite, rule.task, rule.task_args) or _freshness_problem(ev, version, policy, now):
+            continue
+        obs, _why = observation_of(ev.row.id, ev.row.attestation, rule.metric)
+        if obs is not None:
+            observations.append(obs)
+    flags: list[dict[str, Any]] = analyse(observations)["flags"]
+    return flags
 
 
 def _threshold_verdict(threshold: Threshold, evals: list[dict[str, Any]]) -> Verdict:

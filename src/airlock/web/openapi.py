@@ -61,6 +61,7 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     # evaluator results and reports
     ("POST", "/v1/airlock/signing-keys"): frozenset({409}),
     ("POST", "/v1/airlock/results"): frozenset({404, 409}),
+    ("GET", "/v1/airlock/results/elicitation"): frozenset({404}),  # an unknown model or version
     ("POST", "/v1/airlock/reports"): frozenset({404, 409}),
     ("PATCH", "/v1/airlock/reports/{report_id}"): frozenset({409}),
     ("POST", "/v1/airlock/reports/{report_id}/submit"): frozenset({409}),
@@ -78,6 +79,7 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     ("POST", "/v1/airlock/admin/manifest"): frozenset({409}),
     ("POST", "/v1/airlock/admin/evaluators"): frozenset({409}),
     ("GET", "/v1/airlock/admin/grants"): frozenset({404}),  # an unknown evaluator
+    ("GET", "/v1/airlock/admin/results/elicitation"): frozenset({404}),  # an unknown model or version
     ("POST", "/v1/airlock/admin/grants"): frozenset({404}),
     ("POST", "/v1/airlock/admin/grants/{grant_id}/revoke"): frozenset({409}),
     ("POST", "/v1/airlock/admin/grants/{grant_id}/keys"): frozenset({409}),
