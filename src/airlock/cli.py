@@ -253,8 +253,7 @@ def worker(
     import asyncio
     import signal
 
-    from airlock.app import job_handlers
-    from airlock.backends.pool import BackendPool
+    from airlock.app import backend_pool, job_executor, job_handlers
     from airlock.jobs.runner import JobRunner
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -267,8 +266,13 @@ def worker(
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        pool = BackendPool()
-        runner = JobRunner(db, job_handlers(settings, db, pool, loop), stale_after=settings.job_stale_after_s)
+        pool = backend_pool(settings)
+        runner = JobRunner(
+            db,
+            job_handlers(settings, db, pool, loop),
+            stale_after=settings.job_stale_after_s,
+            executor=job_executor(settings, db),
+        )
         runner.start()
         err.print(f"worker: running jobs from {db.engine.url.render_as_string(hide_password=True)}; Ctrl-C stops")
         try:

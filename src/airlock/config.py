@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,22 @@ class Settings(BaseSettings):
     run_jobs: bool = Field(default=True, description="Run the job worker (fine-tuning) inside the gateway.")
     job_stale_after_s: float = Field(
         default=30.0, gt=0, description="A running job whose heartbeat is older than this is recovered."
+    )
+    executor: Literal["inprocess", "ray"] = Field(
+        default="inprocess",
+        description="Where model workers and jobs run: `inprocess` (the gateway's own threads) or `ray` (actors "
+        "and tasks on a Ray cluster, placed on nodes holding the weights; the gateway holds none).",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join with `AIRLOCK_EXECUTOR=ray` (e.g. `ray-head:6379`, or `auto`); "
+        "unset: a local one-node cluster started by the process (development only).",
+    )
+    ray_namespace: str = Field(default="airlock", description="Ray namespace of the model worker actors.")
+    artifacts: Path | None = Field(
+        default=None,
+        description="Artifact store every node reaches (uploaded files, checkpoints, adapters, interp results); "
+        "default: the data dir. With `AIRLOCK_EXECUTOR=ray` it must be a shared mount.",
     )
     max_file_bytes: int = Field(default=10 * 1024 * 1024, description="Largest fine-tuning file upload.")
     interp_wall_timeout_s: float = Field(default=300.0, gt=0, description="Wall-clock limit of one interp job.")
@@ -130,6 +147,11 @@ class Settings(BaseSettings):
     def home_dir(self) -> Path:
         """Return the expanded data directory."""
         return self.home.expanduser()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Return the artifact store's directory (the data dir unless ``AIRLOCK_ARTIFACTS`` names a shared one)."""
+        return (self.artifacts or self.home_dir).expanduser()
 
     @property
     def db_url(self) -> str:

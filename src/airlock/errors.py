@@ -117,6 +117,10 @@ class BackendUnavailableError(AirlockError):
     error_type = "backend_unavailable"
     default_code = "backend_unavailable"
 
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
 
 class ConfigError(AirlockError):
     """The operator's configuration (settings, manifest) is invalid."""

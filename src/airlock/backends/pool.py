@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -86,7 +87,9 @@ def weights_spec(spec: VariantRuntimeSpec) -> VariantRuntimeSpec | None:
 class BackendPool:
     """Creates, starts and caches backends (mitigations are wrapped around them by the serving package)."""
 
-    def __init__(self) -> None:
+    def __init__(self, create: Callable[[VariantRuntimeSpec], ModelBackend] | None = None) -> None:
+        # ``create`` lets the interface put another worker plane behind local weights (Ray model workers).
+        self._create = create or (lambda spec: create_backend(spec.backend, spec.backend_config))
         self._backends: dict[str, ModelBackend] = {}
         self._lock = asyncio.Lock()
 
@@ -99,7 +102,7 @@ class BackendPool:
         async with self._lock:
             backend = self._backends.get(key)
             if backend is None:
-                backend = create_backend(spec.backend, spec.backend_config)
+                backend = self._create(spec)
                 log.info("starting %s backend for variant %s", spec.backend, spec.variant_id)
                 await backend.start()
                 self._backends[key] = backend

@@ -88,6 +88,7 @@ class FineTuneHandler:
                 should_stop=ctx.cancelled,
                 resume_from=resume,
                 checkpoint_every=int(params.get("checkpoint_every") or self.checkpoint_every),
+                device=str(params.get("device") or "cpu"),
             )
         except TrainingCancelled:
             raise JobCancelled() from None

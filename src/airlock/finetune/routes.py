@@ -49,7 +49,7 @@ async def upload_file(
     if "finetune" not in principal.grant.scopes:
         raise PermissionDeniedError("your grant lacks the scope(s) ['finetune']", code="scope_not_granted")
     data = await read_upload(file, service.max_file_bytes())
-    home = state.settings.home_dir
+    home = state.settings.artifacts_dir
 
     def store() -> FileObject:
         with state.db.sessions() as session:
@@ -116,7 +116,7 @@ def file_content(
     """Return the bytes of one of your organisation's files."""
     audit.scope = "finetune"
     audit.detail["file_id"] = file_id
-    _row, data = service.read_content(session, state.settings.home_dir, file_id, principal.evaluator_id)
+    _row, data = service.read_content(session, state.settings.artifacts_dir, file_id, principal.evaluator_id)
     return Response(content=data, media_type="application/octet-stream")
 
 
@@ -130,7 +130,7 @@ def delete_file(
     service.delete_file(session, file_id, principal.evaluator_id)
     # Commit before removing the bytes: a failed commit then leaves the file whole, not a row without bytes.
     session.commit()
-    service.discard_bytes(state.settings.home_dir, file_id)
+    service.discard_bytes(state.settings.artifacts_dir, file_id)
     return FileDeleted(id=file_id, deleted=True)
 
 

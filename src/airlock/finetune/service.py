@@ -60,6 +60,7 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
         "model": base,
         "version_id": target.version_id,
         "base_model": weights,
+        "device": training_device(target),
         "training_file": body.training_file,
         "validation_file": body.validation_file,
         "hyperparameters": hyper,
@@ -85,6 +86,13 @@ def trainable_weights(target: ResolvedVariant) -> str | None:
     else:
         model = None
     return model if isinstance(model, str) and model else None
+
+
+def training_device(target: ResolvedVariant) -> str:
+    """Return the device adapters of ``target`` train on: the one its weights are served on by the lab's workers."""
+    config = target.backend_config
+    device = config.get("device") if target.backend == "local" else config.get("worker_device")
+    return device if isinstance(device, str) and device else "cpu"
 
 
 def enforce_job_quotas(session: Session, principal: Principal) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "resolve_hyperparameters",
     "result_dict",
     "train_lora",
+    "training_dtype",
     "validate_examples",
 ]
 
@@ -171,6 +172,19 @@ def _collate(batch: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return batch if device == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
+def training_dtype(device: str) -> str:
+    """Return the dtype LoRA training loads the base weights in on ``device``: bf16 on a GPU that has it."""
+    if not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 # ---------------------------------------------------------------- hyperparameters
@@ -302,6 +316,7 @@ def train_lora(
     resume_from: Path | None = None,
     checkpoint_every: int = 0,
     num_threads: int | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Fine-tune a LoRA adapter on ``base_model`` (a weights spec) and save it in ``out_dir/adapter``.
 
@@ -310,7 +325,8 @@ def train_lora(
     > 0, ``out_dir/checkpoints/step-N/`` holds the adapter, optimizer and RNG state every N steps;
     ``resume_from`` continues from such a directory; ``on_checkpoint(step, path)`` is called once each
     is complete on disk, so the caller can record it as the one to resume from. ``num_threads`` sets this thread's torch
-    thread count (default: leave torch's choice).
+    thread count (default: leave torch's choice). ``device`` places the model and batches (``cuda`` trains in
+    bfloat16 where the GPU supports it, float32 otherwise).
     """
     import safetensors.torch
     import torch
@@ -328,7 +344,7 @@ def train_lora(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
 
-    loaded = weights.load_model(base_model)
+    loaded = weights.load_model(base_model, device=device, dtype=training_dtype(device))
     tokenizer = loaded.tokenizer
     train = [encode_example(tokenizer, ex, max_seq_len, i) for i, ex in enumerate(train_examples)]
     valid = [encode_example(tokenizer, ex, max_seq_len, i) for i, ex in enumerate(validation_examples or [])]
@@ -336,7 +352,7 @@ def train_lora(
     bsz: int = hp["batch_size"]
     steps_per_epoch = math.ceil(len(train) / bsz)
     total_steps = steps_per_epoch * hp["n_epochs"]
-    valid_batches = [_collate(valid[i : i + bsz], pad_id) for i in range(0, len(valid), bsz)]
+    valid_batches = [_to(_collate(valid[i : i + bsz], pad_id), device) for i in range(0, len(valid), bsz)]
 
     config = LoraConfig(
         r=lora_r,
@@ -399,7 +415,7 @@ def train_lora(
             chunk = [train[i] for i in order[index * bsz : (index + 1) * bsz]]
             if stop():
                 raise TrainingCancelled(step)
-            batch = _collate(chunk, pad_id)
+            batch = _to(_collate(chunk, pad_id), device)
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()

@@ -246,7 +246,7 @@ def _decide(job_id: str, decision: str, reason: str, reviewer: str) -> None:
             _job, row = service.decide(session, job_id, reviewer=reviewer, decision=decision, reason=reason)
             state = row.review_state
         if decision == "deny":
-            service.discard_result(settings.home_dir, job_id)
+            service.discard_result(settings.artifacts_dir, job_id)
     console.print(f"{job_id}: result {state}")
 
 

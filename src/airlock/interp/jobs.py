@@ -71,6 +71,15 @@ def pool_workers(pool: BackendPool, loop: asyncio.AbstractEventLoop) -> WorkerPr
     return provide
 
 
+def backend_workers(backend: Any) -> WorkerProvider:
+    """Return a provider of model workers over one started local backend (a Ray model worker's own)."""
+
+    def provide(spec: VariantRuntimeSpec) -> ModelWorker:
+        return BackendWorker(backend)
+
+    return provide
+
+
 class InterpHandler:
     """Runs one interp job: sandboxed runner ↔ host RPC, then output policy, storage, audit and ledger.
 
@@ -189,7 +198,7 @@ class InterpHandler:
                 f"the grant's interp jobs have been served {grant_served} bytes of activations, logits and text, "
                 f"past its review threshold of {review_bytes} bytes"
             )
-        interp.write_result(self.settings.home_dir, ctx.job_id, released.document, released.npz)
+        interp.write_result(self.settings.artifacts_dir, ctx.job_id, released.document, released.npz)
         digest = released.sha256
         with self.db.session() as session:
             row = session.get(InterpJob, ctx.job_id)

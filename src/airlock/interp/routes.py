@@ -98,7 +98,7 @@ def get_result(
     audit.scope = "interp"
     audit.detail["job_id"] = job_id
     job, row = service.get_own_job(session, principal, job_id)
-    result = service.released_result(state.settings.home_dir, job, row)
+    result = service.released_result(state.settings.artifacts_dir, job, row)
     audit.detail["result_bytes"] = result.result_bytes
     return result
 
@@ -111,7 +111,7 @@ def get_result_arrays(
     audit.scope = "interp"
     audit.detail["job_id"] = job_id
     job, row = service.get_own_job(session, principal, job_id)
-    path = service.released_npz(state.settings.home_dir, job, row)
+    path = service.released_npz(state.settings.artifacts_dir, job, row)
     audit.detail["result_bytes"] = row.result_bytes
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.npz")
 
@@ -177,5 +177,5 @@ def review_decide(
     if body.decision == "deny":
         # Commit first: a failed commit must leave the held result intact, not deleted but pending.
         session.commit()
-        service.discard_result(state.settings.home_dir, job_id)
+        service.discard_result(state.settings.artifacts_dir, job_id)
     return item

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -20,8 +20,10 @@ from sqlalchemy.orm import Session
 
 from airlock.db import Database, new_id, utcnow
 from airlock.errors import AirlockError
+from airlock.jobs.executor import ExecutionLost, InProcessExecutor, JobExecutor
 from airlock.jobs.models import Job
 from airlock.jobs.service import JOBS_CHANNEL, add_event
+from airlock.signals import emit
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +35,58 @@ class JobCancelled(Exception):
 
 
 class JobContext:
-    """What a handler sees of its job: params, checkpoint, and ways to report back."""
+    """What a handler sees of its job: params, checkpoint, and ways to report back.
+
+    It talks to the database only, never to the runner, so it works the same on the runner's
+    thread and on another machine (a Ray worker): the database is the job's one source of truth.
+    Every write is fenced by the claim (runner id and attempt), so a run the runner has given up
+    on (its node died, the job was re-queued) can no longer move the job.
+    """
 
     def __init__(
-        self, runner: JobRunner, job_id: str, params: dict[str, Any], checkpoint: dict[str, Any] | None
+        self,
+        db: Database,
+        job_id: str,
+        params: dict[str, Any],
+        checkpoint: dict[str, Any] | None,
+        *,
+        runner_id: str | None = None,
+        attempt: int | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.job_id = job_id
         self.params = params
         self.checkpoint = checkpoint
-        self._runner = runner
+        self.db = db
+        self.runner_id = runner_id
+        self.attempt = attempt
+        self._stopping = stopping or (lambda: False)
         self._cancel_checked = 0.0
         self._cancel_flag = False
 
+    def _fence(self) -> list[Any]:
+        where: list[Any] = [Job.id == self.job_id]
+        if self.runner_id is not None:
+            where += [Job.worker_id == self.runner_id, Job.status == "running"]
+        if self.attempt is not None:
+            where.append(Job.attempts == self.attempt)
+        return where
+
     def _set(self, **values: Any) -> None:
-        with self._runner.db.session() as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(**values))
+        with self.db.session() as session:
+            done = session.execute(update(Job).where(*self._fence()).values(**values))
+            if self.runner_id is not None and getattr(done, "rowcount", 0) != 1:
+                # The claim this run holds is gone (re-queued after its node died, or finished).
+                raise JobCancelled()
 
     def emit(self, message: str, **data: Any) -> None:
         """Append a message event to the job's log."""
-        with self._runner.db.session() as session:
+        with self.db.session() as session:
             add_event(session, self.job_id, message, type="message", **data)
 
     def metrics(self, step: int, **values: float) -> None:
         """Append a metrics event (e.g. ``train_loss``) for training step ``step``."""
-        with self._runner.db.session() as session:
+        with self.db.session() as session:
             add_event(session, self.job_id, f"step {step}", type="metrics", step=step, **values)
 
     def save_checkpoint(self, data: dict[str, Any]) -> None:
@@ -68,15 +98,19 @@ class JobContext:
         """Record progress between 0 and 1."""
         self._set(progress=min(1.0, max(0.0, float(fraction))))
 
+    def runner_stopping(self) -> bool:
+        """Return whether the runner that claimed the job is shutting down (the job will be re-queued)."""
+        return self._stopping()
+
     def cancelled(self) -> bool:
         """Return whether the job should stop (a cancel request, or the runner shutting down)."""
-        if self._cancel_flag or self._runner.stopping:
+        if self._cancel_flag or self._stopping():
             return True
         now = time.monotonic()
         # Reading the flag at most every 0.1 s keeps a tight training loop cheap.
         if now - self._cancel_checked >= 0.1:
             self._cancel_checked = now
-            with self._runner.db.session() as session:
+            with self.db.session() as session:
                 self._cancel_flag = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
         return self._cancel_flag
 
@@ -121,6 +155,7 @@ class JobRunner:
         *,
         stale_after: float = 30.0,
         max_attempts: int = 3,
+        executor: JobExecutor | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a runner needs at least one worker")
@@ -130,6 +165,7 @@ class JobRunner:
         self.poll_interval = poll_interval
         self.stale_after = stale_after
         self.max_attempts = max_attempts
+        self.executor: JobExecutor = executor or InProcessExecutor()
         self.runner_id = new_id("runner")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -281,7 +317,8 @@ class JobRunner:
             if job is None:
                 return False
             job_id, kind, params, checkpoint = job.id, job.kind, dict(job.params), job.checkpoint
-        self._execute(job_id, kind, params, checkpoint)
+            attempt = job.attempts
+        self._execute(job_id, kind, params, checkpoint, attempt)
         return True
 
     def _work(self) -> None:
@@ -295,11 +332,24 @@ class JobRunner:
                 self._wake.wait(self.poll_interval)
                 self._wake.clear()
 
-    def _execute(self, job_id: str, kind: str, params: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+    def _execute(
+        self, job_id: str, kind: str, params: dict[str, Any], checkpoint: dict[str, Any] | None, attempt: int
+    ) -> None:
         handler = self.handlers[kind]
-        ctx = JobContext(self, job_id, params, checkpoint)
+        ctx = JobContext(
+            self.db,
+            job_id,
+            params,
+            checkpoint,
+            runner_id=self.runner_id,
+            attempt=attempt,
+            stopping=lambda: self.stopping,
+        )
         try:
-            result = handler.run(ctx)
+            result = self.executor.execute(kind, handler, ctx)
+        except ExecutionLost as exc:
+            self._lost(job_id, handler, str(exc))
+            return
         except JobCancelled:
             if self.stopping and not ctx._cancel_flag and not self._cancel_requested(job_id):
                 self._interrupted_by_shutdown(job_id, handler)
@@ -321,6 +371,29 @@ class JobRunner:
             log.exception("job %s: could not store its result", job_id)
             error = {"code": "internal_error", "message": f"could not store the result: {exc}"}
             self._finish(job_id, "failed", error=error, message=f"job failed: {error['message']}")
+
+    def _lost(self, job_id: str, handler: JobHandler, reason: str) -> None:
+        """Re-queue (resumable, attempts left) or fail a job whose executing node or worker died."""
+        with self.db.session() as session:
+            job = session.get(Job, job_id)
+            attempts = job.attempts if job is not None else self.max_attempts
+            checkpoint = job.checkpoint if job is not None else None
+        if getattr(handler, "resumable", False) and attempts < self.max_attempts:
+            with self.db.session() as session:
+                requeued = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.worker_id == self.runner_id, Job.status == "running")
+                    .values(status="queued", worker_id=None, heartbeat_at=None)
+                )
+                if getattr(requeued, "rowcount", 0) == 1:
+                    message = f"{reason}; re-queued to resume {_resume_point(checkpoint)}"
+                    add_event(session, job_id, message, type="status", status="queued")
+                    emit(session, JOBS_CHANNEL)
+                    log.warning("job %s: %s", job_id, message)
+            return
+        message = f"{reason} ({attempts} attempts)" if getattr(handler, "resumable", False) else reason
+        error = {"code": "worker_lost", "message": message}
+        self._finish(job_id, "failed", error=error, message=f"job failed: {message}")
 
     def _cancel_requested(self, job_id: str) -> bool:
         with self.db.session() as session:

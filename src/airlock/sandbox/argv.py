@@ -71,9 +71,9 @@ class BwrapCommand:
 
 
 def _forbidden_roots() -> list[Path]:
-    """Paths no mount may expose wholesale: the host home, Airlock's data dir and the weights cache."""
+    """Paths no mount may expose wholesale: the host home, the data dir, the artifact store, the weights cache."""
     settings = get_settings()
-    roots = [settings.home_dir, settings.model_cache_dir]
+    roots = [settings.home_dir, settings.model_cache_dir, settings.artifacts_dir]
     with contextlib.suppress(RuntimeError, KeyError):
         roots.append(Path.home())
     return [root.resolve() for root in roots]

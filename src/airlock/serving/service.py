@@ -82,7 +82,7 @@ async def resolve_target(
             resolved = await run_in_threadpool(state.registry.get, state.db.sessions, ref)
     else:
         job_id, own_id, step = fine_tune.job_id, fine_tune.model_id, fine_tune.checkpoint_step
-        home = state.settings.home_dir
+        home = state.settings.artifacts_dir
 
         def _lookup() -> ResolvedVariant:
             with state.db.session() as session:
@@ -147,7 +147,7 @@ async def prepare(
 
 async def adapter_pipeline(state: ServingState, spec: VariantRuntimeSpec, fine_tune: FineTunedRef) -> VariantPipeline:
     """Return the variant's pipeline running a fine-tuned model's adapter (or one of its checkpoints')."""
-    store = AdapterStore.of_home(state.settings.home_dir)
+    store = AdapterStore.of_home(state.settings.artifacts_dir)
     step = fine_tune.checkpoint_step
     if step is None:
         return await state.pipelines.adapter_pipeline(spec, fine_tune.job_id, store.path(fine_tune.job_id))

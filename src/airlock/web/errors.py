@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from airlock.errors import AirlockError, RateLimitError
+from airlock.errors import AirlockError, BackendUnavailableError, RateLimitError
 from airlock.web.routing import allowed_methods
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def install_error_handlers(app: FastAPI) -> None:
             ctx.outcome = exc.audit_outcome
             ctx.detail.update(exc.audit_detail)
         headers = {}
-        if isinstance(exc, RateLimitError) and exc.retry_after is not None:
+        if isinstance(exc, RateLimitError | BackendUnavailableError) and exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
         return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
 
