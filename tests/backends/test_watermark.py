@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from airlock.backends import watermark
@@ -107,3 +108,61 @@ def test_repeated_windows_are_sampled_plainly_and_scored_once() -> None:
     ]
     assert detect(b"k" * 32, ids).scored_tokens == 5
     assert detect(b"k" * 32, [1, 2, 3]).p_value == 1.0
+
+
+def chi_square_p(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Return the chi-square goodness-of-fit p-value of ``counts`` against ``expected_probs``."""
+    from scipy.stats import chisquare
+
+    probs = expected_probs.to(torch.float64)
+    expected = probs / probs.sum() * counts.sum()
+    return float(chisquare(counts.to(torch.float64).numpy(), expected.numpy()).pvalue)
+
+
+def test_the_batched_tournament_draws_from_the_exact_tournament_distribution() -> None:
+    # Fixed g-value bytes and a fixed distribution: the left-on-tie tournament of independent
+    # candidates has the exact winner distribution `tournament` computes (random tie-breaks).
+    vocab, rows = 8, 6000
+    probs = toy_distribution((7, 7, 7, 7), vocab).to(torch.float64)
+    table = torch.tensor([3, 200, 17, 96, 255, 0, 129, 66], dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(3)
+    candidates = torch.stack([watermark.draw_candidates(probs, gen) for _ in range(rows)])
+    winners = watermark.tournament_winners(candidates, table[candidates])
+    counts = torch.bincount(winners, minlength=vocab)
+    exact = tournament(probs, table)
+    assert chi_square_p(counts, exact) > 1e-3
+    assert chi_square_p(counts, probs) < 1e-6  # one key and window: a strong tilt, as it must be
+
+
+def biased_tournament(candidates: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """A subtly wrong tournament: a tie goes to the higher token id (not exchangeable, hence biased)."""
+    ids, bytes_ = candidates, patterns.to(torch.int32)
+    for layer in range(LAYERS):
+        bits = (bytes_ >> layer) & 1
+        left, right = bits[:, 0::2], bits[:, 1::2]
+        take = (right > left) | ((right == left) & (ids[:, 1::2] > ids[:, 0::2]))
+        ids = torch.where(take, ids[:, 1::2], ids[:, 0::2])
+        bytes_ = torch.where(take, bytes_[:, 1::2], bytes_[:, 0::2])
+    return ids[:, 0]
+
+
+def test_watermarked_sampling_matches_the_model_distribution_by_chi_square(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each token under a fresh window (as in text, where windows keep changing): the empirical
+    # distribution of watermarked sampling is the model's. Fixed seed, so the test is deterministic.
+    vocab, rows = 16, 8000
+    probs = toy_distribution((5, 5, 5, 5), vocab)
+    key = b"w" * 32
+    gen = torch.Generator().manual_seed(11)
+    candidates = torch.stack([watermark.draw_candidates(probs, gen) for _ in range(rows)])
+    windows = [(key, (i, i + 1, i + 2, i + 3)) for i in range(rows)]
+    counts = torch.bincount(watermark.sample_batch(candidates, windows, vocab), minlength=vocab)
+    assert chi_square_p(counts, probs) > 1e-3
+    # The same test catches a biased sampler: the same candidates under ties broken by token id...
+    monkeypatch.setattr(watermark, "tournament_winners", biased_tournament)
+    biased = torch.bincount(watermark.sample_batch(candidates, windows, vocab), minlength=vocab)
+    assert chi_square_p(biased, probs) < 1e-6
+    monkeypatch.undo()
+    # ...and one window reused for every token (what repeated-window masking prevents).
+    fixed = [(key, (1, 2, 3, 4))] * rows
+    reused = torch.bincount(watermark.sample_batch(candidates, fixed, vocab), minlength=vocab)
+    assert chi_square_p(reused, probs) < 1e-6

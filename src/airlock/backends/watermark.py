@@ -18,10 +18,15 @@ generator, so:
   tokens (each window counted once) are independent fair bits, so the count of ones is
   Binomial(n, 1/2) and gives an exact p-value; no nonce or prompt needs to be searched.
 
-Tokens sharing one g-value pattern are treated alike by the tournament, so it runs over the
-``2**LAYERS`` patterns (their probability masses), not over the vocabulary: the cost per token is a
-few passes over the vocabulary whatever ``LAYERS`` is. Greedy decoding (temperature 0) has no
-randomness to steer and carries no watermark.
+Sampling runs the tournament itself (``sample_batch``): each row draws ``2**LAYERS`` candidates
+from its distribution with its own generator (one multinomial call, as plain sampling makes), and
+the matches of every row and every layer run as a handful of tensor operations over the batch.
+With candidates drawn independently, a tie may go to the left one: the pair is exchangeable, so
+the winner's distribution is the exact ``q(x) (1 + g(x) - E_q[g])`` of a random tie-break
+(``tournament`` computes it, and the tests compare the two). The g-values come from one ChaCha20
+key stream per row and step, gathered at the candidates.
+
+Greedy decoding (temperature 0) has no randomness to steer and carries no watermark.
 """
 
 from __future__ import annotations
@@ -39,16 +44,20 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from scipy.stats import binom
 
 __all__ = [
+    "CANDIDATES",
     "CONTEXT",
     "LAYERS",
     "SCHEME",
     "Detection",
     "WatermarkStream",
     "detect",
+    "draw_candidates",
     "g_values",
+    "sample_batch",
     "scored_positions",
     "token_g_value",
     "tournament",
+    "tournament_winners",
 ]
 
 SCHEME = "tournament-g8-h4-v1"
@@ -59,6 +68,8 @@ LAYERS = 8
 """Tournament layers: one g-value bit per layer, one byte of key stream per vocabulary entry."""
 
 _PATTERNS = 1 << LAYERS
+CANDIDATES = _PATTERNS
+"""Candidates a tournament of ``LAYERS`` rounds starts from."""
 _ZERO_NONCE = bytes(16)  # every window has its own ChaCha20 key, so one nonce suffices
 # bit[layer, pattern]: the g-value a pattern (one key-stream byte) has at each layer.
 _PATTERN_BITS = torch.tensor(
@@ -127,18 +138,69 @@ class WatermarkStream:
         A window shorter than ``CONTEXT`` (a very short prompt) or one already used in this
         sequence is sampled plainly: a repeated window would repeat the same bias.
         """
-        window = tuple(self.recent)
-        if len(window) < CONTEXT or window in self.seen:
+        window = self.next_window()
+        if window is None:
             return probs
-        self.seen.add(window)
         patterns = torch.from_numpy(g_values(self.key, window, probs.shape[0]).copy()).to(probs.device)
         return tournament(probs, patterns)
+
+    def next_window(self) -> tuple[int, ...] | None:
+        """Return the window keying the next token and mark it used; ``None`` when it is to be sampled plainly."""
+        window = tuple(self.recent)
+        if len(window) < CONTEXT or window in self.seen:
+            return None
+        self.seen.add(window)
+        return window
 
     def advance(self, token: int) -> None:
         """Slide the window past the token just sampled."""
         self.recent.append(token)
         if len(self.recent) > CONTEXT:
             del self.recent[0]
+
+
+def tournament_winners(candidates: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """Return each row's tournament winner among ``candidates`` (``[rows, 2**LAYERS]`` token ids).
+
+    ``patterns`` holds the candidates' g-value bytes. Round ``l`` pairs neighbours and keeps the
+    one whose layer-``l`` bit is higher, the left one on a tie (exact for independent candidates:
+    see the module docstring). All rows and both halves of every round are single tensor operations.
+    """
+    if candidates.shape[-1] != CANDIDATES or patterns.shape != candidates.shape:
+        raise ValueError(f"a tournament needs {CANDIDATES} candidates per row and their g-value bytes")
+    ids, bytes_ = candidates, patterns.to(torch.int32)
+    for layer in range(LAYERS):
+        bits = (bytes_ >> layer) & 1
+        right = bits[:, 1::2] > bits[:, 0::2]
+        ids = torch.where(right, ids[:, 1::2], ids[:, 0::2])
+        bytes_ = torch.where(right, bytes_[:, 1::2], bytes_[:, 0::2])
+    return ids[:, 0]
+
+
+def draw_candidates(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one row's ``2**LAYERS`` tournament candidates from ``probs`` with the row's own generator.
+
+    The randomness is fresh per request, as without a watermark: identical requests stay diverse
+    and seeded ones reproduce. Raises ``RuntimeError`` on an invalid distribution (NaN, negative).
+    """
+    return torch.multinomial(probs, CANDIDATES, replacement=True, generator=generator)
+
+
+def sample_batch(
+    candidates: torch.Tensor, keys: Sequence[tuple[bytes, Sequence[int]]], vocab_size: int
+) -> torch.Tensor:
+    """Return each row's watermarked token: the tournament among its candidates under ``keys[i]`` = (key, window).
+
+    ``candidates`` is ``[rows, 2**LAYERS]`` (``draw_candidates`` per row). Every row's g-values
+    come from one ChaCha20 key stream over the vocabulary, read at its candidates; the tournament
+    then runs over the whole batch at once. The result is on the candidates' device.
+    """
+    on_cpu = candidates.cpu()
+    picked = on_cpu.numpy()
+    patterns = np.stack(
+        [g_values(key, window, vocab_size)[row] for (key, window), row in zip(keys, picked, strict=True)]
+    )
+    return tournament_winners(on_cpu, torch.from_numpy(patterns)).to(candidates.device)
 
 
 @dataclass(frozen=True)

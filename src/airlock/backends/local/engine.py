@@ -41,7 +41,7 @@ from airlock.backends.local.config import BatchStats, LocalBackendConfig
 from airlock.backends.local.processors import LogitsProcessor
 from airlock.backends.local.tokens import TokenTable
 from airlock.backends.protocol import FinishReason
-from airlock.backends.watermark import WatermarkStream
+from airlock.backends.watermark import WatermarkStream, draw_candidates, sample_batch
 from airlock.errors import AirlockError, BackendError, BackendUnavailableError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -620,13 +620,28 @@ class Engine:
         broken: set[Job] = set()
         scores = self._processed_logits(batch, broken)
         next_ids = scores.argmax(dim=-1)
+        # Rows the watermark's tournament picks for: (row, candidates, grant key, window).
+        marked: list[tuple[int, torch.Tensor, bytes, tuple[int, ...]]] = []
         for i, row in enumerate(rows):
             if row.temperature > 0 and not row.job.dead:
                 try:
-                    next_ids[i] = _sample(scores[i], row.temperature, row.top_p, row.generator, row.watermark)
+                    window = row.watermark.next_window() if row.watermark is not None else None
+                    if row.watermark is None or window is None:
+                        next_ids[i] = _sample(scores[i], row.temperature, row.top_p, row.generator)
+                    else:
+                        # The watermark is the last sampling step: its candidates come from the final
+                        # distribution (after every logits step, temperature and top-p).
+                        probs = _nucleus(torch.softmax(scores[i] / row.temperature, dim=-1), row.top_p)
+                        marked.append((i, draw_candidates(probs, row.generator), row.watermark.key, window))
                 except RuntimeError as exc:  # e.g. NaN probabilities: only this request fails
                     self._fail_job(row.job, exc)
                     broken.add(row.job)
+        if marked:
+            # One tournament over every watermarked row of the batch.
+            winners = sample_batch(
+                torch.stack([m[1] for m in marked]), [(m[2], m[3]) for m in marked], scores.shape[-1]
+            )
+            next_ids[[m[0] for m in marked]] = winners.to(next_ids.device, next_ids.dtype)
         chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
         top_k = max(r.top_k for r in rows)
         tops: list[list[tuple[int, float]]] = [[] for _ in rows]
@@ -780,14 +795,9 @@ def _sample(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
-    watermark: WatermarkStream | None = None,
 ) -> torch.Tensor:
-    """Draw one token id from ``logits`` with temperature and nucleus (top-p) filtering, watermarked if asked."""
+    """Draw one token id from ``logits`` with temperature and nucleus (top-p) filtering (no watermark)."""
     probs = torch.softmax(logits / temperature, dim=-1)
-    if watermark is not None:
-        # The watermark is the last sampling step: it reweights the final distribution (after every
-        # logits step, temperature and top-p) and the row's generator draws from the result.
-        return torch.multinomial(watermark.tilt(_nucleus(probs, top_p)), 1, generator=generator)[0]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
