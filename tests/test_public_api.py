@@ -83,7 +83,7 @@ PINNED: dict[str, list[str]] = {
         "service",
         "trend",
     ],
-    "interp": ["cli", "client", "jobs", "models", "routes", "service"],
+    "interp": ["cli", "client", "jobs", "models", "nnsight", "routes", "service"],
     "jobs": ["executor", "models", "periodic", "runner", "service"],
     "leak": ["cli", "keys", "trace"],
     "ledger": [

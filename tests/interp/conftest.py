@@ -24,6 +24,17 @@ def tiny_worker() -> Iterator[ThreadWorker]:
     worker.close()
 
 
+@pytest.fixture(scope="session")
+def smollm2_worker() -> Iterator[ThreadWorker]:
+    """SmolLM2-135M-Instruct (30 layers, hidden 576, tied 49,152 x 576 embedding) on its own thread."""
+    from airlock.backends import weights
+
+    loaded = weights.load_model("embedded:smollm2-135m")
+    worker = ThreadWorker(loaded.model, loaded.tokenizer)
+    yield worker
+    worker.close()
+
+
 RunCode = Callable[..., RunOutcome]
 
 

@@ -389,17 +389,6 @@ SMOLLM2 = {
 }
 
 
-@pytest.fixture(scope="module")
-def smollm2_worker() -> Iterator[ThreadWorker]:
-    """SmolLM2-135M-Instruct (30 layers, hidden 576, tied 49,152 x 576 embedding) on its own thread."""
-    from airlock.backends import weights
-
-    loaded = weights.load_model("embedded:smollm2-135m")
-    worker = ThreadWorker(loaded.model, loaded.tokenizer)
-    yield worker
-    worker.close()
-
-
 @pytest.mark.slow
 @needs_bwrap
 def test_the_extraction_on_smollm2_is_held_or_refused_under_the_default_terms(

@@ -6,6 +6,7 @@ __all__ = [
     "client",
     "jobs",
     "models",
+    "nnsight",
     "routes",
     "service",
 ]

@@ -33,7 +33,7 @@ RUNTIME_TARGET = "/opt/airlock"
 RUNNER_DISTRIBUTIONS = ("numpy", "scikit-learn")
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip"})
-_AIRLOCK_MODULES = ("_wire.py", "client.py", "runner.py")
+_AIRLOCK_MODULES = ("_wire.py", "client.py", "nnsight.py", "runner.py")
 _SYSTEM_PREFIXES = ("/usr", "/bin", "/lib", "/lib64")
 
 
