@@ -105,6 +105,35 @@ def test_reads_and_edits_match_the_native_rpc(run_code: RunCode) -> None:
     assert value["ablated"][0] == value["ablated"][1] and value["steered"][0] == value["steered"][1]
 
 
+def test_activation_patching_in_nnsight_form_matches_patching_effects(run_code: RunCode) -> None:
+    code = textwrap.dedent(
+        """
+        from airlock.interp import client
+        from airlock.interp.nnsight import LanguageModel
+
+        def main(answer=42):
+            model = LanguageModel("any")
+            clean, corrupted = "the cat sat on", "a dog ran to"
+            with model.trace([clean, corrupted]):
+                hs = [block.output[:, -1].save() for block in model.model.layers]
+                base = model.lm_head.output[:, -1].log_softmax(dim=-1)[:, answer].save()
+            effects = {}
+            for i in range(len(model.model.layers)):
+                with model.trace(corrupted):
+                    model.model.layers[i].output[:, -1] = hs[i][0]
+                    patched = model.lm_head.output[:, -1].log_softmax(dim=-1)[:, answer].save()
+                effects[f"model.layers.{i}"] = float((patched[0] - base[1]) / (base[0] - base[1]))
+            native = client.patching_effects(clean, corrupted, modules=list(effects), answer=answer)
+            return {"effects": effects, "native": native}
+        """
+    )
+    outcome = run_code(code, cpu_seconds=30, wall_seconds=60)
+    assert outcome.error is None, outcome.logs
+    effects, native = outcome.value["effects"], outcome.value["native"]
+    assert effects == pytest.approx(native, abs=1e-6)
+    assert effects["model.layers.1"] == pytest.approx(1.0, abs=1e-3)  # the last layer's output decides the answer
+
+
 def test_what_cannot_run_remotely_is_refused_with_the_way_out(run_code: RunCode) -> None:
     code = textwrap.dedent(
         """
@@ -210,3 +239,21 @@ def test_the_logit_lens_port_on_smollm2(smollm2_worker: ThreadWorker) -> None:
     assert port["first_layer_predicting_answer"] == native["first_layer_predicting_answer"] >= 20
     for ours, theirs in zip(port["layers"], native["layers"], strict=True):
         assert ours["logprobs"] == pytest.approx(theirs["logprobs"], abs=1e-5)
+
+
+def test_top_logits_answer_exactly_what_was_served() -> None:
+    from airlock.interp.nnsight import NNsightError, TopLogits
+
+    full = np.array([[[2.0, 0.5, 1.0, -1.0]]])  # [batch, tokens, vocab]
+    lse = np.log(np.exp(full).sum(-1))
+    top = TopLogits(np.array([[[0, 2]]]), full[..., [0, 2]], lse, 4, named_ids=[3], named=full[..., [3]])
+    probs = np.exp(full - lse[..., None])
+    np.testing.assert_allclose(top.softmax(dim=-1).max(dim=-1).values, probs[..., 0])
+    np.testing.assert_allclose(top[:, -1].log_softmax(dim=-1)[:, 3], np.log(probs[:, -1, 3]))
+    assert top.shape == (1, 1, 4) and top.argmax(dim=-1).tolist() == [[0]]
+    with pytest.raises(NNsightError, match="constants"):
+        top[0, 0, 1]  # never served
+    with pytest.raises(NNsightError, match="full logits"):
+        np.asarray(top)
+    with pytest.raises(NNsightError, match="top 2"):
+        top.topk(3)

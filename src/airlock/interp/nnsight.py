@@ -60,7 +60,8 @@ class _Node:
 def _node(value: Any) -> Any:
     """Return the graph form of ``value``: proxies become their nodes, inside lists, tuples and slices too."""
     if isinstance(value, Proxy):
-        return value._node
+        # A value saved by an earlier block is a constant here.
+        return value._result if value._done else value._node
     if isinstance(value, list | tuple):
         return type(value)(_node(v) for v in value)
     if isinstance(value, slice):
@@ -217,11 +218,28 @@ class TopLogits:
     """Logits known at the top ``k`` tokens of each position (best first), with the log-sum-exp.
 
     ``softmax``, ``log_softmax``, ``max``, ``argmax`` and ``topk`` (up to ``k``) are exact; the
-    rest of the vocabulary is not served (see docs/interp.md). Index the leading axes freely.
+    rest of the vocabulary is not served (see docs/interp.md). Index the leading axes freely; the
+    vocabulary axis by the token ids the block names as constants (``logits[:, -1, paris_id]``),
+    which the trace asks for by name.
     """
 
-    def __init__(self, ids: Array, values: Array, lse: Array, vocab: int, kind: str = "logits") -> None:
+    def __init__(
+        self,
+        ids: Array,
+        values: Array,
+        lse: Array,
+        vocab: int,
+        kind: str = "logits",
+        named_ids: Sequence[int] = (),
+        named: Array | None = None,
+    ) -> None:
         self.ids, self.values, self.lse, self.vocab, self.kind = ids, values, lse, vocab, kind
+        self.named_ids = [int(i) for i in named_ids]
+        self.named = named if named is not None else np.zeros((*ids.shape[:-1], 0), values.dtype)
+
+    def _like(self, key: Any, values: Array, lse: Array, kind: str, named: Array) -> TopLogits:
+        ids = self.ids if key is None else self.ids[key]
+        return TopLogits(ids, values, lse, self.vocab, kind, self.named_ids, named)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -233,14 +251,23 @@ class TopLogits:
         """Number of axes, the vocabulary's included."""
         return self.ids.ndim
 
-    def __getitem__(self, key: Any) -> TopLogits:
+    def __getitem__(self, key: Any) -> Any:
         keys = key if isinstance(key, tuple) else (key,)
         if Ellipsis in keys or len(keys) >= self.ids.ndim:
+            token = keys[-1]
+            tokens = [token] if isinstance(token, int | np.integer) else token
+            if (Ellipsis in keys or len(keys) == self.ids.ndim) and isinstance(tokens, list | tuple):
+                missing = [t for t in tokens if int(t) not in self.named_ids]
+                if not missing:
+                    columns = [self.named_ids.index(int(t)) for t in tokens]
+                    picked = self.named[(*keys[:-1], slice(None))]
+                    return picked[..., columns[0]] if tokens is not token else picked[..., columns]
             raise NNsightError(
-                "only the leading axes of logits can be indexed here (the vocabulary is served as the top k): "
-                "use .topk(), .max(), .argmax() or .softmax()"
+                "the vocabulary axis of logits can be indexed only by token ids written as constants in the block "
+                "(logits[:, -1, token_id]; not for the logit lens): otherwise use .topk(), .max(), .argmax() or "
+                ".softmax()"
             )
-        return TopLogits(self.ids[key], self.values[key], self.lse[key], self.vocab, self.kind)
+        return self._like(key, self.values[key], self.lse[key], self.kind, self.named[key])
 
     def _dim(self, dim: int) -> None:
         if dim not in (-1, self.ids.ndim - 1):
@@ -249,12 +276,13 @@ class TopLogits:
     def log_softmax(self, dim: int = -1) -> TopLogits:
         """Log-probabilities of the top tokens."""
         self._dim(dim)
-        return TopLogits(self.ids, self.values - self.lse[..., None], np.zeros_like(self.lse), self.vocab, "logprobs")
+        zero = np.zeros_like(self.lse)
+        return self._like(None, self.values - self.lse[..., None], zero, "logprobs", self.named - self.lse[..., None])
 
     def softmax(self, dim: int = -1) -> TopLogits:
         """Probabilities of the top tokens (exact; the rest of the vocabulary holds the remainder)."""
         out = self.log_softmax(dim)
-        return TopLogits(out.ids, np.exp(out.values), np.ones_like(self.lse), self.vocab, "probs")
+        return self._like(None, np.exp(out.values), np.ones_like(self.lse), "probs", np.exp(out.named))
 
     def max(self, dim: int = -1) -> _MaxResult:
         """``(values, indices)`` of the best token, as ``torch.max(dim=-1)``."""
@@ -699,6 +727,7 @@ class _Run:
         want_logits = any(n.op == "logits" for n in reads)
         positions = _positions(reads, roots)
         top_k = t._top_k or max([5, *_topk_sizes(roots)])
+        named = _named_tokens(roots) if want_logits else []
         logits: bool | str = t._logits if want_logits else False
         reply = client.trace(
             t._prompts,
@@ -708,6 +737,7 @@ class _Run:
             logits=logits,
             lens=lens,
             top_k=min(top_k, 64),
+            token_ids=named,
             chat=t._chat,
         )
         t.tokens = reply.tokens
@@ -727,9 +757,9 @@ class _Run:
             else:
                 assert reply.top_ids is not None and reply.top_logits is not None and reply.logsumexp is not None
                 lse = layout.place(reply.logsumexp[..., None])[..., 0]
-                env[id(node)] = TopLogits(
-                    layout.place(reply.top_ids), layout.place(reply.top_logits), lse, self.vocab, "logits"
-                )
+                wanted = layout.place(reply.token_logits) if reply.token_logits is not None and named else None
+                top = layout.place(reply.top_ids), layout.place(reply.top_logits)
+                env[id(node)] = TopLogits(*top, lse, self.vocab, "logits", reply.token_ids, wanted)
         return env
 
     # ---- edits
@@ -755,6 +785,11 @@ class _Run:
         if self.t._sampling is not None and not edit.every_step:
             raise NNsightError("Airlock's generate applies edits at every step: put them inside `with tracer.all():`")
         deps = [n for n in _walk((edit.value, keys)) if n.op in ("module", "logits", "lens", "generated")]
+        if not deps and self.t._sampling is None:
+            spec = self._at_positions(keys, edit.value)
+            if spec is not None:
+                self.patches[path] = spec
+                return
         if all(n is node for n in deps):
             spec = self._affine(node, unit, keys, edit.value)
             if spec is not None:
@@ -767,6 +802,27 @@ class _Run:
                 "position of every prompt, which is all generate can apply at each step"
             )
         self.patches[path] = self._exact(path, node, unit, keys, edit.value, deps)
+
+    def _at_positions(self, keys: list[Any], value: Any) -> dict[str, Any] | None:
+        """Return a constant edit of some token positions (``out[:, -1] = v``) as a positioned replace, or None."""
+        key = keys[0] if len(keys) == 1 else None
+        if not isinstance(key, tuple) or not 2 <= len(key) <= 3 or key[0] != slice(None):
+            return None
+        if len(key) == 3 and key[2] not in (slice(None), Ellipsis):
+            return None
+        seq = key[1]
+        positions = [seq] if isinstance(seq, int) else seq if isinstance(seq, list) else None
+        batch = len(self.t._prompts)
+        if not positions or not all(isinstance(p, int) for p in positions):
+            return None
+        if batch > 1 and not all(p < 0 for p in positions):
+            return None  # left padding moves non-negative positions; the exact path handles equal lengths
+        try:
+            shape = (batch, self.hidden) if isinstance(seq, int) else (batch, len(positions), self.hidden)
+            block = np.broadcast_to(np.asarray(value, dtype=np.float32), shape)
+        except ValueError:
+            return None
+        return client.replace(block.reshape(batch, len(positions), self.hidden), positions=positions)
 
     def _affine(self, module: _Node, unit: bool, keys: list[Any], value: Any) -> dict[str, Any] | None:
         """Classify the edit, position by position, as add / ablate / set (``{}``: no change), or None."""
@@ -889,6 +945,24 @@ def _topk_sizes(roots: list[_Node]) -> list[int]:
         if isinstance(fn, _Node) and fn.op == "getattr" and fn.args[1] == "topk" and len(node.args) > 1:
             sizes.extend(k for k in node.args[1:2] if isinstance(k, int))
     return sizes
+
+
+def _named_tokens(roots: list[_Node]) -> list[int]:
+    """Return the token ids the block indexes the logits' vocabulary axis by (``logits[:, -1, 1234]``)."""
+    found: list[int] = []
+    for node in (n for r in roots for n in _walk(r)):
+        key = node.args[1] if node.op == "getitem" else None
+        if not isinstance(key, tuple) or len(key) < 2:
+            continue
+        token = key[-1]
+        tokens = [token] if isinstance(token, int) else token if isinstance(token, list) else []
+        base = node.args[0]
+        # Through softmax/log_softmax and leading-axis indexing back to the model's own logits.
+        while isinstance(base, _Node) and base.op in ("getitem", "call", "getattr"):
+            base = base.args[0]
+        if isinstance(base, _Node) and base.op == "logits":
+            found.extend(int(t) for t in tokens if isinstance(t, int) and t >= 0)
+    return sorted(set(found))[:256]
 
 
 def _evaluate(root: Any, env: dict[int, Any]) -> Any:
