@@ -11,6 +11,26 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+# Prompts of the generation benchmarks: "Write a long, detailed paragraph about {topic}."
+TOPICS = [
+    "a lighthouse keeper",
+    "the history of bread",
+    "how volcanoes form",
+    "a robot learning to paint",
+    "the water cycle",
+    "a city under the sea",
+    "why the sky is blue",
+    "a journey across a desert",
+    "the life of a honeybee",
+    "an old clockmaker",
+    "how bridges are built",
+    "a winter festival",
+    "the moons of Jupiter",
+    "a friendly dragon",
+    "the first printing press",
+    "a garden in spring",
+]
+
 RESULTS_ENV = "AIRLOCK_BENCH_RESULTS"
 """When set, every figure a benchmark prints is also appended to this JSON-lines file (``make bench``)."""
 

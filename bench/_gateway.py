@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _common import free_port, wait_http
 
@@ -67,16 +68,18 @@ class Lab:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def prepare_lab(
+def _make_lab(
     home: Path,
     db_url: str,
-    upstream_url: str,
+    model: dict[str, Any],
     *,
+    variant: str,
+    scopes: list[str],
     redis_url: str | None = None,
     requests_per_minute: int | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> Lab:
-    """Migrate ``db_url``, register a variant served by ``upstream_url`` and issue one grant and key."""
+    """Migrate ``db_url``, register ``model`` (a manifest entry) and issue one grant on ``variant`` and its key."""
     sys.path.insert(0, str(REPO / "src"))
     from airlock.access import service
     from airlock.access.seal import prepare_grant_seals
@@ -97,36 +100,16 @@ def prepare_lab(
     db = Database(db_url)
     db.migrate()
     prepare_grant_seals(db, settings)
-    manifest = {
-        "models": [
-            {
-                "name": "bench",
-                "versions": [
-                    {
-                        "label": "v1",
-                        "content_hash": "0" * 64,
-                        "variants": [
-                            {
-                                "name": "helpful-only",
-                                "backend": "openai_upstream",
-                                "backend_config": {"base_url": upstream_url, "model": "instant"},
-                            }
-                        ],
-                    }
-                ],
-            }
-        ]
-    }
     with db.session() as session:
-        sync_manifest(session, parse_manifest(manifest))
+        sync_manifest(session, parse_manifest({"models": [model]}))
         service.create_evaluator(session, "bench-org")
         grant = service.create_grant(
             session,
             service.GrantRequest(
                 evaluator="bench-org",
-                model="bench",
-                variants=["helpful-only"],
-                scopes=["sample"],
+                model=model["name"],
+                variants=[variant],
+                scopes=scopes,
                 quota_requests_per_minute=requests_per_minute,
             ),
         )
@@ -134,6 +117,55 @@ def prepare_lab(
         grant_id = grant.id
     db.dispose()
     return Lab(home=home, db_url=db_url, redis_url=redis_url, key=token, grant_id=grant_id, env=env)
+
+
+def prepare_lab(
+    home: Path,
+    db_url: str,
+    upstream_url: str,
+    *,
+    redis_url: str | None = None,
+    requests_per_minute: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Lab:
+    """Migrate ``db_url``, register a variant served by ``upstream_url`` and issue one grant and key."""
+    model = {
+        "name": "bench",
+        "versions": [
+            {
+                "label": "v1",
+                "content_hash": "0" * 64,
+                "variants": [
+                    {
+                        "name": "helpful-only",
+                        "backend": "openai_upstream",
+                        "backend_config": {"base_url": upstream_url, "model": "instant"},
+                    }
+                ],
+            }
+        ],
+    }
+    return _make_lab(
+        home,
+        db_url,
+        model,
+        variant="helpful-only",
+        scopes=["sample"],
+        redis_url=redis_url,
+        requests_per_minute=requests_per_minute,
+        extra_env=extra_env,
+    )
+
+
+LOCAL_MODEL = "tiny/helpful-only"
+
+
+def prepare_local_lab(
+    home: Path, db_url: str, *, weights: str = "tiny-random", scopes: tuple[str, ...] = ("interp",)
+) -> Lab:
+    """Migrate ``db_url``, register ``tiny/helpful-only`` served from local ``weights``, issue one grant and key."""
+    model = {"name": "tiny", "versions": [{"label": "v1", "weights": weights, "variants": [{"name": "helpful-only"}]}]}
+    return _make_lab(home, db_url, model, variant="helpful-only", scopes=list(scopes))
 
 
 @contextlib.contextmanager

@@ -28,33 +28,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 # Share the converted-model cache with the test suite unless told otherwise.
 os.environ.setdefault("AIRLOCK_MODEL_CACHE", str(REPO / ".cache" / "models"))
 
 import torch  # noqa: E402
 
+from _common import TOPICS  # noqa: E402
 from airlock.backends import weights  # noqa: E402
 from airlock.backends.local import LocalBackend  # noqa: E402
 from airlock.backends.protocol import ChatCompletionRequest, ChatMessage  # noqa: E402
-
-TOPICS = [
-    "a lighthouse keeper",
-    "the history of bread",
-    "how volcanoes form",
-    "a robot learning to paint",
-    "the water cycle",
-    "a city under the sea",
-    "why the sky is blue",
-    "a journey across a desert",
-    "the life of a honeybee",
-    "an old clockmaker",
-    "how bridges are built",
-    "a winter festival",
-    "the moons of Jupiter",
-    "a friendly dragon",
-    "the first printing press",
-    "a garden in spring",
-]
 
 
 @dataclass

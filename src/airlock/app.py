@@ -37,7 +37,7 @@ from airlock.governance.routes import router as governance_router
 from airlock.governance.routes import stage_router
 from airlock.governance.service import refuse_gated_manifest_stages
 from airlock.interp.jobs import KIND as INTERP_KIND
-from airlock.interp.jobs import InterpHandler, backend_workers, pool_workers
+from airlock.interp.jobs import InterpHandler, backend_workers, pool_workers, warm_runners
 from airlock.interp.routes import router as interp_router
 from airlock.jobs.executor import JobExecutor
 from airlock.jobs.runner import JobHandler, JobRunner
@@ -86,7 +86,7 @@ def job_handlers(
     settings: Settings, db: Database, pool: BackendPool, loop: asyncio.AbstractEventLoop
 ) -> dict[str, JobHandler]:
     """Return the handler of every job kind (the gateway's in-process runner and ``airlock worker`` share them)."""
-    interp = InterpHandler(db, settings, pool_workers(pool, loop))
+    interp = InterpHandler(db, settings, pool_workers(pool, loop), warm_runners(settings))
     return {KIND: FineTuneHandler(settings.artifacts_dir), INTERP_KIND: interp}
 
 

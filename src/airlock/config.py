@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     interp_wall_timeout_s: float = Field(default=300.0, gt=0, description="Wall-clock limit of one interp job.")
     interp_cpu_seconds: int = Field(default=120, gt=0, description="Sandbox CPU-seconds limit of one interp job.")
     interp_memory_mb: int = Field(default=2048, gt=0, description="Address-space limit of an interp runner (MiB).")
+    interp_warm_runners: int = Field(
+        default=2,
+        ge=0,
+        description="Sandboxed interp runners kept started ahead of their jobs, per set of limits in use (each "
+        "serves one job, then is destroyed); 0 starts each job's runner when the job starts.",
+    )
+    interp_warm_idle_s: float = Field(
+        default=600.0, gt=0, description="A warm interp runner unused this long is killed (and not replaced)."
+    )
     interp_max_code_bytes: int = Field(default=256 * 1024, gt=0, description="Largest interp code file.")
     interp_max_result_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest result of one job.")
     interp_review_over_bytes: int = Field(

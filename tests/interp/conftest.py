@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from airlock.interp.pool import RunnerPool
 from airlock.interp.run import JobSpec, RunOutcome, run_job, runner_limits
 from airlock.interp.workers import ModelWorker, ThreadWorker
 
@@ -54,10 +55,25 @@ def _run_code(
     memory_mb: int = 1024,
     log_bytes: int = 64 * 1024,
     max_result_bytes: int = 1024 * 1024,
+    pool: RunnerPool | None = None,
 ) -> RunOutcome:
-    """Run ``code``'s ``main`` in a fresh sandboxed runner against ``worker``."""
+    """Run ``code``'s ``main`` in a fresh sandboxed runner (a warm one from ``pool``) against ``worker``."""
     spec = JobSpec(code=code, filename="job.py", entry_point="main", args=args or {})
     limits = runner_limits(
         cpu_seconds=cpu_seconds, wall_seconds=wall_seconds, memory_bytes=memory_mb * 1024 * 1024, log_bytes=log_bytes
     )
-    return asyncio.run(run_job(spec, worker, limits, max_result_bytes=max_result_bytes))
+    return asyncio.run(run_job(spec, worker, limits, max_result_bytes=max_result_bytes, pool=pool))
+
+
+@pytest.fixture(scope="module")
+def runner_pool() -> Iterator[RunnerPool]:
+    """A pool of warm runners (one per set of limits), closed with the module."""
+    pool = RunnerPool(1, idle_s=120.0)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def run_pooled(tiny_worker: ThreadWorker, runner_pool: RunnerPool) -> RunCode:
+    """Like ``run_code``, but each job takes a warm runner from ``runner_pool`` (as the gateway's jobs do)."""
+    return functools.partial(_run_code, tiny_worker, pool=runner_pool)

@@ -21,6 +21,12 @@ from tests.conftest import needs_bwrap
 pytestmark = needs_bwrap
 
 
+@pytest.fixture
+def run_code(run_pooled):
+    """Every escape attempt runs in a warm runner from a pool: the path the gateway's jobs take."""
+    return run_pooled
+
+
 def _code(body: str) -> str:
     return textwrap.dedent(body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from airlock.interp.errors import InterpJobError
 from airlock.interp.leak_index import param_index
 from airlock.interp.models import InterpJob
 from airlock.interp.output_policy import OutputPolicy, apply_policy
+from airlock.interp.pool import RunnerPool, shared_pool
 from airlock.interp.run import JobSpec, RunOutcome, cpu_limit_for, run_job, runner_limits
 from airlock.interp.tracing import ServeBudget
 from airlock.interp.workers import BackendWorker, ModelWorker, model_size
@@ -80,6 +82,11 @@ def backend_workers(backend: Any) -> WorkerProvider:
     return provide
 
 
+def warm_runners(settings: Settings) -> RunnerPool | None:
+    """Return this process's pool of warm sandboxed runners as configured (None: each job starts its own)."""
+    return shared_pool(settings.interp_warm_runners, settings.interp_warm_idle_s)
+
+
 class InterpHandler:
     """Runs one interp job: sandboxed runner ↔ host RPC, then output policy, storage, audit and ledger.
 
@@ -89,13 +96,18 @@ class InterpHandler:
 
     resumable = True
 
-    def __init__(self, db: Database, settings: Settings, workers: WorkerProvider) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, workers: WorkerProvider, runners: RunnerPool | None = None
+    ) -> None:
         self.db = db
         self.settings = settings
         self.workers = workers
+        self.runners = runners
+        """Warm sandboxed runners (each taken by one job, never reused); None: every job starts its own."""
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         """Run the job and return its summary (the result itself is stored under the data dir)."""
+        picked_up = time.monotonic()  # usage["runner_ready_ms"] counts from here: pickup to a ready sandbox
         params = ctx.params
         with self.db.session() as session:
             row = session.get(InterpJob, ctx.job_id)
@@ -163,6 +175,8 @@ class InterpHandler:
                 max_result_bytes=self.settings.interp_max_result_bytes,
                 max_patch_ratio=self.settings.interp_max_patch_norm_ratio,
                 serve=serve,
+                pool=self.runners,
+                since=picked_up,
             )
         )
         cpu = float(outcome.usage.get("cpu_seconds", 0.0)) + float(outcome.usage["rpc"]["model_seconds"])

@@ -55,6 +55,8 @@ class RpcStats:
     """CPU time of the RPC thread (decoding requests, encoding replies): host time too."""
     refused: list[str] = field(default_factory=list)
     protocol_errors: list[str] = field(default_factory=list)
+    job_sent_at: float | None = None
+    """When (``time.monotonic()``) the job was handed to the runner that asked for it: the runner was ready."""
 
     @property
     def host_seconds(self) -> float:
@@ -203,6 +205,8 @@ class RpcServer:
             return True
         self.stats.calls[op[:64]] = self.stats.calls.get(op[:64], 0) + 1
         if op == "job":
+            if self.stats.job_sent_at is None:
+                self.stats.job_sent_at = time.monotonic()
             try:
                 self._reply(self.job)
             except _wire.WireError as exc:

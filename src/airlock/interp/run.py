@@ -20,19 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from airlock.interp import _runtime
 from airlock.interp.errors import InterpJobError
+from airlock.interp.pool import RunnerPool, start_runner
 from airlock.interp.rpc import RpcServer
-from airlock.interp.runner import EXIT_OK, EXIT_PROTOCOL_ERROR, EXIT_USER_ERROR, FD_ENV
+from airlock.interp.runner import EXIT_OK, EXIT_PROTOCOL_ERROR, EXIT_USER_ERROR
 from airlock.interp.tracing import DEFAULT_PATCH_NORM_RATIO, ServeBudget
 from airlock.interp.workers import ModelWorker
 from airlock.sandbox import (
-    DENY_SYSCALLS,
-    BwrapSandbox,
     MiB,
-    Mount,
     ResourceLimits,
-    SandboxPolicy,
     SandboxResult,
     Termination,
 )
@@ -84,24 +80,22 @@ async def run_job(
     max_result_bytes: int = 64 * MiB,
     max_patch_ratio: float = DEFAULT_PATCH_NORM_RATIO,
     serve: ServeBudget | None = None,
+    pool: RunnerPool | None = None,
+    since: float | None = None,
 ) -> RunOutcome:
     """Run ``spec`` in a fresh sandboxed runner that talks to ``worker``; never raises for the code's faults.
 
-    ``serve`` sets the logits the job may see, the per-call caps and the grant's serving budget;
-    it counts the payload served (``serve.served``).
+    The runner is a warm one from ``pool`` when given (started before the job, never reused),
+    else one started now; ``usage["runner_ready_ms"]`` is the time from ``since`` (a
+    ``time.monotonic()`` reading, by default the moment the runner is asked for) until it took
+    its job. ``serve`` sets the logits the job may see, the per-call caps and the grant's serving
+    budget; it counts the payload served (``serve.served``).
     """
-    runtime = _runtime.ensure_runtime()
-    policy = SandboxPolicy(
-        limits=limits,
-        mounts=tuple(Mount(source=src, target=dst) for src, dst in runtime.mounts),
-        hostname="airlock-interp",
-        deny_syscalls=DENY_SYSCALLS,
-    )
-    sandbox = BwrapSandbox(policy)
-    host_end, runner_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    acquired = time.monotonic() if since is None else since
+    runner = pool.acquire(limits) if pool is not None else start_runner(limits)
     job = {"ok": True, "code": spec.code, "filename": spec.filename, "entry_point": spec.entry_point, "args": spec.args}
     server = RpcServer(
-        host_end,
+        runner.host_end,
         worker,
         job,
         max_result_bytes=max_result_bytes,
@@ -111,38 +105,35 @@ async def run_job(
         max_patch_ratio=max_patch_ratio,
         serve=serve,
     )
-    env = {
-        FD_ENV: str(runner_end.fileno()),
-        # One thread per numerical library: the CPU limit counts every thread of every process,
-        # so a pool only spends it faster, and idle pools would eat the memory limit.
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+    # The job's wall clock starts now, for a warm runner as for a fresh one.
+    runner.start_clock()
     server.start()
     cancel_kill = False
+    result: SandboxResult | None = None
     try:
-        task = asyncio.ensure_future(
-            sandbox.run(runtime.argv, env=env, pass_fds=[runner_end.fileno()], timeout=limits.wall_timeout_s)
-        )
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.2)
-            if not task.done() and cancelled():
+        outcome = asyncio.wrap_future(runner.outcome)
+        while not outcome.done():
+            await asyncio.wait({outcome}, timeout=0.2)
+            if not outcome.done() and cancelled():
                 cancel_kill = True
-                task.cancel()
+                runner.kill()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        result = None if cancel_kill else task.result()
+                    await outcome
+        result = None if cancel_kill else outcome.result()
     finally:
-        runner_end.close()
+        if not runner.outcome.done():
+            runner.kill()  # this coroutine was cancelled: never leave the sandbox behind
         # The runner is gone; unblock the server thread if it still waits on a read.
+        runner.runner_end.close()
         with contextlib.suppress(OSError):
-            host_end.shutdown(socket.SHUT_RDWR)
+            runner.host_end.shutdown(socket.SHUT_RDWR)
         server.join()
-        host_end.close()
+        runner.host_end.close()
+    ready_ms = None if server.stats.job_sent_at is None else round((server.stats.job_sent_at - acquired) * 1000, 1)
     if result is None:
         return RunOutcome(value=None, logs="", usage={"rpc": server.stats.as_dict()}, error=None)
     usage = {
+        "runner_ready_ms": ready_ms,
         "cpu_seconds": round(result.cpu_time_s, 3),
         "wall_seconds": round(result.wall_time_s, 3),
         "max_rss_kib": result.max_rss_kib,

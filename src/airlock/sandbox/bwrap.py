@@ -101,11 +101,16 @@ class BwrapSandbox:
         timeout: float | None = None,
         output_bytes: int | None = None,
         pass_fds: Sequence[int] = (),
+        start_clock: asyncio.Event | None = None,
+        idle_timeout: float = 0.0,
     ) -> SandboxResult:
         """Run ``argv`` in the sandbox and return its result; raise :class:`SandboxError` if bwrap fails.
 
         ``pass_fds`` are host descriptors the command inherits under the same numbers (e.g. one
         end of a socketpair as its only channel to the host); the caller keeps and closes them.
+        With ``start_clock`` the run is started ahead of its work (a warm runner): the wall-clock
+        limit counts from the moment the event is set, and a run whose event is not set within
+        ``idle_timeout`` seconds is killed as timed out. CPU time counts from the start either way.
         """
         limits = self.policy.limits
         wall = timeout if timeout is not None else limits.wall_timeout_s
@@ -122,6 +127,8 @@ class BwrapSandbox:
             host_uid=self.host_uid,
             host_gid=self.host_gid,
             inherit=tuple(pass_fds),
+            start_clock=start_clock,
+            idle_timeout=idle_timeout,
         )
         return await run.execute()
 

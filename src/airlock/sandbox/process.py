@@ -156,8 +156,12 @@ class Run:
         host_uid: int | None,
         host_gid: int | None,
         inherit: tuple[int, ...] = (),
+        start_clock: asyncio.Event | None = None,
+        idle_timeout: float = 0.0,
     ) -> None:
         self.command = command
+        self.start_clock = start_clock
+        self.idle_timeout = idle_timeout
         self.policy = policy
         self.bwrap = bwrap
         self.host_uid = host_uid
@@ -297,6 +301,8 @@ class Run:
         watch: CpuWatch | None = None
         tree: ProcTree | None = None
         termination = Termination.EXITED
+        clock_started: float | None = None
+        waiters: list[asyncio.Future[Any]] = []
         try:
             assert proc.stdout is not None and proc.stderr is not None
             for pipe, protocol in ((proc.stdout, out), (proc.stderr, err), (status_pipe, status)):
@@ -326,7 +332,21 @@ class Run:
                 watch.start()
             overflowed = asyncio.ensure_future(overflow.wait())
             over_cpu = asyncio.ensure_future(cpu_over.wait())
-            left = max(self.wall - (time.monotonic() - started), 0.0)
+            waiters.extend((overflowed, over_cpu))
+            if self.start_clock is not None:
+                # A warm run: its command is up and waits for work; its wall clock starts only
+                # when that work is handed over, and it waits at most ``idle_timeout`` for it.
+                clock = asyncio.ensure_future(self.start_clock.wait())
+                waiters.append(clock)
+                waited = {exited, overflowed, over_cpu, clock}
+                idle_left = max(self.idle_timeout - (time.monotonic() - started), 0.0)
+                await asyncio.wait(waited, timeout=idle_left, return_when="FIRST_COMPLETED")
+                clock.cancel()
+                # Idle past its limit (or ended before its work came): no wall clock is left.
+                clock_started = time.monotonic() if self.start_clock.is_set() else started - self.wall
+            else:
+                clock_started = started
+            left = max(self.wall - (time.monotonic() - clock_started), 0.0)
             done, _ = await asyncio.wait({exited, overflowed, over_cpu}, timeout=left, return_when="FIRST_COMPLETED")
             overflowed.cancel()
             over_cpu.cancel()
@@ -359,6 +379,8 @@ class Run:
                 async with asyncio.timeout(_PIPE_GRACE_S):
                     await asyncio.gather(out.closed, err.closed, status.closed)
         finally:
+            for waiter in waiters:  # a cancelled run leaves no pending task behind
+                waiter.cancel()
             if watch is not None:
                 watch.stop()  # before the pidfd it may signal through is closed
                 if watch.exceeded:
@@ -382,7 +404,7 @@ class Run:
                     cgroup_cpu, oom_killed = cgroup.cpu_seconds(), cgroup.oom_kills() > 0
                 peak_kib = cgroup.peak_memory_kib()
                 cgroup.remove()
-        wall_time = time.monotonic() - started
+        wall_time = time.monotonic() - (started if clock_started is None else max(clock_started, started))
         wait_status, usage = reaped
         proc.returncode = exit_code = _exit_code(wait_status)
         if termination is Termination.EXITED:
