@@ -37,15 +37,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
-# Each benchmark prints its own details; the gateway's figures are gathered into one table at the
-# end, with the machine's load average beside each (BENCH_ARGS=--quick for a short run).
+# Each benchmark prints its own details; every figure is gathered into one table at the end, with
+# the machine's load average beside each (BENCH_ARGS=--quick: each benchmark under 2 minutes).
 BENCH_RESULTS := $(CURDIR)/.bench-results.jsonl
+BENCH_ENV := AIRLOCK_BENCH_RESULTS=$(BENCH_RESULTS)
 bench: $(STAMP)
 	rm -f $(BENCH_RESULTS)
-	AIRLOCK_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python bench/bench_gateway.py --replicas $(BENCH_ARGS)
-	$(BIN)/python bench/bench_batching.py
-	$(BIN)/python bench/bench_ledger.py
-	$(BIN)/python bench/bench_interp.py
+	$(BENCH_ENV) $(BIN)/python bench/bench_gateway.py --replicas $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/bench_engine.py $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/bench_batching.py $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/bench_interp.py $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/bench_ledger.py $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/bench_witness.py $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/bench_finetune.py $(BENCH_ARGS)
 	$(BIN)/python bench/table.py $(BENCH_RESULTS)
 
 clean:

@@ -15,6 +15,7 @@ import gc
 import itertools
 import math
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -23,6 +24,10 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from _common import report, spread
 from airlock.backends.weights import load_model
 from airlock.finetune.trainer import LORA_TARGET_MODULES, StepInfo, encode_example, train_lora
 
@@ -110,7 +115,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the best counts")
+    parser.add_argument("--quick", action="store_true", help="the tiny random model, 4 steps, 3 rounds (< 2 min)")
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.steps, args.rounds = "tiny-random", 4, 3
     if args.steps < 3:
         parser.error("--steps must be at least 3")
     examples = _examples(args.steps * args.batch_size, args.seq_len)
@@ -136,6 +144,10 @@ def main() -> None:
     print(f"train_lora       : {airlock:8.3f} steps/s  (runs: {runs})")
     print(f"train_lora whole call (load, tokenize, {args.steps} steps, save): {min(totals):.2f} s")
     print(f"ratio train_lora/direct: {airlock / direct:.3f}")
+    ratios = [a / d for a, d in zip(airlock_runs, direct_runs, strict=True)]
+    report(
+        "finetune", [{"figure": f"train_lora / direct peft loop [{args.model}] (x)", "value": spread(ratios, "{:.3f}")}]
+    )
 
 
 if __name__ == "__main__":

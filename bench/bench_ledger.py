@@ -22,9 +22,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from sqlalchemy import insert, select  # noqa: E402
 
+from _common import report, spread  # noqa: E402
 from airlock.db import Database, utcnow  # noqa: E402
 from airlock.ledger import service  # noqa: E402
 from airlock.ledger._entry import canonical  # noqa: E402
@@ -122,6 +124,8 @@ def bench_appends(directory: Path, n_batched: int, n_single: int) -> None:
     _rate("  record_event calls alone", n, calls.wall, calls.cpu)
     _rate("  record_events batches alone", n, batches.wall, batches.cpu)
     _rate("  sequencer integration alone (5000 per transaction)", n, seq.wall, seq.cpu)
+    batched = n / (batches.cpu + seq.cpu)
+    report("ledger", [{"figure": "ledger batched appends / one per transaction (x)", "value": f"{batched / base:.0f}"}])
 
 
 def build_log(directory: Path, n: int) -> tuple[Database, float, float]:
@@ -180,6 +184,13 @@ def bench_proofs(directory: Path, n: int, samples: int, baseline: bool) -> None:
         print(f"  inclusion proof verification:   {ms(ver)}")
         print(f"  consistency proof + old root:   {ms(cgen)}")
         print(f"  consistency proof verification: {ms(cver)}")
+        report(
+            "ledger",
+            [
+                {"figure": f"ledger inclusion proof, n={n} (ms)", "value": spread([g * 1e3 for g in gen], "{:.3f}")},
+                {"figure": f"ledger consistency proof, n={n} (ms)", "value": spread([g * 1e3 for g in cgen], "{:.3f}")},
+            ],
+        )
         if baseline:
             t0 = time.perf_counter()
             tree = MemoryTree()
@@ -200,7 +211,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated log sizes for proofs ('' skips)")
     parser.add_argument("--appends", type=int, default=50_000, help="events for the batched append figure")
     parser.add_argument("--samples", type=int, default=500, help="proofs sampled per size")
+    parser.add_argument("--quick", action="store_true", help="10,000 entries, 5,000 appends, 100 proofs (< 2 min)")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.appends, args.samples = "10000", 5_000, 100
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         bench_appends(directory, args.appends, 500)

@@ -26,9 +26,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import httpx  # noqa: E402
 
+from _common import report, spread  # noqa: E402
 from airlock.config import Settings  # noqa: E402
 from airlock.db import Database  # noqa: E402
 from airlock.ledger import service  # noqa: E402
@@ -103,6 +105,8 @@ def bench_cosign(tmp: Path, rounds: int) -> None:
         print(f"checkpoint without witnesses:           {_stats(base)}")
         print(f"added by cosigning with 3 witnesses:    {_stats(added)}")
         print(f"ratio added/baseline (median):          {statistics.median(added) / statistics.median(base):.2f}x")
+        ms = [a * 1e3 for a in added]
+        report("witness", [{"figure": "cosigning with 3 witnesses, added (ms)", "value": spread(ms, "{:.1f}")}])
     finally:
         for proc, _url in procs:
             proc.terminate()
@@ -168,6 +172,8 @@ def bench_report(tmp: Path, entries: int, rounds: int) -> None:
     print(f"  generate:                             {_stats(gen)}")
     print(f"  verify offline:                       {_stats(ver)}")
     print(f"  baseline, verify the whole bundle:    {_stats(base)}")
+    ratio = [b / v for b, v in zip(base, ver, strict=True)]
+    report("witness", [{"figure": "model report verify, whole bundle / offline (x)", "value": spread(ratio, "{:.1f}")}])
     db.dispose()
 
 
@@ -176,7 +182,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--only", choices=["cosign", "report"], help="run one of the two benchmarks")
+    parser.add_argument("--quick", action="store_true", help="3 rounds over 1,000 entries (< 2 min)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.entries = 3, 1_000
     with tempfile.TemporaryDirectory() as tmp:
         if args.only != "report":
             bench_cosign(Path(tmp), args.rounds)

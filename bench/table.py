@@ -22,6 +22,7 @@ def main() -> None:
     print(f"{'bench':<10} {'figure':<{width}}  {'value (min/median/max)':<26} {'goal':<26} load (1 min/cores)")
     for r in rows:
         print(f"{r['bench']:<10} {r['figure']:<{width}}  {r['value']:<26} {r.get('goal', ''):<26} {r['load']}")
+    print(f"({len(rows)} figures; load average now {os.getloadavg()[0]:.2f}/{os.cpu_count()})")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_each_warm_runner_serves_one_job_in_its_own_sandbox(tiny_worker: ThreadW
         first = _run(tiny_worker, pool, MARK, limits, token="first")
         assert first.error is None, first.logs
         assert first.usage["runner_ready_ms"] is not None
-        # Taking the warm runner started a replacement; the next job gets that one, not the first's.
+        # The first job's end started a replacement; the next job gets that one, not the first's.
         _wait(lambda: pool.warm(limits) == 1)
         second = _run(tiny_worker, pool, MARK, limits, token="second")
         assert second.error is None, second.logs

@@ -7,7 +7,8 @@ namespaces, started before any job is known, shown nothing until its one job is 
 (its code, over its own socket), and gone when that job ends. No runner ever serves a second job.
 
 * runners are kept per set of :class:`~airlock.sandbox.ResourceLimits` (the limits are fixed
-  when the sandbox starts): taking one refills that set, in the background;
+  when the sandbox starts): when a job that took one ends, the pool refills that set in the
+  background;
 * a runner's wall-clock limit starts when its job is handed over; a runner left unused for
   ``idle_s`` seconds is killed, and not replaced until a job with its limits comes again;
 * every runner is spawned from the pool's own long-lived thread, so bubblewrap's
@@ -185,10 +186,16 @@ class RunnerPool:
             waiting.sort(key=lambda r: (not r.ready(), r.started_at))
             runner = waiting.pop(0) if waiting else None
             self._warm[limits] = waiting
-        if runner is None:
-            runner = self._start(limits)
+        return runner if runner is not None else self._start(limits)
+
+    def release(self, limits: ResourceLimits) -> None:
+        """Start the replacement of a runner with ``limits`` whose job has ended.
+
+        Replacements start after a job rather than beside it, so on a small machine a starting
+        runner does not compete with the job for the CPU; the other waiting runners cover jobs
+        that arrive meanwhile.
+        """
         self._refill(limits)
-        return runner
 
     def _start(self, limits: ResourceLimits) -> SandboxedRunner:
         with self._lock:

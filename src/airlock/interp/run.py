@@ -129,6 +129,8 @@ async def run_job(
             runner.host_end.shutdown(socket.SHUT_RDWR)
         server.join()
         runner.host_end.close()
+        if pool is not None:
+            pool.release(limits)
     ready_ms = None if server.stats.job_sent_at is None else round((server.stats.job_sent_at - acquired) * 1000, 1)
     if result is None:
         return RunOutcome(value=None, logs="", usage={"rpc": server.stats.as_dict()}, error=None)
