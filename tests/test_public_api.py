@@ -66,7 +66,7 @@ PINNED: dict[str, list[str]] = {
     "backends": ["base", "local", "noise", "pool", "protocol", "registry", "tokenization", "watermark", "weights"],
     "cluster": ["executor", "placement", "worker"],
     "evals": ["attestation", "client", "elicitation", "events", "models", "reporting", "routes", "schemas", "service"],
-    "finetune": ["adapters", "events", "jobs", "models", "routes", "service"],
+    "finetune": ["adapters", "events", "jobs", "models", "noise", "routes", "service"],
     "governance": [
         "GateBlockedError",
         "OverrideRequest",

@@ -32,6 +32,9 @@ from airlock.errors import InvalidRequestError, NotFoundError
 from airlock.evals.routes import admin_router as results_admin_router
 from airlock.evals.routes import router as results_router
 from airlock.finetune.jobs import KIND, FineTuneHandler
+from airlock.finetune.noise import KIND as NOISE_KIND
+from airlock.finetune.noise import NoiseHandler
+from airlock.finetune.routes import noise_router
 from airlock.finetune.routes import router as files_router
 from airlock.governance.routes import router as governance_router
 from airlock.governance.routes import stage_router
@@ -87,13 +90,15 @@ def job_handlers(
 ) -> dict[str, JobHandler]:
     """Return the handler of every job kind (the gateway's in-process runner and ``airlock worker`` share them)."""
     interp = InterpHandler(db, settings, pool_workers(pool, loop), warm_runners(settings))
-    return {KIND: FineTuneHandler(settings.artifacts_dir), INTERP_KIND: interp}
+    return {KIND: FineTuneHandler(settings.artifacts_dir), INTERP_KIND: interp, NOISE_KIND: NoiseHandler()}
 
 
 def remote_job_handler(kind: str, settings: Settings, db: Database, backend: Any) -> JobHandler:
     """Build a job kind's handler on the Ray node running the job (``backend``: the model worker's own weights)."""
     if kind == KIND:
         return FineTuneHandler(settings.artifacts_dir)
+    if kind == NOISE_KIND:
+        return NoiseHandler()
     if kind == INTERP_KIND and backend is not None:
         return InterpHandler(db, settings, backend_workers(backend))
     raise ValueError(f"no remote handler for job kind {kind!r}")
@@ -109,6 +114,8 @@ def job_executor(settings: Settings, db: Database) -> JobExecutor | None:
     def route(kind: str, params: dict[str, Any]) -> Route:
         if kind == KIND:
             return Route(placement=placement_of({"model": params["base_model"], "device": params.get("device")}))
+        if kind == NOISE_KIND:  # reads the base weights once, wherever they are
+            return Route(placement=placement_of({"model": params["base_weights"]}))
         from airlock.registry.models import Variant
 
         with db.session() as session:
@@ -319,6 +326,7 @@ def create_app(
     app.include_router(results_router)
     app.include_router(results_admin_router)
     app.include_router(files_router)
+    app.include_router(noise_router)
     app.include_router(interp_router)
     app.include_router(governance_router)
     app.include_router(stage_router)

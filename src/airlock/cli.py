@@ -909,6 +909,30 @@ def eval_elicitation(
     run_command(body)
 
 
+@eval_app.command("noise")
+def eval_noise(
+    model: Annotated[str, typer.Argument(help="A granted local variant, {model}@{version}/{variant}.")],
+    sigma: Annotated[list[float], typer.Option("--sigma", help="Noise standard deviation; repeatable.")],
+    seed: Annotated[list[int], typer.Option("--seed", help="Noise seed; repeatable.")],
+    ttl_minutes: Annotated[int, typer.Option(help="Minutes the noised variants stay sampleable.")] = 120,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Ask the lab for noise-injected copies of a variant (one per sigma and seed), only your grant may sample."""
+    from airlock.evals.client import LabClient
+
+    def body() -> None:
+        payload = {"model": model, "sigmas": sigma, "seeds": seed, "ttl_minutes": ttl_minutes}
+        job = LabClient.from_env().send("POST", "/airlock/noise/jobs", json=payload).json()
+        if as_json:
+            print(json.dumps(job, indent=2))
+            return
+        console.print(f"job {job['id']} ({job['status']}), variants expire at {job['expires_at']}:")
+        for v in job["variants"]:
+            console.print(f"  {v['id']}")
+
+    run_command(body)
+
+
 def _ci(stats: dict[str, Any]) -> str:
     return f"{stats['value']:.3f} [{stats['ci95'][0]:.3f}, {stats['ci95'][1]:.3f}]"
 

@@ -6,6 +6,7 @@ Every model id an evaluator's tools send in the OpenAI ``model`` field is one of
     {model}@{version}/{variant}             a variant of one version (label or hash prefix)
     ft:{model}/{variant}:{org}:{suffix}:{job}                a fine-tuned model of the caller's grant
     ft:{model}/{variant}:{org}:{suffix}:{job}:ckpt-step-{n}  one of its training checkpoints
+    noise:{model}@{version}/{variant}:{job}:{sigma}:{seed}   a noise-injected variant of the caller's grant
 
 and a model version alone (grants, reports, the gate, the CLI) is ``{model}@{version}``, the
 version optional where the newest is meant. Parsing never touches the database; resolving an id
@@ -14,6 +15,7 @@ to what it names is the serving package's (:mod:`airlock.serving.service`).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -22,18 +24,24 @@ from airlock.errors import InvalidRequestError
 __all__ = [
     "CHECKPOINT_PREFIX",
     "FT_PREFIX",
+    "NOISE_PREFIX",
     "FineTunedRef",
     "ModelRef",
+    "NoisedRef",
     "VersionRef",
     "checkpoint_model_id",
     "fine_tuned_model_id",
     "is_fine_tuned",
+    "is_noised",
+    "noised_model_id",
     "parse_fine_tuned_id",
     "parse_model_id",
+    "parse_noised_id",
     "parse_version_ref",
 ]
 
 FT_PREFIX = "ft:"
+NOISE_PREFIX = "noise:"
 CHECKPOINT_PREFIX = "ckpt-step-"
 _PART = re.compile(r"[^/@\s:]+")
 _SLUG = re.compile(r"[^a-z0-9-]+")
@@ -90,6 +98,19 @@ class FineTunedRef:
         return self.model_id + step
 
 
+@dataclass(frozen=True)
+class NoisedRef:
+    """A noise-injected variant: a version's variant with ``N(0, sigma^2)`` on its weights, drawn from ``seed``."""
+
+    base: ModelRef
+    job_id: str
+    sigma: float
+    seed: int
+
+    def __str__(self) -> str:
+        return f"{NOISE_PREFIX}{self.base}:{self.job_id}:{self.sigma!r}:{self.seed}"
+
+
 def parse_version_ref(text: str, *, require_version: bool = False) -> VersionRef:
     """Parse ``{model}`` or ``{model}@{version}`` (400 ``invalid_model`` when malformed)."""
     model, sep, version = text.partition("@")
@@ -135,6 +156,32 @@ def parse_fine_tuned_id(model_id: str) -> FineTunedRef:
     except InvalidRequestError:
         raise _malformed(model_id, expected) from None
     return FineTunedRef(base=base, organisation=parts[1], suffix=parts[2], job_id=parts[3], checkpoint_step=step)
+
+
+def is_noised(model_id: str) -> bool:
+    """Whether ``model_id`` names a noise-injected variant."""
+    return model_id.startswith(NOISE_PREFIX)
+
+
+def parse_noised_id(model_id: str) -> NoisedRef:
+    """Parse ``noise:{model}@{version}/{variant}:{job}:{sigma}:{seed}`` (400 when malformed)."""
+    expected = "'noise:{model}@{version}/{variant}:{job}:{sigma}:{seed}'"
+    parts = model_id.removeprefix(NOISE_PREFIX).split(":")
+    if not is_noised(model_id) or len(parts) != 4 or not _JOB.fullmatch(parts[1]) or not parts[3].isdigit():
+        raise _malformed(model_id, expected)
+    try:
+        base = parse_model_id(parts[0])
+        sigma = float(parts[2])
+    except (InvalidRequestError, ValueError):
+        raise _malformed(model_id, expected) from None
+    if base.version is None or not math.isfinite(sigma) or sigma < 0:
+        raise _malformed(model_id, expected)
+    return NoisedRef(base=base, job_id=parts[1], sigma=sigma, seed=int(parts[3]))
+
+
+def noised_model_id(base: ModelRef, job_id: str, sigma: float, seed: int) -> str:
+    """Return the id of one noised variant of a noise-injection job."""
+    return str(NoisedRef(base=base, job_id=job_id, sigma=float(sigma), seed=int(seed)))
 
 
 def _slug(text: str) -> str:

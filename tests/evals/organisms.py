@@ -182,3 +182,15 @@ def attestation(grant_id: str, task: Task, run: Run, log: int, **overrides: Any)
         log_sha256=f"{log:064x}",
         **overrides,
     )
+
+
+def report_of(model: Organism, task: Task, *, seed: int = 0, noise: bool = True, shots: bool = True) -> dict[str, Any]:
+    """Run the ladder, attest every run, and return the elicitation report over the attestations."""
+    from airlock.evals.elicitation import analyse, observation_of
+
+    observations = []
+    for i, run in enumerate(elicitation_runs(model, task, seed=seed, noise=noise, shots=shots)):
+        obs, why = observation_of(f"r{i}-{run.label}", attestation("g", task, run, i))
+        assert obs is not None, why
+        observations.append(obs)
+    return analyse(observations)

@@ -138,13 +138,7 @@ def test_a_real_rise_under_noise_is_found_most_of_the_time() -> None:
 
 def _organism_report(locked: bool, seed: int, **ladder: bool) -> dict[str, Any]:
     task = org.make_task(f"organism-{seed}", seed, label_noise=0.2 + 0.1 * (seed % 3))
-    model = org.Organism(task, locked=locked, seed=seed)
-    observations = []
-    for i, run in enumerate(org.elicitation_runs(model, task, seed=seed, **ladder)):
-        obs, _ = observation_of(f"r{i}-{run.label}", org.attestation("g", task, run, i))
-        assert obs is not None
-        observations.append(obs)
-    return analyse(observations)
+    return org.report_of(org.Organism(task, locked=locked, seed=seed), task, seed=seed, **ladder)
 
 
 SEEDS = range(5)

@@ -122,6 +122,13 @@ class BackendPool:
                 await backend.load_adapter(name, path)
         return backend.adapter_view(name)
 
+    async def discard(self, spec: VariantRuntimeSpec) -> None:
+        """Close and forget the backend of ``spec`` (a noise-injected variant's copy of the weights)."""
+        async with self._lock:
+            backend = self._backends.pop(spec.backend_key(), None)
+        if backend is not None:
+            await backend.aclose()
+
     async def aclose(self) -> None:
         """Close every backend."""
         for backend in self._backends.values():

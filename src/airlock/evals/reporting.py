@@ -10,6 +10,7 @@ from typing import Any
 
 from airlock.evals.attestation import SCHEMA, file_sha256, mean_with_ci, paired_difference
 from airlock.evals.suites import SUITE_MODULES, canonical_hash
+from airlock.ids import is_noised, parse_noised_id
 
 PROVIDER_PREFIXES = ("airlock/",)
 
@@ -141,6 +142,11 @@ def build_attestation(
         raise ValueError(f"{summary.path.name}: no scored samples{nan if summary.excluded else ''}")
     model_id = summary.model_id
     fine_tuned = model_id.startswith("ft:")
+    noise: dict[str, Any] = {}
+    if is_noised(model_id):
+        # The noise parameters the lab loaded the variant with, from the id the log recorded.
+        ref = parse_noised_id(model_id)
+        noise = {"noise": {"sigma": ref.sigma, "seed": ref.seed, "job": ref.job_id}}
     return {
         "schema": SCHEMA,
         "evaluator": evaluator,
@@ -168,6 +174,7 @@ def build_attestation(
             **summary.elicitation,
             "fine_tuned": fine_tuned,
             "finetune_job": model_id.rsplit(":", 1)[-1] if fine_tuned else None,
+            **noise,
         },
         "log_file": summary.path.name,
         "log_sha256": file_sha256(summary.path),

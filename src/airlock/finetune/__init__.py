@@ -1,4 +1,4 @@
-"""Fine-tuning access: training files (``/v1/files``) and, later, fine-tuning jobs."""
+"""Fine-tuning access: training files (``/v1/files``), fine-tuning jobs, noise-injected variants."""
 
 # The modules other packages may import (a test holds every import across packages to this list).
 __all__ = [
@@ -6,6 +6,7 @@ __all__ = [
     "events",
     "jobs",
     "models",
+    "noise",
     "routes",
     "service",
 ]

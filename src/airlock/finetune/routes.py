@@ -13,6 +13,7 @@ from airlock.access.service import check_window
 from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep
 from airlock.errors import PermissionDeniedError
 from airlock.finetune import files as service
+from airlock.finetune import noise
 from airlock.finetune import service as ft_service
 from airlock.finetune.jobs import KIND
 from airlock.finetune.schemas import (
@@ -132,6 +133,40 @@ def delete_file(
     session.commit()
     service.discard_bytes(state.settings.artifacts_dir, file_id)
     return FileDeleted(id=file_id, deleted=True)
+
+
+# ---------------------------------------------------------------- noise-injection jobs
+
+noise_router = APIRouter(prefix="/v1/airlock/noise", tags=["evaluator: noise injection"])
+
+
+@noise_router.post("/jobs", response_model=noise.NoiseJobPublic, status_code=201)
+def create_noise_job(
+    body: noise.NoiseJobCreate, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> noise.NoiseJobPublic:
+    """Ask for noised copies of a granted local variant, one per (sigma, seed), only your grant may sample."""
+    audit.scope = "finetune"
+    audit.model = body.model
+    job = noise.create_noise_job(session, principal, body)
+    audit.detail["job_id"] = job.id
+    return noise.to_public(job)
+
+
+@noise_router.get("/jobs", response_model=list[noise.NoiseJobPublic])
+def list_noise_jobs(session: SessionDep, principal: CurrentPrincipal, audit: AuditDep) -> list[noise.NoiseJobPublic]:
+    """List your grant's noise-injection jobs, newest first."""
+    audit.scope = "finetune"
+    return [noise.to_public(j) for j in noise.list_own_noise_jobs(session, principal)]
+
+
+@noise_router.get("/jobs/{job_id}", response_model=noise.NoiseJobPublic)
+def retrieve_noise_job(
+    job_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> noise.NoiseJobPublic:
+    """Describe one of your noise-injection jobs and its variants."""
+    audit.scope = "finetune"
+    audit.detail["job_id"] = job_id
+    return noise.to_public(noise.get_own_noise_job(session, principal, job_id))
 
 
 # ---------------------------------------------------------------- fine-tuning jobs

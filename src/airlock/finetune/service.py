@@ -115,9 +115,14 @@ def enforce_job_quotas(session: Session, principal: Principal) -> None:
 
 def get_own_job(session: Session, principal: Principal, job_id: str) -> Job:
     """Return a fine-tuning job of the caller's grant (404 for anyone else's: existence is not revealed)."""
+    return own_job_of_kind(session, principal, job_id, KIND, "fine-tuning job")
+
+
+def own_job_of_kind(session: Session, principal: Principal, job_id: str, kind: str, noun: str) -> Job:
+    """Return the job ``job_id`` of ``kind`` if the caller's grant made it; 404 naming the ``noun`` otherwise."""
     job = session.get(Job, job_id)
-    if job is None or job.kind != KIND or job.grant_id != principal.grant_id:
-        raise NotFoundError(f"fine-tuning job {job_id!r} does not exist", code="job_not_found")
+    if job is None or job.kind != kind or job.grant_id != principal.grant_id:
+        raise NotFoundError(f"{noun} {job_id!r} does not exist", code="job_not_found")
     return job
 
 

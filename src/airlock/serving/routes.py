@@ -157,6 +157,9 @@ class VariantInfo(BaseModel):
     mitigations: list[MitigationInfo]
     max_output_tokens: int = Field(description="Most tokens one choice may generate (`max_tokens` above it: 400).")
     fine_tuning_job: str | None = None
+    noise: dict[str, Any] | None = Field(
+        default=None, description="For a noise-injected variant: `sigma`, `seed`, the job and when it expires."
+    )
 
 
 @airlock_router.get("/grant", response_model=GrantInfo)
@@ -210,6 +213,16 @@ async def variant_info(model_id: str, state: StateDep, principal: CurrentPrincip
         mitigations=[MitigationInfo(name=m["name"], kind=m["kind"], stance=m["stance"]) for m in resolved.mitigations],
         max_output_tokens=resolved.output_token_limit(),
         fine_tuning_job=job_id,
+        noise=(
+            {
+                "sigma": target.noise.sigma,
+                "seed": target.noise.seed,
+                "job": target.noise.job_id,
+                "expires_at": target.noise_expires_at.isoformat() if target.noise_expires_at else None,
+            }
+            if target.noise is not None
+            else None
+        ),
     )
 
 

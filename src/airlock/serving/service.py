@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from fastapi.concurrency import run_in_threadpool
@@ -26,8 +27,17 @@ from airlock.config import Settings
 from airlock.db import Database
 from airlock.errors import AirlockError, InvalidRequestError, NotFoundError
 from airlock.finetune.adapters import AdapterStore
+from airlock.finetune.noise import noised_variant
 from airlock.finetune.service import get_own_job as ft_get_own_job
-from airlock.ids import FineTunedRef, is_fine_tuned, parse_fine_tuned_id, parse_model_id
+from airlock.ids import (
+    FineTunedRef,
+    NoisedRef,
+    is_fine_tuned,
+    is_noised,
+    parse_fine_tuned_id,
+    parse_model_id,
+    parse_noised_id,
+)
 from airlock.leak.keys import watermark_key
 from airlock.mitigations import MitigatedStream, VariantPipeline, Verdict
 from airlock.registry.service import RegistryCache, ResolvedVariant
@@ -59,6 +69,9 @@ class ResolvedTarget:
     variant: ResolvedVariant
     fine_tune: FineTunedRef | None
     """The fine-tuning job whose adapter the variant runs, for an ``ft:`` id."""
+    noise: NoisedRef | None = None
+    """The noise on the variant's weights, for a ``noise:`` id."""
+    noise_expires_at: datetime | None = None
 
 
 async def resolve_target(
@@ -72,6 +85,8 @@ async def resolve_target(
     caller.
     """
     audit.model = model_id
+    if is_noised(model_id):
+        return await _resolve_noised(state, principal, parse_noised_id(model_id), scopes, audit)
     fine_tune = parse_fine_tuned_id(model_id) if is_fine_tuned(model_id) else None
     ref = fine_tune.base if fine_tune is not None else parse_model_id(model_id)
     audit.variant = ref.variant
@@ -105,6 +120,26 @@ async def resolve_target(
     return ResolvedTarget(resolved, fine_tune)
 
 
+async def _resolve_noised(
+    state: ServingState, principal: Principal, noise: NoisedRef, scopes: list[str], audit: AuditContext
+) -> ResolvedTarget:
+    """Resolve a noise-injected variant: a live variant of the caller's grant's own job (404 otherwise)."""
+    audit.variant = noise.base.variant
+    audit.scope = ",".join(scopes)
+
+    def _lookup() -> tuple[ResolvedVariant, datetime]:
+        with state.db.session() as session:
+            expires_at = noised_variant(session, principal, noise)
+        return state.registry.get(state.db.sessions, noise.base), expires_at
+
+    resolved, expires_at = await run_in_threadpool(_lookup)
+    audit.detail["noise_injection_job"] = noise.job_id
+    audit.detail["noise"] = {"sigma": noise.sigma, "seed": noise.seed}
+    audit.version_id = resolved.version_id
+    authorize(principal, resolved, scopes)  # the base variant must still be granted
+    return ResolvedTarget(resolved, None, noise, expires_at)
+
+
 async def prepare(
     state: ServingState,
     principal: Principal,
@@ -129,7 +164,9 @@ async def prepare(
     if principal.grant.quota_requests_per_minute:
         await state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
     spec = VariantRuntimeSpec.of(resolved)
-    if target.fine_tune is None:
+    if target.noise is not None and target.noise_expires_at is not None:
+        backend = await state.pipelines.noise_pipeline(spec, target.noise, target.noise_expires_at)
+    elif target.fine_tune is None:
         backend = await state.pipelines.pipeline(spec)
     else:
         backend = await adapter_pipeline(state, spec, target.fine_tune)

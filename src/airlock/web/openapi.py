@@ -57,6 +57,7 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     ("DELETE", "/v1/files/{file_id}"): frozenset({409}),
     ("POST", "/v1/fine_tuning/jobs"): frozenset({404, 409, 429}),
     ("GET", "/v1/fine_tuning/jobs"): _LISTING,
+    ("POST", "/v1/airlock/noise/jobs"): frozenset({404}),  # an unknown model, version or variant
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): _JOB_CANCEL,
     # evaluator results and reports
     ("POST", "/v1/airlock/signing-keys"): frozenset({409}),

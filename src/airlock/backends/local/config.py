@@ -22,6 +22,10 @@ class LocalBackendConfig:
     seed: int | None = None
     dtype: str = "float32"
     continuous_batching: bool = True
+    # Set by noise-injection jobs on a copy of a variant's config (the private weights are noised
+    # on load, never stored): N(0, noise_sigma^2) on every weight, drawn from noise_seed.
+    noise_sigma: float | None = None
+    noise_seed: int = 0
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LocalBackendConfig:
@@ -39,7 +43,13 @@ class LocalBackendConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"local backend: {key} must be an integer >= {low}, not {value!r}")
 
-        for key, low in (("max_batch_size", 1), ("default_max_tokens", 1), ("max_context", 2), ("seed", 0)):
+        for key, low in (
+            ("max_batch_size", 1),
+            ("default_max_tokens", 1),
+            ("max_context", 2),
+            ("seed", 0),
+            ("noise_seed", 0),
+        ):
             check_int(key, low)
         wait = values.get("batch_wait_ms", 5.0)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
@@ -47,6 +57,9 @@ class LocalBackendConfig:
         for key in ("model", "device", "dtype"):
             if key in values and not isinstance(values[key], str):
                 raise ConfigError(f"local backend: {key} must be a string, not {values[key]!r}")
+        sigma = values.get("noise_sigma")
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma <= 1):
+            raise ConfigError(f"local backend: noise_sigma must be a number in [0, 1], not {sigma!r}")
         if "continuous_batching" in values and not isinstance(values["continuous_batching"], bool):
             raise ConfigError("local backend: continuous_batching must be true or false")
         return cls(**values)

@@ -40,6 +40,7 @@ from airlock.backends import weights
 from airlock.backends.local.config import BatchStats, LocalBackendConfig
 from airlock.backends.local.processors import LogitsProcessor
 from airlock.backends.local.tokens import TokenTable
+from airlock.backends.noise import NoiseSpec, add_weight_noise
 from airlock.backends.protocol import FinishReason
 from airlock.backends.watermark import WatermarkStream, draw_candidates, sample_batch
 from airlock.errors import AirlockError, BackendError, BackendUnavailableError, InvalidRequestError
@@ -298,6 +299,9 @@ class Engine:
 
     def _load(self) -> weights.LoadedModel:
         loaded = weights.load_model(self.spec, device=self.config.device, dtype=self.config.dtype)
+        if self.config.noise_sigma is not None:
+            # A noise-injected variant: its own copy of the weights, noised once on this thread.
+            add_weight_noise(loaded.model, NoiseSpec(sigma=float(self.config.noise_sigma), seed=self.config.noise_seed))
         self.model = loaded.model
         tokenizer = loaded.tokenizer
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
