@@ -124,13 +124,34 @@ def test_activation_patching_in_nnsight_form_matches_patching_effects(run_code: 
                     patched = model.lm_head.output[:, -1].log_softmax(dim=-1)[:, answer].save()
                 effects[f"model.layers.{i}"] = float((patched[0] - base[1]) / (base[0] - base[1]))
             native = client.patching_effects(clean, corrupted, modules=list(effects), answer=answer)
-            return {"effects": effects, "native": native}
+            # The same in nnsight's one-trace form: a clean and a corrupted invoke, the clean run's
+            # activation written into the corrupted one.
+            invoked = {}
+            for i, block in enumerate(model.model.layers):
+                with model.trace() as tracer:
+                    with tracer.invoke(clean):
+                        h = block.output[:, -1]
+                        clean_lp = model.lm_head.output[:, -1].log_softmax(dim=-1)[:, answer].save()
+                    with tracer.invoke(corrupted):
+                        block.output[:, -1] = h
+                        patched = model.lm_head.output[:, -1].log_softmax(dim=-1)[:, answer].save()
+                invoked[f"model.layers.{i}"] = float((patched[0] - base[1]) / (clean_lp[0] - base[1]))
+            with model.trace() as tracer:
+                with tracer.invoke(clean):
+                    first = model.model.layers[0].output.save()
+                with tracer.invoke(corrupted, "one two"):
+                    rest = model.model.layers[0].output[:, -1].save()
+            return {"effects": effects, "native": native, "invoked": invoked,
+                    "rows": [list(first.shape), list(rest.shape)], "returned_as_is": first}
         """
     )
     outcome = run_code(code, cpu_seconds=30, wall_seconds=60)
     assert outcome.error is None, outcome.logs
     effects, native = outcome.value["effects"], outcome.value["native"]
     assert effects == pytest.approx(native, abs=1e-6)
+    assert outcome.value["invoked"] == pytest.approx(native, abs=1e-5)
+    assert outcome.value["rows"] == [[1, 4, 64], [2, 64]]  # each invoke sees its own rows
+    assert np.asarray(outcome.value["returned_as_is"]).shape == (1, 4, 64)  # a saved proxy is its value
     assert effects["model.layers.1"] == pytest.approx(1.0, abs=1e-3)  # the last layer's output decides the answer
 
 

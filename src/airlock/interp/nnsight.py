@@ -36,7 +36,7 @@ import numpy as np
 
 from airlock.interp import client
 
-__all__ = ["Envoy", "LanguageModel", "NNsightError", "Proxy", "TopLogits", "Tracer"]
+__all__ = ["Envoy", "LanguageModel", "NNsightError", "Proxy", "TopLogits", "Tracer", "plain"]
 
 Array = np.ndarray[Any, Any]
 
@@ -316,6 +316,22 @@ class TopLogits:
         return f"TopLogits(shape={self.shape}, k={self.ids.shape[-1]}, kind={self.kind!r})"
 
 
+def plain(value: Any) -> Any:
+    """Return ``value`` with saved proxies replaced by their values, so a job can return them as they are.
+
+    ``TopLogits`` become ``{"token_ids", "values", "kind"}``; the runner applies this to a job's result.
+    """
+    if isinstance(value, Proxy):
+        return plain(value.value)
+    if isinstance(value, TopLogits):
+        return {"token_ids": value.ids, "values": value.values, "kind": value.kind}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
 # ------------------------------------------------------------------------------------------ envoys
 
 
@@ -561,6 +577,7 @@ class Tracer:
         self._saved: list[Proxy] = []
         self._edits: list[_Edit] = []
         self._every_step = False
+        self._rows: slice | None = None
         self._modules: dict[str, _Node] = {}
         self.tokens: list[list[str]] = []
         self.result: Proxy | None = None
@@ -584,9 +601,10 @@ class Tracer:
         _Run(self).run()
 
     def invoke(self, *prompts: Any) -> _Invoke:
-        """Add prompts to this batch (nnsight's ``tracer.invoke``); reads and edits still cover the whole batch."""
+        """Add prompts to the batch; inside ``with tracer.invoke(...)``, module outputs are those prompts' rows."""
+        start = len(self._prompts)
         self._prompts.extend(_prompt_args(prompts) or [])
-        return _Invoke()
+        return _Invoke(rows_of=self, rows=slice(start, len(self._prompts)))
 
     def all(self) -> _Invoke:
         """Within this block, edits apply at every generation step (the only kind ``generate`` can run)."""
@@ -598,9 +616,12 @@ class Tracer:
     # ---- recording
     def module(self, path: str) -> Proxy:
         """Return the proxy of ``path``'s output (one node per module and block)."""
-        if path == "lm_head":
-            return Proxy(self, self._modules.setdefault(path, _Node("logits")))
-        return Proxy(self, self._modules.setdefault(path, _Node("module", path)))
+        node = self._modules.setdefault(path, _Node("logits") if path == "lm_head" else _Node("module", path))
+        return self._within(node)
+
+    def _within(self, node: _Node) -> Proxy:
+        """Return ``node`` as seen from the current invoke: its rows of the batch."""
+        return Proxy(self, node if self._rows is None else _Node("rows", node, self._rows))
 
     def module_input(self, path: str) -> Proxy:
         """Return the proxy of ``path``'s input, as the output of the module that feeds it."""
@@ -633,9 +654,13 @@ class Tracer:
             return Proxy(self, _Node("norm", _node(value)))
         if path == "lm_head":
             inner = _node(value)
-            if isinstance(inner, _Node) and inner.op == "norm" and _module_path(inner.args[0]) is not None:
-                return Proxy(self, _Node("lens", _module_path(inner.args[0])))
-            if isinstance(inner, _Node) and inner.op == "module" and inner.args[0] == "model.norm":
+            if isinstance(inner, _Node) and inner.op == "norm":
+                source, rows = _unrows(inner.args[0])
+                if _module_path(source) is not None:
+                    lens = _Node("lens", _module_path(source))
+                    return Proxy(self, lens if rows is None else _Node("rows", lens, rows))
+            source, _rows = _unrows(inner)
+            if isinstance(source, _Node) and source.op == "module" and source.args[0] == "model.norm":
                 return self.module("lm_head")
         raise NNsightError(_MODULES_ON_VALUES)
 
@@ -644,19 +669,36 @@ class Tracer:
 
 
 class _Invoke:
-    """The context of ``tracer.invoke(...)`` and ``tracer.all()``."""
+    """The context of ``tracer.invoke(...)`` (its batch rows) and ``tracer.all()`` (every step)."""
 
-    def __init__(self, every_step_of: Tracer | None = None) -> None:
-        self._tracer = every_step_of
+    def __init__(
+        self, every_step_of: Tracer | None = None, rows_of: Tracer | None = None, rows: slice | None = None
+    ) -> None:
+        self._tracer, self._rows_of, self._rows = every_step_of, rows_of, rows
 
     def __enter__(self) -> _Invoke:
         if self._tracer is not None:
             self._tracer._every_step = True
+        if self._rows_of is not None:
+            self._rows_of._rows = self._rows
         return self
 
     def __exit__(self, *_exc: Any) -> None:
         if self._tracer is not None:
             self._tracer._every_step = False
+        if self._rows_of is not None:
+            self._rows_of._rows = None
+
+
+def _unrows(node: Any) -> tuple[Any, slice | None]:
+    """Split an invoke's view of a value into the value and its rows (``None``: the whole batch)."""
+    if isinstance(node, _Node) and node.op == "rows":
+        return node.args[0], node.args[1]
+    if isinstance(node, _Node) and node.op == "getitem" and isinstance(node.args[0], _Node):
+        inner, rows = _unrows(node.args[0])
+        if rows is not None:
+            return _Node("getitem", inner, node.args[1]), rows
+    return node, None
 
 
 def _module_path(node: Any) -> str | None:
@@ -765,9 +807,12 @@ class _Run:
     # ---- edits
     def _plan_edit(self, edit: _Edit) -> None:
         # Walk from the assigned-into value down to the module: out[k1][k2]...[key] = value.
-        keys, node = [edit.key], edit.target
-        while node.op == "getitem" and isinstance(node.args[0], _Node):
-            keys.insert(0, node.args[1])
+        keys, node, rows = [edit.key], edit.target, None
+        while node.op in ("getitem", "rows") and isinstance(node.args[0], _Node):
+            if node.op == "rows":
+                rows = node.args[1]  # an invoke's rows: applied first, to the tuple's tensor or the tensor
+            else:
+                keys.insert(0, node.args[1])
             node = node.args[0]
         path = str(node.args[0]) if node.op == "module" else None
         unit = path is not None and path.endswith("self_attn")
@@ -780,6 +825,8 @@ class _Run:
             )
         if unit:
             keys = keys[1:]
+        if rows is not None:
+            keys.insert(0, rows)
         if path in self.patches:
             raise NNsightError(f"{path} is edited twice in one block: combine the edits into one assignment")
         if self.t._sampling is not None and not edit.every_step:
@@ -920,11 +967,22 @@ def _positions(reads: list[_Node], roots: list[_Node]) -> list[int] | None:
     users = _consumers(roots)
     wanted: set[int] = set()
     for read in reads:
-        frontier = [read]
-        if read.op == "module" and str(read.args[0]).endswith("self_attn"):
-            frontier = [u for u in users.get(id(read), []) if u.op == "getitem" and u.args[1] == 0]
-            if len(frontier) != len(users.get(id(read), [])):
+        views = [read]
+        # An invoke's rows do not change which token positions the code uses.
+        rows = [u for u in users.get(id(read), []) if u.op == "rows"]
+        if rows:
+            if len(rows) != len(users.get(id(read), [])) or read in roots:
                 return None
+            views = rows
+        frontier = []
+        for view in views:
+            if read.op == "module" and str(read.args[0]).endswith("self_attn"):
+                items = [u for u in users.get(id(view), []) if u.op == "getitem" and u.args[1] == 0]
+                if len(items) != len(users.get(id(view), [])) or view in roots:
+                    return None
+                frontier.extend(items)
+            else:
+                frontier.append(view)
         for node in frontier:
             uses = users.get(id(node), [])
             if node in roots or not uses:
@@ -958,7 +1016,7 @@ def _named_tokens(roots: list[_Node]) -> list[int]:
         tokens = [token] if isinstance(token, int) else token if isinstance(token, list) else []
         base = node.args[0]
         # Through softmax/log_softmax and leading-axis indexing back to the model's own logits.
-        while isinstance(base, _Node) and base.op in ("getitem", "call", "getattr"):
+        while isinstance(base, _Node) and base.op in ("getitem", "call", "getattr", "rows"):
             base = base.args[0]
         if isinstance(base, _Node) and base.op == "logits":
             found.extend(int(t) for t in tokens if isinstance(t, int) and t >= 0)
@@ -989,6 +1047,10 @@ def _evaluate(root: Any, env: dict[int, Any]) -> Any:
         args = [ev(a) for a in node.args]
         kwargs = {k: ev(v) for k, v in node.kwargs.items()}
         if node.op == "getitem":
+            return args[0][args[1]]
+        if node.op == "rows":
+            if isinstance(args[0], tuple):  # attention's (tensor, None)
+                return tuple(None if item is None else item[args[1]] for item in args[0])
             return args[0][args[1]]
         if node.op == "getattr":
             try:
