@@ -177,6 +177,7 @@ PINNED: list[tuple[str, str, str]] = [
     ("POST", "/v1/airlock/admin/redteam/findings/{finding_id}/triage", "lab:redteam:triage"),
     ("POST", "/v1/airlock/admin/reports/{report_id}/agree-release", "lab:reports:review"),
     ("POST", "/v1/airlock/admin/reports/{report_id}/comments", "lab:reports:review"),
+    ("POST", "/v1/airlock/admin/reports/{report_id}/extend", "lab:stage:change"),
     ("POST", "/v1/airlock/gate/models/{model}/versions/{label}/promote", "lab:stage:change"),
     ("POST", "/v1/airlock/interp/jobs", "evaluator"),
     ("POST", "/v1/airlock/interp/jobs/{job_id}/cancel", "evaluator"),

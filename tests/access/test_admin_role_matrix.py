@@ -48,6 +48,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", f"{ADMIN}/reports/{{report_id}}"): {A, R, U},
     ("POST", f"{ADMIN}/reports/{{report_id}}/comments"): {R},
     ("POST", f"{ADMIN}/reports/{{report_id}}/agree-release"): {R},
+    ("POST", f"{ADMIN}/reports/{{report_id}}/extend"): {A, D},
     ("POST", f"{ADMIN}/ledger/checkpoint"): {A, U},
     ("GET", f"{GATE}/policy"): EVERYONE,
     ("GET", f"{GATE}/models/{{model}}/versions/{{label}}"): EVERYONE,

@@ -22,6 +22,7 @@ from airlock.registry.models import ModelVersion, StageChange
 from tests.publish.report_fixtures import Org, make_org, sync_fake_manifest
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
+LONG_CLOCK = service.PublicationClock(business_days=3650)
 BODY = "# Findings\n\nThe model [[redact:uplift detail]]explains step 3 of the zyloxin proxy[[/redact]] often.\n"
 
 
@@ -138,7 +139,8 @@ def test_embargo_counts_from_deployment_and_publishes_once(
     db, org = world
     rid = draft(db, org)
     p = org.principal(db)
-    call(db, service.submit_report, p, rid, now=T0)
+    # A publication clock longer than every date here: this test is about the embargo alone.
+    call(db, service.submit_report, p, rid, now=T0, clock=LONG_CLOCK)
     embargo = call(db, lambda s: service.embargo_of(s, s.get(Report, rid)))
     assert embargo.ends_at is None and "not deployed" in embargo.rule
     assert call(db, service.publish_due, now=T0 + timedelta(days=3650)) == []
@@ -180,11 +182,13 @@ def test_a_grant_without_embargo_term_needs_agreement(db: Any, tmp_path: Path) -
     org = make_org(db, tmp_path)  # embargo_days=None
     org.attest(db)
     rid = draft(db, org)
-    call(db, service.submit_report, org.principal(db), rid, now=T0)
+    call(db, service.submit_report, org.principal(db), rid, now=T0, clock=LONG_CLOCK)
     deploy(db, T0)
     embargo = call(db, lambda s: service.embargo_of(s, s.get(Report, rid)))
     assert embargo.ends_at is None and "no embargo term" in embargo.rule
-    assert call(db, service.publish_due, now=T0 + timedelta(days=10000)) == []
+    assert call(db, service.publish_due, now=T0 + timedelta(days=5000)) == []
+    # The publication clock still runs: it publishes when the agreement never comes.
+    assert call(db, service.publish_due, now=get(db, rid).publish_by) == [rid]
 
 
 def test_early_release_needs_both_sides_for_the_same_revision(

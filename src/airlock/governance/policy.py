@@ -216,6 +216,24 @@ class ExternalAccess(PolicyModel):
     )
 
 
+class Publication(PolicyModel):
+    """The publication clock (EU GPAI Code of Practice: no delay beyond 30 business days from notification)."""
+
+    max_business_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="A submitted report is published at the latest this many business days after its submission, "
+        "unless the decider records an exceptional-circumstances extension (public, with its justification).",
+    )
+    max_extension_business_days: int = Field(
+        default=30, ge=1, le=3650, description="Most business days one extension may add."
+    )
+    calendar: str = Field(
+        default="eu", description="Business-day calendar: `eu`, `weekends`, or a holiday file (YAML)."
+    )
+
+
 class Policy(PolicyModel):
     """A lab's frontier-safety policy, as read from ``policy.yaml``."""
 
@@ -228,6 +246,9 @@ class Policy(PolicyModel):
     safety_case: SafetyCase = Field(default_factory=SafetyCase)
     external_access: ExternalAccess | None = Field(
         default=None, description="Minimum business days of evaluator access before a gated stage (none: no minimum)."
+    )
+    publication: Publication = Field(
+        default_factory=Publication, description="The publication clock of submitted reports (default 30 days)."
     )
 
     @model_validator(mode="after")

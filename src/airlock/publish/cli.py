@@ -35,6 +35,12 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(f"  redaction #{r['number']} ({r['reason'] or 'no reason'}): {r['commitment'][:16]}… {state}")
     embargo = report["embargo"]
     console.print(f"  embargo: {embargo['ends_at'] or 'no date'} ({embargo['rule']})")
+    clock = report.get("clock") or {}
+    if clock.get("publish_by") and report["status"] == "submitted":
+        console.print(
+            f"  published by {clock['publish_by']} at the latest ({clock['business_days']} business days, "
+            f"{clock['calendar']} calendar, {len(clock['extensions'])} extension(s))"
+        )
     release = report["release"]
     if release["requested_revision"] or release["agreed_revision"]:
         console.print(
@@ -212,9 +218,51 @@ def lab_agree(
     run_command(body)
 
 
+@app.command("extend")
+def lab_extend(
+    report_id: Annotated[str, typer.Argument(help="Report id.")],
+    days: Annotated[int, typer.Option("--days", help="Business days added to the publication deadline.")],
+    justification: Annotated[str, typer.Option(help="The exceptional circumstances (published with it).")],
+    token: Annotated[
+        str | None, typer.Option(envvar="AIRLOCK_ADMIN_TOKEN", help="The decider's admin token (required).")
+    ] = None,
+) -> None:
+    """Extend a submitted report's publication clock in exceptional circumstances (decider; public)."""
+    from airlock.access.roles import Permission
+    from airlock.access.service import authenticate_admin
+    from airlock.publish import service
+    from airlock.publish.routes import publication_clock
+
+    if not token:
+        raise typer.BadParameter("an extension is the decider's: give their admin token (--token)")
+
+    def body() -> None:
+        with open_database() as (settings, db), db.session() as session:
+            principal = authenticate_admin(session, token)
+            # Acting for a token: its role counts, as over HTTP.
+            principal.require(Permission.STAGE_CHANGE)
+            row = service.extend_publication(
+                session,
+                report_id,
+                business_days=days,
+                justification=justification,
+                decider=principal.name,
+                role=principal.role,
+                token_id=principal.token_id,
+                clock=publication_clock(settings.policy_path),
+            )
+            console.print(
+                f"extended {report_id} by {row.business_days} business day(s): published by "
+                f"{row.new_deadline.isoformat()} at the latest (was {row.previous_deadline.isoformat()}); "
+                "the extension and its justification are public (ledger event report.extended)"
+            )
+
+    run_command(body)
+
+
 @app.command("publish-due")
 def publish_due() -> None:
-    """Publish every submitted report whose embargo has ended (lab side; safe to run from cron)."""
+    """Publish every submitted report whose embargo or publication clock ran out (lab side; safe from cron)."""
     from airlock.publish import service
 
     def body() -> None:

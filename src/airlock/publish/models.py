@@ -38,7 +38,12 @@ class Report(Base):
     release_agreed_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
     published_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
     published_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    published_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)  # embargo | agreement
+    published_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)  # embargo | agreement | deadline
+    # The publication clock, set at each submission: published by this time at the latest unless
+    # the decider extends it (each extension is a ReportExtension row and a public ledger event).
+    publish_by: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    clock_business_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    clock_calendar: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -48,6 +53,9 @@ class Report(Base):
     )
     comments: Mapped[list[ReportComment]] = relationship(
         back_populates="report", order_by="ReportComment.id", cascade="all, delete-orphan"
+    )
+    extensions: Mapped[list[ReportExtension]] = relationship(
+        back_populates="report", order_by="ReportExtension.id", cascade="all, delete-orphan"
     )
 
 
@@ -127,3 +135,23 @@ class ReportComment(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     report: Mapped[Report] = relationship(back_populates="comments")
+
+
+class ReportExtension(Base):
+    """An exceptional-circumstances extension of a report's publication clock, by the lab's decider."""
+
+    __tablename__ = "report_extensions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    business_days: Mapped[int] = mapped_column(Integer)
+    previous_deadline: Mapped[datetime] = mapped_column()
+    new_deadline: Mapped[datetime] = mapped_column()
+    justification: Mapped[str] = mapped_column(Text)
+    decider: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(32))
+    token_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    report: Mapped[Report] = relationship(back_populates="extensions")

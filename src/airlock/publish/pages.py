@@ -106,6 +106,16 @@ def render_page(view: ReportPublicView) -> str:
                 f"<td>{res.samples}</td><td>{e(metrics)}</td><td>{ok}</td></tr>"
             )
         parts.append("</table>")
+    if view.clock.extensions:
+        parts.append("<h2>Publication delayed by the lab</h2><table><tr><th>when</th><th>decider</th>")
+        parts.append("<th>business days</th><th>deadline</th><th>justification</th></tr>")
+        for x in view.clock.extensions:
+            parts.append(
+                f"<tr><td>{e(x.created_at.isoformat())}</td><td>{e(x.decider)} ({e(x.role)})</td>"
+                f"<td>{x.business_days}</td><td>{e(x.previous_deadline.isoformat())} → "
+                f"{e(x.new_deadline.isoformat())}</td><td>{e(x.justification)}</td></tr>"
+            )
+        parts.append("</table>")
     if view.lab_comments:
         parts.append("<h2>Lab comments</h2>")
         for c in view.lab_comments:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
@@ -10,6 +11,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
+from airlock.businessdays import load_calendar
 from airlock.db import utcnow
 from airlock.deps import (
     AuditDep,
@@ -19,11 +21,15 @@ from airlock.deps import (
     require,
     require_independent_review,
 )
+from airlock.errors import ConflictError
+from airlock.governance.service import policy_for_request
 from airlock.publish import pages, schemas, service
 from airlock.publish.schemas import (
     AttachmentPublic,
     CommentCreate,
     CommentPublic,
+    ExtensionCreate,
+    ExtensionPublic,
     PublicReportItem,
     ReportCreate,
     ReportLabView,
@@ -41,6 +47,27 @@ lab_router = APIRouter(prefix="/v1/airlock/admin/reports", tags=["admin: reports
 public_router = APIRouter(prefix="/public/reports", tags=["public: reports"])
 ReportReader = Annotated[AdminPrincipal, require(Permission.REPORTS_READ)]
 ReportReviewer = Annotated[AdminPrincipal, require(Permission.REPORTS_REVIEW)]
+# Extending a publication clock is a deployment-side decision: the roles that may change stages,
+# narrowed by the service to the policy's decider role (as for a gate override).
+ClockExtender = Annotated[AdminPrincipal, require(Permission.STAGE_CHANGE)]
+
+
+def publication_clock(policy_path: Path) -> service.PublicationClock:
+    """Return the publication clock the policy sets (30 EU business days without a policy)."""
+    policy = policy_for_request(policy_path)
+    if policy is None:
+        return service.DEFAULT_CLOCK
+    rule = policy.publication
+    try:
+        calendar = load_calendar(rule.calendar)
+    except ValueError as exc:
+        raise ConflictError(f"the publication clock is unavailable: {exc}", code="publication_unavailable") from None
+    return service.PublicationClock(
+        business_days=rule.max_business_days,
+        calendar=calendar,
+        max_extension_days=rule.max_extension_business_days,
+        decides=policy.roles.decides,
+    )
 
 
 # ---------------------------------------------------------------- evaluator
@@ -99,10 +126,13 @@ def update_report(
 
 
 @evaluator_router.post("/{report_id}/submit", response_model=ReportPrivate)
-def submit_report(report_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep) -> ReportPrivate:
-    """Freeze the current revision for the lab's review; the embargo decides when it goes public."""
+def submit_report(
+    report_id: str, state: StateDep, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> ReportPrivate:
+    """Freeze the current revision for the lab's review; the embargo or the publication clock publishes it."""
     audit.detail["report_id"] = report_id
-    return schemas.private_view(session, service.submit_report(session, principal, report_id))
+    clock = publication_clock(state.settings.policy_path)
+    return schemas.private_view(session, service.submit_report(session, principal, report_id, clock=clock))
 
 
 @evaluator_router.post("/{report_id}/request-release", response_model=ReportPrivate)
@@ -153,6 +183,30 @@ def lab_agree(report_id: str, session: SessionDep, admin: ReportReviewer, audit:
     require_independent_review(session, admin, audit, grant_id, f"report {report_id}")
     report = service.agree_release(session, report_id, f"admin:{admin.name}")
     return schemas.lab_view(session, report)
+
+
+@lab_router.post("/{report_id}/extend", response_model=ExtensionPublic, status_code=201)
+def lab_extend(
+    report_id: str,
+    body: ExtensionCreate,
+    state: StateDep,
+    session: SessionDep,
+    admin: ClockExtender,
+    audit: AuditDep,
+) -> ExtensionPublic:
+    """Extend a submitted report's publication clock in exceptional circumstances (decider; public)."""
+    audit.detail["report_id"] = report_id
+    row = service.extend_publication(
+        session,
+        report_id,
+        business_days=body.business_days,
+        justification=body.justification,
+        decider=admin.name,
+        role=admin.role,
+        token_id=admin.token_id,
+        clock=publication_clock(state.settings.policy_path),
+    )
+    return ExtensionPublic.of(row)
 
 
 # ---------------------------------------------------------------- public

@@ -13,13 +13,22 @@ from airlock.access.models import Evaluator
 from airlock.evals.models import EvalResult
 from airlock.evals.service import verify_stored
 from airlock.publish import redaction
-from airlock.publish.models import Report, ReportAttachment, ReportComment, ReportRedaction, ReportRevision
+from airlock.publish.models import (
+    Report,
+    ReportAttachment,
+    ReportComment,
+    ReportExtension,
+    ReportRedaction,
+    ReportRevision,
+)
 from airlock.publish.service import (
     MAX_ATTACHMENTS,
     MAX_BODY_CHARS,
     MAX_COMMENT_CHARS,
+    MAX_EXTENSION_JUSTIFICATION_CHARS,
     MAX_RESULTS,
     MAX_TITLE_CHARS,
+    MIN_EXTENSION_JUSTIFICATION_CHARS,
     Embargo,
     embargo_of,
     signing_keys,
@@ -80,6 +89,60 @@ class CommentCreate(_In):
     """``POST /v1/airlock/admin/reports/{id}/comments``."""
 
     body: str = Field(min_length=1, max_length=MAX_COMMENT_CHARS, description="The lab's comment (Markdown).")
+
+
+class ExtensionCreate(_In):
+    """``POST /v1/airlock/admin/reports/{id}/extend``: the decider's exceptional-circumstances extension."""
+
+    business_days: int = Field(ge=1, le=3650, description="Business days added to the publication deadline.")
+    justification: str = Field(
+        min_length=MIN_EXTENSION_JUSTIFICATION_CHARS,
+        max_length=MAX_EXTENSION_JUSTIFICATION_CHARS,
+        description="The exceptional circumstances, in words; published with the extension.",
+    )
+
+
+class ExtensionPublic(BaseModel):
+    """An extension of a report's publication clock, as anyone may read it."""
+
+    revision: int = Field(description="The submitted revision whose clock it extended.")
+    business_days: int = Field(description="Business days added.")
+    previous_deadline: datetime = Field(description="The deadline before the extension.")
+    new_deadline: datetime = Field(description="The deadline after it.")
+    justification: str = Field(description="The decider's justification (public).")
+    decider: str = Field(description="The lab member who decided it.")
+    role: str = Field(description="Their lab role.")
+    created_at: datetime = Field(description="When.")
+
+    @classmethod
+    def of(cls, row: ReportExtension) -> ExtensionPublic:
+        """Build from a row."""
+        return cls.model_validate(row, from_attributes=True)
+
+
+class ClockPublic(BaseModel):
+    """The publication clock: published by ``publish_by`` at the latest, whatever the embargo says."""
+
+    submitted_at: datetime | None = Field(default=None, description="When the clock started (the last submission).")
+    business_days: int | None = Field(default=None, description="The policy's maximum at submission.")
+    calendar: str | None = Field(default=None, description="The business-day calendar it counts on.")
+    publish_by: datetime | None = Field(
+        default=None, description="The deadline, extensions included (null while a draft)."
+    )
+    extensions: list[ExtensionPublic] = Field(
+        default_factory=list, description="Exceptional-circumstances extensions, oldest first."
+    )
+
+    @classmethod
+    def of(cls, report: Report) -> ClockPublic:
+        """Build from a report."""
+        return cls(
+            submitted_at=report.submitted_at,
+            business_days=report.clock_business_days,
+            calendar=report.clock_calendar,
+            publish_by=report.publish_by,
+            extensions=[ExtensionPublic.of(e) for e in report.extensions],
+        )
 
 
 class AttachmentPublic(BaseModel):
@@ -255,9 +318,10 @@ class _ReportBase(BaseModel):
     comments: list[CommentPublic] = Field(description="Lab comments.")
     embargo: EmbargoPublic = Field(description="Embargo from the grant terms.")
     release: ReleasePublic = Field(description="Early-release agreement.")
+    clock: ClockPublic = Field(description="The publication clock and its extensions.")
     submitted_revision: int | None = Field(description="Revision frozen by the last submission.")
     published_at: datetime | None = Field(description="Publication time.")
-    published_reason: str | None = Field(description="`embargo` or `agreement`.")
+    published_reason: str | None = Field(description="`embargo`, `agreement` or `deadline` (the publication clock).")
 
 
 class ReportPrivate(_ReportBase):
@@ -292,8 +356,11 @@ class ReportPublicView(BaseModel):
     content_hash: str = Field(description="SHA-256 of the canonical JSON of `document`; recorded in the ledger.")
     document: dict[str, Any] = Field(description="The hashed public document.")
     published_at: datetime = Field(description="Publication time.")
-    published_reason: str = Field(description="`embargo` or `agreement`.")
+    published_reason: str = Field(description="`embargo`, `agreement` or `deadline` (the publication clock).")
     embargo: EmbargoPublic = Field(description="Embargo from the grant terms.")
+    clock: ClockPublic = Field(
+        default_factory=ClockPublic, description="The publication clock and any extensions the lab recorded."
+    )
     ledger_index: int | None = Field(description="Index of the `report.published` ledger entry, once integrated.")
 
 
@@ -351,6 +418,7 @@ def _base(
         "comments": [CommentPublic.of(c) for c in report.comments],
         "embargo": EmbargoPublic.of(embargo_of(session, report)),
         "release": ReleasePublic.of(report),
+        "clock": ClockPublic.of(report),
         "submitted_revision": report.submitted_revision,
         "published_at": report.published_at,
         "published_reason": report.published_reason,
@@ -459,6 +527,7 @@ def public_view(session: Session, report: Report, ledger_index: int | None) -> R
         published_at=report.published_at,
         published_reason=report.published_reason or "",
         embargo=EmbargoPublic.of(embargo_of(session, report)),
+        clock=ClockPublic.of(report),
         ledger_index=ledger_index,
     )
 
@@ -497,6 +566,14 @@ def public_markdown(view: ReportPublicView) -> str:
             metrics = ", ".join(f"{k}={v.get('value')}" for k, v in r.metrics.items() if isinstance(v, dict))
             ok = "signature valid" if r.signature_valid else "SIGNATURE NOT VERIFIED"
             lines.append(f"- `{r.id}` {r.task} on {r.variant} (n={r.samples}): {metrics} — {ok}")
+        lines.append("")
+    if view.clock.extensions:
+        lines += ["## Publication delayed by the lab", ""]
+        for x in view.clock.extensions:
+            lines.append(
+                f"- {x.created_at.isoformat()}: {x.decider} ({x.role}) extended the deadline by {x.business_days} "
+                f"business day(s), {x.previous_deadline.isoformat()} → {x.new_deadline.isoformat()}: {x.justification}"
+            )
         lines.append("")
     if view.lab_comments:
         lines += ["## Lab comments", ""]

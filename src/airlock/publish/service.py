@@ -10,6 +10,11 @@ Rules, in one place:
   a new draft revision and cancels release agreements (they were about other content).
 * A submitted report is published when its embargo has passed, or at once when the evaluator has
   requested and the lab has agreed to early release of the same submitted revision.
+* The publication clock: whatever the embargo says, a submitted report is published at the latest
+  ``N`` business days after its submission (the policy's ``publication.max_business_days``, 30 by
+  default, on its calendar), unless the lab's decider records an exceptional-circumstances
+  extension with a justification (:func:`extend_publication`): a row here and a public
+  ``report.extended`` ledger event. Each submission starts the clock again.
 * Embargo: ``embargo_days`` of every grant involved (the report's and its results'), counted from
   the version's first transition to ``deployed``; the longest wins. If the version was never
   deployed, or a grant sets no embargo term, there is no date: only mutual agreement publishes.
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -30,6 +35,7 @@ from sqlalchemy.orm import Session
 from airlock.access.models import Evaluator, Grant
 from airlock.access.seal import grant_holds
 from airlock.access.service import Principal, check_window
+from airlock.businessdays import Calendar
 from airlock.canonical import canonical_forms, sha256_hex
 from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -42,7 +48,14 @@ from airlock.jobs.periodic import PeriodicWorker
 from airlock.ledger import models as ledger_models
 from airlock.ledger import service as ledger
 from airlock.publish import redaction
-from airlock.publish.models import Report, ReportAttachment, ReportComment, ReportRedaction, ReportRevision
+from airlock.publish.models import (
+    Report,
+    ReportAttachment,
+    ReportComment,
+    ReportExtension,
+    ReportRedaction,
+    ReportRevision,
+)
 from airlock.registry.models import Model, ModelVersion, StageChange
 from airlock.registry.service import get_model, get_version
 
@@ -54,6 +67,8 @@ MAX_ATTACHMENTS = 20
 MAX_PLOT_BYTES = 2 * 1024 * 1024
 MAX_COMMENT_CHARS = 20_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MIN_EXTENSION_JUSTIFICATION_CHARS = 20
+MAX_EXTENSION_JUSTIFICATION_CHARS = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +132,27 @@ def embargo_of(session: Session, report: Report) -> Embargo:
             f"{days}-day embargo after deployment; the version is not deployed: publication needs both parties",
         )
     return Embargo(deployed + timedelta(days=days), deployed, f"{days} day(s) after deployment")
+
+
+# ---------------------------------------------------------------- publication clock
+
+
+@dataclass(frozen=True)
+class PublicationClock:
+    """How long a submitted report may wait at most, and how much one extension may add (business days)."""
+
+    business_days: int = 30
+    calendar: Calendar = field(default_factory=Calendar)
+    max_extension_days: int = 30
+    # The lab role whose members may extend (the policy's ``roles.decides``).
+    decides: str = "decider"
+
+    def deadline(self, start: datetime, days: int | None = None) -> datetime:
+        """Return the time ``days`` (default: the clock's) business days after ``start``."""
+        return self.calendar.add_business_days(start, self.business_days if days is None else days)
+
+
+DEFAULT_CLOCK = PublicationClock()
 
 
 # ---------------------------------------------------------------- attachments
@@ -214,13 +250,22 @@ def update_report(
     _add_revision(session, report, principal, content, f"key:{principal.key_id}", now)
     if report.status == "submitted":
         report.status = "draft"
+        # The clock runs for the submitted content; the next submission starts it again.
+        report.publish_by = None
     # Agreements were about the content the lab saw; new content needs them again.
     _clear_release(report)
     return report
 
 
-def submit_report(session: Session, principal: Principal, report_id: str, now: datetime | None = None) -> Report:
-    """Freeze the current revision for the lab's review and the embargo clock."""
+def submit_report(
+    session: Session,
+    principal: Principal,
+    report_id: str,
+    now: datetime | None = None,
+    *,
+    clock: PublicationClock = DEFAULT_CLOCK,
+) -> Report:
+    """Freeze the current revision for the lab's review; starts the embargo and the publication clock."""
     now = now or utcnow()
     report = own_report(session, principal, report_id, now, lock=True)
     if report.status != "draft":
@@ -232,6 +277,9 @@ def submit_report(session: Session, principal: Principal, report_id: str, now: d
     report.submitted_revision = revision.number
     report.submitted_at = now
     report.updated_at = now
+    report.publish_by = clock.deadline(now)
+    report.clock_business_days = clock.business_days
+    report.clock_calendar = clock.calendar.name
     session.flush()
     return report
 
@@ -380,12 +428,110 @@ def agree_release(session: Session, report_id: str, actor: str, now: datetime | 
 
 
 def publish_if_due(session: Session, report: Report, now: datetime) -> bool:
-    """Publish a submitted report whose embargo has passed; returns True when this call published it."""
+    """Publish a submitted report whose embargo or publication clock has run out; True when this call did."""
     if report.status != "submitted":
         return False
-    if not embargo_of(session, report).passed(now):
-        return False
-    return _publish(session, report, "embargo", now)
+    if embargo_of(session, report).passed(now):
+        return _publish(session, report, "embargo", now)
+    if report.publish_by is not None and now >= report.publish_by:
+        return _publish(session, report, "deadline", now)
+    return False
+
+
+def extend_publication(
+    session: Session,
+    report_id: str,
+    *,
+    business_days: int,
+    justification: str,
+    decider: str,
+    role: str,
+    token_id: str | None = None,
+    clock: PublicationClock = DEFAULT_CLOCK,
+    now: datetime | None = None,
+) -> ReportExtension:
+    """Record the decider's exceptional-circumstances extension of a report's publication clock (public)."""
+    now = now or utcnow()
+    if role != clock.decides:
+        raise PermissionDeniedError(
+            f"only the policy's decider role ({clock.decides!r}) may extend a publication clock; "
+            f"{decider!r} has role {role!r}",
+            code="not_decider",
+        )
+    text = justification.strip()
+    if not MIN_EXTENSION_JUSTIFICATION_CHARS <= len(text) <= MAX_EXTENSION_JUSTIFICATION_CHARS:
+        raise InvalidRequestError(
+            "an extension needs a public justification of the exceptional circumstances, "
+            f"{MIN_EXTENSION_JUSTIFICATION_CHARS}-{MAX_EXTENSION_JUSTIFICATION_CHARS} characters",
+            code="justification_required",
+            param="justification",
+        )
+    if not 1 <= business_days <= clock.max_extension_days:
+        raise InvalidRequestError(
+            f"one extension adds 1-{clock.max_extension_days} business days (the policy's "
+            "publication.max_extension_business_days)",
+            param="business_days",
+        )
+    # A report whose clock has already run out is published by this read, and then cannot be extended.
+    report = lab_report(session, report_id, now, lock=True)
+    _require_submitted(report)
+    previous = report.publish_by
+    if previous is None:
+        raise ConflictError(f"report {report.id} has no publication clock running", code="no_publication_clock")
+    new_deadline = clock.deadline(previous, business_days)
+    # Conditional like publication: an extension lands only while the deadline it extends is still
+    # ahead, so it never races a publisher that found the report due (whichever writes first wins).
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Report)
+            .where(
+                Report.id == report.id,
+                Report.status == "submitted",
+                Report.publish_by == previous,
+                Report.publish_by > now,
+            )
+            .values(publish_by=new_deadline, updated_at=now)
+            .execution_options(synchronize_session=False)
+        ),
+    )
+    if result.rowcount != 1:
+        raise ConflictError(f"report {report.id}'s publication clock has run out or changed", code="publication_due")
+    session.refresh(report)
+    assert report.submitted_revision is not None and report.submitted_at is not None
+    row = ReportExtension(
+        report_id=report.id,
+        revision=report.submitted_revision,
+        business_days=business_days,
+        previous_deadline=previous,
+        new_deadline=new_deadline,
+        justification=text,
+        decider=decider,
+        role=role,
+        token_id=token_id,
+        created_at=now,
+    )
+    report.extensions.append(row)
+    session.flush()
+    ledger.record_event(
+        session,
+        "report.extended",
+        {
+            **_subject(session, report),
+            "revision": report.submitted_revision,
+            "submitted_at": report.submitted_at.isoformat(),
+            "business_days": business_days,
+            "calendar": clock.calendar.name,
+            "previous_deadline": previous.isoformat(),
+            "new_deadline": new_deadline.isoformat(),
+            "justification": text,
+            "decider": decider,
+            "role": role,
+            "extended_at": now.isoformat(),
+        },
+        confidential={"token_id": token_id},
+    )
+    return row
 
 
 def publish_due(session: Session, now: datetime | None = None) -> list[str]:
@@ -400,20 +546,25 @@ def publish_due(session: Session, now: datetime | None = None) -> list[str]:
 
 
 class DuePublisher(PeriodicWorker):
-    """Publishes reports whose embargo has passed, from a background thread of the gateway."""
+    """Publishes reports whose embargo or publication clock has run out, from a background thread.
+
+    Every replica may run one: publication is a conditional update, so each report is published
+    (and ledgered) once whichever replica gets there first. ``clock`` tells the time (tests inject one).
+    """
 
     name = "report-publisher"
 
-    def __init__(self, db: Database, interval_s: float) -> None:
+    def __init__(self, db: Database, interval_s: float, clock: Callable[[], datetime] = utcnow) -> None:
         super().__init__(interval_s)
         self.db = db
+        self.clock = clock
 
     def run_once(self) -> list[str]:
-        """Publish what is due now; returns the published report ids."""
+        """Publish what is due now; returns the report ids this pass published."""
         with self.db.session() as session:
-            published = publish_due(session)
+            published = publish_due(session, self.clock())
         for report_id in published:
-            log.info("published %s (embargo passed)", report_id)
+            log.info("published %s (embargo or publication clock ran out)", report_id)
         return published
 
 
@@ -469,18 +620,36 @@ def _publish_if_agreed(session: Session, report: Report, now: datetime) -> None:
         _publish(session, report, "agreement", now)
 
 
+def _subject(session: Session, report: Report) -> dict[str, Any]:
+    """Return the report, evaluator and model version a report's ledger events speak about."""
+    model = session.get(Model, report.model_id)
+    version = session.get(ModelVersion, report.version_id)
+    evaluator = session.get(Evaluator, report.evaluator_id)
+    assert model is not None and version is not None and evaluator is not None
+    return {
+        "report_id": report.id,
+        "evaluator": evaluator.name,
+        "evaluator_id": evaluator.id,
+        "model_id": model.id,
+        "model": model.name,
+        "version_id": version.id,
+        "version": version.label,
+        "version_hash": version.content_hash,
+    }
+
+
 def _publish(session: Session, report: Report, reason: str, now: datetime) -> bool:
     revision = _revision(report, report.submitted_revision or 0)
     # A conditional UPDATE makes concurrent lazy checks publish (and ledger) a report exactly once.
+    conditions = [Report.id == report.id, Report.status == "submitted", Report.submitted_revision == revision.number]
+    if reason == "deadline":
+        # Checked again at write time: an extension committed meanwhile wins over a stale read.
+        conditions += [Report.publish_by.is_not(None), Report.publish_by <= now]
     result = cast(
         CursorResult[Any],
         session.execute(
             update(Report)
-            .where(
-                Report.id == report.id,
-                Report.status == "submitted",
-                Report.submitted_revision == revision.number,
-            )
+            .where(*conditions)
             .values(
                 status="published",
                 published_revision=revision.number,
@@ -495,23 +664,12 @@ def _publish(session: Session, report: Report, reason: str, now: datetime) -> bo
         session.refresh(report)
         return False
     session.refresh(report)
-    model = session.get(Model, report.model_id)
-    version = session.get(ModelVersion, report.version_id)
-    evaluator = session.get(Evaluator, report.evaluator_id)
-    assert model is not None and version is not None and evaluator is not None
     variants = sorted(set(session.scalars(select(EvalResult.variant).where(EvalResult.id.in_(revision.result_ids)))))
     ledger.record_event(
         session,
         "report.published",
         {
-            "report_id": report.id,
-            "evaluator": evaluator.name,
-            "evaluator_id": evaluator.id,
-            "model_id": model.id,
-            "model": model.name,
-            "version_id": version.id,
-            "version": version.label,
-            "version_hash": version.content_hash,
+            **_subject(session, report),
             "variants": variants,
             "revision": revision.number,
             "content_hash": revision.content_hash,
@@ -519,6 +677,9 @@ def _publish(session: Session, report: Report, reason: str, now: datetime) -> bo
             "commitments": [r.commitment for r in revision.redactions],
             "reason": reason,
             "published_at": now.isoformat(),
+            "submitted_at": report.submitted_at.isoformat() if report.submitted_at else None,
+            "publish_by": report.publish_by.isoformat() if report.publish_by else None,
+            "extensions": len(report.extensions),
         },
     )
     return True

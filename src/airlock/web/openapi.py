@@ -88,6 +88,8 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     ("POST", "/v1/airlock/admin/models/{model}/versions/{label}/stage"): frozenset({409}),
     ("POST", "/v1/airlock/admin/reports/{report_id}/comments"): frozenset({409}),
     ("POST", "/v1/airlock/admin/reports/{report_id}/agree-release"): frozenset({409}),
+    # published, or the deadline passed, or no valid policy
+    ("POST", "/v1/airlock/admin/reports/{report_id}/extend"): frozenset({409}),
     # the public record
     ("GET", "/public/ledger/checkpoint"): frozenset({404}),  # none signed yet
     # the gate (409 while no valid policy is installed)
