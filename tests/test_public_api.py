@@ -127,6 +127,7 @@ PINNED: dict[str, list[str]] = {
     ],
     "publish": ["cli", "commit", "models", "placeholder", "routes", "service", "verify_commitment"],
     "console": ["auth", "models", "routes"],
+    "contamination": ["cli", "corpus", "events", "matcher", "models", "routes", "scheme", "schemas", "service"],
     "redteam": ["cli", "events", "models", "routes", "schemas", "service", "terms"],
     "registry": ["events", "models", "routes", "schemas", "service", "weights"],
     "sandbox": [

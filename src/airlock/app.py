@@ -26,6 +26,8 @@ from airlock.backends.base import ModelBackend
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec, weights_spec
 from airlock.config import Settings, get_settings
 from airlock.console.routes import install as install_console
+from airlock.contamination.routes import admin_router as contamination_admin_router
+from airlock.contamination.routes import router as contamination_router
 from airlock.db import Database
 from airlock.deps import GatewayState, RequirePermission, get_admin, get_audit, get_principal, get_state
 from airlock.errors import InvalidRequestError, NotFoundError
@@ -335,6 +337,8 @@ def create_app(
     app.include_router(publish_router)
     app.include_router(redteam_router)
     app.include_router(redteam_admin_router)
+    app.include_router(contamination_router)
+    app.include_router(contamination_admin_router)
     install_console(app)
 
     @app.get("/healthz", tags=["ops"])

@@ -25,6 +25,7 @@ from airlock.cli_support import (
     summary_table,
 )
 from airlock.config import get_settings, reset_settings
+from airlock.contamination import cli as contamination_cli
 from airlock.db import Database
 from airlock.errors import AirlockError
 from airlock.governance import cli as governance_cli
@@ -58,6 +59,7 @@ app.add_typer(ledger_cli.witness_app, name="witness")
 app.add_typer(leak_cli.app, name="leak")
 app.add_typer(publish_cli.app, name="report")
 app.add_typer(redteam_cli.app, name="redteam")
+app.add_typer(contamination_cli.app, name="contamination")
 
 T = TypeVar("T")
 

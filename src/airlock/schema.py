@@ -10,6 +10,7 @@ from sqlalchemy import MetaData
 
 import airlock.access.models
 import airlock.console.models
+import airlock.contamination.models
 import airlock.evals.models
 import airlock.finetune.models
 import airlock.governance.models

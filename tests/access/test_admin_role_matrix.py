@@ -62,6 +62,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", f"{ADMIN}/redteam/findings"): {A, R, U},
     ("GET", f"{ADMIN}/redteam/findings/{{finding_id}}/session"): {A, R, U},
     ("POST", f"{ADMIN}/redteam/findings/{{finding_id}}/triage"): {R},
+    ("GET", f"{ADMIN}/contamination/checks"): {A, U},
+    ("GET", f"{ADMIN}/contamination/registrations"): {A, U},
+    ("POST", f"{ADMIN}/contamination/checks"): {A},
+    ("POST", f"{ADMIN}/contamination/checks/{{check_id}}/result"): {A},
 }
 ISSUING = {("POST", f"{ADMIN}/grants"), ("POST", f"{ADMIN}/grants/{{grant_id}}/keys")}
 APPROVING = {

@@ -49,6 +49,8 @@ class Permission(StrEnum):
     LEDGER_CHECKPOINT = "ledger:checkpoint"
     REDTEAM_READ = "redteam:read"
     REDTEAM_TRIAGE = "redteam:triage"
+    CONTAMINATION_READ = "contamination:read"
+    CONTAMINATION_CHECK = "contamination:check"
 
 
 DESCRIPTIONS: Mapping[Permission, str] = {
@@ -71,6 +73,8 @@ DESCRIPTIONS: Mapping[Permission, str] = {
     Permission.LEDGER_CHECKPOINT: "integrate pending ledger events and sign a checkpoint",
     Permission.REDTEAM_READ: "read red-teaming findings and the transcripts they cite",
     Permission.REDTEAM_TRIAGE: "triage red-teaming findings (acknowledge, dispute, mark fixed)",
+    Permission.CONTAMINATION_READ: "list contamination registrations (counts, never hashes) and checks",
+    Permission.CONTAMINATION_CHECK: "receive evaluators' test-set fingerprints to check a training corpus",
 }
 
 ROLE_DESCRIPTIONS: Mapping[Role, str] = {
@@ -97,6 +101,8 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.REPORTS_READ,
         Permission.LEDGER_CHECKPOINT,
         Permission.REDTEAM_READ,
+        Permission.CONTAMINATION_READ,
+        Permission.CONTAMINATION_CHECK,
     },
     Role.REVIEWER: _EVERYONE
     | {
@@ -117,6 +123,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.REPORTS_READ,
         Permission.LEDGER_CHECKPOINT,
         Permission.REDTEAM_READ,
+        Permission.CONTAMINATION_READ,
     },
 }
 

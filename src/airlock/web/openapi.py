@@ -76,6 +76,9 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     ("GET", "/v1/airlock/interp/jobs/{job_id}/result.npz"): frozenset({409}),
     ("GET", "/v1/airlock/interp/review/{job_id}"): frozenset({409}),
     ("POST", "/v1/airlock/interp/review/{job_id}"): frozenset({409}),
+    # the contamination firewall
+    ("POST", "/v1/airlock/contamination/registrations/{registration_id}/withdraw"): frozenset({409}),
+    ("POST", "/v1/airlock/admin/contamination/checks/{check_id}/result"): frozenset({409}),
     # the lab's administration
     ("POST", "/v1/airlock/admin/manifest"): frozenset({409}),
     ("POST", "/v1/airlock/admin/evaluators"): frozenset({409}),
