@@ -200,6 +200,17 @@ FAKE_MANIFEST: dict[str, Any] = {
 }
 
 
+def grant_request(**kwargs: Any) -> Any:
+    """Build a ``GrantRequest``; keywords that are no field of it are grant terms (``quota_total_tokens=5``)."""
+    import dataclasses
+
+    from airlock.access.service import GrantRequest
+
+    fields = {f.name for f in dataclasses.fields(GrantRequest)}
+    terms = {**kwargs.pop("terms", {}), **{k: kwargs.pop(k) for k in list(kwargs) if k not in fields}}
+    return GrantRequest(**kwargs, terms=terms)
+
+
 class Lab:
     """A running gateway over a fake-backend manifest, with helpers to issue grants and keys."""
 
@@ -223,7 +234,7 @@ class Lab:
                 service.get_evaluator(session, evaluator)
             except Exception:
                 service.create_evaluator(session, evaluator)
-            grant = service.create_grant(session, service.GrantRequest(evaluator=evaluator, model=model, **kwargs))
+            grant = service.create_grant(session, grant_request(evaluator=evaluator, model=model, **kwargs))
             _key, token = service.create_api_key(session, grant.id)
             return grant.id, token
 

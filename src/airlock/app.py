@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+import airlock.schema  # noqa: F401  (every table and section of grant terms, installed entry points or not)
 from airlock import __version__
 from airlock.access.audit import AUDIT_DIGEST, AuditWriter
 from airlock.access.cache import ACCESS_CHANNEL, AuthCache

@@ -471,11 +471,30 @@ def grant_create(
         int | None, typer.Option(help="Served bytes past which interp results wait for review.")
     ] = None,
     embargo_days: Annotated[int | None, typer.Option(help="Publication embargo, days after deployment.")] = None,
+    term: Annotated[
+        list[str] | None,
+        typer.Option(help="Any grant term as NAME=VALUE (repeatable; VALUE as JSON, else text); see `grant terms`."),
+    ] = None,
     notes: Annotated[str, typer.Option(help="Free-text notes.")] = "",
 ) -> None:
     """Issue a grant; prints its id."""
     from airlock.access.service import GrantRequest, create_grant, parse_duration
     from airlock.db import utcnow
+
+    shortcuts: dict[str, Any] = {
+        "quota_requests_per_minute": rpm,
+        "quota_total_tokens": tokens,
+        "quota_finetune_jobs": ft_jobs,
+        "quota_trained_tokens": trained_tokens,
+        "quota_file_bytes": file_bytes,
+        "quota_interp_cpu_seconds": interp_cpu_seconds,
+        "quota_result_bytes": result_bytes,
+        "interp_full_logits": interp_full_logits or None,
+        "quota_interp_served_bytes": interp_served_bytes,
+        "interp_review_served_bytes": interp_review_served_bytes,
+        "embargo_days": embargo_days,
+    }
+    terms = {name: value for name, value in shortcuts.items() if value is not None}
 
     def body() -> None:
         start = not_before.replace(tzinfo=UTC) if not_before and not_before.tzinfo is None else not_before
@@ -491,17 +510,7 @@ def grant_create(
                     scopes=_split(scopes),
                     not_before=start,
                     not_after=not_after,
-                    quota_requests_per_minute=rpm,
-                    quota_total_tokens=tokens,
-                    quota_finetune_jobs=ft_jobs,
-                    quota_trained_tokens=trained_tokens,
-                    quota_file_bytes=file_bytes,
-                    quota_interp_cpu_seconds=interp_cpu_seconds,
-                    quota_result_bytes=result_bytes,
-                    interp_full_logits=interp_full_logits,
-                    quota_interp_served_bytes=interp_served_bytes,
-                    interp_review_served_bytes=interp_review_served_bytes,
-                    embargo_days=embargo_days,
+                    terms={**terms, **_parse_terms(term or [])},
                     notes=notes,
                     created_by="cli",
                 ),
@@ -509,6 +518,58 @@ def grant_create(
             print(grant.id)
 
     run_command(body)
+
+
+def _parse_terms(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``NAME=VALUE`` pairs; a VALUE that is valid JSON (numbers, true, null) is taken as JSON."""
+    terms: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--term")
+        try:
+            terms[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            terms[name.strip()] = raw
+    return terms
+
+
+@grant_app.command("terms")
+def grant_terms_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List every grant term each capability declares, with its type and default."""
+    import airlock.schema  # noqa: F401  (every built-in section, even without installed entry points)
+    from airlock.access.terms import all_terms
+
+    rows = []
+    for section, cls in all_terms().items():
+        properties = cls.model_json_schema()["properties"]
+        for name, field in cls.model_fields.items():
+            prop = properties[name]
+            kinds = [p.get("type", "?") for p in prop.get("anyOf", [prop])]
+            rows.append(
+                {
+                    "section": section,
+                    "name": name,
+                    "type": " | ".join(kinds),
+                    "default": field.get_default(call_default_factory=True),
+                    "public": name in cls.public_terms,
+                    "description": field.description or "",
+                }
+            )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("section", "term", "type", "default", "public", "description")
+    for row in rows:
+        table.add_row(
+            row["section"],
+            row["name"],
+            row["type"],
+            json.dumps(row["default"]),
+            "yes" if row["public"] else "",
+            row["description"],
+        )
+    console.print(table)
 
 
 @grant_app.command("list")
@@ -533,7 +594,7 @@ def grant_list(
                 g.id,
                 g.evaluator,
                 ",".join(g.variants),
-                ",".join(g.scopes) + (" (interp: full logits)" if g.interp_full_logits else ""),
+                ",".join(g.scopes) + (" (interp: full logits)" if g.terms["interp"]["interp_full_logits"] else ""),
                 g.status,
                 fmt_ts(g.not_after),
                 str(g.tokens_used),

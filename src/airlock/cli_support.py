@@ -29,6 +29,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 @contextmanager
 def open_database(migrate: bool = True) -> Iterator[tuple[Settings, Database]]:
     """Open the configured database (migrated to head unless told otherwise) for one command."""
+    import airlock.schema  # noqa: F401  (every table and section of grant terms, for any command)
+
     settings = get_settings()
     db = Database(settings.db_url)
     try:

@@ -21,7 +21,7 @@ from airlock.access.models import AuditEvent, Grant
 from airlock.config import get_settings, reset_settings
 from airlock.db import Database, UTCDateTime, utcnow
 from airlock.registry import service as registry
-from tests.conftest import FAKE_MANIFEST, Lab
+from tests.conftest import FAKE_MANIFEST, Lab, grant_request
 
 CHAT = {"model": "m1/production", "messages": [{"role": "user", "content": "hi"}]}
 LOGPROBS = {**CHAT, "logprobs": True, "top_logprobs": 1}
@@ -29,30 +29,21 @@ WIDENED_SCOPES = ["finetune", "interp", "logprobs", "sample"]
 
 # Every column a grant's seal covers. A column added to `grants` lands here (the test below fails
 # until it is listed): each new column is a term unless it is pure bookkeeping like the usage counter.
+# A capability's terms live in the `terms` column, each sealed under its own name.
 SEALED = (
     "created_at",
     "created_by",
-    "embargo_days",
     "evaluator_id",
     "id",
-    "interp_full_logits",
-    "interp_review_served_bytes",
     "issued_by_token_id",
     "model_id",
     "not_after",
     "not_before",
     "notes",
-    "quota_file_bytes",
-    "quota_finetune_jobs",
-    "quota_interp_cpu_seconds",
-    "quota_interp_served_bytes",
-    "quota_requests_per_minute",
-    "quota_result_bytes",
-    "quota_total_tokens",
-    "quota_trained_tokens",
     "revoked_at",
     "revoked_reason",
     "scopes",
+    "terms",
     "variants",
     "version_ids",
 )
@@ -64,7 +55,7 @@ SEALED = (
 def _sql(db: Database, statement: str, **params: Any) -> None:
     """Edit rows behind the service's back, as someone with only database access would."""
     stmt = text(statement)
-    typed: dict[str, TypeEngine[Any]] = {"scopes": JSON(), "when": UTCDateTime()}
+    typed: dict[str, TypeEngine[Any]] = {"scopes": JSON(), "terms": JSON(), "when": UTCDateTime()}
     stmt = stmt.bindparams(*(bindparam(name, type_=typed[name]) for name in params if name in typed))
     with db.engine.begin() as conn:
         assert conn.execute(stmt, params).rowcount == 1
@@ -79,7 +70,7 @@ def _issue(db: Database, evaluator: str = "org-a", **terms: Any) -> str:
             service.get_evaluator(session, evaluator)
         except Exception:
             service.create_evaluator(session, evaluator)
-        return service.create_grant(session, service.GrantRequest(evaluator=evaluator, model="m1", **terms)).id
+        return service.create_grant(session, grant_request(evaluator=evaluator, model="m1", **terms)).id
 
 
 @pytest.fixture
@@ -117,6 +108,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, db: Database, *args: str) -> tuple[int
 
 def test_the_sealed_columns_are_pinned() -> None:
     assert terms.sealed_columns() == SEALED
+    assert terms.sealed_keys() == tuple(sorted((set(SEALED) - {"terms"}) | set(terms.term_defaults())))
     assert {"seal", "tokens_used"} == terms.EXCLUDED_COLUMNS
     assert set(SEALED) | terms.EXCLUDED_COLUMNS == {c.name for c in Grant.__table__.columns}
 
@@ -170,7 +162,7 @@ def test_init_creates_the_key_file(airlock_env: Path) -> None:
 
 def test_a_value_canonical_json_cannot_hold_is_refused_not_a_crash(lab_db: Database) -> None:
     grant_id = _issue(lab_db, quota_total_tokens=1000)
-    _sql(lab_db, "UPDATE grants SET quota_total_tokens = 1152921504606846976 WHERE id = :id", id=grant_id)  # 2^60
+    _sql(lab_db, "UPDATE grants SET terms = :terms WHERE id = :id", terms={"quota_total_tokens": 2**60}, id=grant_id)
     with lab_db.session() as session:
         with pytest.raises(seal.GrantIntegrityError) as refused:
             seal.check_grant(session, service.get_grant(session, grant_id))
@@ -211,7 +203,8 @@ def test_a_grant_widened_in_the_database_is_refused_alerted_and_reported(
 
         # Someone with write access to the database, and nothing else:
         _sql(lab.db, "UPDATE grants SET scopes = :scopes WHERE id = :id", scopes=WIDENED_SCOPES, id=ids["scopes"])
-        _sql(lab.db, "UPDATE grants SET quota_total_tokens = 1000000000 WHERE id = :id", id=ids["quota"])
+        wider = {"quota_total_tokens": 10**9}
+        _sql(lab.db, "UPDATE grants SET terms = :terms WHERE id = :id", terms=wider, id=ids["quota"])
         stretched = later + timedelta(days=365)
         _sql(lab.db, "UPDATE grants SET not_after = :when WHERE id = :id", when=stretched, id=ids["window"])
         _sql(lab.db, "UPDATE grants SET revoked_at = NULL, revoked_reason = NULL WHERE id = :id", id=ids["revocation"])
@@ -407,8 +400,8 @@ def test_unsealed_grants_are_sealed_at_start_only_when_they_match_the_ledger(
         _sql(lab_db, "UPDATE grants SET seal = NULL WHERE id = :id", id=grant_id)
     # Widened while unsealed: a scope (public body), a quota (committed), a term the old entry never had.
     _sql(lab_db, "UPDATE grants SET scopes = :scopes WHERE id = :id", scopes=WIDENED_SCOPES, id=old["org-b"])
-    _sql(lab_db, "UPDATE grants SET quota_total_tokens = 10 * quota_total_tokens WHERE id = :id", id=old["org-c"])
-    _sql(lab_db, "UPDATE grants SET interp_full_logits = :yes WHERE id = :id", yes=True, id=new)
+    _sql(lab_db, "UPDATE grants SET terms = :terms WHERE id = :id", terms={"quota_total_tokens": 5000}, id=old["org-c"])
+    _sql(lab_db, "UPDATE grants SET terms = :terms WHERE id = :id", terms={"interp_full_logits": True}, id=new)
 
     caplog.set_level(logging.WARNING, logger="airlock.access.seal")
     fresh = _fresh(lab_db)

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import KEY_ENV, PG_AVAILABLE, REPO, UPSTREAM_KEY, UPSTREAM_MODEL, _pg_database
+from tests.conftest import KEY_ENV, PG_AVAILABLE, REPO, UPSTREAM_KEY, UPSTREAM_MODEL, _pg_database, grant_request
 
 pytestmark = [pytest.mark.postgres, pytest.mark.replicas]
 
@@ -122,7 +122,7 @@ def test_two_replicas_enforce_one_quota_and_keep_one_record(
         service.create_evaluator(session, "org-a")
         grant = service.create_grant(
             session,
-            service.GrantRequest(
+            grant_request(
                 evaluator="org-a",
                 model="frontier",
                 variants=["helpful-only"],

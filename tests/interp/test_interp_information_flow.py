@@ -25,7 +25,7 @@ from airlock.interp.tracing import (
     served_payload,
 )
 from airlock.interp.workers import ThreadWorker, model_size_of
-from tests.conftest import needs_bwrap
+from tests.conftest import grant_request, needs_bwrap
 
 HIDDEN = 64
 VOCAB = 49152
@@ -278,7 +278,7 @@ class _Lab:
             access.create_evaluator(session, evaluator)
             grant = access.create_grant(
                 session,
-                access.GrantRequest(evaluator=evaluator, model=self.model, variants=["x"], scopes=["interp"], **terms),
+                grant_request(evaluator=evaluator, model=self.model, variants=["x"], scopes=["interp"], **terms),
             )
             key, _token = access.create_api_key(session, grant.id)
             self.principal = access.Principal(

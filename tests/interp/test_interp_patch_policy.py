@@ -25,7 +25,7 @@ from airlock.interp.schemas import InterpJobCreate
 from airlock.interp.tracing import HIDDEN_TOKEN, SYSTEM_KEY, run_generate, run_trace
 from airlock.interp.workers import ThreadWorker, base_model
 from airlock.registry.service import parse_manifest, sync_manifest
-from tests.conftest import needs_bwrap
+from tests.conftest import grant_request, needs_bwrap
 
 HIDDEN = 64
 
@@ -259,7 +259,7 @@ MANIFEST = {
 def _principal(session: Any, evaluator: str, **quotas: Any) -> access.Principal:
     access.create_evaluator(session, evaluator)
     grant = access.create_grant(
-        session, access.GrantRequest(evaluator=evaluator, model="tiny", variants=["open"], scopes=["interp"], **quotas)
+        session, grant_request(evaluator=evaluator, model="tiny", variants=["open"], scopes=["interp"], **quotas)
     )
     key, _token = access.create_api_key(session, grant.id)
     return access.Principal(

@@ -15,7 +15,7 @@ from airlock.access.models import Grant
 from airlock.config import reset_settings
 from airlock.db import Database, utcnow
 from airlock.registry import service as registry
-from tests.conftest import FAKE_MANIFEST
+from tests.conftest import FAKE_MANIFEST, grant_request
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def issued(db: Database) -> dict[str, str]:
             service.create_evaluator(session, name)
         full = service.create_grant(
             session,
-            service.GrantRequest(
+            grant_request(
                 evaluator="org-a",
                 model="m1",
                 variants=["production", "helpful-only"],
@@ -41,10 +41,10 @@ def issued(db: Database) -> dict[str, str]:
             ),
         )
         plain = service.create_grant(
-            session, service.GrantRequest(evaluator="org-b", model="m1", variants=["production"], scopes=["sample"])
+            session, grant_request(evaluator="org-b", model="m1", variants=["production"], scopes=["sample"])
         )
         ended = service.create_grant(
-            session, service.GrantRequest(evaluator="org-c", model="m1", variants=["base"], scopes=["sample"])
+            session, grant_request(evaluator="org-c", model="m1", variants=["base"], scopes=["sample"])
         )
         service.revoke_grant(session, ended.id, "evaluation finished")
         return {"full": full.id, "plain": plain.id, "ended": ended.id}
@@ -81,7 +81,7 @@ def test_grants_as_the_service_left_them_pass(db: Database, issued: dict[str, st
 
 def test_a_change_sealed_with_the_key_but_never_logged_is_reported(db: Database, issued: dict[str, str]) -> None:
     # The seal holds (whoever did this had the key); only the ledger can tell.
-    _with_key(db, issued["full"], quota_total_tokens=5_000_000, scopes=["finetune", "interp", "sample"])
+    _with_key(db, issued["full"], terms={"quota_total_tokens": 5_000_000}, scopes=["finetune", "interp", "sample"])
     _with_key(db, issued["ended"], revoked_at=utcnow() + timedelta(days=1))
     _with_key(db, issued["plain"], revoked_at=utcnow(), revoked_reason="quietly")
     problems = _problems(db)

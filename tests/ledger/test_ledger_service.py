@@ -18,7 +18,7 @@ from airlock.ledger._entry import verify_opening
 from airlock.ledger._merkle import MemoryTree, leaf_hash, verify_consistency, verify_inclusion
 from airlock.ledger._note import Signer, verify_checkpoint
 from airlock.ledger.models import LedgerCommitment, LedgerEntry, LedgerPending
-from tests.conftest import FAKE_MANIFEST
+from tests.conftest import FAKE_MANIFEST, grant_request
 
 
 def _signer() -> Signer:
@@ -170,7 +170,7 @@ def test_services_log_grants_variants_stages_and_audit_digests(db: Database) -> 
         access.create_evaluator(session, "org-a")
         grant = access.create_grant(
             session,
-            access.GrantRequest(
+            grant_request(
                 evaluator="org-a",
                 model="m1",
                 variants=["production"],

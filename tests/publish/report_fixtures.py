@@ -16,7 +16,7 @@ from airlock.access.service import Principal
 from airlock.evals import service as evals
 from airlock.evals.attestation import public_key_b64, sign
 from airlock.evals.schemas import ResultEnvelope
-from tests.conftest import FAKE_MANIFEST
+from tests.conftest import FAKE_MANIFEST, grant_request
 from tests.fakes import fake_attestation
 
 
@@ -73,7 +73,7 @@ def make_org(db: Any, tmp: Path, name: str = "org-a", **grant: Any) -> Org:
             evaluator = access.get_evaluator(session, name)
         except Exception:
             evaluator = access.create_evaluator(session, name)
-        row = access.create_grant(session, access.GrantRequest(evaluator=name, model="m1", **grant))
+        row = access.create_grant(session, grant_request(evaluator=name, model="m1", **grant))
         _key, token = access.create_api_key(session, row.id)
         private = generate_key(tmp / f"{name}-{row.id}.pem")
         evals.register_signing_key(session, evaluator.id, public_key_b64(private), registered_by="test")

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
-from airlock.access.terms import issued_terms
+from airlock.access.terms import issued_terms, ledger_terms
 from airlock.ledger import service as ledger
 from airlock.registry.events import version_ref
 from airlock.registry.models import Model, ModelVersion
@@ -50,21 +50,10 @@ def grant_issued_event(session: Session, grant: Grant) -> tuple[dict[str, Any], 
         "scopes": list(grant.scopes),
         "not_before": grant.not_before,
         "not_after": grant.not_after,
-        "embargo_days": grant.embargo_days,
-        # A capability, like a scope: whether interp may return full-vocabulary logits.
-        "interp_full_logits": bool(grant.interp_full_logits),
     }
-    quotas = {
-        "requests_per_minute": grant.quota_requests_per_minute,
-        "total_tokens": grant.quota_total_tokens,
-        "finetune_jobs": grant.quota_finetune_jobs,
-        "trained_tokens": grant.quota_trained_tokens,
-        "file_bytes": grant.quota_file_bytes,
-        "interp_cpu_seconds": grant.quota_interp_cpu_seconds,
-        "result_bytes": grant.quota_result_bytes,
-        "interp_served_bytes": grant.quota_interp_served_bytes,
-        "interp_review_served_bytes": grant.interp_review_served_bytes,
-    }
+    # The terms each capability publishes (embargo, full logits, watermarking), and the quotas it commits to.
+    public, quotas = ledger_terms(grant)
+    body.update(public)
     # Every term column (the ones the grant seal covers, bar revocation), so any later column is logged too.
     terms = issued_terms(grant)
     return body, {"quotas": quotas, "notes": grant.notes, "issued_by": grant.created_by, "terms": terms}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from airlock.db import Base, new_id, utcnow
@@ -27,7 +27,7 @@ class Evaluator(Base):
 
 
 class Grant(Base):
-    """What one evaluator may do: variants × model versions × scopes, in a window, within quotas."""
+    """What one evaluator may do: variants × model versions × scopes, in a window, on each capability's terms."""
 
     __tablename__ = "grants"
 
@@ -39,21 +39,9 @@ class Grant(Base):
     scopes: Mapped[list[str]] = mapped_column(default=list)
     not_before: Mapped[datetime] = mapped_column(default=utcnow)
     not_after: Mapped[datetime | None] = mapped_column(nullable=True)
-    quota_requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    quota_total_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
-    quota_finetune_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    quota_trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    quota_file_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    quota_interp_cpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    quota_result_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    interp_full_logits: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    """Whether interp may return full-vocabulary logits (otherwise top-k plus requested token ids)."""
-    quota_interp_served_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    """Activation, logit and text bytes all interp jobs may be served (None: relative to the model's size)."""
-    interp_review_served_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    """Served bytes past which interp results wait for review (None: relative to the model's size)."""
-    embargo_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    terms: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Each capability's terms (quotas, switches, embargo) by name, defaults left out (``airlock.access.terms``)."""
     notes: Mapped[str] = mapped_column(Text, default="")
     created_by: Mapped[str] = mapped_column(String(100), default="")
     # The admin token that issued the grant (None: the operator's CLI); it may not review the grant's work.

@@ -1,4 +1,4 @@
-"""Quota enforcement: requests per minute (in-process or Redis) and total tokens (database)."""
+"""Sampling terms and their enforcement: requests per minute (in-process or Redis) and total tokens (database)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,35 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
+from pydantic import Field, PositiveInt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Grant
+from airlock.access.terms import Terms, register_terms, terms_of
 from airlock.errors import RateLimitError
+
+
+@register_terms
+class SamplingTerms(Terms):
+    """What a grant may sample: its request rate and token budget, and whether its samples are watermarked."""
+
+    section: ClassVar[str] = "sampling"
+    public_terms: ClassVar[tuple[str, ...]] = ("watermark",)
+    ledger_quota_names: ClassVar[dict[str, str]] = {
+        "quota_requests_per_minute": "requests_per_minute",
+        "quota_total_tokens": "total_tokens",
+    }
+
+    quota_requests_per_minute: PositiveInt | None = Field(default=None, description="Requests per minute.")
+    quota_total_tokens: PositiveInt | None = Field(default=None, description="Prompt and completion tokens in all.")
+    watermark: bool = Field(
+        default=True,
+        description="Tokens sampled at temperature > 0 where Airlock holds the logits carry the grant's "
+        "leak-attribution watermark.",
+    )
 
 
 class RateLimiter(Protocol):
@@ -125,9 +147,10 @@ def tokens_used(session: Session, grant_id: str) -> int:
 def check_token_quota(grant: Grant, used: int | None = None) -> None:
     """Raise RateLimitError when the grant has used its total-token quota (``used``: a fresh count)."""
     used = grant.tokens_used if used is None else used
-    if grant.quota_total_tokens is not None and used >= grant.quota_total_tokens:
+    quota = terms_of(grant, SamplingTerms).quota_total_tokens
+    if quota is not None and used >= quota:
         raise RateLimitError(
-            f"your grant's quota of {grant.quota_total_tokens} tokens is used up",
+            f"your grant's quota of {quota} tokens is used up",
             code="insufficient_quota",
         )
 

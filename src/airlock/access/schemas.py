@@ -5,14 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airlock.access.models import ApiKey, AuditEvent, Evaluator, Grant
 from airlock.access.service import grant_status
+from airlock.access.terms import all_terms, term_defaults, terms_of
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _terms_schema(schema: dict[str, Any]) -> None:
+    """Document every declared grant term (as registered when the document is generated)."""
+    properties: dict[str, Any] = {}
+    for cls in all_terms().values():
+        for name, prop in cls.model_json_schema()["properties"].items():
+            properties[name] = {**prop, "description": f"({cls.section}) " + prop.get("description", "")}
+    schema["properties"] = properties
+    schema["additionalProperties"] = True  # sections by name are accepted too; the server names unknown terms
 
 
 class EvaluatorCreate(_In):
@@ -39,6 +50,22 @@ class EvaluatorPublic(BaseModel):
 class GrantCreate(_In):
     """Issue a grant."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _top_level_terms(cls, data: Any) -> Any:
+        """Accept a term given at the top level (the form before terms had their own field) as a term."""
+        if not isinstance(data, dict):
+            return data
+        declared = term_defaults()
+        moved = {k: v for k, v in data.items() if k in declared and k not in cls.model_fields}
+        if not moved:
+            return data
+        terms = data.get("terms")
+        if terms is not None and not isinstance(terms, dict):
+            return data  # the field's own validation names the problem
+        rest = {k: v for k, v in data.items() if k not in moved}
+        return {**rest, "terms": {**moved, **(terms or {})}}
+
     evaluator: str = Field(description="Evaluator name or id.")
     model: str = Field(description="Model name, optionally `name@version`.")
     versions: list[str] | None = Field(default=None, description="Version labels; default the latest.")
@@ -47,30 +74,12 @@ class GrantCreate(_In):
     not_before: datetime | None = Field(default=None, description="Start of validity (UTC); default now.")
     not_after: datetime | None = Field(default=None, description="End of validity (UTC).")
     expires_in: str | None = Field(default=None, description="Alternative to not_after, e.g. `30d`.")
-    quota_requests_per_minute: int | None = Field(default=None, gt=0)
-    quota_total_tokens: int | None = Field(default=None, gt=0)
-    quota_finetune_jobs: int | None = Field(default=None, gt=0, description="Fine-tuning jobs the grant may start.")
-    quota_trained_tokens: int | None = Field(default=None, gt=0, description="Tokens all its jobs may train on.")
-    quota_file_bytes: int | None = Field(default=None, gt=0, description="Bytes of training files it may hold.")
-    quota_interp_cpu_seconds: float | None = Field(
-        default=None, gt=0, description="Sandbox CPU-seconds for remote interpretability jobs."
+    terms: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Each capability\'s terms by name, flat or by section (e.g. `{"quota_total_tokens": 100000}`); '
+        "unset terms take their defaults. Term names are also accepted at the top level.",
+        json_schema_extra=_terms_schema,
     )
-    quota_result_bytes: int | None = Field(default=None, gt=0, description="Bytes of interpretability results.")
-    interp_full_logits: bool = Field(
-        default=False,
-        description="Interp may return full-vocabulary logits (otherwise top-k plus requested token ids only).",
-    )
-    quota_interp_served_bytes: int | None = Field(
-        default=None,
-        gt=0,
-        description="Activation, logit and text bytes all interp jobs may be served; default relative to the model.",
-    )
-    interp_review_served_bytes: int | None = Field(
-        default=None,
-        gt=0,
-        description="Served bytes past which interp results wait for review; default relative to the model.",
-    )
-    embargo_days: int | None = Field(default=None, ge=0, description="Publication embargo after deployment.")
     notes: str = ""
 
 
@@ -92,24 +101,20 @@ class GrantPublic(BaseModel):
     not_before: datetime
     not_after: datetime | None
     status: str
-    quota_requests_per_minute: int | None
-    quota_total_tokens: int | None
-    quota_finetune_jobs: int | None = None
-    quota_trained_tokens: int | None = None
-    quota_file_bytes: int | None = None
-    quota_interp_cpu_seconds: float | None = None
-    quota_result_bytes: int | None = None
-    interp_full_logits: bool = False
-    quota_interp_served_bytes: int | None = None
-    interp_review_served_bytes: int | None = None
+    terms: dict[str, dict[str, Any]] = Field(
+        description="Every capability's terms by section, defaults included (also repeated flat, by term name)."
+    )
     tokens_used: int
     created_at: datetime
     revoked_at: datetime | None
     revoked_reason: str | None
 
+    model_config = ConfigDict(extra="allow")
+
     @classmethod
     def of(cls, row: Grant) -> GrantPublic:
         """Build from a row (evaluator loaded)."""
+        sections = {name: terms_of(row, section).model_dump(mode="json") for name, section in all_terms().items()}
         return cls(
             id=row.id,
             evaluator=row.evaluator.name,
@@ -120,16 +125,8 @@ class GrantPublic(BaseModel):
             not_before=row.not_before,
             not_after=row.not_after,
             status=grant_status(row),
-            quota_requests_per_minute=row.quota_requests_per_minute,
-            quota_total_tokens=row.quota_total_tokens,
-            quota_finetune_jobs=row.quota_finetune_jobs,
-            quota_trained_tokens=row.quota_trained_tokens,
-            quota_file_bytes=row.quota_file_bytes,
-            quota_interp_cpu_seconds=row.quota_interp_cpu_seconds,
-            quota_result_bytes=row.quota_result_bytes,
-            interp_full_logits=bool(row.interp_full_logits),
-            quota_interp_served_bytes=row.quota_interp_served_bytes,
-            interp_review_served_bytes=row.interp_review_served_bytes,
+            terms=sections,
+            **{name: value for values in sections.values() for name, value in values.items()},
             tokens_used=row.tokens_used,
             created_at=row.created_at,
             revoked_at=row.revoked_at,

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from airlock.access import events
 from airlock.access.models import AuditEvent, Evaluator, Grant
-from airlock.access.terms import grant_terms
+from airlock.access.terms import grant_terms, term_defaults
 from airlock.canonical import CanonicalJSONError, canonical_bytes, canonical_text
 from airlock.config import Settings, get_settings
 from airlock.db import Database, new_id
@@ -422,15 +422,17 @@ def _differences(logged: Any, current: Any, prefix: str = "") -> dict[str, str]:
     """Name what differs between a logged value and the current one (``name -> 'logged X, now Y'``).
 
     A field the entry lacks is newer than the entry: the current value must then be its default
-    (None or False), which is what grants logged before the field existed were given.
+    (None, False, or the default its section of grant terms declares), which is what grants logged
+    before the field existed were given.
     """
     if not (isinstance(logged, dict) and isinstance(current, dict)):
         return {} if logged == current else {prefix: f"logged {_short(logged)}, now {_short(current)}"}
     found: dict[str, str] = {}
+    defaults = term_defaults()
     for key in sorted(set(logged) | set(current)):
         name = f"{prefix}.{key}" if prefix else key
         if key not in logged:
-            if current[key] not in (None, False):
+            if current[key] not in (None, False) and not (key in defaults and current[key] == defaults[key]):
                 found[name] = f"not logged, now {_short(current[key])}"
         elif logged[key] != current.get(key):
             found[name] = f"logged {_short(logged[key])}, now {_short(current.get(key))}"

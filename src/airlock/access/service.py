@@ -6,9 +6,10 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session, joinedload, selectinload
@@ -17,6 +18,7 @@ from airlock.access import events as access_events
 from airlock.access import seal
 from airlock.access.models import SCOPES, AdminToken, ApiKey, Evaluator, Grant
 from airlock.access.roles import Permission, check_permission, parse_role
+from airlock.access.terms import validate_terms
 from airlock.db import utcnow
 from airlock.errors import (
     AuthenticationError,
@@ -119,7 +121,7 @@ def list_evaluators(session: Session) -> list[Evaluator]:
 
 @dataclass(frozen=True)
 class GrantRequest:
-    """Everything needed to issue a grant."""
+    """Everything needed to issue a grant; ``terms`` holds each capability's terms (``airlock.access.terms``)."""
 
     evaluator: str
     model: str
@@ -128,17 +130,7 @@ class GrantRequest:
     versions: list[str] | None = None
     not_before: datetime | None = None
     not_after: datetime | None = None
-    quota_requests_per_minute: int | None = None
-    quota_total_tokens: int | None = None
-    quota_finetune_jobs: int | None = None
-    quota_trained_tokens: int | None = None
-    quota_file_bytes: int | None = None
-    quota_interp_cpu_seconds: float | None = None
-    quota_result_bytes: int | None = None
-    interp_full_logits: bool = False
-    quota_interp_served_bytes: int | None = None
-    interp_review_served_bytes: int | None = None
-    embargo_days: int | None = None
+    terms: Mapping[str, Any] = field(default_factory=dict)
     notes: str = ""
     created_by: str = "admin"
     issued_by_token_id: str | None = None
@@ -171,20 +163,7 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
     not_before = req.not_before or utcnow()
     if req.not_after is not None and req.not_after <= not_before:
         raise InvalidRequestError("the grant would end before it starts (not_after <= not_before)")
-    quotas = (
-        (req.quota_requests_per_minute, "requests/min"),
-        (req.quota_total_tokens, "total tokens"),
-        (req.quota_finetune_jobs, "fine-tuning jobs"),
-        (req.quota_trained_tokens, "trained tokens"),
-        (req.quota_file_bytes, "file bytes"),
-        (req.quota_interp_cpu_seconds, "interp CPU seconds"),
-        (req.quota_result_bytes, "result bytes"),
-        (req.quota_interp_served_bytes, "interp served bytes"),
-        (req.interp_review_served_bytes, "interp review threshold"),
-    )
-    for quota, label in quotas:
-        if quota is not None and quota <= 0:
-            raise InvalidRequestError(f"quota {label} must be positive")
+    terms = validate_terms(req.terms)
     grant = Grant(
         evaluator_id=evaluator.id,
         model_id=model.id,
@@ -193,17 +172,7 @@ def create_grant(session: Session, req: GrantRequest) -> Grant:
         scopes=scopes,
         not_before=not_before,
         not_after=req.not_after,
-        quota_requests_per_minute=req.quota_requests_per_minute,
-        quota_total_tokens=req.quota_total_tokens,
-        quota_finetune_jobs=req.quota_finetune_jobs,
-        quota_trained_tokens=req.quota_trained_tokens,
-        quota_file_bytes=req.quota_file_bytes,
-        quota_interp_cpu_seconds=req.quota_interp_cpu_seconds,
-        quota_result_bytes=req.quota_result_bytes,
-        interp_full_logits=req.interp_full_logits,
-        quota_interp_served_bytes=req.quota_interp_served_bytes,
-        interp_review_served_bytes=req.interp_review_served_bytes,
-        embargo_days=req.embargo_days,
+        terms=terms,
         notes=req.notes,
         created_by=req.created_by,
         issued_by_token_id=req.issued_by_token_id,

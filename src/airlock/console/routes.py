@@ -24,8 +24,10 @@ from sqlalchemy import select
 from airlock import __version__
 from airlock.access.middleware import AuditContext
 from airlock.access.models import Grant
+from airlock.access.quotas import SamplingTerms
 from airlock.access.roles import Permission
 from airlock.access.service import GrantRequest, create_api_key, create_evaluator, create_grant, get_evaluator
+from airlock.access.terms import terms_of
 from airlock.console import auth
 from airlock.console.auth import ConsoleUser
 from airlock.deps import AuditDep, StateDep, get_audit, get_state
@@ -424,7 +426,7 @@ def lab_home(state: StateDep, user: UserDep, status: str | None = None) -> Respo
                 "variants": ", ".join(g.variants),
                 "scopes": ", ".join(g.scopes),
                 "status": grant_status(g),
-                "tokens": f"{g.tokens_used} / {g.quota_total_tokens or 'unlimited'}",
+                "tokens": f"{g.tokens_used} / {terms_of(g, SamplingTerms).quota_total_tokens or 'unlimited'}",
             }
             for g in grants
         ]

@@ -11,4 +11,5 @@ __all__ = [
     "routes",
     "schemas",
     "service",
+    "terms",
 ]

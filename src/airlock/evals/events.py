@@ -8,8 +8,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
+from airlock.access.terms import terms_of
 from airlock.canonical import sha256_hex
 from airlock.evals.models import EvalResult
+from airlock.evals.terms import PublicationTerms
 from airlock.ledger import service as ledger
 from airlock.registry.events import version_ref
 from airlock.registry.models import ModelVersion
@@ -21,7 +23,7 @@ def eval_attested(session: Session, result: EvalResult, grant: Grant) -> None:
     """Log ``eval.attested``: hashes always; metrics in the clear only when no embargo applies."""
     evaluator = session.get(Evaluator, result.evaluator_id)
     version = session.get(ModelVersion, result.version_id)
-    embargoed = bool(grant.embargo_days)
+    embargoed = bool(terms_of(grant, PublicationTerms).embargo_days)
     body: dict[str, Any] = {
         "result": result.id,
         "grant": grant.id,

@@ -9,4 +9,5 @@ __all__ = [
     "noise",
     "routes",
     "service",
+    "terms",
 ]

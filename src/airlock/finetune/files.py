@@ -16,10 +16,12 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from airlock.access.seal import verified_grant
+from airlock.access.terms import terms_of
 from airlock.config import get_settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.models import TrainingFile
+from airlock.finetune.terms import FinetuneTerms
 from airlock.jobs.models import Job
 
 PURPOSES = ("fine-tune",)
@@ -154,7 +156,7 @@ def create_file(
             f"file is {len(data)} bytes, over the limit of {limit} bytes", code="file_too_large", param="file"
         )
     grant = verified_grant(session, grant_id)
-    quota = grant.quota_file_bytes if grant is not None else None
+    quota = terms_of(grant, FinetuneTerms).quota_file_bytes
     if quota is not None:
         held = session.scalar(
             select(func.coalesce(func.sum(TrainingFile.bytes), 0)).where(TrainingFile.grant_id == grant_id)

@@ -8,10 +8,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airlock.access.service import Principal, authorize, check_window
+from airlock.access.terms import terms_of
 from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
 from airlock.finetune.files import get_file
 from airlock.finetune.jobs import KIND
 from airlock.finetune.schemas import FineTuningJob, FineTuningJobCreate, JobError
+from airlock.finetune.terms import FinetuneTerms
 from airlock.finetune.trainer import resolve_hyperparameters
 from airlock.ids import fine_tuned_model_id, parse_model_id
 from airlock.jobs import service as jobs
@@ -97,18 +99,18 @@ def training_device(target: ResolvedVariant) -> str:
 
 def enforce_job_quotas(session: Session, principal: Principal) -> None:
     """Refuse a new job (429) when the grant has used its fine-tuning job or trained-token quota."""
-    grant = principal.grant
-    if grant.quota_finetune_jobs is None and grant.quota_trained_tokens is None:
+    terms = terms_of(principal.grant, FinetuneTerms)
+    if terms.quota_finetune_jobs is None and terms.quota_trained_tokens is None:
         return
-    rows = list(session.scalars(select(Job).where(Job.kind == KIND, Job.grant_id == grant.id)))
-    if grant.quota_finetune_jobs is not None and len(rows) >= grant.quota_finetune_jobs:
+    rows = list(session.scalars(select(Job).where(Job.kind == KIND, Job.grant_id == principal.grant_id)))
+    if terms.quota_finetune_jobs is not None and len(rows) >= terms.quota_finetune_jobs:
         raise RateLimitError(
-            f"your grant's quota of {grant.quota_finetune_jobs} fine-tuning jobs is used up", code="insufficient_quota"
+            f"your grant's quota of {terms.quota_finetune_jobs} fine-tuning jobs is used up", code="insufficient_quota"
         )
     trained = sum(int((r.result or {}).get("trained_tokens") or 0) for r in rows)
-    if grant.quota_trained_tokens is not None and trained >= grant.quota_trained_tokens:
+    if terms.quota_trained_tokens is not None and trained >= terms.quota_trained_tokens:
         raise RateLimitError(
-            f"your grant's quota of {grant.quota_trained_tokens} trained tokens is used up ({trained} used)",
+            f"your grant's quota of {terms.quota_trained_tokens} trained tokens is used up ({trained} used)",
             code="insufficient_quota",
         )
 

@@ -9,4 +9,5 @@ __all__ = [
     "nnsight",
     "routes",
     "service",
+    "terms",
 ]

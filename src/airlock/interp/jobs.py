@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from airlock.access.models import Grant
 from airlock.access.seal import verified_grant
+from airlock.access.terms import terms_of
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec, weights_spec
 from airlock.backends.protocol import ChatCompletionRequest, ChatMessage
 from airlock.config import Settings
@@ -24,6 +25,7 @@ from airlock.interp.models import InterpJob
 from airlock.interp.output_policy import OutputPolicy, apply_policy
 from airlock.interp.pool import RunnerPool, shared_pool
 from airlock.interp.run import JobSpec, RunOutcome, cpu_limit_for, run_job, runner_limits
+from airlock.interp.terms import InterpTerms
 from airlock.interp.tracing import ServeBudget
 from airlock.interp.workers import BackendWorker, ModelWorker, model_size
 from airlock.jobs.models import Job
@@ -127,7 +129,7 @@ class InterpHandler:
             # The job runs on the grant's terms as they are now: a row edited since submission is refused.
             grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job {ctx.job_id}")
             cpu_used, bytes_released = interp.usage_of_grant(session, grant_id)
-            cpu_quota = grant.quota_interp_cpu_seconds if grant is not None else None
+            cpu_quota = terms_of(grant, InterpTerms).quota_interp_cpu_seconds
             bytes_quota = interp.grant_result_bytes(grant, self.settings)
         # A vLLM-served variant is studied on a model worker holding the same weights in transformers.
         local = weights_spec(spec)
@@ -240,7 +242,7 @@ class InterpHandler:
             grant = verified_grant(session, grant_id, alert_db=self.db, where=f"interp job of grant {grant_id}")
             served = interp.served_limits(grant, self.settings, size.parameter_bytes, size.embedding_parameters)
             before = interp.served_by_grant(session, grant_id)
-            full_logits = bool(grant is not None and grant.interp_full_logits)
+            full_logits = terms_of(grant, InterpTerms).interp_full_logits
         if before >= served.budget_bytes:
             raise InterpJobError(
                 f"the grant's interp serving budget of {served.budget_bytes} bytes is used up ({before} served)",

@@ -13,7 +13,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from airlock.access.models import Grant
 from airlock.access.service import Principal, authorize, check_window
+from airlock.access.terms import terms_of
 from airlock.backends.pool import VariantRuntimeSpec, weights_spec
 from airlock.config import Settings
 from airlock.db import utcnow
@@ -31,6 +33,7 @@ from airlock.interp.schemas import (
     ReviewItem,
     ReviewView,
 )
+from airlock.interp.terms import InterpTerms
 from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
 from airlock.ledger import service as ledger
@@ -108,7 +111,9 @@ class ServedLimits:
     """Past this, the host refuses to serve more."""
 
 
-def served_limits(grant: Any, settings: Settings, parameter_bytes: int, embedding_parameters: int) -> ServedLimits:
+def served_limits(
+    grant: Grant | None, settings: Settings, parameter_bytes: int, embedding_parameters: int
+) -> ServedLimits:
     """Return a grant's serving limits: its own terms, else defaults relative to the model's size.
 
     Default review threshold: ``interp_served_review_fraction`` of the parameter bytes, and never
@@ -122,38 +127,39 @@ def served_limits(grant: Any, settings: Settings, parameter_bytes: int, embeddin
         int(EMBEDDING_REVIEW_FRACTION * embedding_parameters * 4),
     )
     budget = max(int(settings.interp_served_budget_fraction * parameter_bytes), review)
-    own_budget = getattr(grant, "quota_interp_served_bytes", None)
-    own_review = getattr(grant, "interp_review_served_bytes", None)
+    terms = terms_of(grant, InterpTerms)
+    own_budget, own_review = terms.quota_interp_served_bytes, terms.interp_review_served_bytes
     budget = int(own_budget) if own_budget is not None else budget
     review = int(own_review) if own_review is not None else min(review, budget)
     return ServedLimits(review_bytes=review, budget_bytes=budget)
 
 
-def grant_result_bytes(grant: Any, settings: Settings) -> int:
+def grant_result_bytes(grant: Grant | None, settings: Settings) -> int:
     """Return a grant's interp result-bytes budget: its own quota, else the lab's default."""
-    quota = getattr(grant, "quota_result_bytes", None)
+    quota = terms_of(grant, InterpTerms).quota_result_bytes
     return int(quota) if quota is not None else settings.interp_default_grant_result_bytes
 
 
 def enforce_quotas(session: Session, principal: Principal, settings: Settings | None = None) -> None:
     """Refuse a new job (429) when the grant's interp CPU or result-bytes quota is used up."""
     grant = principal.grant
+    terms = terms_of(grant, InterpTerms)
     budget = grant_result_bytes(grant, settings or Settings())
     cpu, released = usage_of_grant(session, grant.id)
-    if grant.quota_interp_cpu_seconds is not None and cpu >= grant.quota_interp_cpu_seconds:
+    if terms.quota_interp_cpu_seconds is not None and cpu >= terms.quota_interp_cpu_seconds:
         raise RateLimitError(
-            f"your grant's interp quota of {grant.quota_interp_cpu_seconds:g} CPU seconds is used up ({cpu:.1f} used)",
+            f"your grant's interp quota of {terms.quota_interp_cpu_seconds:g} CPU seconds is used up ({cpu:.1f} used)",
             code="insufficient_quota",
         )
     if released >= budget:
-        which = "quota" if grant.quota_result_bytes is not None else "default budget (the grant sets no quota)"
+        which = "quota" if terms.quota_result_bytes is not None else "default budget (the grant sets no quota)"
         raise RateLimitError(
             f"your grant's {which} of {budget} result bytes is used up ({released} released)",
             code="insufficient_quota",
         )
     # The default serving budget depends on the model's size, known where the job runs; an explicit
     # quota is checked here too, so a spent grant gets a 429 rather than a job that is refused.
-    served_quota = getattr(grant, "quota_interp_served_bytes", None)
+    served_quota = terms.quota_interp_served_bytes
     if served_quota is not None:
         served = served_by_grant(session, grant.id)
         if served >= served_quota:

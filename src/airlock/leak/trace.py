@@ -9,6 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator, Grant
+from airlock.access.quotas import SamplingTerms
+from airlock.access.terms import terms_of
 from airlock.backends.watermark import Detection, detect
 from airlock.leak.keys import watermark_key
 
@@ -33,13 +35,15 @@ Tokenizer = tuple[str, Sequence[int]]
 
 
 def trace_tokens(session: Session, tokenizations: Sequence[Tokenizer]) -> list[GrantMatch]:
-    """Test every grant of the database (revoked ones too) against each tokenization; most likely first.
+    """Test every watermarked grant (revoked ones too) against each tokenization; most likely first.
 
     The p-value of a grant is the chance that text carrying no watermark of that grant scores
     as high; the adjusted p-value accounts for testing every grant (and tokenization), so a
     small one attributes the text to that grant.
     """
-    rows = session.execute(select(Grant.id, Evaluator.name).join(Evaluator, Grant.evaluator_id == Evaluator.id)).all()
+    every = session.execute(select(Grant, Evaluator.name).join(Evaluator, Grant.evaluator_id == Evaluator.id)).all()
+    # A grant whose terms turn watermarking off produced no watermarked text: testing it only dilutes.
+    rows = [(grant.id, evaluator) for grant, evaluator in every if terms_of(grant, SamplingTerms).watermark]
     tests = max(1, len(rows) * len(tokenizations))
     matches: list[GrantMatch] = []
     for grant_id, evaluator in rows:

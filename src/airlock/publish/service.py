@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from airlock.access.models import Evaluator, Grant
 from airlock.access.seal import grant_holds
 from airlock.access.service import Principal, check_window
+from airlock.access.terms import terms_of
 from airlock.businessdays import Calendar
 from airlock.canonical import canonical_forms, sha256_hex
 from airlock.db import Database, utcnow
@@ -43,6 +44,7 @@ from airlock.evals.attestation import fingerprint, parse_public_key
 from airlock.evals.attestation import verify as verify_signature
 from airlock.evals.models import EvalResult, SigningKey
 from airlock.evals.service import verify_stored
+from airlock.evals.terms import PublicationTerms
 from airlock.ids import parse_version_ref
 from airlock.jobs.periodic import PeriodicWorker
 from airlock.ledger import models as ledger_models
@@ -119,12 +121,13 @@ def embargo_of(session: Session, report: Report) -> Embargo:
         return Embargo(
             None, deployed, f"grant(s) {', '.join(failed)} failed their integrity check: publication needs both parties"
         )
-    open_ended = [g.id for g in grants if g.embargo_days is None]
+    embargoes = {g.id: terms_of(g, PublicationTerms).embargo_days for g in grants}
+    open_ended = [grant_id for grant_id, days in embargoes.items() if days is None]
     if open_ended:
         return Embargo(
             None, deployed, f"grant(s) {', '.join(open_ended)} set no embargo term: publication needs both parties"
         )
-    days = max(g.embargo_days or 0 for g in grants)
+    days = max(days or 0 for days in embargoes.values())
     if deployed is None:
         return Embargo(
             None,

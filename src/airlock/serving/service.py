@@ -12,8 +12,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from airlock.access.middleware import AuditContext
-from airlock.access.quotas import RateLimiter, check_token_quota, tokens_used
+from airlock.access.quotas import RateLimiter, SamplingTerms, check_token_quota, tokens_used
 from airlock.access.service import Principal, authorize
+from airlock.access.terms import terms_of
 from airlock.backends.pool import VariantRuntimeSpec
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -157,12 +158,13 @@ async def prepare(
     target = await resolve_target(state, principal, request.model, scopes, audit)
     resolved = target.variant
     check_output_budget(request, resolved)
-    if principal.grant.quota_total_tokens is not None:
+    terms = terms_of(principal.grant, SamplingTerms)
+    if terms.quota_total_tokens is not None:
         # The principal may come from the authentication cache: read the usage counter itself.
         used = await run_in_threadpool(_tokens_used, state.db, principal.grant_id)
         check_token_quota(principal.grant, used)
-    if principal.grant.quota_requests_per_minute:
-        await state.limiter.hit(principal.grant_id, principal.grant.quota_requests_per_minute)
+    if terms.quota_requests_per_minute:
+        await state.limiter.hit(principal.grant_id, terms.quota_requests_per_minute)
     spec = VariantRuntimeSpec.of(resolved)
     if target.noise is not None and target.noise_expires_at is not None:
         backend = await state.pipelines.noise_pipeline(spec, target.noise, target.noise_expires_at)
@@ -177,7 +179,7 @@ async def prepare(
         )
     if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
         raise InvalidRequestError(f"variant {resolved.variant_name!r} does not support echo", param="echo")
-    if request.temperature > 0:
+    if request.temperature > 0 and terms.watermark:
         request.set_watermark_key(await run_in_threadpool(_grant_watermark_key, state, principal.grant_id))
     return Target(public_id=request.model, backend=backend)
 
