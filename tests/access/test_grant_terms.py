@@ -238,3 +238,25 @@ def test_downgrading_refuses_a_term_the_old_columns_cannot_hold(lab_db: Database
     _issue(lab_db, scopes=["redteam"], redteam_hours=4)
     with pytest.raises(RuntimeError, match="redteam_hours"):
         command.downgrade(alembic_config(lab_db.engine), "0016")
+
+
+def test_the_watermark_term_decides_whether_sampled_requests_carry_the_grant_key(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes import EchoBackend
+
+    seen: list[bytes | None] = []
+    chat = EchoBackend.chat
+
+    async def recording(self: EchoBackend, request: Any) -> Any:
+        seen.append(request.watermark_key)
+        return await chat(self, request)
+
+    monkeypatch.setattr(EchoBackend, "chat", recording)
+    body = {"model": "m1/helpful-only", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7}
+    for watermark in (True, False):
+        _gid, key = lab.grant(watermark=watermark)
+        reply = httpx.post(lab.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert reply.status_code == 200, reply.text
+    on, off = seen
+    assert isinstance(on, bytes) and len(on) == 32 and off is None
