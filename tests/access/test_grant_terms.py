@@ -211,7 +211,7 @@ def test_grants_survive_the_migration_both_ways_with_seals_and_ledger_intact(lab
     with lab_db.session() as session:
         before = {g: terms.row_terms(service.get_grant(session, g)) for g in (plain, rich)}
     config = alembic_config(lab_db.engine)
-    command.downgrade(config, "0016")
+    command.downgrade(config, "0017")
     with lab_db.engine.connect() as conn:
         row = conn.execute(
             text(
@@ -237,7 +237,7 @@ def test_grants_survive_the_migration_both_ways_with_seals_and_ledger_intact(lab
 def test_downgrading_refuses_a_term_the_old_columns_cannot_hold(lab_db: Database) -> None:
     _issue(lab_db, scopes=["redteam"], redteam_hours=4)
     with pytest.raises(RuntimeError, match="redteam_hours"):
-        command.downgrade(alembic_config(lab_db.engine), "0016")
+        command.downgrade(alembic_config(lab_db.engine), "0017")
 
 
 def test_the_watermark_term_decides_whether_sampled_requests_carry_the_grant_key(

@@ -5,8 +5,8 @@ Each set value is carried over under its column's name (NULL quotas and a false
 still verify. Downgrading puts the values back and refuses a grant holding a term the old
 columns cannot hold.
 
-Revision ID: 0017
-Revises: 0016
+Revision ID: 0018
+Revises: 0017
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0017"
-down_revision = "0016"
+revision = "0018"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 
@@ -70,7 +70,7 @@ def downgrade() -> None:
         extra = sorted(set(terms) - set(COLUMNS))
         if extra:
             raise RuntimeError(
-                f"grant {row['id']} holds terms {extra} that revision 0016 has no column for; "
+                f"grant {row['id']} holds terms {extra} that revision 0017 has no column for; "
                 "revoke or re-issue it before downgrading"
             )
     with op.batch_alter_table("grants") as batch_op:
