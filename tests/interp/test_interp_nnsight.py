@@ -71,6 +71,15 @@ def test_reads_and_edits_match_the_native_rpc(run_code: RunCode) -> None:
                 steered = tracer.result.save()
             native_steered = client.generate(prompts[0], patch={"model.layers.1": client.add(4 * v)},
                                              max_tokens=6, chat=False)
+            strong = 2 * acts["model.layers.1"][1, 1]
+            with model.generate(prompts[0], max_new_tokens=6):  # no tracer.all(): nnsight's first step only
+                model.model.layers[1].output[:] += strong
+                first_step = model.generator.output.save()
+            n = len(client.trace(prompts[0], logits=False).tokens[0])
+            prompt_only = client.add(strong, positions=list(range(n)))
+            native_first = client.generate(prompts[0], patch={"model.layers.1": prompt_only}, max_tokens=6, chat=False)
+            every_step = client.generate(prompts[0], patch={"model.layers.1": client.add(strong)}, max_tokens=6,
+                                         chat=False)
             return {
                 "last": diff(last, acts["model.layers.1"][:, 1]),
                 "whole_shape": list(whole.shape), "padding": diff(whole[0, 0], 0.0),
@@ -88,6 +97,7 @@ def test_reads_and_edits_match_the_native_rpc(run_code: RunCode) -> None:
                 "swapped": diff(swapped, native_swapped.activations["model.layers.1"][:, 0]),
                 "ablated": [list(ablated), native_ablated],
                 "steered": [list(steered), native_steered],
+                "first_step": [list(first_step), native_first, every_step],
                 "tokens": tracer.tokens,
             }
         """
@@ -103,6 +113,8 @@ def test_reads_and_edits_match_the_native_rpc(run_code: RunCode) -> None:
     assert value["whole_shape"] == [2, 5, 64] and value["padding"] == 0.0
     assert value["added_moves"] > 1e-4  # the edit did something
     assert value["ablated"][0] == value["ablated"][1] and value["steered"][0] == value["steered"][1]
+    ours, native_first, every_step = value["first_step"]
+    assert ours == native_first and native_first != every_step
 
 
 def test_activation_patching_in_nnsight_form_matches_patching_effects(run_code: RunCode) -> None:
@@ -171,8 +183,8 @@ def test_what_cannot_run_remotely_is_refused_with_the_way_out(run_code: RunCode)
         def main():
             model = LanguageModel("any")
 
-            def first_step_only():
-                with model.generate("hi", max_new_tokens=2):
+            def first_step_of_unequal_prompts():
+                with model.generate(["hi", "hello there you"], max_new_tokens=2):
                     model.model.layers[0].output[:] += np.ones(64, np.float32)
 
             def position_edit_in_generate():
@@ -207,7 +219,8 @@ def test_what_cannot_run_remotely_is_refused_with_the_way_out(run_code: RunCode)
                 np.asarray(logits.value)
 
             return {name: attempt(fn) for name, fn in [
-                ("first_step_only", first_step_only), ("position_edit_in_generate", position_edit_in_generate),
+                ("first_step_of_unequal_prompts", first_step_of_unequal_prompts),
+                ("position_edit_in_generate", position_edit_in_generate),
                 ("embeddings", embeddings), ("local", local), ("branch", branch), ("twice", twice),
                 ("other_module", other_module), ("whole_vocabulary", whole_vocabulary)]}
         """
@@ -215,7 +228,7 @@ def test_what_cannot_run_remotely_is_refused_with_the_way_out(run_code: RunCode)
     outcome = run_code(code, cpu_seconds=30, wall_seconds=60)
     assert outcome.error is None, outcome.logs
     value = outcome.value
-    assert "tracer.all()" in value["first_step_only"]
+    assert "equal length" in value["first_step_of_unequal_prompts"]
     assert "every position" in value["position_edit_in_generate"]
     assert "embeddings" in value["embeddings"]
     assert "remote=True" in value["local"]

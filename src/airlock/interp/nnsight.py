@@ -741,6 +741,7 @@ class _Run:
         self.hidden = int(tracer._lm._info["hidden_size"])
         self.vocab = int(tracer._lm._info["vocab_size"])
         self.patches: dict[str, dict[str, Any]] = {}
+        self.lengths: list[int] | None = None
 
     def run(self) -> None:
         t = self.t
@@ -829,10 +830,12 @@ class _Run:
             keys.insert(0, rows)
         if path in self.patches:
             raise NNsightError(f"{path} is edited twice in one block: combine the edits into one assignment")
-        if self.t._sampling is not None and not edit.every_step:
-            raise NNsightError("Airlock's generate applies edits at every step: put them inside `with tracer.all():`")
+        generating = self.t._sampling is not None
+        # Outside tracer.all(), nnsight edits the first step only: the prompt's pass. Airlock's
+        # generate applies an edit with positions to the prompt's tokens only, which is that step.
+        first_step = generating and not edit.every_step
         deps = [n for n in _walk((edit.value, keys)) if n.op in ("module", "logits", "lens", "generated")]
-        if not deps and self.t._sampling is None:
+        if not deps and (first_step or not generating):
             spec = self._at_positions(keys, edit.value)
             if spec is not None:
                 self.patches[path] = spec
@@ -840,15 +843,30 @@ class _Run:
         if all(n is node for n in deps):
             spec = self._affine(node, unit, keys, edit.value)
             if spec is not None:
+                if spec and first_step:
+                    spec["positions"] = self._prompt_positions()
                 if spec:
                     self.patches[path] = spec
                 return
-        if self.t._sampling is not None:
+        if generating:
             raise NNsightError(
                 f"the edit of {path} is not 'add a vector', 'set a vector' or 'project out a direction' at every "
-                "position of every prompt, which is all generate can apply at each step"
+                "position of every prompt (or, outside tracer.all(), a constant written into some prompt "
+                "positions), which is all generate can apply"
             )
         self.patches[path] = self._exact(path, node, unit, keys, edit.value, deps)
+
+    def _prompt_positions(self) -> list[int]:
+        """Return every prompt position after the system prompt, from the end (the prompts must be equally long)."""
+        if self.lengths is None:
+            # Tokens are the prompts' own text: a call with nothing read serves nothing from the model.
+            reply = client.trace(self.t._prompts, logits=False, chat=self.t._chat)
+            self.lengths = [sum(1 for token in tokens if token != "<system>") for tokens in reply.tokens]
+        if len(set(self.lengths)) > 1:
+            raise NNsightError(
+                "an edit of the prompt's pass in generate (outside tracer.all()) needs prompts of equal length"
+            )
+        return list(range(-self.lengths[0], 0))
 
     def _at_positions(self, keys: list[Any], value: Any) -> dict[str, Any] | None:
         """Return a constant edit of some token positions (``out[:, -1] = v``) as a positioned replace, or None."""
