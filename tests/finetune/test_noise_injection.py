@@ -132,3 +132,13 @@ def test_bad_requests_are_refused_without_a_job(noise_lab: Lab, body: dict[str, 
     r = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=body, headers=_h(key))
     assert r.status_code == status and r.json()["error"]["message"], r.text
     assert httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs", headers=_h(key)).json() == []
+
+
+def test_a_manifest_cannot_serve_noised_weights_under_a_versions_hash() -> None:
+    from airlock.errors import AirlockError
+    from airlock.registry.service import parse_manifest
+
+    manifest = single_variant_manifest("tiny", "tiny-random")
+    manifest["models"][0]["versions"][0]["variants"][0]["backend_config"] = {"noise_sigma": 0.1}
+    with pytest.raises(AirlockError, match="set only by noise-injection jobs"):
+        parse_manifest(manifest)

@@ -70,6 +70,17 @@ class VariantSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _no_noise(self) -> VariantSpec:
+        # A registered variant serves the weights its version's hash names; noised copies exist
+        # only as the short-lived variants of a noise-injection job.
+        noise = sorted(k for k in self.backend_config if k.startswith("noise_"))
+        if noise:
+            raise ValueError(
+                f"variant {self.name!r}: backend_config {noise} is set only by noise-injection jobs, not a manifest"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _default_within_cap(self) -> VariantSpec:
         # A request that names no limit gets the backend's default, which must respect the cap too.
         if self.backend == "local" and self.max_output_tokens is not None:
