@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from sqlalchemy import select
 
 import airlock.schema  # noqa: F401  (every table and section of grant terms, installed entry points or not)
 from airlock import __version__
@@ -25,6 +26,7 @@ from airlock.access.seal import prepare_grant_seals
 from airlock.access.service import AdminPrincipal
 from airlock.backends.base import ModelBackend
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec, weights_spec
+from airlock.backends.registry import create_backend
 from airlock.config import Settings, get_settings
 from airlock.console.routes import install as install_console
 from airlock.contamination.routes import admin_router as contamination_admin_router
@@ -56,6 +58,7 @@ from airlock.publish.routes import router as publish_router
 from airlock.publish.service import DuePublisher
 from airlock.redteam.routes import admin_router as redteam_admin_router
 from airlock.redteam.routes import router as redteam_router
+from airlock.registry.models import Variant
 from airlock.registry.routes import router as registry_router
 from airlock.registry.service import RegistryCache, load_manifest, sync_manifest
 from airlock.serving.pipelines import PipelineCache
@@ -111,6 +114,7 @@ def job_executor(settings: Settings, db: Database) -> JobExecutor | None:
     """Return where jobs run: None for the runner's own threads, or the Ray cluster with ``AIRLOCK_EXECUTOR=ray``."""
     if settings.executor != "ray":
         return None
+    # Ray loads only in a process configured for it: the embedded default never imports it.
     from airlock.cluster.executor import RayExecutor, Route
     from airlock.cluster.placement import placement_of
 
@@ -119,8 +123,6 @@ def job_executor(settings: Settings, db: Database) -> JobExecutor | None:
             return Route(placement=placement_of({"model": params["base_model"], "device": params.get("device")}))
         if kind == NOISE_KIND:  # reads the base weights once, wherever they are
             return Route(placement=placement_of({"model": params["base_weights"]}))
-        from airlock.registry.models import Variant
-
         with db.session() as session:
             variant = session.get(Variant, params["variant_id"])
             if variant is None:
@@ -141,8 +143,7 @@ def backend_pool(settings: Settings) -> BackendPool:
     """Return the backend pool: local weights in this process, or on Ray model workers with ``AIRLOCK_EXECUTOR=ray``."""
     if settings.executor != "ray":
         return BackendPool()
-    from airlock.backends.registry import create_backend
-    from airlock.cluster.worker import RayModelBackend
+    from airlock.cluster.worker import RayModelBackend  # Ray only where configured, as above
 
     def create(spec: VariantRuntimeSpec) -> ModelBackend:
         if spec.backend == "local":
@@ -154,10 +155,6 @@ def backend_pool(settings: Settings) -> BackendPool:
 
 def served_backends(db: Database) -> list[VariantRuntimeSpec]:
     """Return one runtime spec per distinct backend the registry's variants use (what start-up loads)."""
-    from sqlalchemy import select
-
-    from airlock.registry.models import Variant
-
     specs: dict[str, VariantRuntimeSpec] = {}
     with db.session() as session:
         for variant in session.scalars(select(Variant).order_by(Variant.created_at)):

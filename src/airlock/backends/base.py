@@ -140,8 +140,6 @@ async def _complete_as_stream(backend: ModelBackend, request: CompletionRequest)
 
 def render_field_table(backends: Sequence[type[ModelBackend]]) -> str:
     """Return the Markdown table of every request field and what each backend does with it (for the docs)."""
-    from airlock.backends.protocol import ChatCompletionRequest, CompletionRequest
-
     chat, text = ChatCompletionRequest.model_fields, CompletionRequest.model_fields
     head = "| field | endpoints | " + " | ".join(f"`{b.kind}`" for b in backends) + " |"
     lines = [head, "|" + "---|" * (len(backends) + 2)]

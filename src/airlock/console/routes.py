@@ -25,13 +25,22 @@ from airlock import __version__
 from airlock.access.middleware import AuditContext
 from airlock.access.models import Grant
 from airlock.access.quotas import SamplingTerms
-from airlock.access.roles import Permission
-from airlock.access.service import GrantRequest, create_api_key, create_evaluator, create_grant, get_evaluator
+from airlock.access.roles import Permission, check_independent_review
+from airlock.access.service import (
+    GrantRequest,
+    create_api_key,
+    create_evaluator,
+    create_grant,
+    get_evaluator,
+    grant_status,
+    list_grants,
+)
 from airlock.access.terms import terms_of
 from airlock.console import auth
 from airlock.console.auth import ConsoleUser
 from airlock.deps import AuditDep, StateDep, get_audit, get_state
 from airlock.errors import AirlockError, NotFoundError, PermissionDeniedError
+from airlock.governance.service import evaluate_gate, policy_for_request
 from airlock.ledger import access_table
 from airlock.ledger import service as ledger
 from airlock.publish import service as publish
@@ -374,7 +383,6 @@ async def redteam_close(session_id: str, request: Request, state: StateDep, user
 
 
 def _gate_rows(session: Any, state: Any) -> list[dict[str, Any]]:
-    from airlock.governance.service import evaluate_gate, policy_for_request
 
     try:
         policy = policy_for_request(state.settings.policy_path)
@@ -416,8 +424,6 @@ def lab_home(state: StateDep, user: UserDep, status: str | None = None) -> Respo
     assert me.lab is not None
     can = {p.value for p in Permission if _holds(me, p)}
     with state.db.session() as session:
-        from airlock.access.service import grant_status, list_grants
-
         grants = list_grants(session) if Permission.GRANTS_READ.value in can else []
         grant_rows = [
             {
@@ -494,8 +500,6 @@ async def lab_grant(request: Request, state: StateDep, user: UserDep, audit: Aud
 @router.post("/lab/findings/{finding_id}/triage")
 async def lab_triage(finding_id: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep) -> Response:
     """Triage a finding (acknowledge, dispute with a reason, or mark fixed in a later version)."""
-    from airlock.access.roles import check_independent_review
-
     try:
         me = _lab(user, Permission.REDTEAM_TRIAGE)
         assert me.lab is not None
