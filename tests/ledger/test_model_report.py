@@ -119,6 +119,20 @@ def _record(db: Database) -> None:
             service.record_event(session, "redteam.finding", finding)
         triage = {"finding": "rtf_1", "version": V1, "variant": "production", "severity": "critical"}
         service.record_event(session, "redteam.triage", {**triage, "status": "fixed", "fixed_in": V2, "role": "admin"})
+        subject = {"report_id": "rpt_1", "evaluator": "org-a", "model": "m1", "version_hash": V1["hash"]}
+        extended = {
+            "submitted_at": "2030-01-04T12:00:00+00:00",  # a Friday
+            "business_days": 5,
+            "previous_deadline": "2030-02-15T12:00:00+00:00",
+            "new_deadline": "2030-02-22T12:00:00+00:00",
+            "justification": "a fix to the serving stack ships first",
+            "decider": "dana",
+            "role": "decider",
+        }
+        service.record_event(session, "report.extended", {**subject, **extended})
+        published = {"reason": "deadline", "submitted_at": extended["submitted_at"]}
+        published |= {"published_at": "2030-02-22T12:00:00+00:00", "publish_by": extended["new_deadline"]}
+        service.record_event(session, "report.published", {**subject, **published})
 
 
 def _cosign(db: Database, witnesses: list[Witness]) -> None:
@@ -148,7 +162,12 @@ def test_report_is_proven_and_every_edit_is_detected(db: Database, tmp_path: Pat
     assert report["witnessed_by"] == ["w.example/0", "w.example/1"]
     kinds = [s["kind"] for s in report["statements"]]
     # org-b's v2 grant and the noise left out; findings last, worst first, with their triage
-    assert kinds == ["access", "result", "gate", "override", "stage", "findings_by_severity", "finding", "finding"]
+    assert kinds[:8] == ["access", "result", "gate", "override", "stage", "findings_by_severity", "finding", "finding"]
+    (publication,) = report["statements"][8:]
+    assert publication["kind"] == "publication" and publication["reason"] == "deadline"
+    # Fri 4 Jan to Fri 22 Feb 2030 on the EU calendar: 35 weekdays, no EU holiday between.
+    assert publication["business_days_to_publication"] == 35 and len(publication["cites"]) == 2
+    assert publication["extensions"][0]["justification"] == "a fix to the serving stack ships first"
     summary, worst = report["statements"][5:7]
     assert summary["counts"] == {"critical": 1, "low": 1} and summary["open"] == 1
     assert worst["severity"] == "critical" and worst["status"] == "fixed" and len(worst["cites"]) == 2
@@ -179,13 +198,16 @@ def test_report_is_proven_and_every_edit_is_detected(db: Database, tmp_path: Pat
     del edited["statements"][3]
     assert verify_model_report(edited, key)
     edited = json.loads(json.dumps(report))
+    edited["statements"][8]["extensions"][0]["justification"] = "routine"
+    assert any("differs in ['extensions']" in p for p in verify_model_report(edited, key))
+    edited = json.loads(json.dumps(report))
     edited["calendar"]["holidays"] = edited["calendar"]["holidays"][1:]
     assert any("calendar" in p for p in verify_model_report(edited, key))
     assert any("quorum" in p for p in verify_model_report(report, key, witnesses=wkeys[:1], quorum=2))
 
     md = tmp_path / "report.md"
     md.write_text(render_markdown(report))
-    assert "| org-a |" in md.read_text()
+    assert "| org-a |" in md.read_text() and "delayed by dana (decider): +5 business days" in md.read_text()
     args = ["--key", key, "--witness", wkeys[0].vkey(), "--witness", wkeys[1].vkey()]
     assert verify_main(["--model-report", str(md), *args]) == 0
     md.write_text(md.read_text().replace("0.25", "0.35", 1))

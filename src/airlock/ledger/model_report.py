@@ -46,6 +46,8 @@ KINDS = (
     "gate.override",
     "redteam.finding",
     "redteam.triage",
+    "report.published",
+    "report.extended",
 )
 SEVERITIES = ("critical", "high", "medium", "low")
 SCOPES_SHOWN = ("sampling", "logprobs", "finetune", "interp", "redteam")
@@ -72,6 +74,8 @@ def is_relevant(entry: Mapping[str, Any], model: str, version_hash: str, grants:
         "gate.override",
         "redteam.finding",
         "redteam.triage",
+        "report.published",
+        "report.extended",
     ):
         return _version_hash(body) == version_hash
     return False
@@ -227,7 +231,52 @@ def derive(
                 }
             )
     statements += _findings(ordered)
+    statements += _publications(ordered, calendar)
     return statements
+
+
+def _publications(ordered: Sequence[tuple[int, Mapping[str, Any]]], calendar: Calendar) -> list[dict[str, Any]]:
+    """Each evaluator report's publication clock: deadline, every extension with its justification, publication."""
+    reports: dict[str, dict[str, Any]] = {}
+    for i, e in ordered:
+        body = e["body"]
+        if e["kind"] not in ("report.extended", "report.published"):
+            continue
+        row = reports.setdefault(
+            str(body.get("report_id")),
+            {
+                "kind": "publication",
+                "cites": [],
+                "report": body.get("report_id"),
+                "evaluator": body.get("evaluator"),
+                "submitted_at": body.get("submitted_at"),
+                "extensions": [],
+                "published_at": None,
+                "reason": None,
+                "business_days_to_publication": None,
+            },
+        )
+        row["cites"].append(i)
+        if e["kind"] == "report.extended":
+            row["extensions"].append(
+                {
+                    "index": i,
+                    "business_days": body.get("business_days"),
+                    "previous_deadline": body.get("previous_deadline"),
+                    "new_deadline": body.get("new_deadline"),
+                    "justification": body.get("justification"),
+                    "decider": body.get("decider"),
+                    "role": body.get("role"),
+                }
+            )
+        else:
+            row["published_at"] = body.get("published_at")
+            row["reason"] = body.get("reason")
+            row["submitted_at"] = body.get("submitted_at") or row["submitted_at"]
+            if row["submitted_at"] and row["published_at"]:
+                start, end = parse_time(str(row["submitted_at"])), parse_time(str(row["published_at"]))
+                row["business_days_to_publication"] = calendar.business_days(start, end)
+    return list(reports.values())
 
 
 def _findings(ordered: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
@@ -425,6 +474,25 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             )
     if not any(s["kind"] == "findings_by_severity" for s in statements):
         out.append("- none recorded for this version")
+    out += ["", "### Evaluator reports and the publication clock", ""]
+    for s in statements:
+        if s["kind"] != "publication":
+            continue
+        cites = ", ".join(f"#{c}" for c in s["cites"])
+        if s["published_at"]:
+            days = s["business_days_to_publication"]
+            waited = f", {days} business days after submission" if days is not None else ""
+            line = f"- {s['report']} by {s['evaluator']}: published {s['published_at'][:10]} ({s['reason']}{waited})"
+        else:
+            line = f"- {s['report']} by {s['evaluator']}: submitted {str(s['submitted_at'])[:10]}, not yet published"
+        out.append(f"{line} ({cites})")
+        for x in s["extensions"]:
+            out.append(
+                f"  - delayed by {x['decider']} ({x['role']}): +{x['business_days']} business days to "
+                f"{str(x['new_deadline'])[:10]}: “{x['justification']}” (#{x['index']})"
+            )
+    if not any(s["kind"] == "publication" for s in statements):
+        out.append("- none published or delayed for this version")
     out += ["", "### Stage changes, gate decisions and overrides", ""]
     for s in statements:
         if s["kind"] == "stage":
