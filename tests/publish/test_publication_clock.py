@@ -19,6 +19,7 @@ import yaml
 from airlock.access.service import create_admin_token
 from airlock.businessdays import Calendar
 from airlock.errors import ConflictError, InvalidRequestError, PermissionDeniedError
+from airlock.ledger import service as ledger
 from airlock.publish import pages, schemas, service
 from airlock.publish.service import DraftContent, PublicationClock
 from tests.conftest import Lab
@@ -225,3 +226,7 @@ def test_the_policy_sets_the_clock_and_the_decider_extends_over_http(lab: Lab, t
     assert missing.status_code == 404
     seen = http.get(f"/reports/{rid}").json()["clock"]
     assert seen["extensions"][0]["justification"] == WHY and seen["publish_by"] == done.json()["new_deadline"]
+    # The delay is public before the report is: the console's public page lists it from the ledger.
+    ledger.sequence(lab.db)
+    page = httpx.get(f"{lab.url}/ui/public").text
+    assert rid in page and "&lt;script&gt;alert(1)&lt;/script&gt; vulnerability" in page and "<script>alert" not in page

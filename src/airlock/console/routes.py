@@ -540,11 +540,15 @@ def lab_finding(finding_id: str, state: StateDep, user: UserDep) -> Response:
 # ---------------------------------------------------------------- public
 
 
-def _public_tables(session: Any) -> list[dict[str, Any]]:
+def _ledger_entries(session: Any) -> list[dict[str, Any]]:
     size = ledger.tree_head(session).size
     entries: list[dict[str, Any]] = []
     for start in range(0, size, ledger.MAX_PAGE):
         entries += [json.loads(r.entry) for r in ledger.get_entries(session, start, min(size, start + ledger.MAX_PAGE))]
+    return entries
+
+
+def _public_tables(entries: list[dict[str, Any]], session: Any) -> list[dict[str, Any]]:
     found: dict[str, Counter[str]] = {}
     for e in entries:
         if e.get("kind") == "redteam.finding":
@@ -567,15 +571,19 @@ def public_page(state: StateDep, user: UserDep) -> Response:
     """Show the public record: the checkpoint, who had which access to each version, red-team findings, reports."""
     with state.db.session() as session:
         checkpoint = ledger.latest_checkpoint(session)
-        tables = _public_tables(session)
+        entries = _ledger_entries(session)
+        tables = _public_tables(entries, session)
         reports = publish.list_public_reports(session)
         session.expunge_all()
+    # Every delay of a report's publication is public, published or not yet (from the ledger alone).
+    delays = [e["body"] for e in entries if e.get("kind") == "report.extended"]
     return render(
         "public.html",
         user=user,
         checkpoint=checkpoint.note if checkpoint else None,
         tables=tables,
         reports=reports,
+        delays=delays,
         severities=redteam.SEVERITIES,
     )
 
