@@ -40,7 +40,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO)]
 
 from _common import loadavg, report, spread  # noqa: E402
 from airlock.contamination.corpus import Reader, batched  # noqa: E402
-from airlock.contamination.matcher import Checker  # noqa: E402
+from airlock.contamination.matcher import Checker, check_batches  # noqa: E402
 from airlock.contamination.scheme import (  # noqa: E402
     STOP_WORDS,
     Fingerprint,
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=100, help="words per unrelated document")
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="also time the check in this many processes")
     parser.add_argument("--ngram", type=int, default=Scheme().ngram)
     parser.add_argument("--threshold", type=float, default=Scheme().threshold)
     args = parser.parse_args()
@@ -243,6 +244,13 @@ def main() -> None:
         file_rate = len(corpus) / (time.perf_counter() - start)
         file_cpu = len(corpus) / (time.process_time() - cpu)
     print(f"check from a JSONL file, cold, end to end: {file_rate:,.0f} docs/s, {file_cpu:,.0f} per CPU-second")
+
+    if args.workers > 1:
+        start = time.perf_counter()
+        for _ in check_batches([("r", fp)], batched(iter(corpus), args.batch), args.workers):
+            pass
+        parallel = len(corpus) / (time.perf_counter() - start)
+        print(f"check in {args.workers} worker processes, cold, wall clock: {parallel:,.0f} docs/s (load {loadavg()})")
 
     # Baseline: plain Python, interleaved with the vectorised check on the same documents.
     sample = corpus[: min(len(corpus), 20_000)]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from airlock.contamination.matcher import Checker, keyed_words, prepare_batch
+from airlock.contamination.matcher import Checker, check_batches, keyed_words, prepare_batch
 from airlock.contamination.scheme import Fingerprint, Scheme, fingerprint_items, item_shingles, words
 from tests.contamination.corpus_text import insert, light_edit, paragraphs, split_modules, stdlib_files
 
@@ -123,3 +123,21 @@ def test_recall_and_false_positives_measured_on_standard_library_text() -> None:
 def test_item_shingles_are_sorted_distinct_uint32() -> None:
     hashes = item_shingles("One two three, one two three; four five six!", b"s" * 32, 3)
     assert hashes.dtype == np.uint32 and np.all(np.diff(hashes.astype(np.int64)) > 0)
+
+
+def test_checking_in_worker_processes_gives_the_same_matches_in_order() -> None:
+    rng = random.Random(3)
+    items = [(str(i), " ".join(rng.choice(ALPHA_WORDS) for _ in range(12))) for i in range(20)]
+    fp = fingerprint_items(items)
+    docs = [(f"d{i}", f"noise {items[i % 20][1] if i % 3 == 0 else 'nothing relevant'} tail") for i in range(90)]
+    batches = [docs[i : i + 10] for i in range(0, len(docs), 10)]
+    one = list(check_batches([("r", fp)], batches, workers=1))
+    two = list(check_batches([("r", fp)], iter(batches), workers=2))
+    assert one == two
+    assert [(m.document, m.item) for found, _ in one for m in found] == [
+        (f"d{i}", str(i % 20)) for i in range(0, 90, 3)
+    ]
+    assert sum(words for _, words in one) > 0
+
+
+ALPHA_WORDS = [a + b + c for a in "bcdfg" for b in "aeiou" for c in "klmnprst"]

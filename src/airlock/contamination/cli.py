@@ -156,6 +156,7 @@ def check(
     ] = None,
     label: Annotated[str, typer.Option(help="A label for the corpus (committed in the ledger).")] = "",
     batch: Annotated[int, typer.Option(help="Documents per batch.")] = 2048,
+    workers: Annotated[int, typer.Option(help="Processes checking batches in parallel (one per core).")] = 1,
     show: Annotated[int, typer.Option(help="Print this many matches.")] = 20,
     token: Annotated[
         str | None, typer.Option(envvar="AIRLOCK_ADMIN_TOKEN", help="Lab token to act for (needs contamination:check).")
@@ -170,22 +171,23 @@ def check(
 ) -> None:
     """Check a training corpus against every registered test set (lab side); each check is a ledger event."""
     from airlock.contamination.corpus import Reader, batched
-    from airlock.contamination.matcher import Checker, Match
+    from airlock.contamination.matcher import Match, check_batches
     from airlock.contamination.scheme import Fingerprint
     from airlock.contamination.service import Actor, CheckResult, complete_check, open_check, summarize
 
     def run(fingerprints: list[tuple[str, Fingerprint]]) -> tuple[CheckResult, list[Match], float, int]:
-        checker = Checker(fingerprints)
         reader = Reader(corpus, field=field, id_field=id_field)
         matches: list[Match] = []
+        words = 0
         start = time.perf_counter()
         try:
-            for docs in batched(reader, max(1, batch)):
-                matches.extend(checker.check(docs))
+            for found, counted in check_batches(fingerprints, batched(reader, max(1, batch)), max(1, workers)):
+                matches.extend(found)
+                words += counted
         except ValueError as exc:
             raise fail(str(exc)) from None
         elapsed = time.perf_counter() - start
-        return summarize(matches, reader.count, reader.digest), matches, elapsed, checker.words
+        return summarize(matches, reader.count, reader.digest), matches, elapsed, words
 
     def body() -> None:
         if url and not token:

@@ -13,8 +13,11 @@ exact sorted lookup, and hits are counted per (document, item).
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import unicodedata
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +25,7 @@ import numpy.typing as npt
 
 from airlock.contamination.scheme import MIX, Fingerprint, Scheme
 
-__all__ = ["Checker", "Match", "keyed_words", "prepare_batch"]
+__all__ = ["Checker", "Match", "check_batches", "keyed_words", "prepare_batch"]
 
 U64 = np.uint64
 _SLOT_BITS = 22
@@ -321,3 +324,41 @@ class Checker:
             )
             for i in ok
         ]
+
+
+_WORKER: list[Checker] = []
+
+
+def _start_worker(registrations: Sequence[tuple[str, Fingerprint]]) -> None:
+    _WORKER.append(Checker(registrations))
+
+
+def _check_in_worker(batch: list[tuple[str, str]]) -> tuple[list[Match], int]:
+    checker = _WORKER[0]
+    before = checker.words
+    return checker.check(batch), checker.words - before
+
+
+def check_batches(
+    registrations: Sequence[tuple[str, Fingerprint]], batches: Iterable[list[tuple[str, str]]], workers: int = 1
+) -> Iterator[tuple[list[Match], int]]:
+    """Yield ``(matches, words)`` per batch, in order; with ``workers`` > 1, batches are checked in that many processes.
+
+    Each process keeps its own vocabulary; the caller's process only reads and hands out batches
+    (at most two per process in flight, so memory stays bounded).
+    """
+    if workers <= 1:
+        checker = Checker(registrations)
+        for batch in batches:
+            before = checker.words
+            yield checker.check(batch), checker.words - before
+        return
+    context = multiprocessing.get_context("spawn")  # no inherited database handles or threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(registrations,)) as pool:
+        pending: deque[Future[tuple[list[Match], int]]] = deque()
+        for batch in batches:
+            pending.append(pool.submit(_check_in_worker, batch))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
