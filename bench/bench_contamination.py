@@ -18,7 +18,7 @@ baseline, interleaved on the same documents, is a plain-Python check of the same
 (normalise, a dict of word keys, a set of shingles per document).
 
     python bench/bench_contamination.py            # full: 2,000 items, 200,000 documents (a few minutes)
-    python bench/bench_contamination.py --quick    # 500 items, 30,000 documents
+    python bench/bench_contamination.py --quick    # 500 items, 20,000 documents
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=Scheme().threshold)
     args = parser.parse_args()
     if args.quick:
-        args.items, args.docs, args.repeats = 500, 30_000, 2
+        args.items, args.docs, args.repeats = 500, 20_000, 2
     rng = random.Random(2026)
     scheme = Scheme(args.ngram, args.threshold)
 
