@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,8 @@ class RayExecutor:
         self.route = route
         self.factory = factory
         self._task: Any = None
+        #: How long a job waits for its restarting model worker before the attempt counts as lost.
+        self.restart_wait_s = 120.0
 
     def _submit(self, kind: str, ctx: JobContext) -> tuple[Any, bool]:
         import ray
@@ -97,12 +100,31 @@ class RayExecutor:
         route = self.route(kind, ctx.params)
         args = (self.factory, self.settings, kind, ctx.job_id, ctx.params, ctx.checkpoint, ctx.runner_id, ctx.attempt)
         if route.worker_config is not None:
-            return model_worker(route.worker_config).run_job.remote(run_job_here, *args), False
+            handle = model_worker(route.worker_config)
+            self._wait_alive(handle, ctx)
+            return handle.run_job.remote(run_job_here, *args), False
         assert route.placement is not None
         if self._task is None:
             self._task = ray.remote(run_job_here)
         # No retries by Ray: the database decides whether the job resumes (attempts, checkpoint).
         return self._task.options(max_retries=0, **route.placement.options()).remote(*args), True
+
+    def _wait_alive(self, handle: Any, ctx: JobContext) -> None:
+        """Wait while Ray restarts the model worker (after its node died), so a restart costs no attempt."""
+        import ray
+        import ray.exceptions
+
+        deadline = time.monotonic() + self.restart_wait_s
+        while True:
+            try:
+                ray.get(handle.ping.remote(), timeout=self.restart_wait_s)
+                return
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if ctx.runner_stopping():
+                    raise JobCancelled() from None
+                if time.monotonic() > deadline:
+                    raise ExecutionLost("its model worker did not come back") from None
+                time.sleep(0.2)
 
     def execute(self, kind: str, handler: JobHandler, ctx: JobContext) -> dict[str, Any]:
         """Run the job on the cluster and wait for it, watching for the runner's shutdown meanwhile."""

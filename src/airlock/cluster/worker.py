@@ -76,6 +76,9 @@ class ModelWorkerActor:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
+    async def ping(self) -> None:
+        """Answer at once: the cost of one call to the actor (benchmarks, liveness)."""
+
     async def _target(self, adapter: tuple[str, str] | None) -> Any:
         backend = await self._ready()
         if adapter is None:

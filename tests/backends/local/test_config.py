@@ -29,6 +29,7 @@ def test_every_key_is_read() -> None:
         "seed": 0,
         "dtype": "bfloat16",
         "continuous_batching": False,
+        "num_gpus": 4,
     }
     config = LocalBackendConfig.from_dict(values)
     assert {key: getattr(config, key) for key in values} == values

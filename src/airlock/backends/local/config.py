@@ -26,6 +26,8 @@ class LocalBackendConfig:
     # on load, never stored): N(0, noise_sigma^2) on every weight, drawn from noise_seed.
     noise_sigma: float | None = None
     noise_seed: int = 0
+    num_gpus: int | None = None
+    """GPUs a Ray model worker of these weights asks for (default: 1 on ``cuda``, else 0); unused in-process."""
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LocalBackendConfig:
@@ -49,6 +51,7 @@ class LocalBackendConfig:
             ("max_context", 2),
             ("seed", 0),
             ("noise_seed", 0),
+            ("num_gpus", 0),
         ):
             check_int(key, low)
         wait = values.get("batch_wait_ms", 5.0)
