@@ -21,7 +21,7 @@ def generate(key: bytes | None, length: int, seed: int, support: list[int] | Non
     """Sample ``length`` tokens from the toy model (over ``support``), watermarked under ``key`` (plain without one)."""
     gen = torch.Generator().manual_seed(seed)
     ids = [1, 2, 3, 4] if support is None else support[:4]
-    stream = WatermarkStream.start(key, ids) if key is not None else None
+    stream = WatermarkStream.start(key) if key is not None else None
     for _ in range(length):
         probs = toy_distribution(tuple(ids[-CONTEXT:]))
         if support is not None:  # the toy model's mass on these token ids of a real vocabulary
@@ -92,12 +92,14 @@ def test_null_p_values_are_not_small() -> None:
 
 
 def test_repeated_windows_are_sampled_plainly_and_scored_once() -> None:
-    stream = WatermarkStream.start(b"k" * 32, [1, 2, 3, 4])
+    stream = WatermarkStream.start(b"k" * 32)
     probs = toy_distribution((1, 2, 3, 4))
+    for token in (1, 2, 3):
+        assert torch.equal(stream.tilt(probs), probs)  # the first generated tokens: no full window yet
+        stream.advance(token)
+    stream.advance(4)
     assert not torch.equal(stream.tilt(probs), probs)
     assert torch.equal(stream.tilt(probs), probs)  # the same window again: untouched
-    short = WatermarkStream.start(b"k" * 32, [1, 2])
-    assert torch.equal(short.tilt(probs), probs)  # no full window yet
     ids = [1, 2, 3, 4, 5] * 3
     assert [w for w, _t in watermark.scored_positions(ids)] == [
         (1, 2, 3, 4),

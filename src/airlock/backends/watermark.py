@@ -128,14 +128,20 @@ class WatermarkStream:
     seen: set[tuple[int, ...]] = field(default_factory=set)
 
     @classmethod
-    def start(cls, key: bytes, prompt_ids: Sequence[int]) -> WatermarkStream:
-        """Begin a stream after ``prompt_ids`` (its last tokens open the first window)."""
-        return cls(key=key, recent=list(prompt_ids[-CONTEXT:]))
+    def start(cls, key: bytes) -> WatermarkStream:
+        """Begin a stream: the first ``CONTEXT`` generated tokens are sampled plainly.
+
+        Windows hold generated tokens only. A window reaching into the prompt would key the first
+        tokens of every answer by the prompt's end, which a chat template makes the same for every
+        question of an evaluation: one tilt, not averaged out over contexts, on the very tokens
+        that decide many answers. A leaked text carries no prompt to score those tokens with anyway.
+        """
+        return cls(key=key)
 
     def tilt(self, probs: torch.Tensor) -> torch.Tensor:
         """Return the distribution to sample the next token from: the tournament's, or ``probs`` unchanged.
 
-        A window shorter than ``CONTEXT`` (a very short prompt) or one already used in this
+        A window shorter than ``CONTEXT`` (the first generated tokens) or one already used in this
         sequence is sampled plainly: a repeated window would repeat the same bias.
         """
         window = self.next_window()

@@ -276,7 +276,7 @@ class LocalBackend(ModelBackend):
                 stops=['"'],
                 logprobs=False,
                 top_k=0,
-                watermark=_watermark(request, prompt),
+                watermark=_watermark(request),
             )
         )
         written = ""
@@ -383,7 +383,7 @@ class LocalBackend(ModelBackend):
                     logprobs=request.logprobs,
                     top_k=request.top_logprobs or 0,
                     processors=self._row_processors(request, grammar),
-                    watermark=_watermark(request, prompt),
+                    watermark=_watermark(request),
                 )
             )
         return job, len(prompt)
@@ -567,7 +567,7 @@ class LocalBackend(ModelBackend):
                         prompt_logprobs=request.echo and request.logprobs is not None,
                         skip_prompt_tokens=skip,
                         processors=self._row_processors(request, None),
-                        watermark=_watermark(request, ids),
+                        watermark=_watermark(request),
                     )
                 )
         return job, prompt_tokens, echo_texts
@@ -718,12 +718,12 @@ class LocalBackend(ModelBackend):
         return f"local-{self.content_hash[:12]}" if self.content_hash else None
 
 
-def _watermark(request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int]) -> WatermarkStream | None:
+def _watermark(request: ChatCompletionRequest | CompletionRequest) -> WatermarkStream | None:
     """Return a row's watermark stream when the request carries a key and samples (temperature > 0)."""
     key = request.watermark_key
     if key is None or request.temperature <= 0:
         return None
-    return WatermarkStream.start(key, prompt_ids)
+    return WatermarkStream.start(key)
 
 
 def _finite(value: float | None) -> float:
