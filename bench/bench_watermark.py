@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
 
+from _common import TOPICS as COMMON_TOPICS  # noqa: E402
 from _common import loadavg, report, spread  # noqa: E402
 from airlock.backends import weights  # noqa: E402
 from airlock.backends.local import LocalBackend  # noqa: E402
@@ -58,22 +59,7 @@ from airlock.backends.protocol import ChatCompletionRequest, ChatMessage, Comple
 from airlock.backends.watermark import CONTEXT, detect, draw_candidates, sample_batch  # noqa: E402
 
 TOPICS = [
-    "a lighthouse keeper",
-    "the history of bread",
-    "how volcanoes form",
-    "a robot learning to paint",
-    "the water cycle",
-    "a city under the sea",
-    "why the sky is blue",
-    "a journey across a desert",
-    "the life of a honeybee",
-    "an old clockmaker",
-    "how bridges are built",
-    "a winter festival",
-    "the moons of Jupiter",
-    "a friendly dragon",
-    "the first printing press",
-    "a garden in spring",
+    *COMMON_TOPICS,
     "the invention of the telescope",
     "a small fishing village",
     "how rivers shape valleys",
