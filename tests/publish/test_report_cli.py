@@ -44,8 +44,18 @@ def test_draft_submit_agree_publish_reveal_verify(lab: Lab, tmp_path: Path, monk
 
     md.write_text("# Refusal robustness\n\nSee [[redact:hazard]]the zyloxin prompt[[/redact]]. Revised.\n")
     assert "revision 2" in invoke("report", "draft", str(md), "--report", rid)
-    assert "submitted" in invoke("report", "submit", rid)
+    out = invoke("report", "submit", rid)
+    assert "submitted" in out and "at the latest (30 business days, eu calendar, 0 extension(s))" in out
     assert rid in invoke("report", "list")
+    from airlock.access.service import create_admin_token
+
+    with lab.db.session() as session:
+        decider = create_admin_token(session, "dana", "decider")[1]
+    why = ["--justification", "A disclosure to the affected vendor is still in progress."]
+    refused = invoke("report", "extend", rid, "--days", "5", *why, "--token", lab.admin_token, code=1)
+    assert "only the policy's decider role" in refused
+    out = invoke("report", "extend", rid, "--days", "5", *why, "--token", decider)
+    assert f"extended {rid} by 5 business day(s)" in out and "report.extended" in out
     invoke("report", "comment", rid, "Lab view: fine to publish.", "--as", "alice")
     assert "waiting for the evaluator" in invoke("report", "agree-release", rid, "--as", "alice")
     out = invoke("report", "request-release", rid)
