@@ -164,6 +164,7 @@ PINNED: list[tuple[str, str, str]] = [
     ("POST", "/tokenize", "evaluator"),
     ("POST", "/ui/lab/findings/{finding_id}/triage", "console"),
     ("POST", "/ui/lab/grants", "console"),
+    ("POST", "/ui/lab/grants/{grant_id}/revoke", "console"),
     ("POST", "/ui/redteam/sessions", "console"),
     ("POST", "/ui/redteam/sessions/{session_id}/close", "console"),
     ("POST", "/ui/redteam/sessions/{session_id}/findings", "console"),

@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import select
 
 from airlock import __version__
+from airlock.access import audit as audit_trail
 from airlock.access.middleware import AuditContext
 from airlock.access.models import Grant
 from airlock.access.quotas import SamplingTerms
@@ -34,6 +35,7 @@ from airlock.access.service import (
     get_evaluator,
     grant_status,
     list_grants,
+    revoke_grant,
 )
 from airlock.access.terms import terms_of
 from airlock.console import auth
@@ -417,13 +419,23 @@ def _gate_rows(session: Any, state: Any) -> list[dict[str, Any]]:
     return rows
 
 
+AUDIT_ROWS = 50
+
+
 @router.get("/lab")
-def lab_home(state: StateDep, user: UserDep, status: str | None = None) -> Response:
-    """Show the lab's page: grants (create, usage), red-team findings to triage, the gate per version, the ledger."""
+def lab_home(state: StateDep, user: UserDep, status: str | None = None, audit_grant: str | None = None) -> Response:
+    """Show the lab's page: grants (create, revoke), findings to triage, the gate, the audit trail, the ledger."""
     me = _lab(user, Permission.GATE_READ)
     assert me.lab is not None
     can = {p.value for p in Permission if _holds(me, p)}
+    if Permission.AUDIT_READ.value in can:
+        state.audit.flush()  # the newest requests, this one's predecessors included
     with state.db.session() as session:
+        trail = (
+            audit_trail.tail(session, AUDIT_ROWS, grant_id=audit_grant or None)
+            if Permission.AUDIT_READ.value in can
+            else []
+        )
         grants = list_grants(session) if Permission.GRANTS_READ.value in can else []
         grant_rows = [
             {
@@ -453,6 +465,8 @@ def lab_home(state: StateDep, user: UserDep, status: str | None = None) -> Respo
         ledger_pending=pending,
         models=models,
         status=status or "",
+        trail=trail,
+        audit_grant=audit_grant or "",
     )
 
 
@@ -495,6 +509,22 @@ async def lab_grant(request: Request, state: StateDep, user: UserDep, audit: Aud
     except AirlockError as exc:
         return _page_error(exc, user)
     return render("key_issued.html", user=me, grant_id=grant_id, secret=secret)
+
+
+@router.post("/lab/grants/{grant_id}/revoke")
+async def lab_revoke(grant_id: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep) -> Response:
+    """Revoke a grant at once: its keys stop working, their console sessions end."""
+    try:
+        me = _lab(user, Permission.ACCESS_REVOKE)
+        assert me.lab is not None
+        fields = await _check_csrf(request, me)
+        reason = fields.get("reason", "").strip()[:1000] or f"revoked in the console by {me.lab.name}"
+        with state.db.session() as session:
+            revoke_grant(session, grant_id, reason)
+        audit.grant_id = grant_id
+    except AirlockError as exc:
+        return _page_error(exc, user)
+    return RedirectResponse("/ui/lab#grants", status_code=303)
 
 
 @router.post("/lab/findings/{finding_id}/triage")
