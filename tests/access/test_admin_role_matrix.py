@@ -44,6 +44,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", f"{ADMIN}/models"): EVERYONE,
     ("POST", f"{ADMIN}/models/{{model}}/versions/{{label}}/stage"): {A, D},
     ("GET", f"{ADMIN}/results"): EVERYONE,
+    ("GET", f"{ADMIN}/results/elicitation"): EVERYONE,
     ("GET", f"{ADMIN}/reports"): {A, R, U},
     ("GET", f"{ADMIN}/reports/{{report_id}}"): {A, R, U},
     ("POST", f"{ADMIN}/reports/{{report_id}}/comments"): {R},
