@@ -141,3 +141,20 @@ def test_checking_in_worker_processes_gives_the_same_matches_in_order() -> None:
 
 
 ALPHA_WORDS = [a + b + c for a in "bcdfg" for b in "aeiou" for c in "klmnprst"]
+
+
+def test_a_check_that_forgets_its_vocabulary_finds_the_same_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import airlock.contamination.matcher as matcher
+
+    rng = random.Random(4)
+    items = [(str(i), " ".join(rng.choice(ALPHA_WORDS) for _ in range(10))) for i in range(10)]
+    fp = fingerprint_items(items)
+    docs = [(f"d{i}", f"{rng.choice(ALPHA_WORDS)} {items[i % 10][1]} {rng.choice(ALPHA_WORDS)}") for i in range(40)]
+    keep = [m for part in (docs[:20], docs[20:]) for m in Checker([("r", fp)]).check(part)]
+    monkeypatch.setattr(matcher, "_MAX_VOCABULARY", 5)
+    forgetful = Checker([("r", fp)])
+    forget = forgetful.check(docs[:20])
+    first = forgetful.vocabulary
+    forget += forgetful.check(docs[20:])
+    assert forget == keep and len(keep) == 40
+    assert forgetful.vocabulary is not first  # the second batch started afresh

@@ -29,6 +29,7 @@ __all__ = ["Checker", "Match", "check_batches", "keyed_words", "prepare_batch"]
 
 U64 = np.uint64
 _SLOT_BITS = 22
+_MAX_VOCABULARY = 2_000_000  # distinct words kept per check (a few hundred MB); then it starts afresh
 _BITMAP_BITS = 24
 _SEP = "\ue000"  # a private-use character: NFKC and case folding leave it alone
 # One odd multiplier per 8-byte chunk of a word (words up to 256 bytes), and one for its length.
@@ -256,13 +257,19 @@ class Checker:
         self.documents += len(documents)
         if not documents or not self.registrations:
             return []
+        if len(self.vocabulary.words) > _MAX_VOCABULARY:
+            # A web-scale corpus never stops meeting new tokens: forget them all rather than grow without
+            # bound (words seen again are hashed again; matches do not change).
+            self.vocabulary = _Vocabulary()
+            for reg in self.registrations:
+                reg.keys = np.zeros(0, dtype=np.uint64)
         buf, doc_starts = prepare_batch([text for _, text in documents])
         b = np.frombuffer(buf, dtype=np.uint8)
         is_word = np.zeros(b.size + 2, dtype=np.int8)
         np.not_equal(b, 32, out=is_word[1:-1])
-        edges = np.diff(is_word)
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
+        # Edges alternate: a word's start, then its end (one pass over the batch, not two).
+        edges = np.flatnonzero(np.diff(is_word))
+        starts, ends = edges[0::2], edges[1::2]
         self.words += starts.size
         if starts.size == 0:
             return []
