@@ -20,7 +20,7 @@ import airlock.ledger.models
 import airlock.publish.models
 import airlock.redteam.models
 import airlock.registry.models  # noqa: F401  (imported for their tables)
-from airlock.access import quotas, terms
+from airlock.access import quotas, retention, terms
 from airlock.db import Base
 from airlock.evals.terms import PublicationTerms
 from airlock.finetune.terms import FinetuneTerms
@@ -38,5 +38,6 @@ TERMS: tuple[type[terms.Terms], ...] = (
     InterpTerms,
     PublicationTerms,
     RedteamTerms,
+    retention.RetentionTerms,
 )
 """The built-in sections of grant terms (each registers itself on import; others come by entry point)."""

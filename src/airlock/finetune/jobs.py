@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+from airlock.access.retention import grant_keeps_content
 from airlock.finetune import events
 from airlock.finetune.adapters import AdapterStore
-from airlock.finetune.files import file_path, validate_chat_jsonl
+from airlock.finetune.files import discard_bytes, file_path, validate_chat_jsonl
+from airlock.finetune.models import TrainingFile
 from airlock.finetune.trainer import TrainingCancelled, result_dict, train_lora
-from airlock.jobs.models import Job
+from airlock.jobs.models import TERMINAL_STATUSES, Job
 from airlock.jobs.runner import JobCancelled, JobContext
 
 KIND = "fine_tune"
@@ -37,6 +40,35 @@ class FineTuneHandler:
     def on_finished(self, session: Session, job: Job) -> None:
         """Put the job's outcome on the public record, in the terminal transition's transaction."""
         events.job_finished(session, job)
+        self._apply_retention(session, job)
+
+    def _apply_retention(self, session: Session, job: Job) -> None:
+        """Drop the content of the job's files whose grant keeps none; their rows (size, hash, counts) stay.
+
+        The bytes go once the terminal transition commits, so a rolled-back finish keeps a file a
+        re-run needs. A file another unfinished job still reads is left for that job's own finish.
+        """
+        used = [job.params.get("training_file"), job.params.get("validation_file")]
+        still_read = {
+            name
+            for params in session.scalars(
+                select(Job.params).where(Job.kind == KIND, Job.id != job.id, Job.status.notin_(TERMINAL_STATUSES))
+            )
+            for name in (params.get("training_file"), params.get("validation_file"))
+        }
+        doomed = []
+        for file_id in {f for f in used if isinstance(f, str) and f not in still_read}:
+            row = session.get(TrainingFile, file_id)
+            if row is not None and not grant_keeps_content(session, row.grant_id, "retention_finetune"):
+                doomed.append(file_id)
+        if doomed:
+            home = self.home
+
+            def discard(_session: Session) -> None:
+                for file_id in doomed:
+                    discard_bytes(home, file_id)
+
+            event.listen(session, "after_commit", discard, once=True)
 
     def output_dir(self, job_id: str) -> Path:
         """Return where a job's checkpoints and adapter live (never served to anyone)."""

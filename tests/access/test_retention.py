@@ -1,0 +1,109 @@
+"""Retention terms: the section, and a canary sent through each capability under ``none`` found nowhere after."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from airlock.access import terms
+from airlock.access.retention import RetentionTerms, keeps_content
+from airlock.config import get_settings
+from tests.conftest import Lab, single_variant_manifest, sqlite_lab
+
+CANARY = "CANARY-7f3e9b1c-retention"
+
+
+def test_retention_section_defaults_validation_and_ledger() -> None:
+    defaults = terms.term_defaults()
+    assert defaults["retention_finetune"] == "none" and defaults["retention_interp"] == "none"
+    assert defaults["retention_evals"] == "none" and defaults["retention_redteam"] == "full"
+    assert terms.validate_terms({"retention": {"retention_finetune": "full"}}) == {"retention_finetune": "full"}
+    with pytest.raises(terms.TermsError) as bad:
+        terms.validate_terms({"retention_interp": "keep"})
+    assert bad.value.param == "terms.retention_interp"
+    with pytest.raises(terms.TermsError, match="sealed"):
+        terms.validate_terms({"retention_finetune": "sealed"})
+    assert set(RetentionTerms.public_terms) == set(RetentionTerms.model_fields)
+    assert keeps_content(None, "retention_redteam") is False  # no grant keeps nothing
+
+
+def _grep(root: Path, needle: bytes) -> list[str]:
+    """Return every file under ``root`` whose bytes contain ``needle`` (the SQLite file and its WAL included)."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def _dump(db_file: Path) -> str:
+    """Return the SQL text dump of a SQLite database (what a backup would hold)."""
+    with sqlite3.connect(db_file) as conn:
+        return "\n".join(conn.iterdump())
+
+
+@pytest.fixture
+def ft_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Path]]:
+    directory = tmp_path_factory.mktemp("retention")
+    with sqlite_lab(directory, single_variant_manifest("tiny", "tiny-random")) as lab:
+        yield lab, directory
+
+
+def _finetune(lab: Lab, key: str, canary: str) -> tuple[openai.OpenAI, str]:
+    client = openai.OpenAI(base_url=lab.url + "/v1", api_key=key, max_retries=0)
+    lines = [
+        {"messages": [{"role": "user", "content": f"{canary} {i}"}, {"role": "assistant", "content": canary}]}
+        for i in range(4)
+    ]
+    data = "\n".join(json.dumps(e) for e in lines).encode()
+    file_id = client.files.create(file=("train.jsonl", io.BytesIO(data)), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny/helpful-only", training_file=file_id, hyperparameters={"n_epochs": 1, "batch_size": 2}, seed=1
+    )
+    for _ in range(600):
+        done = client.fine_tuning.jobs.retrieve(job.id)
+        if done.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    assert done.status == "succeeded", done.error
+    return client, file_id
+
+
+def test_canary_under_none_is_gone_and_kept_under_full(
+    ft_lab: tuple[Lab, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    lab, directory = ft_lab
+    caplog.set_level(logging.DEBUG)
+    _gid, key = lab.grant("org-a", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
+    client, file_id = _finetune(lab, key, CANARY)
+    # Metadata stays: size, hash and example count; the content is gone for everyone, the lab included.
+    meta = client.files.retrieve(file_id)
+    assert meta.bytes > 0
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(file_id)
+    lab.server.flush_audit()
+    home = get_settings().artifacts_dir
+    needle = CANARY.encode()
+    assert _grep(home, needle) == [] and _grep(directory, needle) == []
+    assert CANARY not in _dump(directory / "airlock.db")
+    assert CANARY not in caplog.text
+
+    # Under "full" the same path keeps the file: enforcement follows the agreed term, not a blanket wipe.
+    kept = CANARY + "-full"
+    _gid, key = lab.grant(
+        "org-b", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"], retention_finetune="full"
+    )
+    client, file_id = _finetune(lab, key, kept)
+    assert kept.encode() in client.files.content(file_id).read()
+    assert _grep(home, kept.encode()), "the grep finds content the terms let the lab keep"
+    from airlock.access import service
+    from airlock.access.events import grant_issued_event
+
+    with lab.db.session() as session:
+        body, _confidential = grant_issued_event(session, service.get_grant(session, _gid))
+    assert body["retention_finetune"] == "full" and body["retention_redteam"] == "full"
+    assert body["retention_interp"] == "none"
