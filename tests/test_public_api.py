@@ -56,6 +56,7 @@ PINNED: dict[str, list[str]] = {
         "middleware",
         "models",
         "quotas",
+        "retention",
         "roles",
         "routes",
         "schemas",

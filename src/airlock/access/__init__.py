@@ -9,6 +9,7 @@ __all__ = [
     "middleware",
     "models",
     "quotas",
+    "retention",
     "roles",
     "routes",
     "schemas",
