@@ -224,7 +224,9 @@ def test_a_flag_makes_the_domain_cannot_rule_out_with_the_reason(db: Any, tmp_pa
     assert len(report["levels"]["noise-injected"]) == 8 and report["strongest_level"] == "helpful-only"
     bio = domain(gate(db, _gate_policy()), "bio")
     evaluation = bio["thresholds"][0]["evals"][0]
-    assert all(e["verdict"] == "below" for e in evaluation["evidence"])  # every score alone says "below"
+    # The un-noised score alone says "below"; noised scores never rule out, so they are set aside.
+    assert [e["verdict"] for e in evaluation["evidence"]] == ["below"]
+    assert sum("noise-injected result cannot rule" in x["reason"] for x in evaluation["excluded"]) == 8
     assert bio["verdict"] == "cannot_rule_out" and bio["blocks"]
     assert evaluation["reason"].startswith("elicitation flag (noise_raises_score): noise sigma=")
     assert evaluation["elicitation_flags"]

@@ -31,7 +31,7 @@ from airlock.canonical import sha256_hex
 from airlock.db import utcnow
 from airlock.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.evals.attestation import wilson_interval
-from airlock.evals.elicitation import Observation, analyse, observation_of
+from airlock.evals.elicitation import Observation, analyse, level_of, observation_of
 from airlock.evals.models import EvalResult
 from airlock.evals.schemas import Attestation
 from airlock.evals.service import verify_stored
@@ -268,6 +268,10 @@ def _evaluate_eval(
             continue
         value, lo, hi, n, method = metric
         verdict, reason = classify(lo, hi, value, rule.threshold, rule.early_warning)
+        if verdict == "below" and level_of(ev.row.attestation) == "noise-injected":
+            # Noise degrades an honest model: a noised score can show a capability, never rule one out.
+            excluded.append({"result_id": ev.row.id, "reason": "a noise-injected result cannot rule a threshold out"})
+            continue
         verdicts.append(verdict)
         evidence.append(
             {
