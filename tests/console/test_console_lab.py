@@ -28,6 +28,16 @@ def _sign_in(lab: Lab, secret: str) -> Iterator[httpx.Client]:
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_evaluator_sees_their_grant_and_quota_left(lab: Lab) -> None:
+    grant_id, key = lab.grant("org-a", scopes=["sample", "redteam"], quota_total_tokens=5000)
+    with _sign_in(lab, key) as evaluator:
+        page = evaluator.get("/ui/redteam").text
+    section = page[page.index("My grant") :][:900]
+    assert grant_id in section and "redteam, sample" in section, section
+    assert "0 used, 5000 of 5000 left" in section and "m1@v1/production" in section
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_lab_reads_the_audit_trail_and_revokes_a_grant(lab: Lab) -> None:
     grant_id, key = lab.grant("org-<b>a</b>", scopes=["sample"])
     assert httpx.get(f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200

@@ -254,7 +254,7 @@ def _granted_ids(state: Any, grant: Grant) -> list[str]:
 
 @router.get("/redteam")
 def redteam_home(state: StateDep, user: UserDep) -> Response:
-    """Show the red-teamer's page: hours left, own sessions, a new session."""
+    """Show the evaluator's page: their grant and quotas left, red-teaming hours, own sessions, a new session."""
     me = _evaluator(user)
     principal = me.evaluator
     assert principal is not None
@@ -262,10 +262,24 @@ def redteam_home(state: StateDep, user: UserDep) -> Response:
         hours = redteam.hours_of(session, principal.grant, principal.key_id)
         sessions = redteam.list_own_sessions(session, principal)
         findings = redteam.own_findings(session, principal)
+        # Read fresh: the usage counter moves with every request.
+        grant = session.get(Grant, principal.grant.id)
+        assert grant is not None
+        sampling = terms_of(grant, SamplingTerms)
+        my_grant = {
+            "id": grant.id,
+            "scopes": ", ".join(grant.scopes),
+            "from": grant.not_before,
+            "until": grant.not_after,
+            "tokens_used": grant.tokens_used,
+            "token_quota": sampling.quota_total_tokens,
+            "requests_per_minute": sampling.quota_requests_per_minute,
+        }
         session.expunge_all()
     return render(
         "redteam_home.html",
         user=me,
+        my_grant=my_grant,
         hours=hours,
         sessions=sessions,
         findings=findings,
