@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
     parser.add_argument("--tokens", type=int, default=None, help="max tokens per stream (default 64; 32 with --quick)")
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams (default 16)")
+    parser.add_argument("--weights", default="embedded:smollm2-135m", help="weights served (tiny-random: plumbing)")
     opts = parser.parse_args()
     rounds = opts.rounds or 3
     tokens = opts.tokens or (32 if opts.quick else 64)
@@ -145,7 +146,7 @@ def main() -> None:
     started = time.perf_counter()
     one, many, llama = [], [], []
     with tempfile.TemporaryDirectory() as tmp, database("sqlite", Path(tmp)) as db_url:
-        lab = prepare_local_lab(Path(tmp) / "home", db_url, weights="embedded:smollm2-135m", scopes=("sample",))
+        lab = prepare_local_lab(Path(tmp) / "home", db_url, weights=opts.weights, scopes=("sample",))
         with serve(lab) as (url, _pid):
             wait_http(url + "/readyz", timeout=600)
             asyncio.run(streams(url, lab.key, 2, 8, 0))  # warm-up: first calls allocate and pick kernels
@@ -159,6 +160,7 @@ def main() -> None:
             for r in range(rounds):
                 for name in names if r % 2 == 0 else list(reversed(names)):
                     steps[name](r)
+                    print(f"  round {r + 1}: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
     rate = lambda pairs: [t / s for t, s in pairs]  # noqa: E731
     one_rate, many_rate = rate(one), rate(many)
     scaling = [m / o for m, o in zip(many_rate, one_rate, strict=True)]

@@ -30,6 +30,7 @@ def test_every_key_is_read() -> None:
         "dtype": "bfloat16",
         "continuous_batching": False,
         "num_gpus": 4,
+        "threads": 1,
     }
     config = LocalBackendConfig.from_dict(values)
     assert {key: getattr(config, key) for key in values} == values
@@ -52,6 +53,7 @@ def test_every_key_is_read() -> None:
         ({"device": None}, "device must be a string"),
         ({"dtype": ["float32"]}, "dtype must be a string"),
         ({"continuous_batching": "yes"}, "continuous_batching must be true or false"),
+        ({"threads": 0}, "threads must be an integer >= 1"),
     ],
 )
 def test_bad_values_are_config_errors(config: dict[str, Any], message: str) -> None:

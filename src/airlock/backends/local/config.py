@@ -28,6 +28,10 @@ class LocalBackendConfig:
     noise_seed: int = 0
     num_gpus: int | None = None
     """GPUs a Ray model worker of these weights asks for (default: 1 on ``cuda``, else 0); unused in-process."""
+    threads: int | None = None
+    """Intra-op threads of the engine's worker (None: torch's default, one per core). On a host shared
+    with other busy processes fewer threads step faster: an OpenMP team waits at every barrier for
+    its slowest thread, and a descheduled one stalls the whole step."""
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LocalBackendConfig:
@@ -52,6 +56,7 @@ class LocalBackendConfig:
             ("seed", 0),
             ("noise_seed", 0),
             ("num_gpus", 0),
+            ("threads", 1),
         ):
             check_int(key, low)
         wait = values.get("batch_wait_ms", 5.0)

@@ -371,6 +371,8 @@ class Engine:
     # -- worker thread
 
     def _main(self) -> None:
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)  # this worker thread's OpenMP team
         try:
             loaded = self._load()
         except BaseException as exc:  # reported to whoever awaits `ready`
