@@ -61,6 +61,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
+    # Content a grant's retention terms say to drop (interp code, logs) is zeroed in the file, not
+    # left on a free page; the WAL keeps the old frame until the next checkpoint truncates it.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()
 
 

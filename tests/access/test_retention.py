@@ -10,13 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from airlock.access import terms
 from airlock.access.retention import RetentionTerms, keeps_content
 from airlock.config import get_settings
-from tests.conftest import Lab, single_variant_manifest, sqlite_lab
+from tests.conftest import Lab, needs_bwrap, single_variant_manifest, sqlite_lab
 
 CANARY = "CANARY-7f3e9b1c-retention"
 
@@ -41,8 +42,14 @@ def _grep(root: Path, needle: bytes) -> list[str]:
 
 
 def _dump(db_file: Path) -> str:
-    """Return the SQL text dump of a SQLite database (what a backup would hold)."""
+    """Return the SQL text dump of a SQLite database (what a backup would hold), after a truncating checkpoint.
+
+    Until a checkpoint, SQLite's write-ahead log still holds the frames of rows since rewritten;
+    the checkpoint moves the current pages into the file (zeroed where deleted: secure_delete) and
+    empties the log, which is what the grep of the file and the directory then looks at.
+    """
     with sqlite3.connect(db_file) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return "\n".join(conn.iterdump())
 
 
@@ -88,8 +95,8 @@ def test_canary_under_none_is_gone_and_kept_under_full(
     lab.server.flush_audit()
     home = get_settings().artifacts_dir
     needle = CANARY.encode()
-    assert _grep(home, needle) == [] and _grep(directory, needle) == []
     assert CANARY not in _dump(directory / "airlock.db")
+    assert _grep(home, needle) == [] and _grep(directory, needle) == []
     assert CANARY not in caplog.text
 
     # Under "full" the same path keeps the file: enforcement follows the agreed term, not a blanket wipe.
@@ -107,3 +114,55 @@ def test_canary_under_none_is_gone_and_kept_under_full(
         body, _confidential = grant_issued_event(session, service.get_grant(session, _gid))
     assert body["retention_finetune"] == "full" and body["retention_redteam"] == "full"
     assert body["retention_interp"] == "none"
+
+
+INTERP_CODE = f"""
+# {CANARY}
+def main(secret):
+    print(secret)
+    return {{"echo": secret}}
+"""
+
+
+@pytest.fixture
+def interp_lab(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Lab, Path]]:
+    from airlock.config import reset_settings
+    from tests.interp.test_interp_api import MANIFEST
+
+    monkeypatch.setenv("AIRLOCK_INTERP_WALL_TIMEOUT_S", "60")
+    reset_settings()
+    directory = tmp_path_factory.mktemp("retention-interp")
+    with sqlite_lab(directory, MANIFEST) as lab:
+        yield lab, directory
+
+
+@needs_bwrap
+def test_interp_canary_is_gone_once_the_result_is_fetched(
+    interp_lab: tuple[Lab, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.interp.test_interp_api import _wait
+
+    lab, directory = interp_lab
+    caplog.set_level(logging.DEBUG)
+    _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"])
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        body = {"model": "tiny/helpful-only", "code": INTERP_CODE, "args": {"secret": CANARY}}
+        created = http.post("/v1/airlock/interp/jobs", json=body)
+        assert created.status_code == 200, created.text
+        job_id = created.json()["id"]
+        done = _wait(http, job_id, until=("succeeded", "failed"))
+        assert done["status"] == "succeeded", done
+        # The evaluator still reads its logs and result until it has fetched the arrays, the last read.
+        assert CANARY in done["logs"]
+        result = http.get(f"/v1/airlock/interp/jobs/{job_id}/result")
+        assert result.json()["value"]["echo"] == CANARY
+        assert http.get(result.json()["npz_path"]).status_code == 200
+        again = http.get(f"/v1/airlock/interp/jobs/{job_id}/result")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "result_missing"
+        after = http.get(f"/v1/airlock/interp/jobs/{job_id}").json()
+        assert after["logs"] == "" and len(after["code_sha256"]) == 64 and after["result_bytes"] > 0
+    lab.server.flush_audit()
+    needle = CANARY.encode()
+    assert CANARY not in _dump(directory / "airlock.db")
+    assert _grep(get_settings().artifacts_dir, needle) == [] and _grep(directory, needle) == []
+    assert CANARY not in caplog.text

@@ -38,7 +38,8 @@ def cli_lab(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     database.migrate()
     try:
         with running_lab(database, MANIFEST) as lab:
-            _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"])
+            # Logs are read after the result is saved: a grant that keeps no content would have dropped them.
+            _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"], retention_interp="full")
             monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
             monkeypatch.setenv("AIRLOCK_API_KEY", key)
             yield lab

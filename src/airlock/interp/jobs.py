@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from airlock.access.models import Grant
 from airlock.access.seal import verified_grant
@@ -106,6 +107,12 @@ class InterpHandler:
         self.workers = workers
         self.runners = runners
         """Warm sandboxed runners (each taken by one job, never reused); None: every job starts its own."""
+
+    def on_finished(self, session: Session, job: Job) -> None:
+        """Drop the job's code and arguments when its grant keeps no content (in the terminal transition)."""
+        row = session.get(InterpJob, job.id)
+        if row is not None:
+            interp.forget_code(session, job, row)
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         """Run the job and return its summary (the result itself is stored under the data dir)."""

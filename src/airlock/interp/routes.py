@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
@@ -106,14 +106,21 @@ def get_result(
 @router.get("/jobs/{job_id}/result.npz", response_class=FileResponse)
 def get_result_arrays(
     job_id: str, state: StateDep, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
-) -> FileResponse:
+) -> Response:
     """Return the released result's arrays as one NPZ file."""
     audit.scope = "interp"
     audit.detail["job_id"] = job_id
     job, row = service.get_own_job(session, principal, job_id)
     path = service.released_npz(state.settings.artifacts_dir, job, row)
     audit.detail["result_bytes"] = row.result_bytes
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.npz")
+    if service.keeps_content(session, row):
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.npz")
+    # Under "none" retention the arrays are the result's last read: served from memory, then deleted
+    # with the JSON document and the logs once this request commits.
+    data = path.read_bytes()
+    service.forget_result(session, state.settings.artifacts_dir, job, row)
+    disposition = {"Content-Disposition": f'attachment; filename="{job_id}.npz"'}
+    return Response(content=data, media_type="application/octet-stream", headers=disposition)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=InterpJobPublic)

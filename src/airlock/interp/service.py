@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Grant
+from airlock.access.retention import grant_keeps_content
 from airlock.access.service import Principal, authorize, check_window
 from airlock.access.terms import terms_of
 from airlock.backends.pool import VariantRuntimeSpec, weights_spec
@@ -426,8 +427,42 @@ def decide(session: Session, job_id: str, *, reviewer: str, decision: str, reaso
     row.reviewed_at = utcnow()
     jobs.add_event(session, job.id, f"result {row.review_state} by the lab", type="message", reviewer=reviewer)
     record_ledger(session, job, row, event="review")
+    # The review was the last use of the code (reviewers read it): a grant that keeps no content drops it now.
+    forget_code(session, job, row)
     session.flush()
     return job, row
+
+
+# ---------------------------------------------------------------------------------- retention
+
+
+def keeps_content(session: Session, row: InterpJob) -> bool:
+    """Return whether the job's grant lets the lab keep its code, arguments, logs and result after use."""
+    return grant_keeps_content(session, row.grant_id, "retention_interp")
+
+
+def forget_code(session: Session, job: Job, row: InterpJob) -> None:
+    """Drop a finished job's code and arguments under ``none`` retention (their hash and size stay).
+
+    A result held for review keeps its code until the lab decides: reviewers read what produced it.
+    """
+    if row.review_state == "pending" or keeps_content(session, row):
+        return
+    job.params = {k: v for k, v in (job.params or {}).items() if k not in ("code", "args")}
+    row.args = {}
+
+
+def forget_result(session: Session, home: Path, job: Job, row: InterpJob) -> None:
+    """Drop a delivered result's files and the job's logs under ``none`` retention, once the delivery commits."""
+    if keeps_content(session, row):
+        return
+    row.logs = ""
+    job_id = job.id
+
+    def discard(_session: Session) -> None:
+        discard_result(home, job_id)
+
+    event.listen(session, "after_commit", discard, once=True)
 
 
 # ---------------------------------------------------------------------------------- ledger
@@ -451,5 +486,10 @@ def record_ledger(session: Session, job: Job, row: InterpJob, *, event: str, sta
         "cpu_seconds": round(row.cpu_seconds, 3),
         "served_bytes": int(row.served_bytes or 0),
     }
-    confidential = {"code_sha256": row.code_sha256, "args": row.args, "review_note": row.review_note}
+    # Arguments are the evaluator's content: a grant that keeps none commits to their digest instead
+    # (the commitment's opening is stored, so the value itself would outlive the job).
+    args: Any = row.args
+    if not keeps_content(session, row):
+        args = {"sha256": hashlib.sha256(json.dumps(row.args, sort_keys=True).encode()).hexdigest()}
+    confidential = {"code_sha256": row.code_sha256, "args": args, "review_note": row.review_note}
     ledger.record_event(session, "interp.job", body, confidential=confidential)
