@@ -166,3 +166,27 @@ def test_interp_canary_is_gone_once_the_result_is_fetched(
     assert CANARY not in _dump(directory / "airlock.db")
     assert _grep(get_settings().artifacts_dir, needle) == [] and _grep(directory, needle) == []
     assert CANARY not in caplog.text
+
+
+def test_redteam_transcript_under_none_is_dropped_at_close(
+    tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import FAKE_MANIFEST
+
+    caplog.set_level(logging.DEBUG)
+    directory = tmp_path_factory.mktemp("retention-redteam")
+    with sqlite_lab(directory, FAKE_MANIFEST) as lab:
+        _gid, key = lab.grant("org-a", scopes=["redteam"], retention_redteam="none")
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
+            sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
+            turn = rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": f"say {CANARY}"})
+            assert turn.status_code == 201 and CANARY in turn.json()["responses"][0]["content"]
+            assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/close").status_code == 200
+            kept = rt.get(f"/v1/airlock/redteam/sessions/{sid}").json()
+        # Counts and verdicts stay; the words are gone.
+        assert kept["turns"] == 1 and kept["transcript"][0]["prompt"] == ""
+        assert kept["transcript"][0]["responses"][0]["content"] == ""
+        lab.server.flush_audit()
+        assert CANARY not in _dump(directory / "airlock.db")
+        assert _grep(directory, CANARY.encode()) == [] and _grep(get_settings().artifacts_dir, CANARY.encode()) == []
+    assert CANARY not in caplog.text

@@ -8,6 +8,7 @@ flagged turn, a session's whole transcript, and the reasons given in triage.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Any
 
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Evaluator
+from airlock.canonical import canonical_bytes
 from airlock.ledger import service as ledger
 from airlock.redteam.models import RedteamFinding, RedteamSession, RedteamTurn
 from airlock.registry.events import version_ref
@@ -35,8 +37,12 @@ def _evaluator(session: Session, evaluator_id: str) -> str:
     return evaluator.name if evaluator else evaluator_id
 
 
-def session_closed(session: Session, row: RedteamSession) -> None:
-    """Log ``redteam.session``: hours, turns and findings by severity (the transcript committed)."""
+def session_closed(session: Session, row: RedteamSession, *, keep_content: bool = True) -> None:
+    """Log ``redteam.session``: hours, turns and findings by severity (the transcript committed).
+
+    A grant that keeps no transcripts commits to the transcript's SHA-256 instead: a commitment's
+    opening (the value itself) is stored, so committing the words would keep them.
+    """
     turns = list(
         session.scalars(select(RedteamTurn).where(RedteamTurn.session_id == row.id).order_by(RedteamTurn.index))
     )
@@ -53,7 +59,9 @@ def session_closed(session: Session, row: RedteamSession) -> None:
         "hours": round(row.active_seconds / 3600, 3),
         "findings": {s: findings.get(s, 0) for s in SEVERITY_ORDER},
     }
-    transcript = [{"index": t.index, "prompt": t.prompt, "responses": t.responses} for t in turns]
+    transcript: Any = [{"index": t.index, "prompt": t.prompt, "responses": t.responses} for t in turns]
+    if not keep_content:
+        transcript = {"sha256": hashlib.sha256(canonical_bytes(transcript)).hexdigest()}
     ledger.record_event(session, "redteam.session", body, confidential={"title": row.title, "transcript": transcript})
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from airlock.access.middleware import AuditContext
 from airlock.access.models import Grant
+from airlock.access.retention import grant_keeps_content
 from airlock.access.service import Principal
 from airlock.backends.protocol import ChatCompletionRequest, Usage
 from airlock.db import utcnow
@@ -151,7 +152,15 @@ def close_session(session: Session, principal: Principal, session_id: str) -> Re
     row.status = "closed"
     row.closed_at = utcnow()
     session.flush()
-    events.session_closed(session, row)
+    keep = grant_keeps_content(session, row.grant_id, "retention_redteam")
+    events.session_closed(session, row, keep_content=keep)
+    # The closing event has committed to the transcript's digest; a grant that keeps no transcripts
+    # keeps only each turn's counts, verdicts and timings from here on.
+    if not keep:
+        for turn in transcript(session, row.id):
+            turn.prompt = ""
+            turn.responses = [{**answer, "content": ""} for answer in turn.responses]
+        session.flush()
     return row
 
 
