@@ -168,7 +168,7 @@ def test_interp_canary_is_gone_once_the_result_is_fetched(
     assert CANARY not in caplog.text
 
 
-def test_redteam_transcript_under_none_is_dropped_at_close(
+def test_sampling_and_redteam_transcripts_under_none_leave_no_content(
     tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tests.conftest import FAKE_MANIFEST
@@ -176,7 +176,17 @@ def test_redteam_transcript_under_none_is_dropped_at_close(
     caplog.set_level(logging.DEBUG)
     directory = tmp_path_factory.mktemp("retention-redteam")
     with sqlite_lab(directory, FAKE_MANIFEST) as lab:
-        _gid, key = lab.grant("org-a", scopes=["redteam"], retention_redteam="none")
+        _gid, key = lab.grant("org-a", scopes=["sample", "redteam"], retention_redteam="none")
+        sampler = openai.OpenAI(base_url=lab.url + "/v1", api_key=key, max_retries=0)
+        reply = sampler.chat.completions.create(
+            model="m1/helpful-only", messages=[{"role": "user", "content": CANARY}], max_tokens=8
+        )
+        assert reply.usage is not None and reply.usage.prompt_tokens > 0  # the audit keeps counts, not words
+        with pytest.raises(openai.BadRequestError) as refused:  # an error names the field, never echoes the input
+            sampler.chat.completions.create(
+                model="m1/helpful-only", messages=[{"role": "wizard", "content": CANARY}], max_tokens=8
+            )
+        assert CANARY not in str(refused.value)
         with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
             sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
             turn = rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": f"say {CANARY}"})
