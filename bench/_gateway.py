@@ -110,7 +110,7 @@ def _make_lab(
                 model=model["name"],
                 variants=[variant],
                 scopes=scopes,
-                quota_requests_per_minute=requests_per_minute,
+                terms={"quota_requests_per_minute": requests_per_minute} if requests_per_minute else {},
             ),
         )
         _key, token = service.create_api_key(session, grant.id)
