@@ -90,6 +90,12 @@ def test_noised_variants_are_the_grants_own_and_expire(noise_lab: Lab) -> None:
     forged = strong.rsplit(":", 2)[0] + ":0.3:1"
     assert _greedy(noise_lab, key_a, forged).status_code == 404
 
+    # The Inspect provider takes a noise: id, and its provenance records the noise.
+    from inspect_ai.model import get_model
+
+    provider = get_model(f"airlock/{strong}", base_url=noise_lab.url + "/v1", api_key=key_a, memoize=False)
+    assert provider.api.provenance["variant"]["noise"]["seed"] == parse_noised_id(strong).seed  # type: ignore[attr-defined]
+
     # The evaluator's command asks for the same thing.
     runner = CliRunner()
     env = {"AIRLOCK_BASE_URL": noise_lab.url + "/v1", "AIRLOCK_API_KEY": key_a}

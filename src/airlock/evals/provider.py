@@ -58,7 +58,7 @@ from tenacity.wait import wait_base, wait_exponential_jitter
 from typing_extensions import override
 
 from airlock.errors import InvalidRequestError
-from airlock.ids import ModelRef, is_fine_tuned, parse_fine_tuned_id, parse_model_id
+from airlock.ids import ModelRef, is_fine_tuned, is_noised, parse_fine_tuned_id, parse_model_id, parse_noised_id
 
 __all__ = [
     "PROVENANCE_KEY",
@@ -268,15 +268,18 @@ class AirlockAPI(OpenAICompatibleAPI):
         client_timeout: float | None = None,
         **model_args: Any,
     ) -> None:
-        # The server's own grammar (airlock.ids): a fine-tuned id is pinned by construction.
+        # The server's own grammar (airlock.ids): fine-tuned and noised ids are pinned by construction.
         try:
-            ref = None if is_fine_tuned(model_name) else parse_model_id(model_name)
-            if ref is None:
+            pinned = is_fine_tuned(model_name) or is_noised(model_name)
+            ref = None if pinned else parse_model_id(model_name)
+            if is_fine_tuned(model_name):
                 parse_fine_tuned_id(model_name)
+            elif is_noised(model_name):
+                parse_noised_id(model_name)
         except InvalidRequestError:
             raise ValueError(
-                f"Airlock model names are airlock/<model>/<variant>, airlock/<model>@<version>/<variant> or "
-                f"airlock/ft:..., not airlock/{model_name}"
+                f"Airlock model names are airlock/<model>/<variant>, airlock/<model>@<version>/<variant>, "
+                f"airlock/ft:... or airlock/noise:..., not airlock/{model_name}"
             ) from None
         if model_args.pop("responses_api", False):
             raise ValueError("Airlock serves chat completions, not the Responses API; drop responses_api")
