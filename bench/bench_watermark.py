@@ -194,15 +194,56 @@ def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
 
 
 async def generate_texts(
-    backend: LocalBackend, trials: int, length: int, keys: list[bytes]
+    backend: LocalBackend, trials: list[int], length: int, keys: list[bytes]
 ) -> tuple[list[str], list[int], list[str], list[int]]:
     """Generate a watermarked (trial ``t`` under ``keys[t]``) and a plain text per trial, all in flight at once."""
-    requests = [completion(prompt(t), keys[t], tokens=length, n=1, seed=t) for t in range(trials)]
-    requests += [completion(prompt(t), None, tokens=length, n=1, seed=10**6 + t) for t in range(trials)]
+    requests = [completion(prompt(t), keys[t], tokens=length, n=1, seed=t) for t in trials]
+    requests += [completion(prompt(t), None, tokens=length, n=1, seed=10**6 + t) for t in trials]
     results = await asyncio.gather(*(backend.complete(r) for r in requests))
     texts = [r.choices[0].text for r in results]
     counts = [r.usage.completion_tokens for r in results]
-    return texts[:trials], counts[:trials], texts[trials:], counts[trials:]
+    n = len(trials)
+    return texts[:n], counts[:n], texts[n:], counts[n:]
+
+
+async def generate_shard(spec: str, trials: list[int], length: int, keys: list[bytes], samples: int) -> dict[str, Any]:
+    """Generate one shard's texts (and, in the shard holding trial 0, the accuracy answers)."""
+    backend = LocalBackend.from_config({"model": spec, "max_batch_size": 32})
+    await backend.start()
+    try:
+        started = time.perf_counter()
+        marked, marked_counts, plain, _plain_counts = await generate_texts(backend, trials, length, keys)
+        print(f"generated {2 * len(trials)} texts in {time.perf_counter() - started:.0f} s", flush=True)
+        with_accuracy = 0 in trials
+        acc_marked = await accuracy(backend, keys[0], samples) if with_accuracy else (0, 0)
+        acc_plain = await accuracy(backend, None, samples) if with_accuracy else (0, 0)
+    finally:
+        await backend.aclose()
+    return {
+        "trials": trials,
+        "marked": marked,
+        "marked_counts": marked_counts,
+        "plain": plain,
+        "acc_marked": acc_marked,
+        "acc_plain": acc_plain,
+    }
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge shards' generations in trial order, adding up the accuracy counts."""
+    rows = sorted(
+        (t, m, c, p)
+        for s in shards
+        for t, m, c, p in zip(s["trials"], s["marked"], s["marked_counts"], s["plain"], strict=True)
+    )
+    return {
+        "trials": [r[0] for r in rows],
+        "marked": [r[1] for r in rows],
+        "marked_counts": [r[2] for r in rows],
+        "plain": [r[3] for r in rows],
+        "acc_marked": [sum(s["acc_marked"][i] for s in shards) for i in (0, 1)],
+        "acc_plain": [sum(s["acc_plain"][i] for s in shards) for i in (0, 1)],
+    }
 
 
 def chi_square(counts: np.ndarray, expected: np.ndarray, min_expected: float = 5.0) -> tuple[float, int]:
@@ -297,41 +338,27 @@ async def accuracy(backend: LocalBackend, key: bytes | None, samples: int) -> tu
     return correct, total
 
 
-async def measure(spec: str, trials: int, grants: int, length: int, samples: int, cache: str | None) -> None:
+async def measure(
+    spec: str, trials: int, grants: int, length: int, samples: int, cache: str | None, shard: tuple[int, int]
+) -> None:
     """Run the attribution, false-attribution, distribution and accuracy measurement; print its figures."""
     keys = [grant_key(i) for i in range(grants)]
     trial_keys = [keys[t % grants] for t in range(trials)]
-    saved = Path(cache) if cache else None
-    if saved is not None and saved.exists():
-        # A previous run's generations (the statistics below are cheap to redo; generation is not).
-        data = json.loads(saved.read_text())
-        marked_texts, marked_counts, plain_texts = data["marked"], data["marked_counts"], data["plain"]
-        acc_marked, acc_plain = tuple(data["acc_marked"]), tuple(data["acc_plain"])
+    paths = [Path(x) for x in cache.split(",")] if cache else []
+    if paths and all(path.exists() for path in paths):
+        # Earlier runs' generations, e.g. shards run side by side (statistics are cheap to redo).
+        data = merge_shards([json.loads(path.read_text()) for path in paths])
     else:
-        backend = LocalBackend.from_config({"model": spec, "max_batch_size": 32})
-        await backend.start()
-        try:
-            started = time.perf_counter()
-            marked_texts, marked_counts, plain_texts, _plain_counts = await generate_texts(
-                backend, trials, length, trial_keys
-            )
-            print(f"generated {2 * trials} texts in {time.perf_counter() - started:.0f} s", flush=True)
-            acc_marked = await accuracy(backend, keys[0], samples)
-            acc_plain = await accuracy(backend, None, samples)
-        finally:
-            await backend.aclose()
-        if saved is not None:
-            saved.write_text(
-                json.dumps(
-                    {
-                        "marked": marked_texts,
-                        "marked_counts": marked_counts,
-                        "plain": plain_texts,
-                        "acc_marked": acc_marked,
-                        "acc_plain": acc_plain,
-                    }
-                )
-            )
+        index, count = shard
+        data = await generate_shard(spec, [t for t in range(trials) if t % count == index], length, trial_keys, samples)
+        if paths:
+            paths[0].write_text(json.dumps(data))
+        if count > 1:
+            return  # one shard of several: merge them with --texts A,B,...
+    trials = len(data["trials"])
+    trial_keys = [keys[t % grants] for t in data["trials"]]
+    marked_texts, marked_counts, plain_texts = data["marked"], data["marked_counts"], data["plain"]
+    acc_marked, acc_plain = tuple(data["acc_marked"]), tuple(data["acc_plain"])
     tokenizer = weights.load_tokenizer(spec)
 
     def tokenize(text: str) -> list[int]:
@@ -345,7 +372,7 @@ async def measure(spec: str, trials: int, grants: int, length: int, samples: int
     wrong_small = wrong_total = 0
     for t, ids in enumerate(marked_ids):
         p = [detect(k, ids).p_value for k in keys]
-        true = t % grants
+        true = data["trials"][t] % grants
         true_p.append(p[true])
         true_p_small += p[true] < 1e-4
         best = min(range(grants), key=lambda g: p[g])
@@ -407,6 +434,7 @@ async def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each cost run (default: %(default)s)")
     parser.add_argument("--trials", type=int, default=0, help="run the measurement with this many trials")
     parser.add_argument("--texts", help="keep the measurement's generations in this JSON file (reused when present)")
+    parser.add_argument("--shard", default="0/1", help="generate only trials t with t %% K == I (I/K), save, stop")
     parser.add_argument("--no-cost", action="store_true", help="skip the cost runs (with --trials)")
     parser.add_argument("--grants", type=int, default=20, help="grant keys in the measurement (default: %(default)s)")
     parser.add_argument("--length", type=int, default=200, help="tokens per text (default: %(default)s)")
@@ -416,7 +444,8 @@ async def main() -> None:
     if not args.no_cost:
         await cost_table(args.model, args.rows, tokens, reps)
     if args.trials:
-        await measure(args.model, args.trials, args.grants, args.length, args.samples, args.texts)
+        index, count = (int(x) for x in args.shard.split("/"))
+        await measure(args.model, args.trials, args.grants, args.length, args.samples, args.texts, (index, count))
 
 
 async def cost_table(model: str, rows: int, tokens: int, reps: int) -> None:
