@@ -6,9 +6,11 @@ import io
 import json
 import logging
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -200,3 +202,26 @@ def test_sampling_and_redteam_transcripts_under_none_leave_no_content(
         assert CANARY not in _dump(directory / "airlock.db")
         assert _grep(directory, CANARY.encode()) == [] and _grep(get_settings().artifacts_dir, CANARY.encode()) == []
     assert CANARY not in caplog.text
+
+
+def _database_dump(db_url: str) -> str:
+    """Return what a backup of the database would hold: ``pg_dump`` for PostgreSQL, the SQL dump for SQLite."""
+    if db_url.startswith("sqlite:///"):
+        return _dump(Path(db_url.removeprefix("sqlite:///")))
+    dumped = subprocess.run(["pg_dump", "--data-only", db_url], capture_output=True, text=True, timeout=60, check=True)
+    return dumped.stdout
+
+
+def test_redteam_words_leave_no_trace_in_a_database_dump(db: Any, db_url: str) -> None:
+    """On either database, what ``none`` drops is absent from a dump (the ledger's commitment openings included)."""
+    from tests.conftest import FAKE_MANIFEST, running_lab
+
+    with running_lab(db, FAKE_MANIFEST) as lab:
+        _gid, key = lab.grant("org-a", scopes=["sample", "redteam"], retention_redteam="none")
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
+            sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
+            assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": CANARY}).status_code == 201
+            assert CANARY in _database_dump(db_url)  # the open session keeps its transcript: the dump can see it
+            assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/close").status_code == 200
+        lab.server.flush_audit()
+        assert CANARY not in _database_dump(db_url)
