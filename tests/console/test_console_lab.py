@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from airlock.access.service import create_admin_token
 from tests.conftest import Lab
-
-
-@contextmanager
-def _sign_in(lab: Lab, secret: str) -> Iterator[httpx.Client]:
-    client = httpx.Client(base_url=lab.url, timeout=30)
-    form = client.get("/ui/sign-in")
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
-    assert csrf, form.text
-    signed = client.post("/ui/sign-in", data={"credential": secret, "csrf_token": csrf.group(1)})
-    assert signed.status_code == 303, signed.text
-    try:
-        yield client
-    finally:
-        client.close()
+from tests.console.console_helpers import signed_in
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_an_evaluator_sees_their_grant_and_quota_left(lab: Lab) -> None:
     grant_id, key = lab.grant("org-a", scopes=["sample", "redteam"], quota_total_tokens=5000)
-    with _sign_in(lab, key) as evaluator:
+    with signed_in(lab, key) as evaluator:
         page = evaluator.get("/ui/redteam").text
     section = page[page.index("My grant") :][:900]
     assert grant_id in section and "redteam, sample" in section, section
@@ -43,12 +28,12 @@ def test_the_lab_reads_the_audit_trail_and_revokes_a_grant(lab: Lab) -> None:
     assert httpx.get(f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     with lab.db.session() as session:
         auditor = create_admin_token(session, "audrey", "auditor")[1]
-    with _sign_in(lab, auditor) as audrey:
+    with signed_in(lab, auditor) as audrey:
         page = audrey.get("/ui/lab").text
         # The evaluator's request is in the trail; the auditor may read it but not revoke.
         assert "GET /v1/models" in page and "org-&lt;b&gt;a&lt;/b&gt;" in page and "org-<b>" not in page
         assert f"/ui/lab/grants/{grant_id}/revoke" not in page
-    with _sign_in(lab, lab.admin_token) as admin:
+    with signed_in(lab, lab.admin_token) as admin:
         page = admin.get("/ui/lab").text
         assert f'action="/ui/lab/grants/{grant_id}/revoke"' in page
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)

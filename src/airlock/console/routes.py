@@ -11,6 +11,7 @@ import json
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
+from operator import attrgetter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +36,7 @@ from airlock.access.service import (
     get_evaluator,
     grant_status,
     list_grants,
+    revoke_api_key,
     revoke_grant,
 )
 from airlock.access.terms import terms_of
@@ -42,10 +44,19 @@ from airlock.console import auth
 from airlock.console.auth import ConsoleUser
 from airlock.deps import AuditDep, StateDep, get_audit, get_state
 from airlock.errors import AirlockError, NotFoundError, PermissionDeniedError
+from airlock.evals import service as evals
+from airlock.finetune.jobs import KIND as FINE_TUNE
 from airlock.governance.service import evaluate_gate, policy_for_request
+from airlock.interp import service as interp
+from airlock.jobs import service as jobs
+from airlock.jobs.models import TERMINAL_STATUSES, Job
 from airlock.ledger import access_table
 from airlock.ledger import service as ledger
+from airlock.ledger._cosig import cosignatures
+from airlock.ledger._note import NoteError
+from airlock.ledger.cosign import endpoints_of
 from airlock.publish import service as publish
+from airlock.publish.routes import publication_clock
 from airlock.redteam import service as redteam
 from airlock.redteam.routes import turn_events
 from airlock.redteam.schemas import TurnCreate
@@ -466,6 +477,7 @@ def lab_home(state: StateDep, user: UserDep, status: str | None = None, audit_gr
         gate = _gate_rows(session, state)
         head = ledger.tree_head(session)
         pending = ledger.pending_count(session)
+        ledger_status = _ledger_status(session, state)
         models = [m.name for m in session.scalars(select(Model).order_by(Model.name))]
         session.expunge_all()
     return render(
@@ -477,6 +489,7 @@ def lab_home(state: StateDep, user: UserDep, status: str | None = None, audit_gr
         gate=gate,
         ledger_size=head.size,
         ledger_pending=pending,
+        ledger_status=ledger_status,
         models=models,
         status=status or "",
         trail=trail,
@@ -579,6 +592,224 @@ def lab_finding(finding_id: str, state: StateDep, user: UserDep) -> Response:
     return render(
         "lab_finding.html", user=me, finding=finding, turn=turn, can_triage=_holds(me, Permission.REDTEAM_TRIAGE)
     )
+
+
+# ---------------------------------------------------------------- evaluator: jobs, results, reports
+
+REFRESH_S = 10
+
+
+def _job_row(session: Any, job: Job, status: str, what: str, model: str) -> dict[str, Any]:
+    # The newest event says where a running job stands ("step 40/100", "job queued", ...).
+    newest, _ = jobs.list_events(session, job.id, limit=1, newest_first=True)
+    return {
+        "id": job.id,
+        "kind": what,
+        "model": model,
+        "status": status,
+        "progress": round(100 * float(job.progress or 0.0)),
+        "last_event": newest[0].message if newest else "",
+        "created_at": job.created_at,
+        "running": job.status not in TERMINAL_STATUSES,
+    }
+
+
+@router.get("/work")
+def evaluator_work(state: StateDep, user: UserDep) -> Response:
+    """Show the evaluator's fine-tuning and interp jobs, attested results and reports (their organisation's only)."""
+    me = _evaluator(user)
+    principal = me.evaluator
+    assert principal is not None
+    with state.db.session() as session:
+        # The same listings (and the same ownership filters) as the API's GET routes.
+        tuned, _ = jobs.list_jobs(session, principal.evaluator_id, limit=jobs.MAX_PAGE, kind=FINE_TUNE)
+        job_rows = [_job_row(session, j, j.status, "fine-tuning", str(j.params.get("model", ""))) for j in tuned]
+        probes, _ = interp.list_own_jobs(session, principal, after=None, limit=jobs.MAX_PAGE)
+        job_rows += [_job_row(session, j, interp.public_status(j, r), "interp", r.model) for j, r in probes]
+        job_rows.sort(key=lambda r: r["created_at"], reverse=True)
+        results = evals.list_results(session, evaluator_id=principal.evaluator_id)
+        reports = [
+            {
+                "id": r.id,
+                "title": next((v.title for v in r.revisions if v.number == r.current_revision), ""),
+                "status": r.status,
+                "revision": r.current_revision,
+                "publish_by": r.publish_by,
+                "release_requested": r.release_requested_revision is not None
+                and r.release_requested_revision == r.submitted_revision,
+            }
+            for r in publish.list_own_reports(session, principal)
+        ]
+        session.expunge_all()
+    return render(
+        "evaluator_work.html",
+        user=me,
+        jobs=job_rows,
+        results=results,
+        reports=reports,
+        refresh=REFRESH_S if any(r["running"] for r in job_rows) else None,
+    )
+
+
+@router.post("/work/reports/{report_id}/{action}")
+async def evaluator_report_action(
+    report_id: str, action: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep
+) -> Response:
+    """Submit a draft report for the lab's review, or ask for its early release (the API's own service calls)."""
+    me = _evaluator(user)
+    assert me.evaluator is not None
+    try:
+        await _check_csrf(request, me)
+        with state.db.session() as session:
+            if action == "submit":
+                clock = publication_clock(state.settings.policy_path)
+                publish.submit_report(session, me.evaluator, report_id, clock=clock)
+            elif action == "request-release":
+                publish.request_release(session, me.evaluator, report_id)
+            else:
+                raise NotFoundError(f"there is no report action {action!r}")
+        audit.detail["report_id"] = report_id
+    except AirlockError as exc:
+        return _page_error(exc, me)
+    return RedirectResponse("/ui/work#reports", status_code=303)
+
+
+# ---------------------------------------------------------------- lab: keys, review queue
+
+
+@router.get("/lab/keys")
+def lab_keys(state: StateDep, user: UserDep) -> Response:
+    """Show every grant's keys (prefix, name, created, revoked), with issue and revoke forms for roles that may."""
+    me = _lab(user, Permission.GRANTS_READ)
+    with state.db.session() as session:
+        grants = [
+            {
+                "id": g.id,
+                "evaluator": g.evaluator.name,
+                "status": grant_status(g),
+                "keys": sorted(g.keys, key=attrgetter("created_at")),
+            }
+            for g in list_grants(session)
+        ]
+        session.expunge_all()
+    return render(
+        "lab_keys.html",
+        user=me,
+        grants=grants,
+        can_issue=_holds(me, Permission.KEYS_ISSUE),
+        can_revoke=_holds(me, Permission.ACCESS_REVOKE),
+    )
+
+
+@router.post("/lab/grants/{grant_id}/keys")
+async def lab_key_issue(grant_id: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep) -> Response:
+    """Issue another key for a grant (shown once)."""
+    try:
+        me = _lab(user, Permission.KEYS_ISSUE)
+        fields = await _check_csrf(request, me)
+        with state.db.session() as session:
+            key, secret = create_api_key(session, grant_id, name=fields.get("name", "").strip()[:100])
+            audit.grant_id = grant_id
+            audit.detail["issued_key_id"] = key.id
+    except AirlockError as exc:
+        return _page_error(exc, user)
+    return render("key_issued.html", user=me, grant_id=grant_id, secret=secret)
+
+
+@router.post("/lab/keys/{key_id}/revoke")
+async def lab_key_revoke(key_id: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep) -> Response:
+    """Revoke one key at once (its console sessions end with it)."""
+    try:
+        me = _lab(user, Permission.ACCESS_REVOKE)
+        await _check_csrf(request, me)
+        with state.db.session() as session:
+            key = revoke_api_key(session, key_id)
+            audit.grant_id = key.grant_id
+            audit.detail["revoked_key_id"] = key_id
+    except AirlockError as exc:
+        return _page_error(exc, user)
+    return RedirectResponse("/ui/lab/keys", status_code=303)
+
+
+@router.get("/lab/review")
+def lab_review(state: StateDep, user: UserDep) -> Response:
+    """Show the review queue: held interp results (approve or deny) and submitted reports awaiting the lab."""
+    me = _lab(user, Permission.GATE_READ)
+    can_interp = _holds(me, Permission.INTERP_REVIEW_READ)
+    can_reports = _holds(me, Permission.REPORTS_READ)
+    if not (can_interp or can_reports):
+        raise PermissionDeniedError("your role may not read the review queue", code="permission_denied")
+    with state.db.session() as session:
+        held = [interp.to_review_item(j, r) for j, r in interp.list_for_review(session)] if can_interp else []
+        reports = [
+            {
+                "id": r.id,
+                "title": next((v.title for v in r.revisions if v.number == r.submitted_revision), ""),
+                "evaluator": r.evaluator_id,
+                "submitted_at": r.submitted_at,
+                "publish_by": r.publish_by,
+                "release_requested": r.release_requested_revision == r.submitted_revision,
+            }
+            for r in (publish.list_lab_reports(session, status="submitted") if can_reports else [])
+        ]
+        session.expunge_all()
+    return render(
+        "lab_review.html",
+        user=me,
+        held=held,
+        reports=reports,
+        can_interp=can_interp,
+        can_reports=can_reports,
+        can_decide=_holds(me, Permission.INTERP_REVIEW_DECIDE),
+    )
+
+
+@router.post("/lab/review/interp/{job_id}")
+async def lab_review_decide(job_id: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep) -> Response:
+    """Approve or deny a held interp result (not by the token that issued its grant)."""
+    try:
+        me = _lab(user, Permission.INTERP_REVIEW_DECIDE)
+        assert me.lab is not None
+        fields = await _check_csrf(request, me)
+        audit.scope = "interp_review"
+        with state.db.session() as session:
+            _job, held = interp.get_job_for_lab(session, job_id)
+            check_independent_review(session, me.lab.token_id, held.grant_id, f"interp job {job_id}")
+            decision = fields.get("decision", "")
+            interp.decide(
+                session,
+                job_id,
+                reviewer=me.lab.name,
+                decision=decision,
+                reason=fields.get("reason", "")[:2000],
+            )
+        audit.detail.update({"job_id": job_id, "decision": decision})
+    except AirlockError as exc:
+        return _page_error(exc, user)
+    if decision == "deny":
+        # Only now, the decision committed: a failed commit must leave the held result intact.
+        interp.discard_result(state.settings.artifacts_dir, job_id)
+    return RedirectResponse("/ui/lab/review", status_code=303)
+
+
+def _ledger_status(session: Any, state: Any) -> dict[str, Any]:
+    checkpoint = ledger.latest_checkpoint(session)
+    cosigned: list[str] = []
+    try:
+        endpoints = endpoints_of(state.settings)
+        if checkpoint is not None and endpoints:
+            valid, _problems = cosignatures(checkpoint.note, [e.verifier for e in endpoints])
+            cosigned = [c.name for c in valid]
+    except (NoteError, ValueError):
+        # A malformed witness key or note shows as nothing cosigned, never as an error page.
+        endpoints = []
+    return {
+        "size": checkpoint.size if checkpoint else None,
+        "root": checkpoint.root_hash.hex() if checkpoint else None,
+        "time": checkpoint.created_at if checkpoint else None,
+        "witnesses": [e.name for e in endpoints],
+        "cosigned": cosigned,
+    }
 
 
 # ---------------------------------------------------------------- public
