@@ -173,3 +173,22 @@ def test_the_lab_issues_and_revokes_keys_reviews_held_work_and_sees_the_ledger(l
     with lab.db.session() as session:
         row = session.get(InterpJob, job_id)
         assert row is not None and row.review_state == "approved" and row.reviewer == "rita"
+
+
+def test_the_ledger_status_counts_only_configured_witnesses_that_cosigned() -> None:
+    """The lab page's "k of n cosigned": a configured witness's valid line counts, an unknown key's does not."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from airlock.ledger._cosig import Cosigner, add_signature_lines
+    from airlock.ledger._note import Checkpoint, Signer
+    from airlock.ledger.cosign import Endpoint, cosigned_by
+
+    signer = Signer("lab.example/ledger", Ed25519PrivateKey.generate())
+    note = signer.sign(Checkpoint("lab.example/ledger", 3, bytes(32)).body())
+    body = note.split("\n\n")[0] + "\n"
+    w1, w2, stranger = (Cosigner(f"w.example/{i}", Ed25519PrivateKey.generate()) for i in range(3))
+    endpoints = [Endpoint("http://w1", w1.verifier), Endpoint("http://w2", w2.verifier)]
+    assert cosigned_by(note, endpoints) == []
+    cosigned = add_signature_lines(note, [w2.cosign(body), stranger.cosign(body)])
+    assert cosigned_by(cosigned, endpoints) == ["w.example/1"]
+    assert cosigned_by(cosigned, []) == []

@@ -50,11 +50,9 @@ from airlock.governance.service import evaluate_gate, policy_for_request
 from airlock.interp import service as interp
 from airlock.jobs import service as jobs
 from airlock.jobs.models import TERMINAL_STATUSES, Job
-from airlock.ledger import access_table
+from airlock.ledger import NoteError, access_table
 from airlock.ledger import service as ledger
-from airlock.ledger._cosig import cosignatures
-from airlock.ledger._note import NoteError
-from airlock.ledger.cosign import endpoints_of
+from airlock.ledger.cosign import cosigned_by, endpoints_of
 from airlock.publish import service as publish
 from airlock.publish.routes import publication_clock
 from airlock.redteam import service as redteam
@@ -797,9 +795,8 @@ def _ledger_status(session: Any, state: Any) -> dict[str, Any]:
     cosigned: list[str] = []
     try:
         endpoints = endpoints_of(state.settings)
-        if checkpoint is not None and endpoints:
-            valid, _problems = cosignatures(checkpoint.note, [e.verifier for e in endpoints])
-            cosigned = [c.name for c in valid]
+        if checkpoint is not None:
+            cosigned = cosigned_by(checkpoint.note, endpoints)
     except (NoteError, ValueError):
         # A malformed witness key or note shows as nothing cosigned, never as an error page.
         endpoints = []

@@ -29,7 +29,15 @@ from airlock.ledger.witness import SIZE_CONTENT_TYPE
 if TYPE_CHECKING:
     from airlock.config import Settings
 
-__all__ = ["CheckpointCosigner", "CosignOutcome", "Endpoint", "cosign_newest", "endpoints_of", "request_body"]
+__all__ = [
+    "CheckpointCosigner",
+    "CosignOutcome",
+    "Endpoint",
+    "cosign_newest",
+    "cosigned_by",
+    "endpoints_of",
+    "request_body",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,14 @@ class Endpoint:
 def endpoints_of(settings: Settings) -> list[Endpoint]:
     """Return the configured witnesses (a malformed key is a configuration error, raised)."""
     return [Endpoint(w.url.rstrip("/"), WitnessVerifier.parse(w.key)) for w in settings.ledger_witnesses]
+
+
+def cosigned_by(note: str, endpoints: Sequence[Endpoint]) -> list[str]:
+    """Return the names of the configured witnesses whose cosignatures on a checkpoint note verify."""
+    if not endpoints:
+        return []
+    valid, _problems = cosignatures(note, [e.verifier for e in endpoints])
+    return sorted(c.name for c in valid)
 
 
 @dataclass
