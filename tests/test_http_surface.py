@@ -171,6 +171,7 @@ PINNED: list[tuple[str, str, str]] = [
     ("POST", "/ui/lab/grants/{grant_id}/revoke", "console"),
     ("POST", "/ui/lab/keys/{key_id}/revoke", "console"),
     ("POST", "/ui/lab/review/interp/{job_id}", "console"),
+    ("POST", "/ui/lab/review/reports/{report_id}/agree-release", "console"),
     ("POST", "/ui/redteam/sessions", "console"),
     ("POST", "/ui/redteam/sessions/{session_id}/close", "console"),
     ("POST", "/ui/redteam/sessions/{session_id}/findings", "console"),

@@ -104,11 +104,24 @@ def test_an_evaluator_sees_only_their_own_jobs_results_and_reports(lab: Lab, tmp
         assert foreign.status_code == 404
         done = org_a.post(f"/ui/work/reports/{a_report}/submit", data={"csrf_token": csrf_of(html)})
         assert done.status_code == 303, done.text
-        assert "Ask for early release" in org_a.get("/ui/work").text
+        asked = org_a.post(f"/ui/work/reports/{a_report}/request-release", data={"csrf_token": csrf_of(html)})
+        assert asked.status_code == 303 and "waiting for the lab" in org_a.get("/ui/work").text
+        with lab.db.session() as session:
+            report_b = session.get(Report, b_report)
+            assert report_b is not None and report_b.status == "draft"
+            reviewer = create_admin_token(session, "rita", "reviewer")[1]
+        # The lab's reviewer sees the submitted report (title escaped, the draft of org-b not at all) and agrees.
+        with signed_in(lab, reviewer) as rita:
+            queue = rita.get("/ui/lab/review").text
+            assert a_report in queue and ESCAPED in queue and XSS not in queue and b_report not in queue
+            agree = f"/ui/lab/review/reports/{a_report}/agree-release"
+            assert rita.post(agree).status_code == 403
+            assert rita.post(agree, data={"csrf_token": csrf_of(queue)}).status_code == 303
+        assert org_a.get("/ui/lab/review", follow_redirects=False).headers["location"] == "/ui/sign-in"
+        assert f'href="/public/reports/{a_report}.html"' in org_a.get("/ui/work").text
     with lab.db.session() as session:
-        report_a, report_b = session.get(Report, a_report), session.get(Report, b_report)
-        assert report_a is not None and report_a.status == "submitted"
-        assert report_b is not None and report_b.status == "draft"
+        report_a = session.get(Report, a_report)
+        assert report_a is not None and report_a.status == "published"
     with signed_in(lab, lab.admin_token) as admin:
         assert admin.get("/ui/work", follow_redirects=False).headers["location"] == "/ui/sign-in"
 
@@ -130,7 +143,8 @@ def test_the_lab_issues_and_revokes_keys_reviews_held_work_and_sees_the_ledger(l
         assert evaluator.get("/ui/lab/keys", follow_redirects=False).headers["location"] == "/ui/sign-in"
         assert evaluator.get("/ui/lab/review", follow_redirects=False).headers["location"] == "/ui/sign-in"
     with signed_in(lab, decider) as dora:
-        assert dora.get("/ui/lab/review").status_code == 403
+        refused = dora.get("/ui/lab/review")
+        assert refused.status_code == 403 and "your role may not read the review queue" in refused.text
         assert dora.get("/ui/lab/keys").status_code == 403
 
     with signed_in(lab, lab.admin_token) as admin:

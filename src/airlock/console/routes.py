@@ -678,7 +678,10 @@ async def evaluator_report_action(
 @router.get("/lab/keys")
 def lab_keys(state: StateDep, user: UserDep) -> Response:
     """Show every grant's keys (prefix, name, created, revoked), with issue and revoke forms for roles that may."""
-    me = _lab(user, Permission.GRANTS_READ)
+    try:
+        me = _lab(user, Permission.GRANTS_READ)
+    except PermissionDeniedError as exc:
+        return _page_error(exc, user)
     with state.db.session() as session:
         grants = [
             {
@@ -736,7 +739,7 @@ def lab_review(state: StateDep, user: UserDep) -> Response:
     can_interp = _holds(me, Permission.INTERP_REVIEW_READ)
     can_reports = _holds(me, Permission.REPORTS_READ)
     if not (can_interp or can_reports):
-        raise PermissionDeniedError("your role may not read the review queue", code="permission_denied")
+        return _page_error(PermissionDeniedError("your role may not read the review queue"), me)
     with state.db.session() as session:
         held = [interp.to_review_item(j, r) for j, r in interp.list_for_review(session)] if can_interp else []
         reports = [
@@ -747,6 +750,7 @@ def lab_review(state: StateDep, user: UserDep) -> Response:
                 "submitted_at": r.submitted_at,
                 "publish_by": r.publish_by,
                 "release_requested": r.release_requested_revision == r.submitted_revision,
+                "agreed": r.release_agreed_revision == r.submitted_revision,
             }
             for r in (publish.list_lab_reports(session, status="submitted") if can_reports else [])
         ]
@@ -759,6 +763,7 @@ def lab_review(state: StateDep, user: UserDep) -> Response:
         can_interp=can_interp,
         can_reports=can_reports,
         can_decide=_holds(me, Permission.INTERP_REVIEW_DECIDE),
+        can_agree=_holds(me, Permission.REPORTS_REVIEW),
     )
 
 
@@ -788,6 +793,25 @@ async def lab_review_decide(job_id: str, request: Request, state: StateDep, user
         # Only now, the decision committed: a failed commit must leave the held result intact.
         interp.discard_result(state.settings.artifacts_dir, job_id)
     return RedirectResponse("/ui/lab/review", status_code=303)
+
+
+@router.post("/lab/review/reports/{report_id}/agree-release")
+async def lab_report_agree(
+    report_id: str, request: Request, state: StateDep, user: UserDep, audit: AuditDep
+) -> Response:
+    """Agree to release a submitted report early (not by the token that issued its grant); published once both agree."""
+    try:
+        me = _lab(user, Permission.REPORTS_REVIEW)
+        assert me.lab is not None
+        await _check_csrf(request, me)
+        audit.detail["report_id"] = report_id
+        with state.db.session() as session:
+            grant_id = publish.lab_report(session, report_id).grant_id
+            check_independent_review(session, me.lab.token_id, grant_id, f"report {report_id}")
+            publish.agree_release(session, report_id, f"admin:{me.lab.name}")
+    except AirlockError as exc:
+        return _page_error(exc, user)
+    return RedirectResponse("/ui/lab/review#reports", status_code=303)
 
 
 def _ledger_status(session: Any, state: Any) -> dict[str, Any]:
