@@ -142,6 +142,11 @@ def test_the_lab_issues_and_revokes_keys_reviews_held_work_and_sees_the_ledger(l
     with signed_in(lab, key) as evaluator:
         assert evaluator.get("/ui/lab/keys", follow_redirects=False).headers["location"] == "/ui/sign-in"
         assert evaluator.get("/ui/lab/review", follow_redirects=False).headers["location"] == "/ui/sign-in"
+    with lab.db.session() as session:
+        auditor = create_admin_token(session, "audrey", "auditor")[1]
+    with signed_in(lab, auditor) as audrey:
+        page = audrey.get("/ui/lab/keys").text
+        assert key[:10] in page and "/keys/" not in page.replace("/ui/lab/keys", "") and "Issue a key" not in page
     with signed_in(lab, decider) as dora:
         refused = dora.get("/ui/lab/review")
         assert refused.status_code == 403 and "your role may not read the review queue" in refused.text
