@@ -147,9 +147,11 @@ def sampling_cost(vocab: int, rows: int, reps: int, steps: int = 20) -> dict[str
             torch.multinomial(torch.softmax(logits[i], dim=-1), 1, generator=generators[i])
 
     def inverse_cdf(step: int) -> None:
-        # A cheaper plain draw (one uniform, a cumulative sum): the lower baseline.
+        # A cheaper plain draw (a cumulative sum, one uniform, a binary search): the lower baseline.
+        # (torch.multinomial draws a single sample by the exponential trick even with replacement.)
         for i in range(rows):
-            torch.multinomial(torch.softmax(logits[i], dim=-1), 1, replacement=True, generator=generators[i])
+            cdf = torch.softmax(logits[i], dim=-1).cumsum(0)
+            torch.searchsorted(cdf, torch.rand(1, generator=generators[i]) * cdf[-1])
 
     def marked(step: int) -> None:
         candidates = torch.stack(
@@ -367,7 +369,7 @@ async def measure(
     marked_ids = [tokenize(t) for t in marked_texts]
     plain_ids = [tokenize(t) for t in plain_texts]
     # Attribution as `airlock leak trace` does it: every grant tested, Bonferroni over grants.
-    attributed = true_p_small = 0
+    attributed = true_p_small = attributed_full = 0
     true_p: list[float] = []
     wrong_small = wrong_total = 0
     for t, ids in enumerate(marked_ids):
@@ -376,7 +378,9 @@ async def measure(
         true_p.append(p[true])
         true_p_small += p[true] < 1e-4
         best = min(range(grants), key=lambda g: p[g])
-        attributed += best == true and p[true] * grants < 1e-4
+        hit = best == true and p[true] * grants < 1e-4
+        attributed += hit
+        attributed_full += hit and marked_counts[t] >= length
         others = [p[g] for g in range(grants) if g != true]
         wrong_small += sum(x < 0.01 for x in others)
         wrong_total += len(others)
@@ -399,6 +403,7 @@ async def measure(
         f"raw p < 1e-4 in {true_p_small}/{trials}; true-key p median {statistics.median(true_p):.2g}, "
         f"max {max(true_p):.2g}"
     )
+    print(f"  attribution among texts reaching {length} tokens: {attributed_full}/{full}")
     print(f"  false attribution, plain texts: any grant at adjusted p < 0.01 in {plain_any}/{trials} trials")
     print(f"  false attribution, plain texts: (text, grant) pairs at raw p < 0.01: {plain_raw}/{trials * grants}")
     print(f"  false attribution, watermarked texts, wrong grants: raw p < 0.01 in {wrong_small}/{wrong_total}")
