@@ -76,6 +76,9 @@ class RayCluster:
     root: Path
     port: int
     nodes: dict[str, int] = field(default_factory=dict)  # name -> node manager port
+    # The environment the cluster was started in, for every node, also one added later: a test's own
+    # fixtures (a per-test AIRLOCK_HOME) must not leak into a node's workers.
+    environment: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @property
     def address(self) -> str:
@@ -83,7 +86,7 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, **FAST_HEALTH, "RAY_USAGE_STATS_ENABLED": "0"}
+        return {**self.environment, **FAST_HEALTH, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def _start(self, args: list[str]) -> None:
         subprocess.run([RAY, "start", *args], env=self._env(), check=True, capture_output=True, timeout=300)
