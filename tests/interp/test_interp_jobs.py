@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -94,7 +96,9 @@ def test_a_job_interrupted_by_a_restart_runs_again_and_reaches_the_ledger(
     kind, entry, confidential = recorded[-1]
     assert kind == "interp.job" and entry["job_id"] == job_id and entry["status"] == "succeeded"
     assert entry["model_version_hash"] and entry["result_sha256"] == result.result_sha256
-    assert confidential is not None and confidential["args"] == {"prompt": "hello"}
+    # The grant keeps no content (retention_interp=none): the entry commits to the arguments' hash only.
+    digest = hashlib.sha256(json.dumps({"prompt": "hello"}, sort_keys=True).encode()).hexdigest()
+    assert confidential is not None and confidential["args"] == {"sha256": digest}
     assert len(confidential["code_sha256"]) == 64
 
 

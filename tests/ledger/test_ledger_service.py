@@ -251,12 +251,12 @@ class _EchoHandler:
 
 
 class _TrainHandler(_EchoHandler):
-    """A stand-in fine-tuning handler: the real handler's ledger hook, without the training."""
+    """A stand-in fine-tuning handler: the real handler's ledger event, without the training or its files."""
 
     def on_finished(self, session: Any, job: Any) -> None:
-        from airlock.finetune.jobs import FineTuneHandler
+        from airlock.finetune import events
 
-        FineTuneHandler.on_finished(self, session, job)  # type: ignore[arg-type]
+        events.job_finished(session, job)
 
 
 def test_finetune_job_outcome_is_logged_other_kinds_are_not(db: Database) -> None:

@@ -28,3 +28,11 @@ def workdir() -> Iterator[Path]:
     path = sb.make_workdir(prefix="airlock-test-")
     yield path
     remove_tree(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_warm_interp_runners() -> None:
+    """End the warm interp runners earlier tests left waiting in this process: these tests count what runs."""
+    from airlock.interp.pool import close_shared_pools
+
+    close_shared_pools()

@@ -31,7 +31,7 @@ from airlock.interp import _runtime
 from airlock.interp.runner import FD_ENV
 from airlock.sandbox import DENY_SYSCALLS, BwrapSandbox, Mount, ResourceLimits, SandboxPolicy, SandboxResult
 
-__all__ = ["RUNNER_ENV", "RunnerPool", "SandboxedRunner", "shared_pool", "start_runner"]
+__all__ = ["RUNNER_ENV", "RunnerPool", "SandboxedRunner", "close_shared_pools", "shared_pool", "start_runner"]
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +259,12 @@ def shared_pool(size: int, idle_s: float) -> RunnerPool | None:
         if pool is None:
             pool = _shared[(size, idle_s)] = RunnerPool(size, idle_s=idle_s)
         return pool
+
+
+def close_shared_pools() -> None:
+    """Kill the waiting runners of every shared pool of this process (a later ``shared_pool`` starts afresh)."""
+    with _fresh_lock:
+        pools = list(_shared.values())
+        _shared.clear()
+    for pool in pools:
+        pool.close()
