@@ -21,6 +21,7 @@ from airlock.access.metrics import CONTENT_TYPE, GatewayMetrics
 from airlock.access.middleware import AuditContext, AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
 from airlock.access.roles import Permission
+from airlock.access.routes import grant_router
 from airlock.access.routes import router as access_router
 from airlock.access.seal import prepare_grant_seals
 from airlock.access.service import AdminPrincipal
@@ -323,6 +324,7 @@ def create_app(
     app.include_router(tokenizer_router)
     app.include_router(registry_router)
     app.include_router(access_router)
+    app.include_router(grant_router)
     app.include_router(results_router)
     app.include_router(results_admin_router)
     app.include_router(files_router)

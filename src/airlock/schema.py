@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import MetaData
 
+import airlock.access.acceptance
 import airlock.access.models
 import airlock.console.models
 import airlock.contamination.models

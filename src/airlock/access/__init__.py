@@ -2,6 +2,7 @@
 
 # The modules other packages may import (a test holds every import across packages to this list).
 __all__ = [
+    "acceptance",
     "audit",
     "cache",
     "events",

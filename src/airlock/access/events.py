@@ -1,4 +1,4 @@
-"""Access's ledger events: grants issued and revoked, public terms in the clear and the rest committed.
+"""Access's ledger events: grants issued, accepted and revoked, public terms in the clear and the rest committed.
 
 Public by design: evaluator identity, model, version labels and content hashes, variants, scopes,
 the access window. Committed (salted SHA-256, revealable later): quotas and notes, who issued or
@@ -18,7 +18,7 @@ from airlock.ledger import service as ledger
 from airlock.registry.events import version_ref
 from airlock.registry.models import Model, ModelVersion
 
-__all__ = ["grant_issued", "grant_issued_event", "grant_revoked", "grant_revoked_event"]
+__all__ = ["grant_accepted", "grant_issued", "grant_issued_event", "grant_revoked", "grant_revoked_event"]
 
 
 def _grant_versions(session: Session, grant: Grant) -> list[dict[str, Any]]:
@@ -78,3 +78,13 @@ def grant_revoked(session: Session, grant: Grant) -> None:
     """Log ``grant.revoked`` (the reason is committed, not published)."""
     body, confidential = grant_revoked_event(session, grant)
     ledger.record_event(session, "grant.revoked", body, confidential=confidential)
+
+
+def grant_accepted(session: Session, grant: Grant, signed: dict[str, Any]) -> None:
+    """Log ``grant.accepted``: the signed acceptance document, its signature and the key, all public.
+
+    Everything a verifier needs is in the clear: the document's fields, the Ed25519 public key and
+    its fingerprint, and the signature, so the acceptance re-verifies offline.
+    """
+    body = {**_grant_ref(session, grant), **{k: v for k, v in signed.items() if k != "grant_id"}}
+    ledger.record_event(session, "grant.accepted", body)

@@ -7,26 +7,35 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from airlock.access import acceptance, service
 from airlock.access import audit as audit_service
-from airlock.access import service
+from airlock.access.models import Grant
 from airlock.access.roles import Permission
 from airlock.access.schemas import (
+    AcceptanceState,
     AuditEventPublic,
     EvaluatorCreate,
     EvaluatorPublic,
+    GrantAccept,
+    GrantAcceptancePublic,
     GrantCreate,
     GrantPublic,
     GrantRevoke,
+    GrantTermsProposal,
     KeyCreate,
     KeyCreated,
     KeyPublic,
 )
-from airlock.access.service import AdminPrincipal
+from airlock.access.seal import check_grant
+from airlock.access.service import AdminPrincipal, Principal
 from airlock.db import utcnow
-from airlock.deps import SessionDep, StateDep, require
-from airlock.errors import InvalidRequestError
+from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep, require
+from airlock.errors import InvalidRequestError, PermissionDeniedError
+from airlock.evals.service import find_signing_key
+from airlock.registry.models import Model, ModelVersion
 
 router = APIRouter(prefix="/v1/airlock/admin", tags=["admin: access"])
+grant_router = APIRouter(prefix="/v1/airlock/grant", tags=["evaluator: grant terms"])
 
 
 @router.post("/evaluators", response_model=EvaluatorPublic, status_code=201)
@@ -142,3 +151,66 @@ def audit_tail(
     """Return the newest audit events (oldest first)."""
     state.audit.flush()
     return [AuditEventPublic.of(e) for e in audit_service.tail(session, limit, grant_id=grant_id)]
+
+
+# ---------------------------------------------------------------- the evaluator's side of its grant
+
+
+def _callers_grant(session: SessionDep, principal: Principal) -> Grant:
+    """Return the caller's grant, fresh and seal-checked (its terms decide what is accepted)."""
+    grant = session.get(Grant, principal.grant_id)
+    if grant is None:  # deleted under a live key: nothing to accept
+        raise PermissionDeniedError("the grant of this API key no longer exists", code="grant_missing")
+    check_grant(session, grant)
+    return grant
+
+
+@grant_router.get("/terms", response_model=GrantTermsProposal)
+def proposed_terms(session: SessionDep, principal: CurrentPrincipal, audit: AuditDep) -> GrantTermsProposal:
+    """Show the terms the lab proposes for your grant, their SHA-256, and whether you have accepted them."""
+    grant = _callers_grant(session, principal)
+    model = session.get(Model, grant.model_id)
+    versions = [session.get(ModelVersion, vid) for vid in grant.version_ids]
+    digest = acceptance.terms_sha256(grant)
+    audit.detail["terms_sha256"] = digest
+    return GrantTermsProposal(
+        grant_id=grant.id,
+        model=model.name if model is not None else grant.model_id,
+        versions=[v.label if v is not None else vid for v, vid in zip(versions, grant.version_ids, strict=True)],
+        proposal=acceptance.proposal(grant),
+        terms_sha256=digest,
+        acceptance=AcceptanceState.of(digest, acceptance.current_acceptance(session, grant)),
+    )
+
+
+@grant_router.post("/accept", response_model=GrantAcceptancePublic, status_code=201)
+def accept_terms(
+    body: GrantAccept, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> GrantAcceptancePublic:
+    """Accept your grant's current terms with a signature by your organisation's registered signing key."""
+    grant = _callers_grant(session, principal)
+    audit.detail["terms_sha256"] = body.terms_sha256
+    audit.detail["key_fingerprint"] = body.key_fingerprint
+    key = find_signing_key(session, body.key_fingerprint)
+    if key is None or key.evaluator_id != principal.evaluator_id:
+        raise PermissionDeniedError(
+            "the signing key is not registered to your organisation (run `airlock evaluator keygen --register`)",
+            code="unknown_signing_key",
+        )
+    signer = acceptance.SignerKey(
+        evaluator_id=key.evaluator_id,
+        public_key=key.public_key,
+        fingerprint=key.fingerprint,
+        revoked=key.revoked_at is not None,
+    )
+    row = acceptance.accept(
+        session,
+        grant,
+        signer,
+        terms_digest=body.terms_sha256,
+        seal_public_key=body.seal_public_key,
+        accepted_at=body.accepted_at,
+        signature=body.signature,
+    )
+    audit.detail["acceptance_id"] = row.id
+    return GrantAcceptancePublic.of(row)

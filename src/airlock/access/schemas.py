@@ -6,7 +6,9 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.orm import Session, object_session
 
+from airlock.access.acceptance import GrantAcceptance, current_acceptance, terms_sha256
 from airlock.access.models import ApiKey, AuditEvent, Evaluator, Grant
 from airlock.access.service import grant_status
 from airlock.access.terms import all_terms, term_defaults, terms_of
@@ -89,6 +91,35 @@ class GrantRevoke(_In):
     reason: str = Field(default="", max_length=2000)
 
 
+class AcceptanceState(BaseModel):
+    """Whether the evaluator has accepted the grant's current terms, and with which key."""
+
+    terms_sha256: str = Field(description="SHA-256 of the grant's current proposal (canonical JSON).")
+    accepted: bool = Field(description="Whether a signed acceptance of exactly these terms is recorded.")
+    accepted_at: datetime | None = None
+    key_fingerprint: str | None = Field(default=None, description="The evaluator's signing key that accepted.")
+    seal_public_key: str | None = Field(default=None, description="X25519 key sealed content is encrypted to.")
+
+    @classmethod
+    def of(cls, digest: str, row: GrantAcceptance | None) -> AcceptanceState:
+        """Build from the current proposal's hash and the current acceptance (None: not accepted)."""
+        if row is None:
+            return cls(terms_sha256=digest, accepted=False)
+        return cls(
+            terms_sha256=digest,
+            accepted=True,
+            accepted_at=row.accepted_at,
+            key_fingerprint=row.signing_key_fingerprint,
+            seal_public_key=row.seal_public_key,
+        )
+
+    @classmethod
+    def of_grant(cls, session: Session | None, grant: Grant) -> AcceptanceState:
+        """Read the state of ``grant`` (without a session: not accepted as far as can be told)."""
+        row = current_acceptance(session, grant) if session is not None else None
+        return cls.of(terms_sha256(grant), row)
+
+
 class GrantPublic(BaseModel):
     """A grant as the lab sees it."""
 
@@ -108,6 +139,7 @@ class GrantPublic(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     revoked_reason: str | None
+    acceptance: AcceptanceState = Field(description="The evaluator's signed acceptance of the current terms.")
 
     model_config = ConfigDict(extra="allow")
 
@@ -131,6 +163,7 @@ class GrantPublic(BaseModel):
             created_at=row.created_at,
             revoked_at=row.revoked_at,
             revoked_reason=row.revoked_reason,
+            acceptance=AcceptanceState.of_grant(object_session(row), row),
         )
 
 
@@ -198,3 +231,59 @@ class AuditEventPublic(BaseModel):
     def of(cls, row: AuditEvent) -> AuditEventPublic:
         """Build from a row."""
         return cls.model_validate(row, from_attributes=True)
+
+
+class GrantTermsProposal(BaseModel):
+    """The terms the lab proposes for the caller's grant, their hash, and whether they are accepted."""
+
+    grant_id: str
+    model: str = Field(description="The model's name (the proposal names it by id).")
+    versions: list[str] = Field(description="The granted versions' labels, in the proposal's order.")
+    proposal: dict[str, Any] = Field(description="The canonical terms document (airlock.grant-terms/v1).")
+    terms_sha256: str = Field(description="SHA-256 (hex) of the proposal's RFC 8785 bytes: what an acceptance signs.")
+    acceptance: AcceptanceState
+
+
+class GrantAccept(_In):
+    """The evaluator's signed acceptance of its grant's current terms."""
+
+    terms_sha256: str = Field(pattern="^[0-9a-f]{64}$", description="SHA-256 of the proposal being accepted.")
+    seal_public_key: str = Field(
+        min_length=40, max_length=64, description="Base64 raw 32-byte X25519 key sealed content is encrypted to."
+    )
+    accepted_at: str = Field(
+        min_length=20,
+        max_length=40,
+        description="When the evaluator signed: UTC ISO-8601 with microseconds and Z, exactly as signed.",
+    )
+    signature: str = Field(
+        min_length=40, max_length=100, description="Base64 Ed25519 signature over the canonical acceptance document."
+    )
+    key_fingerprint: str = Field(
+        pattern="^[0-9a-f]{64}$", description="SHA-256 fingerprint of the registered signing key that signed."
+    )
+
+
+class GrantAcceptancePublic(BaseModel):
+    """A recorded acceptance."""
+
+    id: str
+    grant_id: str
+    terms_sha256: str
+    key_fingerprint: str
+    seal_public_key: str
+    signature: str
+    accepted_at: datetime
+
+    @classmethod
+    def of(cls, row: GrantAcceptance) -> GrantAcceptancePublic:
+        """Build from a row."""
+        return cls(
+            id=row.id,
+            grant_id=row.grant_id,
+            terms_sha256=row.terms_sha256,
+            key_fingerprint=row.signing_key_fingerprint,
+            seal_public_key=row.seal_public_key,
+            signature=row.signature,
+            accepted_at=row.accepted_at,
+        )

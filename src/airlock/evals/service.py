@@ -39,6 +39,11 @@ def register_signing_key(session: Session, evaluator_id: str, public_b64: str, *
     return row
 
 
+def find_signing_key(session: Session, key_fingerprint: str) -> SigningKey | None:
+    """Return the signing key registered under ``key_fingerprint`` (any evaluator, revoked or not), or None."""
+    return session.scalar(select(SigningKey).where(SigningKey.fingerprint == key_fingerprint))
+
+
 def submit_result(session: Session, principal: Principal, envelope: ResultEnvelope) -> EvalResult:
     """Verify an attested result and store it; every failed check refuses it with a clear error."""
     # 1. The key must be registered to the caller's organisation and not revoked.

@@ -61,6 +61,7 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel"): _JOB_CANCEL,
     # evaluator results and reports
     ("POST", "/v1/airlock/signing-keys"): frozenset({409}),
+    ("POST", "/v1/airlock/grant/accept"): frozenset({409}),  # the terms changed since they were read
     ("POST", "/v1/airlock/results"): frozenset({404, 409}),
     ("GET", "/v1/airlock/results/elicitation"): frozenset({404}),  # an unknown model or version
     ("POST", "/v1/airlock/reports"): frozenset({404, 409}),
