@@ -188,7 +188,7 @@ def sealing_public_key(session: Session, grant: Grant) -> bytes | None:
 
 
 def require_acceptance(session: Session, grant: Grant, term: str) -> None:
-    """Refuse (403 ``terms_not_accepted``) work under a retention ``term`` that keeps content until terms are accepted."""
+    """Refuse (403 ``terms_not_accepted``) work under a retention ``term`` keeping content until terms are accepted."""
     mode = getattr(terms_of(grant, RetentionTerms), term)
     if mode not in KEEPING_MODES or current_acceptance(session, grant) is not None:
         return
