@@ -8,17 +8,23 @@ runs, in alternating order:
 
 * one stream alone (aggregate tokens/s = tokens / wall, prefill included);
 * 16 streams at once (the tokens of all 16 / the wall from the first request to the last end);
-* llama-cpp-python on the same GGUF (Q4_1, as shipped), one stream, in its own process, same
-  prompts and budget — when the package is installed (an optional bench dependency, the
-  ``bench`` extra; it builds from source). Without it that comparison is skipped, saying so.
+* llama-cpp-python on the same GGUF (Q4_1, as shipped), one stream, in its own process (loaded
+  once, before the rounds), same prompts and budget — when the package is installed (an optional
+  bench dependency, the ``bench`` extra; it builds from source). Without it that comparison is
+  skipped, saying so.
 
-    python bench/bench_engine.py [--quick] [--rounds 3] [--tokens 64] [--streams 16]
+Both shapes are warmed up first. The load average is read after every run; its range is printed
+beside the figures. ``--quick`` (16 tokens per stream, 3 rounds) stays under 2 minutes on a busy
+2-core machine.
+
+    python bench/bench_engine.py [--quick] [--rounds 3] [--tokens 64] [--streams 16] [--llama-threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import TOPICS, loadavg, report, spread, wait_http
+from _common import TOPICS, report, spread, wait_http
 from _gateway import LOCAL_MODEL, REPO, database, prepare_local_lab, serve
 
 os.environ.setdefault("AIRLOCK_MODEL_CACHE", str(REPO / ".cache" / "models"))
@@ -87,21 +93,19 @@ async def streams(url: str, key: str, count: int, tokens: int, first: int) -> tu
 
 
 LLAMA_SCRIPT = """
-import json, sys, time
+import json, os, sys, time
 from llama_cpp import Llama
-path, tokens, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-prompts = json.loads(sys.stdin.read())
-llm = Llama(model_path=path, n_ctx=2048, verbose=False, seed=0)
+path, tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=2048, verbose=False, seed=0, n_threads=threads or None)
 llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
-total, wall = 0, 0.0
-for i in range(first, first + count):
+print(json.dumps({"ready": True, "threads": llm.n_threads}), flush=True)
+for line in sys.stdin:
     started = time.perf_counter()
     out = llm.create_chat_completion(
-        messages=[{"role": "user", "content": prompts[i % len(prompts)]}], max_tokens=tokens, temperature=0
+        messages=[{"role": "user", "content": json.loads(line)}], max_tokens=tokens, temperature=0
     )
-    wall += time.perf_counter() - started
-    total += out["usage"]["completion_tokens"]
-print(json.dumps({"tokens": total, "seconds": wall}), flush=True)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"tokens": out["usage"]["completion_tokens"], "seconds": seconds}), flush=True)
 """
 
 
@@ -110,62 +114,103 @@ def llama_available() -> str | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return (
             "llama-cpp-python is not installed; it is an optional bench dependency that builds from source: "
-            'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON" pip install "airlock[bench]"'
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF '
+            '-DGGML_AMX_BF16=OFF" pip install "airlock[bench]"'
         )
     return None
 
 
-def llama_single(tokens: int, first: int, count: int) -> tuple[int, float]:
-    """One llama.cpp stream on the same GGUF in its own process: tokens and seconds of generation."""
-    prompts = [prompt(i) for i in range(len(TOPICS))]
-    out = subprocess.run(
-        [sys.executable, "-c", LLAMA_SCRIPT, str(gguf_path()), str(tokens), str(first), str(count)],
-        input=json.dumps(prompts),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"llama.cpp run failed ({out.returncode}): {out.stderr[-1500:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return int(result["tokens"]), float(result["seconds"])
+class LlamaStream:
+    """llama-cpp-python on the same GGUF in its own process, loaded once, one stream per request."""
+
+    def __init__(self, tokens: int, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LLAMA_SCRIPT, str(gguf_path()), str(tokens), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.threads = int(self._read()["threads"])
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp process ended ({self.proc.wait()})")
+        return dict(json.loads(line))
+
+    def run(self, i: int) -> tuple[int, float]:
+        """Generate for prompt ``i``: tokens and seconds (prompt processing included, as for the engine)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(prompt(i)) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        return int(out["tokens"]), float(out["seconds"])
+
+    def close(self) -> None:
+        """End the process."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def main() -> None:
     """Run the rounds, print the figures and report them to the ``make bench`` table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 32 tokens (under 2 minutes)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
-    parser.add_argument("--tokens", type=int, default=None, help="max tokens per stream (default 64; 32 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 16 tokens (under 2 minutes)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, at least 3)")
+    parser.add_argument("--tokens", type=int, default=None, help="max tokens per stream (default 64; 16 with --quick)")
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams (default 16)")
     parser.add_argument("--weights", default="embedded:smollm2-135m", help="weights served (tiny-random: plumbing)")
+    parser.add_argument("--llama-threads", type=int, default=0, help="llama.cpp threads (default: its own choice)")
     opts = parser.parse_args()
-    rounds = opts.rounds or 3
-    tokens = opts.tokens or (32 if opts.quick else 64)
+    rounds = max(3, opts.rounds or 3)
+    tokens = opts.tokens or (16 if opts.quick else 64)
     skip = llama_available()
     started = time.perf_counter()
-    one, many, llama = [], [], []
-    with tempfile.TemporaryDirectory() as tmp, database("sqlite", Path(tmp)) as db_url:
+    loads = [os.getloadavg()[0]]
+    one: list[tuple[int, float]] = []
+    many: list[tuple[int, float]] = []
+    llama: list[tuple[int, float]] = []
+    llama_threads = 0
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        db_url = stack.enter_context(database("sqlite", Path(tmp)))
         lab = prepare_local_lab(Path(tmp) / "home", db_url, weights=opts.weights, scopes=("sample",))
-        with serve(lab) as (url, _pid):
-            wait_http(url + "/readyz", timeout=600)
-            asyncio.run(streams(url, lab.key, 2, 8, 0))  # warm-up: first calls allocate and pick kernels
-            steps: dict[str, Any] = {
-                "one": lambda r: one.append(asyncio.run(streams(url, lab.key, 1, tokens, r))),
-                "many": lambda r: many.append(asyncio.run(streams(url, lab.key, opts.streams, tokens, r))),
-            }
-            if skip is None:
-                steps["llama"] = lambda r: llama.append(llama_single(tokens, r, 1))
-            names = list(steps)
-            for r in range(rounds):
-                for name in names if r % 2 == 0 else list(reversed(names)):
-                    steps[name](r)
-                    print(f"  round {r + 1}: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
+        url, _pid = stack.enter_context(serve(lab))
+        wait_http(url + "/readyz", timeout=600)
+        # Warm-up at both shapes: the first calls allocate and pick kernels.
+        asyncio.run(streams(url, lab.key, opts.streams, 4, 0))
+        asyncio.run(streams(url, lab.key, 1, 4, 0))
+        steps: dict[str, Any] = {
+            "one": lambda r: one.append(asyncio.run(streams(url, lab.key, 1, tokens, r))),
+            "many": lambda r: many.append(asyncio.run(streams(url, lab.key, opts.streams, tokens, r))),
+        }
+        if skip is None:
+            runner = LlamaStream(tokens, opts.llama_threads)  # loaded once, before the rounds
+            stack.callback(runner.close)
+            llama_threads = runner.threads
+            runner.run(len(TOPICS) - 1)  # its warm-up
+            steps["llama"] = lambda r: llama.append(runner.run(r))
+        names = list(steps)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else list(reversed(names)):
+                steps[name](r)
+                loads.append(os.getloadavg()[0])
+                print(f"  round {r + 1}: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
     rate = lambda pairs: [t / s for t, s in pairs]  # noqa: E731
     one_rate, many_rate = rate(one), rate(many)
     scaling = [m / o for m, o in zip(many_rate, one_rate, strict=True)]
+    for r, (o, m) in enumerate(zip(one_rate, many_rate, strict=True)):
+        extra = f", llama.cpp {rate(llama)[r]:.1f}" if llama else ""
+        print(f"  round {r + 1}: 1 stream {o:.1f}, {opts.streams} streams {m:.1f} tokens/s ({m / o:.2f}x){extra}")
+    load = f"load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores"
     print(f"\nembedded engine through HTTP, SmolLM2-135M (float32), {tokens} tokens per stream, {rounds} rounds "
-          f"(load {loadavg()}, {time.perf_counter() - started:.0f} s)")  # fmt: skip
+          f"interleaved ({load}, {time.perf_counter() - started:.0f} s)")  # fmt: skip
     print(f"  1 stream                   {spread(one_rate, '{:.1f}')} tokens/s")
     print(f"  {opts.streams} streams (aggregate)     {spread(many_rate, '{:.1f}')} tokens/s   "
           f"{spread(scaling, '{:.2f}')}x one stream")  # fmt: skip
@@ -177,7 +222,7 @@ def main() -> None:
     if skip is None:
         llama_rate = rate(llama)
         vs = [o / ll for o, ll in zip(one_rate, llama_rate, strict=True)]
-        print(f"  llama.cpp, 1 stream (Q4_1) {spread(llama_rate, '{:.1f}')} tokens/s   "
+        print(f"  llama.cpp, 1 stream (Q4_1, {llama_threads} threads) {spread(llama_rate, '{:.1f}')} tokens/s   "
               f"airlock/llama.cpp {spread(vs, '{:.2f}')}x")  # fmt: skip
         rows += [
             {"figure": "llama.cpp 1 stream, same GGUF (tok/s)", "value": spread(llama_rate, "{:.1f}")},

@@ -60,6 +60,46 @@ async def test_latecomer_joins_running_batch_with_same_output(tiny_backend: Loca
     assert tiny_backend.stats.merges > merges  # admitted into the running batch, not after it
 
 
+@pytest.mark.parametrize(
+    ("cores", "load", "own", "team"),
+    [
+        (2, 0.0, 2, 2),  # idle host: every core
+        (2, 2.1, 2, 2),  # the load is this team's own
+        (2, 3.0, 2, 1),  # another process takes a core
+        (2, 16.0, 2, 1),  # a busy shared host: one thread, never zero
+        (8, 3.0, 1, 6),  # two cores' worth of other work on eight
+        (1, 0.0, 1, 1),
+    ],
+)
+def test_auto_threads_leaves_busy_cores_to_the_host(cores: int, load: float, own: int, team: int) -> None:
+    assert engine_module.auto_threads(cores, load, own) == team
+
+
+async def test_team_is_sized_from_host_load_between_batches(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    load = [50.0]
+    monkeypatch.setattr(engine_module.os, "getloadavg", lambda: (load[0], load[0], load[0]))
+    auto = LocalBackend.from_config({"model": "tiny-random"})
+    fixed = LocalBackend.from_config({"model": "tiny-random", "threads": 1})
+    await auto.start()
+    await fixed.start()
+    try:
+        engine = auto._engine
+        assert engine is not None
+        cores = engine.intra_op_threads
+        assert cores >= 1  # torch's default until a batch starts
+        await auto.chat(chat(PROMPTS[0], max_tokens=2))
+        assert engine.intra_op_threads == 1  # a host this busy: one thread
+        load[0] = 0.0
+        await auto.chat(chat(PROMPTS[0], max_tokens=2))
+        assert engine.intra_op_threads == cores  # idle again: torch's default
+        assert fixed._engine is not None
+        await fixed.chat(chat(PROMPTS[0], max_tokens=2))
+        assert fixed._engine.intra_op_threads == 1  # `threads` is never overridden
+    finally:
+        await auto.aclose()
+        await fixed.aclose()
+
+
 async def test_static_batching_makes_latecomers_wait(model_cache: Path) -> None:
     backend = LocalBackend.from_config({"model": "tiny-random", "continuous_batching": False})
     await backend.start()
