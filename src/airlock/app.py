@@ -63,7 +63,7 @@ from airlock.registry.models import Variant
 from airlock.registry.routes import router as registry_router
 from airlock.registry.service import RegistryCache, load_manifest, sync_manifest
 from airlock.serving.pipelines import PipelineCache
-from airlock.serving.routes import airlock_router, tokenizer_router
+from airlock.serving.routes import SamplingFastPath, airlock_router, tokenizer_router
 from airlock.serving.routes import router as openai_router
 from airlock.web.errors import install_error_handlers
 from airlock.web.health import Readiness
@@ -361,7 +361,9 @@ def create_app(
         """Prometheus metrics (requests, latency, tokens per grant, jobs, queues); no request content."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    # Added first, so it runs inside the audit middleware: OPTIONS requests are audited too.
+    # Innermost: it fills the audit context the audit middleware creates and records.
+    app.add_middleware(SamplingFastPath)
+    # Added before the audit middleware, so it runs inside it: OPTIONS requests are audited too.
     app.add_middleware(OptionsMiddleware)
     app.add_middleware(
         AuditMiddleware,

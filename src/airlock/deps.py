@@ -69,7 +69,11 @@ def get_session(state: Annotated[GatewayState, Depends(get_state)]) -> Iterator[
 
 
 def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+    return bearer_token(request.headers.get("authorization", ""))
+
+
+def bearer_token(header: str) -> str | None:
+    """Return the token of a ``Bearer`` ``Authorization`` header value, or None."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
@@ -86,8 +90,13 @@ async def get_principal(
     A key seen in the last few seconds is answered from the authentication cache, which every
     revocation empties in every process (``airlock.access.cache``); otherwise the database decides.
     """
+    return await authenticate_evaluator(state, request.headers.get("authorization", ""), audit)
+
+
+async def authenticate_evaluator(state: GatewayState, authorization: str, audit: AuditContext) -> Principal:
+    """Authenticate an ``Authorization`` header's evaluator key (401 otherwise) and note it for the audit."""
     audit.actor_type = "evaluator"
-    token = _bearer(request)
+    token = bearer_token(authorization)
     principal = state.auth.lookup(token)
     if principal is None:
         principal = await run_in_threadpool(_authenticate, state, token, audit)

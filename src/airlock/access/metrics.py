@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -30,6 +31,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Segments that name one object: prefixed random ids (grant_3f9c…, ft:…), numbers, hashes.
 _ID_SEGMENT = re.compile(r"^(?:[a-z]+_[0-9a-f]{8,}|ft:.*|\d+|[0-9a-f]{16,}|[A-Za-z0-9_-]{32,})$")
+# Paths carry ids, so the cache of label children is bounded (refilled from the registry when cleared).
+_MAX_CACHED_CHILDREN = 4096
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -99,13 +102,25 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_JobsCollector(db, queue_depths or dict))
+        # Each request would otherwise look its label children up by name twice: keep them by their labels.
+        self._children: dict[tuple[str, str, int, str, str], tuple[Any, Any]] = {}
 
     def observe(self, record: AuditRecord) -> None:
         """Count one audited request (ids and sizes only; the record's detail is never read)."""
-        endpoint = endpoint_label(record.path, record.status_code)
         grant = record.grant_id or "-"
-        self.requests.labels(endpoint, record.method, str(record.status_code), record.outcome, grant).inc()
-        self.latency.labels(endpoint, record.method).observe(max(record.latency_ms, 0.0) / 1000.0)
+        key = (record.path, record.method, record.status_code, record.outcome, grant)
+        children = self._children.get(key)
+        if children is None:
+            endpoint = endpoint_label(record.path, record.status_code)
+            children = (
+                self.requests.labels(endpoint, record.method, str(record.status_code), record.outcome, grant),
+                self.latency.labels(endpoint, record.method),
+            )
+            if len(self._children) >= _MAX_CACHED_CHILDREN:
+                self._children.clear()
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(max(record.latency_ms, 0.0) / 1000.0)
         model, variant = record.model or "-", record.variant or "-"
         if record.tokens_in:
             self.tokens.labels(grant, model, variant, "in").inc(record.tokens_in)

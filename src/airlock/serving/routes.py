@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from airlock.access.middleware import AuditContext
 from airlock.access.service import grant_status, granted_model_ids
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -27,14 +30,15 @@ from airlock.backends.tokenization import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
-from airlock.deps import AuditDep, CurrentPrincipal, StateDep
-from airlock.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from airlock.deps import AuditDep, CurrentPrincipal, GatewayState, StateDep, authenticate_evaluator
+from airlock.errors import AirlockError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.finetune.service import succeeded_jobs
 from airlock.registry.models import Model, ModelVersion
 from airlock.serving import responses
 from airlock.serving import service as serving
 from airlock.serving.responses import ResponsesRequest, to_chat_request
 from airlock.serving.tokenization import tokenizer_backend
+from airlock.web.errors import airlock_error_response
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -254,3 +258,99 @@ async def tokenizer_info(
     """Describe a granted variant's tokenizer: special tokens, chat template (vLLM's `/tokenizer_info`)."""
     backend = await tokenizer_backend(state, principal, audit, model)
     return await backend.tokenizer_info()
+
+
+class SamplingFastPath:
+    """ASGI middleware serving non-streaming ``POST /v1/chat/completions`` and ``/v1/completions`` without FastAPI.
+
+    FastAPI's routing and dependency resolution cost more per request than the rest of a proxied
+    call. This path runs the very same steps as the routes above (authentication through the
+    revocation-aware cache, ``serving.prepare``: grant, scopes, variant, quotas, the variant's
+    mitigation pipeline; the audit context the audit middleware records) and answers errors with
+    the same handler. Anything it does not serve exactly as the routes would (a body that is not a
+    JSON object of the request model, another content type, a stream) is handed to the routes
+    unchanged, so their validation errors and streaming stay the one implementation.
+    """
+
+    _MODELS: ClassVar[Mapping[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
+        "/v1/chat/completions": ChatCompletionRequest,
+        "/v1/completions": CompletionRequest,
+    }
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        model = self._MODELS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if model is None:
+            await self.app(scope, receive, send)
+            return
+        authorization = ""
+        json_body = False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"content-type":
+                json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
+        body = await _read_body(receive)
+        request = _parse(model, body) if json_body else None
+        if request is None or request.stream:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        audit = scope.get("airlock.audit")
+        if not isinstance(audit, AuditContext):  # always set by AuditMiddleware; scratch context otherwise
+            audit = scope["airlock.audit"] = AuditContext(request_id="unaudited")
+        state: GatewayState = scope["app"].state.gateway
+        try:
+            principal = await authenticate_evaluator(state, authorization, audit)
+            target = await serving.prepare(state, principal, audit, request)
+            if isinstance(request, ChatCompletionRequest):
+                result: ChatCompletion | Completion = await serving.chat(target, request, audit)
+            else:
+                result = await serving.complete(target, request, audit)
+        except AirlockError as exc:
+            await airlock_error_response(scope, exc)(scope, receive, send)
+            return
+        payload = result.model_dump_json().encode()
+        headers = [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """Read a request's whole body (the audit middleware has already refused one declared too large)."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """Return a ``receive`` that yields ``body`` once, then whatever the client sends next (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _parse(
+    model: type[ChatCompletionRequest] | type[CompletionRequest], body: bytes
+) -> ChatCompletionRequest | CompletionRequest | None:
+    """Validate ``body`` as the routes do (``json.loads``, then the model); None when it does not validate."""
+    try:
+        data = json.loads(body)
+        return model.model_validate(data, from_attributes=True)
+    except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None

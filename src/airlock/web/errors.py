@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from airlock.errors import AirlockError, BackendUnavailableError, RateLimitError
 from airlock.web.routing import allowed_methods
@@ -68,22 +69,29 @@ def _format_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts), param
 
 
+def airlock_error_response(scope: Scope, exc: AirlockError) -> JSONResponse:
+    """Return the response for an ``AirlockError``, noting its code and outcome in the request's audit context."""
+    if exc.status_code >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message)
+    ctx = scope.get("airlock.audit")
+    if ctx is not None:
+        if exc.code:
+            ctx.error_code = exc.code
+        if exc.audit_outcome:
+            ctx.outcome = exc.audit_outcome
+            ctx.detail.update(exc.audit_detail)
+    headers = {}
+    if isinstance(exc, RateLimitError | BackendUnavailableError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+    return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register handlers so every error leaves as ``{"error": {...}}`` with the right status."""
 
     @app.exception_handler(AirlockError)
     async def _airlock(request: Request, exc: AirlockError) -> JSONResponse:
-        if exc.status_code >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
-        _audit_error(request, exc.code)
-        ctx = request.scope.get("airlock.audit")
-        if ctx is not None and exc.audit_outcome:
-            ctx.outcome = exc.audit_outcome
-            ctx.detail.update(exc.audit_detail)
-        headers = {}
-        if isinstance(exc, RateLimitError | BackendUnavailableError) and exc.retry_after is not None:
-            headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
-        return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+        return airlock_error_response(request.scope, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
