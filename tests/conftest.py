@@ -238,6 +238,20 @@ class Lab:
             _key, token = service.create_api_key(session, grant.id)
             return grant.id, token
 
+    def accept_terms(self, key: str) -> dict[str, Any]:
+        """Accept the terms of ``key``'s grant as its evaluator would: fresh keys, registered, signed, sent."""
+        import tempfile
+
+        from airlock.evals.attestation import generate_key, public_key_b64
+        from airlock.evals.client import LabClient, generate_seal_key, sign_acceptance
+
+        client = LabClient(self.url + "/v1", key)
+        with tempfile.TemporaryDirectory() as directory:
+            signing, seal = Path(directory) / "signing-key.pem", Path(directory) / "seal.key"
+            client.register_key(public_key_b64(generate_key(signing)))
+            generate_seal_key(seal)
+            return client.accept_terms(sign_acceptance(client.proposed_terms(), signing, seal))
+
     def audit_rows(self) -> list[Any]:
         from sqlalchemy import select
 

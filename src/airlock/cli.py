@@ -399,9 +399,20 @@ def evaluator_keygen(
         bool, typer.Option(help="Register the public key with the lab (AIRLOCK_BASE_URL / AIRLOCK_API_KEY).")
     ] = False,
 ) -> None:
-    """Create the Ed25519 key that signs your eval results (evaluator side)."""
+    """Create the Ed25519 key that signs your results and acceptances, and the X25519 key content is sealed to.
+
+    Both are evaluator-side secrets: the signing key (PEM) and, beside it, ``seal.key`` (raw 32
+    bytes, base64), each mode 600. Existing keys are kept.
+    """
     from airlock.evals.attestation import fingerprint, generate_key, load_private_key, public_key_b64
-    from airlock.evals.client import LabClient, default_key_path
+    from airlock.evals.client import (
+        LabClient,
+        default_key_path,
+        default_seal_key_path,
+        generate_seal_key,
+        load_seal_key,
+        seal_public_key_b64,
+    )
 
     def body() -> None:
         path = out or default_key_path()
@@ -411,9 +422,17 @@ def evaluator_keygen(
         else:
             key = generate_key(path)
             console.print(f"wrote private key {path} (mode 600; keep it secret)")
+        seal_path = default_seal_key_path(path)
+        if seal_path.exists():
+            seal = load_seal_key(seal_path)
+            console.print(f"using existing sealing key {seal_path}")
+        else:
+            seal = generate_seal_key(seal_path)
+            console.print(f"wrote sealing key {seal_path} (mode 600; sealed content opens only with it)")
         public = public_key_b64(key)
         console.print(f"public key: {public}")
         console.print(f"fingerprint: {fingerprint(public)}")
+        console.print(f"seal public key: {seal_public_key_b64(seal)}")
         if register:
             LabClient.from_env().register_key(public)
             console.print("registered with the lab")
@@ -572,6 +591,76 @@ def grant_terms_list(as_json: Annotated[bool, typer.Option("--json", help="Print
     console.print(table)
 
 
+def _show_proposal(proposed: dict[str, Any]) -> None:
+    """Print the proposed terms of the caller's grant and whether they are accepted."""
+    doc = proposed["proposal"]
+    state = proposed["acceptance"]
+    console.print(f"grant {proposed['grant_id']} on {proposed['model']} (versions {', '.join(proposed['versions'])})")
+    console.print(f"variants: {', '.join(doc['variants'])}; scopes: {', '.join(doc['scopes'])}")
+    console.print(f"valid from {doc['not_before']} until {doc['not_after'] or 'revoked'}")
+    table = Table("term", "value")
+    for name, value in doc["terms"].items():
+        table.add_row(name, json.dumps(value))
+    console.print(table)
+    console.print(f"terms_sha256: {proposed['terms_sha256']}")
+    if state["accepted"]:
+        console.print(
+            f"[green]accepted[/] at {state['accepted_at']} with key {state['key_fingerprint'][:16]}… "
+            f"(seal key {state['seal_public_key']})"
+        )
+    else:
+        console.print("[yellow]not accepted[/]: `airlock grant accept` signs these terms with your key")
+
+
+@grant_app.command("terms-proposed")
+def grant_terms_proposed(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the terms the lab proposes for your grant and whether you accepted them (evaluator side)."""
+    from airlock.evals.client import LabClient
+
+    def body() -> None:
+        proposed = LabClient.from_env().proposed_terms()
+        if as_json:
+            print(json.dumps(proposed, indent=2))
+            return
+        _show_proposal(proposed)
+
+    run_command(body)
+
+
+@grant_app.command("accept")
+def grant_accept(
+    grant_id: Annotated[str | None, typer.Argument(help="The grant (checked against your key's grant).")] = None,
+    key: Annotated[Path | None, typer.Option(help="Signing key (default: the one keygen wrote).")] = None,
+    seal_key: Annotated[
+        Path | None, typer.Option(help="Sealing key (default: seal.key beside the signing key).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Accept without asking.")] = False,
+) -> None:
+    """Show your grant's proposed terms and accept them with a signature by your registered key (evaluator side)."""
+    from airlock.evals.client import LabClient, default_key_path, default_seal_key_path, sign_acceptance
+
+    def body() -> None:
+        lab = LabClient.from_env()
+        key_path = key or default_key_path()
+        seal_path = seal_key or default_seal_key_path(key_path)
+        for path, what in ((key_path, "signing key"), (seal_path, "sealing key")):
+            if not path.exists():
+                raise AirlockError(f"no {what} at {path}; run `airlock evaluator keygen --register` first")
+        proposed = lab.proposed_terms()
+        if grant_id is not None and grant_id != proposed["grant_id"]:
+            raise AirlockError(f"your API key belongs to grant {proposed['grant_id']}, not {grant_id}")
+        _show_proposal(proposed)
+        if not yes and not typer.confirm("Accept these terms, signed with your key?", default=False):
+            raise AirlockError("not accepted")
+        stored = lab.accept_terms(sign_acceptance(proposed, key_path, seal_path))
+        console.print(
+            f"[green]accepted[/] grant {stored['grant_id']} terms {stored['terms_sha256'][:16]}… "
+            f"({stored['id']}, recorded in the ledger)"
+        )
+
+    run_command(body)
+
+
 @grant_app.command("list")
 def grant_list(
     evaluator: Annotated[str | None, typer.Option(help="Only this evaluator's grants.")] = None,
@@ -587,7 +676,7 @@ def grant_list(
         if as_json:
             print(json.dumps([g.model_dump(mode="json") for g in grants], indent=2))
             return
-        table = Table("id", "evaluator", "variants", "scopes", "status", "valid until", "tokens used")
+        table = Table("id", "evaluator", "variants", "scopes", "status", "valid until", "tokens used", "terms")
         table.columns[0].no_wrap = True
         for g in grants:
             table.add_row(
@@ -598,6 +687,7 @@ def grant_list(
                 g.status,
                 fmt_ts(g.not_after),
                 str(g.tokens_used),
+                "accepted" if g.acceptance.accepted else "not accepted",
             )
         console.print(table)
 

@@ -188,3 +188,85 @@ def test_refusals(lab: Lab, tmp_path: Path) -> None:
     rows = [row for row in lab.audit_rows() if row.path == "/v1/airlock/grant/accept"]
     assert rows and all(row.outcome == "denied" or row.status_code >= 400 for row in rows)
     assert {row.error_code for row in rows} >= {"unknown_signing_key", "invalid_signature", "signing_key_revoked"}
+
+
+def test_work_waits_for_acceptance_only_where_content_is_kept(lab: Lab) -> None:
+    # Everything kept: fine-tuning, interp and red-teaming are refused until the terms are accepted.
+    _gid, key = lab.grant(
+        scopes=["sample", "finetune", "interp", "redteam"],
+        retention_finetune="full",
+        retention_interp="full",
+    )
+    # Nothing kept (red-teaming too): the same work needs no acceptance.
+    _gid2, plain = lab.grant("org-b", scopes=["sample", "finetune", "interp", "redteam"], retention_redteam="none")
+    job = {"model": "m1/helpful-only", "training_file": "file-none"}
+    interp = {"model": "m1/helpful-only", "code": "def main():\n    return {}\n"}
+    with _client(lab, key) as client, _client(lab, plain) as other:
+        for path, body in (
+            ("/v1/fine_tuning/jobs", job),
+            ("/v1/airlock/interp/jobs", interp),
+            ("/v1/airlock/redteam/sessions", {"models": ["m1/production"]}),
+        ):
+            refused = client.post(path, json=body)
+            assert refused.status_code == 403, (path, refused.text)
+            assert refused.json()["error"]["code"] == "terms_not_accepted"
+            # Under `none` the acceptance gate is not reached: the request fails (or passes) on its own merits.
+            assert other.post(path, json=body).json().get("error", {}).get("code") != "terms_not_accepted"
+        assert other.post("/v1/chat/completions", json={"model": "m1/helpful-only", "messages": []}).status_code != 403
+        lab.accept_terms(key)
+        # Past the gate: the fake backend has no trainable weights, which is the next check's refusal.
+        assert client.post("/v1/fine_tuning/jobs", json=job).status_code == 400
+        assert client.post("/v1/airlock/interp/jobs", json=interp).status_code == 400
+        opened = client.post("/v1/airlock/redteam/sessions", json={"models": ["m1/production"]})
+        assert opened.status_code == 201, opened.text
+    denied = [row for row in lab.audit_rows() if row.error_code == "terms_not_accepted"]
+    assert len(denied) == 3 and all(row.status_code == 403 for row in denied)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cli_keygen_terms_proposed_accept_and_ledger_check(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from airlock.cli import app
+    from airlock.config import reset_settings
+    from airlock.evals.client import default_seal_key_path, load_seal_key, seal_public_key_b64
+
+    runner = CliRunner()
+    grant_id, key = lab.grant(scopes=["redteam"])
+    monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
+    monkeypatch.setenv("AIRLOCK_API_KEY", key)
+    signing = tmp_path / "keys" / "signing-key.pem"
+    made = runner.invoke(app, ["evaluator", "keygen", "--register", "--out", str(signing)])
+    assert made.exit_code == 0, made.output
+    seal_path = default_seal_key_path(signing)
+    assert seal_path == signing.parent / "seal.key" and seal_path.stat().st_mode & 0o777 == 0o600
+    seal_public = seal_public_key_b64(load_seal_key(seal_path))
+    assert f"seal public key: {seal_public}" in made.output
+
+    shown = runner.invoke(app, ["grant", "terms-proposed"])
+    assert shown.exit_code == 0 and "retention_redteam" in shown.output and "not accepted" in shown.output
+    declined = runner.invoke(app, ["grant", "accept", grant_id, "--key", str(signing)], input="n\n")
+    assert declined.exit_code != 0 and "not accepted" in declined.output
+    wrong = runner.invoke(app, ["grant", "accept", "grant_other", "--yes", "--key", str(signing)])
+    assert wrong.exit_code != 0 and grant_id in wrong.output
+    accepted = runner.invoke(app, ["grant", "accept", grant_id, "--yes", "--key", str(signing)])
+    assert accepted.exit_code == 0, accepted.output
+    assert "recorded in the ledger" in accepted.output
+    assert "accepted" in runner.invoke(app, ["grant", "terms-proposed"]).output
+    with lab.db.session() as session:
+        grant = session.get(Grant, grant_id)
+        assert grant is not None
+        assert acceptance.sealing_public_key(session, grant) == base64.b64decode(seal_public)
+
+    # The lab-side check verifies the acceptance; a row edited afterwards is reported.
+    monkeypatch.setenv("AIRLOCK_DATABASE_URL", str(lab.db.engine.url.render_as_string(hide_password=False)))
+    reset_settings()
+    checked = runner.invoke(app, ["ledger", "check", "--no-audit"])
+    assert checked.exit_code == 0 and "acceptances" in checked.output, checked.output
+    with lab.db.session() as session:
+        row = session.scalars(select(GrantAcceptance)).one()
+        row.terms_sha256 = "0" * 64
+    checked = runner.invoke(app, ["ledger", "check", "--no-audit"])
+    assert checked.exit_code != 0 and "differs from its ledger entry" in " ".join(checked.output.split())

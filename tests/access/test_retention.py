@@ -106,6 +106,7 @@ def test_canary_under_none_is_gone_and_kept_under_full(
     _gid, key = lab.grant(
         "org-b", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"], retention_finetune="full"
     )
+    lab.accept_terms(key)  # the lab keeps content only on terms the evaluator signed
     client, file_id = _finetune(lab, key, kept)
     assert kept.encode() in client.files.content(file_id).read()
     assert _grep(home, kept.encode()), "the grep finds content the terms let the lab keep"

@@ -98,6 +98,14 @@ def test_lab_grant_redteam_finding_gate_triage_public(console_lab: Lab, browser:
     rt.on("dialog", lambda d: (xss.append(d.message), d.dismiss()))
     assert rt.url.endswith("/ui/redteam")
     assert "Hours left: 10.00" in rt.inner_text("#hours")
+    # Transcripts are kept (retention_redteam=full): until the red-teamer accepts the terms, the page says so.
+    rt.get_by_label("Model", exact=True).select_option("m1@v1/production")
+    rt.get_by_role("button", name="Start session").click()
+    rt.wait_for_selector("text=airlock grant accept")
+    assert "retention_redteam=full" in rt.content()
+    _shot(rt, "redteam-terms-not-accepted")
+    lab.accept_terms(key)  # the red-teamer's `airlock grant accept`
+    rt.goto(f"{lab.url}/ui/redteam")
     rt.get_by_label("Title (optional)").fill("filter probe <b>bold</b>")
     rt.get_by_label("Model", exact=True).select_option("m1@v1/production")
     rt.get_by_label("Side by side with (optional)").select_option("m1@v1/helpful-only")
@@ -176,6 +184,11 @@ def test_forms_need_their_csrf_token_and_revocation_ends_sessions(console_lab: L
         assert forged.status_code == 403 and "security token" in forged.text
         wrong = client.post("/ui/redteam/sessions", data={"model_a": "m1/production", "csrf_token": "x" * 43})
         assert wrong.status_code == 403
+        # Transcripts are kept (retention_redteam=full): the page says why and how to accept the terms first.
+        unaccepted = client.post("/ui/redteam/sessions", data={"model_a": "m1/production", "csrf_token": csrf.group(1)})
+        assert unaccepted.status_code == 403 and "airlock grant accept" in unaccepted.text
+        assert "retention_redteam=full" in unaccepted.text
+        lab.accept_terms(key)
         made = client.post("/ui/redteam/sessions", data={"model_a": "m1/production", "csrf_token": csrf.group(1)})
         assert made.status_code == 303
 
@@ -194,6 +207,7 @@ def test_organisations_and_red_teamers_do_not_see_each_other(console_lab: Lab) -
     lab = console_lab
     _g1, alice = lab.grant("iso-a", scopes=["redteam"])
     _g2, mallory = lab.grant("iso-b", scopes=["redteam"])
+    lab.accept_terms(alice)
     with httpx.Client(base_url=lab.url, timeout=60) as api:
         sid = api.post(
             "/v1/airlock/redteam/sessions",

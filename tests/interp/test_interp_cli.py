@@ -40,6 +40,7 @@ def cli_lab(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
         with running_lab(database, MANIFEST) as lab:
             # Logs are read after the result is saved: a grant that keeps no content would have dropped them.
             _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"], retention_interp="full")
+            lab.accept_terms(key)
             monkeypatch.setenv("AIRLOCK_BASE_URL", lab.url + "/v1")
             monkeypatch.setenv("AIRLOCK_API_KEY", key)
             yield lab

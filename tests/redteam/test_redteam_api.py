@@ -39,6 +39,12 @@ def test_a_side_by_side_session_keeps_its_transcript_and_stays_private(lab: Lab)
     _gid, key = lab.grant("org-a", scopes=["redteam"])
     _gid2, other = lab.grant("org-b", scopes=["redteam"])
     with _client(lab, key) as rt, _client(lab, other) as stranger:
+        # Transcripts are kept (retention_redteam=full): no session before the evaluator accepts the terms.
+        refused = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/production"]})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "terms_not_accepted"
+        assert "retention_redteam=full" in refused.json()["error"]["message"]
+        lab.accept_terms(key)
+        lab.accept_terms(other)
         created = rt.post(
             "/v1/airlock/redteam/sessions", json={"models": ["m1/production", "m1/helpful-only"], "title": "probe"}
         )
@@ -82,6 +88,7 @@ def test_a_side_by_side_session_keeps_its_transcript_and_stays_private(lab: Lab)
 def test_the_redteam_scope_and_the_hour_budget_are_enforced(lab: Lab) -> None:
     _gid, sampler = lab.grant("org-a", scopes=["sample"])
     _grant_id, key = lab.grant("org-b", scopes=["redteam"])
+    lab.accept_terms(key)
     with _client(lab, sampler) as client:
         refused = client.post("/v1/airlock/redteam/sessions", json={"models": ["m1/production"]})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "scope_not_granted"
@@ -98,6 +105,7 @@ def test_the_redteam_scope_and_the_hour_budget_are_enforced(lab: Lab) -> None:
 
 def test_a_critical_finding_blocks_the_claims_until_it_is_disputed(lab: Lab) -> None:
     _grant_id, key = lab.grant("org-a", scopes=["redteam"])
+    lab.accept_terms(key)
     reviewer, admin = _lab_token(lab, "reviewer"), _lab_token(lab, "admin")
     with _client(lab, key) as rt, _client(lab, reviewer) as rv, _client(lab, admin) as ad:
         sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/production"]}).json()["id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import inspect
 import json
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from nacl.public import PrivateKey
 
+from airlock.canonical import canonical_bytes, iso_utc, sha256_hex
 from airlock.config import get_settings
 from airlock.errors import AirlockError, AuthenticationError, InvalidRequestError
-from airlock.evals.attestation import load_private_key, sign
+from airlock.evals.attestation import fingerprint, load_private_key, public_key_b64, sign
 from airlock.evals.reporting import LogSummary, build_attestation, summarize_log
 from airlock.evals.suites import SUITE_MODULES, suite_task
 
@@ -24,6 +27,72 @@ from airlock.evals.suites import SUITE_MODULES, suite_task
 def default_key_path() -> Path:
     """Return where the evaluator's signing key lives by default."""
     return get_settings().home_dir / "evaluator" / "signing-key.pem"
+
+
+def default_seal_key_path(signing_key: Path | None = None) -> Path:
+    """Return where the evaluator's X25519 sealing key lives: ``seal.key`` beside the signing key."""
+    return (signing_key or default_key_path()).parent / "seal.key"
+
+
+def generate_seal_key(path: Path) -> PrivateKey:
+    """Create an X25519 sealing key and write its raw 32 bytes, base64, readable only by the owner."""
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite a sealing key")
+    key = PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(base64.b64encode(bytes(key)).decode() + "\n")
+    return key
+
+
+def load_seal_key(path: Path) -> PrivateKey:
+    """Read the X25519 sealing key written by :func:`generate_seal_key` (ValueError if it is not one)."""
+    raw = base64.b64decode(path.read_text().strip(), validate=True)
+    if len(raw) != 32:
+        raise ValueError(f"{path} does not hold a raw 32-byte X25519 key")
+    return PrivateKey(raw)
+
+
+def seal_public_key_b64(key: PrivateKey) -> str:
+    """Return the sealing key's public half (raw 32 bytes), base64."""
+    return base64.b64encode(bytes(key.public_key)).decode()
+
+
+def acceptance_document(grant_id: str, terms_sha256: str, seal_public_key: str, accepted_at: str) -> dict[str, Any]:
+    """Return the acceptance document the evaluator signs (``airlock.grant-acceptance/v1``)."""
+    return {
+        "format": "airlock.grant-acceptance/v1",
+        "grant_id": grant_id,
+        "terms_sha256": terms_sha256,
+        "seal_public_key": seal_public_key,
+        "accepted_at": accepted_at,
+    }
+
+
+def sign_acceptance(
+    proposed: dict[str, Any], signing_path: Path, seal_path: Path, *, now: datetime | None = None
+) -> dict[str, Any]:
+    """Check the proposal's hash, then sign its acceptance; return the body of ``POST /airlock/grant/accept``.
+
+    The hash is recomputed here from the proposal as received (RFC 8785, SHA-256), so what is signed
+    is the document the evaluator was shown, not a number the lab sent beside it.
+    """
+    digest = sha256_hex(proposed["proposal"])
+    if digest != proposed["terms_sha256"]:
+        raise AirlockError("the lab's terms_sha256 is not the hash of the terms it sent; not signing")
+    signing = load_private_key(signing_path)
+    seal = seal_public_key_b64(load_seal_key(seal_path))
+    accepted_at = iso_utc(now or datetime.now(UTC))
+    document = acceptance_document(proposed["grant_id"], digest, seal, accepted_at)
+    public = public_key_b64(signing)
+    return {
+        "terms_sha256": digest,
+        "seal_public_key": seal,
+        "accepted_at": accepted_at,
+        "signature": base64.b64encode(signing.sign(canonical_bytes(document))).decode(),
+        "key_fingerprint": fingerprint(public),
+    }
 
 
 @dataclass
@@ -79,6 +148,16 @@ class LabClient:
     def register_key(self, public_key: str) -> dict[str, Any]:
         """Register the evaluator's signing key with the lab."""
         result: dict[str, Any] = self._request("POST", "/airlock/signing-keys", json={"public_key": public_key})
+        return result
+
+    def proposed_terms(self) -> dict[str, Any]:
+        """Return the terms the lab proposes for the caller's grant, their hash and the acceptance state."""
+        result: dict[str, Any] = self._request("GET", "/airlock/grant/terms")
+        return result
+
+    def accept_terms(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Send a signed acceptance of the grant's terms."""
+        result: dict[str, Any] = self._request("POST", "/airlock/grant/accept", json=body)
         return result
 
     def submit(self, envelope: dict[str, Any]) -> dict[str, Any]:

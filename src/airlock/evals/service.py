@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from airlock.access.acceptance import require_acceptance
 from airlock.access.models import Evaluator, Grant
 from airlock.access.seal import check_grant
 from airlock.access.service import Principal
@@ -80,6 +81,8 @@ def submit_result(session: Session, principal: Principal, envelope: ResultEnvelo
     if grant is None or grant.evaluator_id != principal.evaluator_id:
         raise PermissionDeniedError("the attestation's grant is not one of your organisation's", code="grant_mismatch")
     check_grant(session, grant)  # what it covered is read from the row: it must be the row the lab sealed
+    # The lab keeps what is submitted under retention_evals: only once the evaluator agreed to that.
+    require_acceptance(session, grant, "retention_evals")
     model = session.scalar(select(Model).where(Model.name == att.model))
     version = (
         session.scalar(

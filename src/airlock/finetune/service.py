@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from airlock.access.acceptance import require_acceptance
 from airlock.access.service import Principal, authorize, check_window
 from airlock.access.terms import terms_of
 from airlock.errors import InvalidRequestError, NotFoundError, RateLimitError
@@ -29,6 +30,7 @@ def create_job(session: Session, registry: RegistryCache, principal: Principal, 
     check_window(principal.grant)
     target = resolve_variant(session, ref)
     authorize(principal, target, ["finetune"])
+    require_acceptance(session, principal.grant, "retention_finetune")
     weights = trainable_weights(target)
     if weights is None:
         raise InvalidRequestError(f"variant {body.model!r} is not served from weights the lab trains on")

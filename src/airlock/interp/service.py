@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
+from airlock.access.acceptance import require_acceptance
 from airlock.access.models import Grant
 from airlock.access.retention import grant_keeps_content
 from airlock.access.service import Principal, authorize, check_window
@@ -203,6 +204,7 @@ def create_job(session: Session, settings: Settings, principal: Principal, body:
         raise InvalidRequestError(f"args are over {MAX_ARGS_BYTES} bytes of JSON", param="args")
     target = resolve_variant(session, parse_model_id(body.model))
     authorize(principal, target, ["interp"])
+    require_acceptance(session, principal.grant, "retention_interp")
     if weights_spec(VariantRuntimeSpec.of(target)) is None:
         raise InvalidRequestError(
             f"variant {body.model!r} is served by a {target.backend!r} backend without lab-side weights; "

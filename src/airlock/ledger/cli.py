@@ -13,6 +13,8 @@ from airlock.access.audit import AUDIT_DIGEST
 from airlock.cli_support import console, err, fail, fmt_ts, open_database, run_command
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from airlock.config import Settings
     from airlock.db import Database
     from airlock.ledger.witness import Witness
@@ -134,6 +136,20 @@ def verify(
         raise typer.Exit(code)
 
 
+def _check_acceptances(session: Session) -> list[str]:
+    """Verify every signed acceptance against the signing key registered under its fingerprint."""
+    from airlock.access.acceptance import SignerKey, check_acceptances
+    from airlock.evals.service import find_signing_key
+
+    def signer_of(fingerprint: str) -> SignerKey | None:
+        key = find_signing_key(session, fingerprint) if fingerprint else None
+        if key is None:
+            return None
+        return SignerKey(key.evaluator_id, key.public_key, key.fingerprint, key.revoked_at is not None)
+
+    return check_acceptances(session, signer_of)
+
+
 @app.command("check")
 def check(
     audit: Annotated[bool, typer.Option(help="Also recompute every audit-table digest.")] = True,
@@ -152,13 +168,14 @@ def check(
             if grants:
                 with db.session() as session:
                     problems += check_grants(session, settings)
+                    problems += _check_acceptances(session)
         if problems:
             for p in problems:
                 # Escaped: logged values hold brackets that rich would read as markup.
                 console.print(f"[red]✗[/] {escape(p)}")
             raise fail(f"{len(problems)} problem(s): the ledger, the audit table or a grant was altered")
         checked = ["entries", "tree nodes", "checkpoints"] + (["audit digests"] if audit else [])
-        checked += ["grant seals and terms"] if grants else []
+        checked += ["grant seals, terms and signed acceptances"] if grants else []
         console.print("[green]ok[/]: " + ", ".join(checked[:-1]) + " and " + checked[-1])
 
     run_command(body)
@@ -239,6 +256,7 @@ def _cosign(settings: Settings, db: Database) -> str | None:
 
 
 def _witness(store: Path, name: str, logs: list[str]) -> Witness:
+
     from airlock.ledger._cosig import Cosigner
     from airlock.ledger._note import Verifier, load_or_create_key
     from airlock.ledger.witness import Witness

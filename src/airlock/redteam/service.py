@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from airlock.access.acceptance import require_acceptance
 from airlock.access.middleware import AuditContext
 from airlock.access.models import Grant
 from airlock.access.retention import grant_keeps_content
@@ -98,6 +99,8 @@ async def start_session(
     def _create() -> RedteamSession:
         with state.db.session() as session:
             _check_hours(hours_of(session, principal.grant, principal.key_id), principal.grant_id)
+            # Transcripts are kept under retention_redteam (default full): not before the evaluator agreed to it.
+            require_acceptance(session, principal.grant, "retention_redteam")
             row = RedteamSession(
                 grant_id=principal.grant_id,
                 key_id=principal.key_id,
