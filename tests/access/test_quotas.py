@@ -86,3 +86,33 @@ async def test_memory_window_slides() -> None:
 
     time.sleep(0.06)
     await limiter.hit("g", 1)
+
+
+async def test_redis_limiter_reloads_a_flushed_script_and_reconnects() -> None:
+    """A Redis that forgot the script (restart, SCRIPT FLUSH) or dropped the connection still counts every hit."""
+    import asyncio
+
+    import redis.asyncio
+
+    if not _redis_reachable():
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    prefix = f"airlock-test:{secrets.token_hex(4)}:"
+    limiter = RedisRateLimiter("redis://127.0.0.1:6379/0", prefix=prefix)
+    admin = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        await limiter.hit("g", 4)
+        await admin.script_flush()
+        await limiter.hit("g", 4)  # NOSCRIPT: sent again with the script itself
+        client_id = await limiter._ready().call("CLIENT", "ID")
+        await admin.client_kill_filter(_id=str(client_id))
+        for _ in range(100):  # the reader sees the connection end
+            if limiter._ready()._conn is None:
+                break
+            await asyncio.sleep(0.01)
+        await limiter.hit("g", 4)  # connects again
+        assert await admin.zcard(prefix + "g") == 3  # each hit counted once
+        with pytest.raises(RateLimitError):
+            await limiter.hit("g", 3)
+    finally:
+        await limiter.aclose()
+        await admin.aclose()

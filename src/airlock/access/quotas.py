@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import itertools
 import math
 import os
@@ -12,6 +14,8 @@ from collections import defaultdict, deque
 from typing import Any, ClassVar, Protocol
 
 from pydantic import Field, PositiveInt
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -104,27 +108,29 @@ class RedisRateLimiter:
         # Unique sorted-set members without a clock race: this process's random tag and a counter.
         self._tag = os.urandom(6).hex()
         self._counter = itertools.count()
-        self._client: Any = None
-        self._script: Any = None
+        self._sha = hashlib.sha1(self._SCRIPT.encode()).hexdigest()
+        self._pipe: _Pipeline | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _ready(self) -> Any:
-        # redis.asyncio connections belong to the event loop that opened them.
+    def _ready(self) -> _Pipeline:
+        # Redis connections belong to the event loop that opened them.
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            import redis.asyncio
-
-            self._client = redis.asyncio.Redis.from_url(self._url)
-            self._script = self._client.register_script(self._SCRIPT)
+        if self._pipe is None or self._loop is not loop:
+            self._pipe = _Pipeline(self._url)
             self._loop = loop
-        return self._script
+        return self._pipe
 
     async def hit(self, grant_id: str, limit: int) -> None:
         """Count one request for ``grant_id`` atomically in Redis, without blocking the event loop."""
-        script = self._ready()
+        pipe = self._ready()
         now = time.time()
         member = f"{now:.6f}:{self._tag}:{next(self._counter)}"
-        ok, oldest = await script(keys=[self._prefix + grant_id], args=[now, self._window, limit, member])
+        args = (1, self._prefix + grant_id, now, self._window, limit, member)
+        try:
+            reply = await pipe.call("EVALSHA", self._sha, *args)
+        except NoScriptError:  # a restarted or flushed Redis: the script text loads it again
+            reply = await pipe.call("EVAL", self._SCRIPT, *args)  # loads the script for the next EVALSHA
+        ok, oldest = reply
         if not int(ok):
             retry = float(oldest) + self._window - now if oldest else self._window
             raise RateLimitError(
@@ -133,10 +139,102 @@ class RedisRateLimiter:
             )
 
     async def aclose(self) -> None:
-        """Close the Redis connections of this loop."""
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.aclose()
+        """Close the Redis connection of this loop."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None and self._loop is asyncio.get_running_loop():
+            await pipe.aclose()
+
+
+class _Pipeline:
+    """One Redis connection shared by all of a loop's requests, commands pipelined and answered in order.
+
+    redis-py's pooled client checks a connection out, wraps the call in its retry machinery and
+    checks it back in for every command, which costs more CPU than the round trip itself. Here a
+    command is written at once (no waiting for earlier answers) and one reader task hands each
+    reply, in order, to the request that sent it. The connection (address, credentials, database,
+    TLS and the reply parser) is redis-py's own. A broken connection fails the commands waiting on
+    it, as the pooled client did; the next command connects again.
+    """
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio  # only where a Redis limiter is configured
+
+        self._pool: Any = redis.asyncio.ConnectionPool.from_url(url)
+        self._conn: Any = None
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _connection(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        async with self._connecting:
+            if self._conn is None:
+                conn = self._pool.make_connection()
+                await conn.connect()
+                self._conn = conn
+                self._reader = asyncio.get_running_loop().create_task(self._read(conn))
+        return self._conn
+
+    async def call(self, *args: Any) -> Any:
+        """Send one command and return its reply (a Redis error reply is raised as ``ResponseError``)."""
+        conn = await self._connection()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Queued before the write and written before any await: replies arrive in the order sent.
+        self._pending.append(future)
+        try:
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+        except BaseException:
+            self._broken(conn, RedisConnectionError("writing to Redis failed"))
+            raise
+        return await future
+
+    async def _read(self, conn: Any) -> None:
+        while True:
+            try:
+                reply = await conn.read_response(timeout=math.inf)
+            except ResponseError as exc:  # an error reply answers its own command only
+                if self._pending:
+                    future = self._pending.popleft()
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            except BaseException as exc:
+                self._broken(conn, exc if isinstance(exc, Exception) else RedisConnectionError(str(exc)))
+                return
+            if self._pending:
+                future = self._pending.popleft()
+                if not future.done():
+                    future.set_result(reply)
+
+    def _broken(self, conn: Any, exc: Exception) -> None:
+        if self._conn is not conn:
+            return
+        self._conn = None
+        pending, self._pending = self._pending, deque()
+        for future in pending:
+            if not future.done():
+                future.set_exception(exc)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the reader."""
+        conn, self._conn = self._conn, None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(RedisConnectionError("the rate limiter was closed"))
+        self._pending.clear()
+        if conn is not None:
+            await conn.disconnect()
+        await self._pool.disconnect()
 
 
 def tokens_used(session: Session, grant_id: str) -> int:
