@@ -1031,8 +1031,13 @@ def eval_elicitation(
 
     def body() -> None:
         if lab_side:
-            with open_database() as (_settings, db), db.session() as session:
-                report = elicitation_report(session, model_version, task)
+            from airlock.governance.service import active_policy, sandbagging_settings
+
+            with open_database() as (lab_settings, db), db.session() as session:
+                checks = sandbagging_settings(active_policy(lab_settings.policy_path))
+                report = elicitation_report(
+                    session, model_version, task, alpha=checks.alpha, few_shot_min_gain=checks.few_shot_min_gain
+                )
         else:
             report = LabClient.from_env().elicitation(model_version, task)
         if as_json:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from airlock.access.roles import Permission
 from airlock.access.service import AdminPrincipal
-from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, require
+from airlock.deps import AuditDep, CurrentPrincipal, SessionDep, StateDep, require
 from airlock.evals import service
 from airlock.evals.schemas import (
     ElicitationReport,
@@ -51,27 +51,39 @@ _MODEL = Query(min_length=3, max_length=200, description="The model version, `{m
 _TASK = Query(min_length=1, max_length=200, description="The task whose results are compared.")
 
 
+def _report(session: SessionDep, state: StateDep, model: str, task: str, evaluator_id: str | None) -> ElicitationReport:
+    """Build the report with the sandbagging settings of the policy in force (the defaults without one)."""
+    from airlock.governance.service import policy_for_request, sandbagging_settings
+
+    checks = sandbagging_settings(policy_for_request(state.settings.policy_path))
+    report = service.elicitation_report(
+        session, model, task, evaluator_id=evaluator_id, alpha=checks.alpha, few_shot_min_gain=checks.few_shot_min_gain
+    )
+    return ElicitationReport.model_validate(report)
+
+
 @router.get("/results/elicitation", response_model=ElicitationReport)
 def my_elicitation(
     session: SessionDep,
+    state: StateDep,
     principal: CurrentPrincipal,
     model: Annotated[str, _MODEL],
     task: Annotated[str, _TASK],
 ) -> ElicitationReport:
     """Your organisation's results of one task by elicitation level, with the sandbagging checks."""
-    report = service.elicitation_report(session, model, task, evaluator_id=principal.evaluator_id)
-    return ElicitationReport.model_validate(report)
+    return _report(session, state, model, task, principal.evaluator_id)
 
 
 @admin_router.get("/results/elicitation", response_model=ElicitationReport)
 def elicitation(
     session: SessionDep,
+    state: StateDep,
     admin: Annotated[AdminPrincipal, require(Permission.RESULTS_READ)],
     model: Annotated[str, _MODEL],
     task: Annotated[str, _TASK],
 ) -> ElicitationReport:
     """Every evaluator's results of one task by elicitation level, with the sandbagging checks."""
-    return ElicitationReport.model_validate(service.elicitation_report(session, model, task))
+    return _report(session, state, model, task, None)
 
 
 @admin_router.get("/results", response_model=list[EvalResultPublic])

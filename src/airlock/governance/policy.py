@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from airlock.canonical import sha256_hex
 from airlock.errors import ConfigError
+from airlock.evals.elicitation import DEFAULT_ALPHA, DEFAULT_FEW_SHOT_MIN_GAIN
 from airlock.registry.service import format_validation_error
 
 POLICY_VERSION = 1
@@ -109,6 +110,23 @@ class Elicitation(PolicyModel):
     )
     min_samples: int = Field(ge=1, description="Fewest scored samples a result needs.")
     min_epochs: int = Field(default=1, ge=1, description="Fewest epochs (repeats of each sample) a result needs.")
+
+
+class Sandbagging(PolicyModel):
+    """Settings of the sandbagging checks of the elicitation report (``airlock.evals.elicitation``)."""
+
+    alpha: float = Field(
+        default=DEFAULT_ALPHA,
+        gt=0,
+        lt=1,
+        description="Family-wise false-flag rate of a report (each comparison's interval is Bonferroni-widened).",
+    )
+    few_shot_min_gain: float = Field(
+        default=DEFAULT_FEW_SHOT_MIN_GAIN,
+        ge=0,
+        le=1,
+        description="The gain from demonstrations that is of concern: the gain's lower bound must clear it to flag.",
+    )
 
 
 class EvalRule(PolicyModel):
@@ -249,6 +267,9 @@ class Policy(PolicyModel):
     )
     publication: Publication = Field(
         default_factory=Publication, description="The publication clock of submitted reports (default 30 days)."
+    )
+    sandbagging: Sandbagging = Field(
+        default_factory=Sandbagging, description="Settings of the elicitation report's sandbagging checks."
     )
 
     @model_validator(mode="after")

@@ -37,7 +37,15 @@ from airlock.evals.schemas import Attestation
 from airlock.evals.service import verify_stored
 from airlock.governance.calls import calls_for
 from airlock.governance.models import GateDecision, Override
-from airlock.governance.policy import ClaimRule, Elicitation, EvalRule, Policy, Threshold, load_policy
+from airlock.governance.policy import (
+    ClaimRule,
+    Elicitation,
+    EvalRule,
+    Policy,
+    Sandbagging,
+    Threshold,
+    load_policy,
+)
 from airlock.ledger import service as ledger
 from airlock.redteam.service import findings_against
 from airlock.registry.models import Model, ModelVersion, Variant
@@ -322,7 +330,10 @@ def _elicitation_flags(
         obs, _why = observation_of(ev.row.id, ev.row.attestation, rule.metric)
         if obs is not None:
             observations.append(obs)
-    flags: list[dict[str, Any]] = analyse(observations)["flags"]
+    checks = policy.sandbagging
+    flags: list[dict[str, Any]] = analyse(observations, alpha=checks.alpha, few_shot_min_gain=checks.few_shot_min_gain)[
+        "flags"
+    ]
     return flags
 
 
@@ -768,6 +779,11 @@ def promote(
     set_stage(session, version, stage, actor=f"{override.decider} (override {row.id})")
     message = f"{where} -> {stage}: the gate blocks; overridden by {override.decider} ({row.id})"
     return Promotion(version, stage, promoted=True, decision=decision, override=row, message=message)
+
+
+def sandbagging_settings(policy: Policy | None) -> Sandbagging:
+    """Return the sandbagging checks' settings of ``policy`` (the defaults without a policy)."""
+    return policy.sandbagging if policy is not None else Sandbagging()
 
 
 def active_policy(path: Path) -> Policy | None:
