@@ -21,7 +21,7 @@ from airlock.access.metrics import CONTENT_TYPE, GatewayMetrics
 from airlock.access.middleware import AuditContext, AuditMiddleware, OptionsMiddleware
 from airlock.access.quotas import make_rate_limiter
 from airlock.access.roles import Permission
-from airlock.access.routes import grant_router
+from airlock.access.routes import grant_router, sealed_admin_router, sealed_router
 from airlock.access.routes import router as access_router
 from airlock.access.seal import prepare_grant_seals
 from airlock.access.service import AdminPrincipal
@@ -339,6 +339,8 @@ def create_app(
     app.include_router(redteam_admin_router)
     app.include_router(contamination_router)
     app.include_router(contamination_admin_router)
+    app.include_router(sealed_router)
+    app.include_router(sealed_admin_router)
     install_console(app)
 
     @app.get("/healthz", tags=["ops"])

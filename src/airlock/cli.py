@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
+from airlock.access import cli as sealed_cli
 from airlock.cli_support import (
     console,
     err,
@@ -60,6 +61,7 @@ app.add_typer(leak_cli.app, name="leak")
 app.add_typer(publish_cli.app, name="report")
 app.add_typer(redteam_cli.app, name="redteam")
 app.add_typer(contamination_cli.app, name="contamination")
+app.add_typer(sealed_cli.app, name="sealed")
 
 T = TypeVar("T")
 

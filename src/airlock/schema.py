@@ -10,6 +10,7 @@ from sqlalchemy import MetaData
 
 import airlock.access.acceptance
 import airlock.access.models
+import airlock.access.sealing
 import airlock.console.models
 import airlock.contamination.models
 import airlock.evals.models

@@ -67,6 +67,10 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", f"{ADMIN}/contamination/registrations"): {A, U},
     ("POST", f"{ADMIN}/contamination/checks"): {A},
     ("POST", f"{ADMIN}/contamination/checks/{{check_id}}/result"): {A},
+    # Sealed items: metadata, and the content of items their evaluators released (the lab cannot open the rest).
+    ("GET", f"{ADMIN}/sealed"): {A, R, U},
+    ("GET", f"{ADMIN}/sealed/{{item_id}}"): {A, R, U},
+    ("GET", f"{ADMIN}/sealed/{{item_id}}/content"): {A, R, U},
 }
 ISSUING = {("POST", f"{ADMIN}/grants"), ("POST", f"{ADMIN}/grants/{{grant_id}}/keys")}
 APPROVING = {

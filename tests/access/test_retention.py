@@ -32,8 +32,7 @@ def test_retention_section_defaults_validation_and_ledger() -> None:
     with pytest.raises(terms.TermsError) as bad:
         terms.validate_terms({"retention_interp": "keep"})
     assert bad.value.param == "terms.retention_interp"
-    with pytest.raises(terms.TermsError, match="sealed"):
-        terms.validate_terms({"retention_finetune": "sealed"})
+    assert terms.validate_terms({"retention_finetune": "sealed"}) == {"retention_finetune": "sealed"}
     assert set(RetentionTerms.public_terms) == set(RetentionTerms.model_fields)
     assert keeps_content(None, "retention_redteam") is False  # no grant keeps nothing
 
@@ -226,3 +225,227 @@ def test_redteam_words_leave_no_trace_in_a_database_dump(db: Any, db_url: str) -
             assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/close").status_code == 200
         lab.server.flush_audit()
         assert CANARY not in _database_dump(db_url)
+
+
+# ---------------------------------------------------------------- sealed
+
+
+def _accept(lab: Lab, grant_id: str, key: str) -> Any:
+    """Accept the key's grant's terms as its evaluator (signing key registered, a new seal key); return the seal key."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from nacl.public import PrivateKey
+
+    from airlock.access import acceptance
+    from airlock.canonical import canonical_bytes, iso_utc
+    from airlock.db import utcnow
+    from airlock.evals.attestation import fingerprint, public_key_b64
+
+    signing, seal = Ed25519PrivateKey.generate(), PrivateKey.generate()
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        registered = http.post("/v1/airlock/signing-keys", json={"public_key": public_key_b64(signing)})
+        assert registered.status_code in (201, 409), registered.text
+        digest = http.get("/v1/airlock/grant/terms").json()["terms_sha256"]
+        seal_b64, accepted_at = base64.b64encode(bytes(seal.public_key)).decode(), iso_utc(utcnow())
+        document = acceptance.acceptance_document(grant_id, digest, seal_b64, accepted_at)
+        accepted = http.post(
+            "/v1/airlock/grant/accept",
+            json={
+                "terms_sha256": digest,
+                "seal_public_key": seal_b64,
+                "accepted_at": accepted_at,
+                "signature": base64.b64encode(signing.sign(canonical_bytes(document))).decode(),
+                "key_fingerprint": fingerprint(public_key_b64(signing)),
+            },
+        )
+        assert accepted.status_code in (200, 201), accepted.text
+    return seal
+
+
+def _open_all(http: httpx.Client, key: Any) -> dict[str, bytes]:
+    """Return every item sealed under the caller's grant, opened with ``key``, by kind (the evaluator's view)."""
+    from nacl.public import SealedBox
+
+    opened: dict[str, bytes] = {}
+    for item in http.get("/v1/airlock/sealed").json():
+        box = http.get(f"/v1/airlock/sealed/{item['id']}/ciphertext")
+        assert box.status_code == 200 and box.headers["content-type"] == "application/octet-stream"
+        opened[item["kind"]] = SealedBox(key).decrypt(box.content)
+    return opened
+
+
+def _release(lab: Lab, http: httpx.Client, item: dict[str, Any], plaintext: bytes) -> None:
+    """Release ``item``: wrong content first (400, nothing changes), then the right one; the lab then reads it."""
+    import base64
+
+    from airlock.ledger import service as ledger
+
+    admin = {"Authorization": f"Bearer {lab.admin_token}"}
+    url = f"/v1/airlock/admin/sealed/{item['id']}/content"
+    still = http.get(url, headers=admin)
+    assert still.status_code == 409 and still.json()["error"]["code"] == "sealed_item_not_released"
+    wrong = http.post(
+        f"/v1/airlock/sealed/{item['id']}/release",
+        json={"content_base64": base64.b64encode(plaintext + b" ").decode()},
+    )
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "sealed_plaintext_mismatch"
+    assert http.get(f"/v1/airlock/sealed/{item['id']}").json()["released_at"] is None
+    with lab.db.session() as session:
+        assert ledger.logged_events(session, ["sealed.released"]) == []
+    assert http.get(url, headers=admin).status_code == 409
+    done = http.post(
+        f"/v1/airlock/sealed/{item['id']}/release", json={"content_base64": base64.b64encode(plaintext).decode()}
+    )
+    assert done.status_code == 200, done.text
+    assert done.json()["released_at"] is not None and "org-" in done.json()["released_by"]
+    readable = http.get(url, headers=admin)
+    assert readable.status_code == 200 and readable.content == plaintext
+    again = http.post(
+        f"/v1/airlock/sealed/{item['id']}/release", json={"content_base64": base64.b64encode(plaintext).decode()}
+    )
+    assert again.status_code == 409 and again.json()["error"]["code"] == "sealed_item_released"
+    with lab.db.session() as session:
+        (released,) = ledger.logged_events(session, ["sealed.released"])
+    assert released.body["item"] == item["id"] and released.body["grant"] == item["grant_id"]
+    assert released.body["sha256"] == item["plaintext_sha256"] and released.body["released_by"]
+    assert any(
+        row.path == f"/v1/airlock/sealed/{item['id']}/release" and row.status_code == 200 for row in lab.audit_rows()
+    )
+
+
+def test_finetune_canary_under_sealed_is_unreadable_to_the_lab_until_released(
+    ft_lab: tuple[Lab, Path],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import base64
+
+    from typer.testing import CliRunner
+
+    from airlock.cli import app as cli_app
+    from airlock.config import reset_settings
+
+    lab, directory = ft_lab
+    caplog.set_level(logging.DEBUG)
+    canary = CANARY + "-sealed-ft"
+    gid, key = lab.grant(
+        "org-s", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"], retention_finetune="sealed"
+    )
+    seal_key = _accept(lab, gid, key)
+    client, file_id = _finetune(lab, key, canary)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(file_id)  # the readable bytes are gone, as under "none"
+    lab.server.flush_audit()
+    home = get_settings().artifacts_dir
+    needle = canary.encode()
+    assert canary not in _dump(directory / "airlock.db")
+    assert _grep(home, needle) == [] and _grep(directory, needle) == []
+    assert canary not in caplog.text
+
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        (item,) = http.get("/v1/airlock/sealed").json()
+        assert (item["kind"], item["ref"], item["capability"], item["grant_id"]) == (
+            "training_file",
+            file_id,
+            "finetune",
+            gid,
+        )
+        opened = _open_all(http, seal_key)["training_file"]
+        assert needle in opened and item["size"] == len(opened)
+
+        # The evaluator's CLI: fetch opens it locally with the seal key; the lab's lists the grant's items.
+        key_file = tmp_path / "seal.key"
+        key_file.write_text(base64.b64encode(bytes(seal_key)).decode())
+        out = tmp_path / "train.jsonl"
+        env = {"AIRLOCK_BASE_URL": lab.url + "/v1", "AIRLOCK_API_KEY": key}
+        fetched = CliRunner().invoke(
+            cli_app, ["sealed", "fetch", item["id"], "-o", str(out), "--seal-key", str(key_file)], env=env
+        )
+        assert fetched.exit_code == 0, fetched.output
+        assert out.read_bytes() == opened
+        # The operator, on the database.
+        monkeypatch.setenv("AIRLOCK_DATABASE_URL", lab.db.engine.url.render_as_string(hide_password=False))
+        reset_settings()
+        listed = CliRunner().invoke(cli_app, ["sealed", "list", "--grant", gid, "--json"])
+        assert listed.exit_code == 0, listed.output
+        assert [row["id"] for row in json.loads(listed.output)] == [item["id"]] and canary not in listed.output
+        other = CliRunner().invoke(
+            cli_app, ["sealed", "fetch", item["id"], "--seal-key", str(tmp_path / "absent.key")], env=env
+        )
+        assert other.exit_code == 1 and "no seal key" in other.output
+
+        _release(lab, http, item, opened)
+    assert _grep(home, needle), "a released item is readable by the lab"
+
+
+@needs_bwrap
+def test_interp_canary_under_sealed_is_sealed_once_fetched(
+    interp_lab: tuple[Lab, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.interp.test_interp_api import _wait
+
+    lab, directory = interp_lab
+    caplog.set_level(logging.DEBUG)
+    gid, key = lab.grant(
+        "org-s", model="tiny", variants=["helpful-only"], scopes=["interp"], retention_interp="sealed"
+    )
+    seal_key = _accept(lab, gid, key)
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        body = {"model": "tiny/helpful-only", "code": INTERP_CODE, "args": {"secret": CANARY}}
+        job_id = http.post("/v1/airlock/interp/jobs", json=body).json()["id"]
+        done = _wait(http, job_id, until=("succeeded", "failed"))
+        assert done["status"] == "succeeded", done
+        assert CANARY in done["logs"]
+        result = http.get(f"/v1/airlock/interp/jobs/{job_id}/result")
+        assert result.json()["value"]["echo"] == CANARY, result.text
+        assert http.get(f"/v1/airlock/interp/jobs/{job_id}/result.npz").status_code == 200
+        assert http.get(f"/v1/airlock/interp/jobs/{job_id}/result").status_code == 409
+        assert http.get(f"/v1/airlock/interp/jobs/{job_id}").json()["logs"] == ""
+        lab.server.flush_audit()
+        needle = CANARY.encode()
+        assert CANARY not in _dump(directory / "airlock.db")
+        assert _grep(get_settings().artifacts_dir, needle) == [] and _grep(directory, needle) == []
+        assert CANARY not in caplog.text
+        opened = _open_all(http, seal_key)
+        assert set(opened) == {"interp_code", "interp_args", "interp_result", "interp_arrays", "interp_logs"}
+        assert INTERP_CODE.encode() == opened["interp_code"]
+        assert json.loads(opened["interp_args"]) == {"secret": CANARY}
+        assert needle in opened["interp_result"]  # the stored result document, as the evaluator fetched it
+        assert needle in opened["interp_logs"]
+        assert all(item["ref"] == job_id for item in http.get("/v1/airlock/sealed").json())
+
+
+def test_redteam_transcript_under_sealed_on_either_database(db: Any, db_url: str) -> None:
+    """Closing a session seals its transcript (the digest the ledger commits to); a dump shows no words until release."""
+    from nacl.public import SealedBox
+
+    from airlock.ledger import service as ledger
+    from tests.conftest import FAKE_MANIFEST, running_lab
+
+    with running_lab(db, FAKE_MANIFEST) as lab:
+        gid, key = lab.grant("org-s", scopes=["sample", "redteam"], retention_redteam="sealed")
+        seal_key = _accept(lab, gid, key)
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
+            sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
+            assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": CANARY}).status_code == 201
+            assert rt.get("/v1/airlock/sealed").json() == []  # nothing sealed while the session is open
+            assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/close").status_code == 200
+            kept = rt.get(f"/v1/airlock/redteam/sessions/{sid}").json()
+            assert kept["transcript"][0]["prompt"] == ""
+            lab.server.flush_audit()
+            assert CANARY not in _database_dump(db_url)
+            assert _grep(get_settings().artifacts_dir, CANARY.encode()) == []
+            (item,) = rt.get("/v1/airlock/sealed").json()
+            assert (item["kind"], item["ref"]) == ("redteam_transcript", sid)
+            opened = SealedBox(seal_key).decrypt(rt.get(f"/v1/airlock/sealed/{item['id']}/ciphertext").content)
+            assert json.loads(opened)[0]["prompt"] == CANARY
+            with lab.db.session() as session:
+                (closed,) = ledger.logged_events(session, ["redteam.session"])
+                (stored,) = ledger.logged_events(session, ["sealed.stored"])
+            # The sealed transcript is exactly what the closing event committed to.
+            assert json.loads(closed.openings["transcript"][1]) == {"sha256": item["plaintext_sha256"]}
+            assert stored.body["sha256"] == item["plaintext_sha256"] and stored.body["item"] == item["id"]
+            _release(lab, rt, item, opened)
+            assert CANARY not in _database_dump(db_url)  # released content lives in the artifact store

@@ -5,6 +5,7 @@ __all__ = [
     "acceptance",
     "audit",
     "cache",
+    "cli",
     "events",
     "metrics",
     "middleware",
@@ -15,6 +16,7 @@ __all__ = [
     "routes",
     "schemas",
     "seal",
+    "sealing",
     "service",
     "terms",
 ]

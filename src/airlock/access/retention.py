@@ -1,16 +1,18 @@
 """Retention terms of a grant: what content the lab may keep after the work is done, per capability.
 
 ``none`` keeps metadata only (counts, sizes, hashes, timings, verdicts) once a piece of work is
-finished; ``sealed`` keeps content encrypted to the evaluator (not yet offered: refused at issue);
-``full`` keeps content as the lab always has. Evaluation capabilities default to ``none``;
-red-team transcripts, which the lab triages findings against, default to ``full``.
+finished; ``sealed`` keeps content encrypted to the evaluator's seal key, readable by the lab only
+item by item as the evaluator releases it (``airlock.access.sealing``, which also holds the one
+keep/seal/drop decision every path asks); ``full`` keeps content as the lab always has.
+Evaluation capabilities default to ``none``; red-team transcripts, which the lab triages findings
+against, default to ``full``.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from sqlalchemy.orm import Session
 
 from airlock.access.models import Grant
@@ -44,17 +46,12 @@ class RetentionTerms(Terms):
     )
     retention_redteam: Mode = Field(default="full", description="Red-team transcripts after the session closes.")
 
-    @field_validator("retention_finetune", "retention_interp", "retention_evals", "retention_redteam")
-    @classmethod
-    def _not_sealed_yet(cls, value: str) -> str:
-        # Refused rather than silently treated as "full": the lab must not keep readable content it promised to seal.
-        if value == "sealed":
-            raise ValueError("'sealed' retention is not offered by this gateway yet; agree on 'none' or 'full'")
-        return value
-
 
 def keeps_content(grant: Grant | None, term: str) -> bool:
-    """Return whether ``grant`` lets the lab keep content under retention term ``term`` (no grant: ``none``)."""
+    """Return whether ``grant`` lets the lab keep content readable under retention term ``term`` (no grant: ``none``).
+
+    ``sealed`` is not readable: a path asks :func:`airlock.access.sealing.disposition` whether to seal.
+    """
     if grant is None:
         return False
     return bool(getattr(terms_of(grant, RetentionTerms), term) == "full")

@@ -51,6 +51,7 @@ class Permission(StrEnum):
     REDTEAM_TRIAGE = "redteam:triage"
     CONTAMINATION_READ = "contamination:read"
     CONTAMINATION_CHECK = "contamination:check"
+    SEALED_READ = "sealed:read"
 
 
 DESCRIPTIONS: Mapping[Permission, str] = {
@@ -75,6 +76,7 @@ DESCRIPTIONS: Mapping[Permission, str] = {
     Permission.REDTEAM_TRIAGE: "triage red-teaming findings (acknowledge, dispute, mark fixed)",
     Permission.CONTAMINATION_READ: "list contamination registrations (counts, never hashes) and checks",
     Permission.CONTAMINATION_CHECK: "receive evaluators' test-set fingerprints to check a training corpus",
+    Permission.SEALED_READ: "list sealed items (metadata) and read the ones their evaluators released",
 }
 
 ROLE_DESCRIPTIONS: Mapping[Role, str] = {
@@ -103,6 +105,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.REDTEAM_READ,
         Permission.CONTAMINATION_READ,
         Permission.CONTAMINATION_CHECK,
+        Permission.SEALED_READ,
     },
     Role.REVIEWER: _EVERYONE
     | {
@@ -112,6 +115,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.REPORTS_REVIEW,
         Permission.REDTEAM_READ,
         Permission.REDTEAM_TRIAGE,
+        Permission.SEALED_READ,
     },
     Role.DECIDER: _EVERYONE | {Permission.STAGE_CHANGE},
     Role.AUDITOR: _EVERYONE
@@ -124,6 +128,7 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
         Permission.LEDGER_CHECKPOINT,
         Permission.REDTEAM_READ,
         Permission.CONTAMINATION_READ,
+        Permission.SEALED_READ,
     },
 }
 

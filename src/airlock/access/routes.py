@@ -1,13 +1,15 @@
-"""Admin routes for evaluators, grants, keys and the audit trail (a lab token whose role allows each)."""
+"""Admin routes for evaluators, grants, keys and the audit trail; evaluator and lab routes for sealed items."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import UTC
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from airlock.access import acceptance, service
+from airlock.access import acceptance, sealing, service
 from airlock.access import audit as audit_service
 from airlock.access.models import Grant
 from airlock.access.roles import Permission
@@ -25,6 +27,8 @@ from airlock.access.schemas import (
     KeyCreate,
     KeyCreated,
     KeyPublic,
+    SealedItemPublic,
+    SealedRelease,
 )
 from airlock.access.seal import check_grant
 from airlock.access.service import AdminPrincipal, Principal
@@ -214,3 +218,92 @@ def accept_terms(
     )
     audit.detail["acceptance_id"] = row.id
     return GrantAcceptancePublic.of(row)
+
+
+# ---------------------------------------------------------------- sealed retention
+
+sealed_router = APIRouter(prefix="/v1/airlock/sealed", tags=["evaluator: sealed items"])
+sealed_admin_router = APIRouter(prefix="/v1/airlock/admin/sealed", tags=["admin: sealed items"])
+SealedReader = Annotated[AdminPrincipal, require(Permission.SEALED_READ)]
+
+
+@sealed_router.get("", response_model=list[SealedItemPublic])
+def list_sealed(session: SessionDep, principal: CurrentPrincipal, audit: AuditDep) -> list[SealedItemPublic]:
+    """List the items the lab holds sealed to your key under this key's grant (metadata only)."""
+    audit.scope = "sealed"
+    return [SealedItemPublic.of(item) for item in sealing.items_of_grant(session, principal.grant_id)]
+
+
+@sealed_router.get("/{item_id}", response_model=SealedItemPublic)
+def get_sealed(item_id: str, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep) -> SealedItemPublic:
+    """Return one sealed item's metadata."""
+    audit.scope = "sealed"
+    audit.detail["sealed_item"] = item_id
+    return SealedItemPublic.of(sealing.own_item(session, principal.grant_id, item_id))
+
+
+@sealed_router.get("/{item_id}/ciphertext", response_class=Response)
+def get_sealed_ciphertext(
+    item_id: str, state: StateDep, session: SessionDep, principal: CurrentPrincipal, audit: AuditDep
+) -> Response:
+    """Return the item's sealed box (libsodium ``crypto_box_seal``); open it with your seal key."""
+    audit.scope = "sealed"
+    audit.detail["sealed_item"] = item_id
+    item = sealing.own_item(session, principal.grant_id, item_id)
+    data = sealing.ciphertext(item, state.settings.artifacts_dir)
+    audit.detail["bytes"] = len(data)
+    headers = {"Content-Disposition": f'attachment; filename="{item.id}.sealed"'}
+    return Response(content=data, media_type="application/octet-stream", headers=headers)
+
+
+@sealed_router.post("/{item_id}/release", response_model=SealedItemPublic)
+def release_sealed(
+    item_id: str,
+    body: SealedRelease,
+    state: StateDep,
+    session: SessionDep,
+    principal: CurrentPrincipal,
+    audit: AuditDep,
+) -> SealedItemPublic:
+    """Release an item to the lab: send its plaintext; it must match the digest recorded at sealing.
+
+    The lab stores it readable from then on, and the ledger records ``sealed.released`` (item,
+    grant, SHA-256, who). Wrong content is 400 ``sealed_plaintext_mismatch`` and changes nothing.
+    """
+    audit.scope = "sealed"
+    audit.detail["sealed_item"] = item_id
+    item = sealing.own_item(session, principal.grant_id, item_id)
+    try:
+        plaintext = base64.b64decode(body.content_base64, validate=True)
+    except binascii.Error:
+        raise InvalidRequestError("content_base64 is not valid base64", param="content_base64") from None
+    who = f"{principal.evaluator_name} (key {principal.key_id})"
+    sealing.release(session, item, plaintext, released_by=who, home=state.settings.artifacts_dir)
+    audit.detail["released"] = True
+    return SealedItemPublic.of(item)
+
+
+@sealed_admin_router.get("", response_model=list[SealedItemPublic])
+def lab_list_sealed(
+    session: SessionDep, admin: SealedReader, grant: Annotated[str | None, Query(max_length=40)] = None
+) -> list[SealedItemPublic]:
+    """List sealed items (of one grant with ``?grant=``): metadata only; the lab cannot open them."""
+    return [SealedItemPublic.of(item) for item in sealing.list_items(session, grant_id=grant)]
+
+
+@sealed_admin_router.get("/{item_id}", response_model=SealedItemPublic)
+def lab_get_sealed(item_id: str, session: SessionDep, admin: SealedReader) -> SealedItemPublic:
+    """Return one sealed item's metadata."""
+    return SealedItemPublic.of(sealing.get_item(session, item_id))
+
+
+@sealed_admin_router.get("/{item_id}/content", response_class=Response)
+def lab_released_content(
+    item_id: str, state: StateDep, session: SessionDep, admin: SealedReader, audit: AuditDep
+) -> Response:
+    """Return a released item's plaintext (409 ``sealed_item_not_released`` while it is still sealed)."""
+    audit.detail["sealed_item"] = item_id
+    item = sealing.get_item(session, item_id)
+    data = sealing.released_content(item, state.settings.artifacts_dir)
+    headers = {"Content-Disposition": f'attachment; filename="{item.id}"'}
+    return Response(content=data, media_type="application/octet-stream", headers=headers)

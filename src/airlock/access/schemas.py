@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, object_session
 
 from airlock.access.acceptance import GrantAcceptance, current_acceptance, terms_sha256
 from airlock.access.models import ApiKey, AuditEvent, Evaluator, Grant
+from airlock.access.sealing import SealedItem
 from airlock.access.service import grant_status
 from airlock.access.terms import all_terms, term_defaults, terms_of
 
@@ -287,3 +288,48 @@ class GrantAcceptancePublic(BaseModel):
             signature=row.signature,
             accepted_at=row.accepted_at,
         )
+
+
+class SealedItemPublic(BaseModel):
+    """A sealed item's metadata: what it is, its plaintext's SHA-256 and size, the key it is sealed to, its release."""
+
+    id: str
+    grant_id: str
+    evaluator_id: str
+    capability: str
+    kind: str
+    ref: str
+    name: str
+    plaintext_sha256: str
+    size: int
+    recipient_sha256: str = Field(description="SHA-256 of the X25519 public key the content is sealed to.")
+    ciphertext_sha256: str
+    created_at: datetime
+    released_at: datetime | None
+    released_by: str | None
+
+    @classmethod
+    def of(cls, row: SealedItem) -> SealedItemPublic:
+        """Build from a row."""
+        return cls(
+            id=row.id,
+            grant_id=row.grant_id,
+            evaluator_id=row.evaluator_id,
+            capability=row.capability,
+            kind=row.kind,
+            ref=row.ref,
+            name=row.name,
+            plaintext_sha256=row.plaintext_sha256,
+            size=row.size,
+            recipient_sha256=row.recipient_sha256,
+            ciphertext_sha256=row.ciphertext_sha256,
+            created_at=row.created_at,
+            released_at=row.released_at,
+            released_by=row.released_by,
+        )
+
+
+class SealedRelease(_In):
+    """The decrypted content of a sealed item, sent back to release it to the lab."""
+
+    content_base64: str = Field(description="The item's plaintext, base64; its SHA-256 must match the sealed digest.")

@@ -8,12 +8,13 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
-from airlock.access.retention import grant_keeps_content
+from airlock.access import sealing
 from airlock.finetune import events
 from airlock.finetune.adapters import AdapterStore
 from airlock.finetune.files import discard_bytes, file_path, validate_chat_jsonl
 from airlock.finetune.models import TrainingFile
 from airlock.finetune.trainer import TrainingCancelled, result_dict, train_lora
+from airlock.jobs import service as jobs_service
 from airlock.jobs.models import TERMINAL_STATUSES, Job
 from airlock.jobs.runner import JobCancelled, JobContext
 
@@ -43,10 +44,13 @@ class FineTuneHandler:
         self._apply_retention(session, job)
 
     def _apply_retention(self, session: Session, job: Job) -> None:
-        """Drop the content of the job's files whose grant keeps none; their rows (size, hash, counts) stay.
+        """Seal or drop the content of the job's files as their grant's ``retention_finetune`` says.
 
-        The bytes go once the terminal transition commits, so a rolled-back finish keeps a file a
-        re-run needs. A file another unfinished job still reads is left for that job's own finish.
+        ``full`` keeps the bytes; ``sealed`` stores them encrypted to the evaluator's seal key
+        (``sealed.stored``) and ``none`` keeps nothing; in both the readable bytes go once the
+        terminal transition commits, so a rolled-back finish keeps a file a re-run needs. Rows
+        (size, hash, counts) stay. A file another unfinished job still reads is left for that
+        job's own finish. Adapters and checkpoints (weights, no training text) are kept.
         """
         used = [job.params.get("training_file"), job.params.get("validation_file")]
         still_read = {
@@ -57,10 +61,30 @@ class FineTuneHandler:
             for name in (params.get("training_file"), params.get("validation_file"))
         }
         doomed = []
-        for file_id in {f for f in used if isinstance(f, str) and f not in still_read}:
+        for file_id in sorted({f for f in used if isinstance(f, str) and f not in still_read}):
             row = session.get(TrainingFile, file_id)
-            if row is not None and not grant_keeps_content(session, row.grant_id, "retention_finetune"):
-                doomed.append(file_id)
+            if row is None:
+                continue
+            plan = sealing.disposition(session, row.grant_id, "finetune")
+            if plan.action == "keep":
+                continue
+            doomed.append(file_id)
+            path = file_path(self.home, file_id)
+            if not path.is_file():
+                continue  # an earlier job's finish already sealed or dropped it
+            item = sealing.dispose(
+                session,
+                plan,
+                kind="training_file",
+                ref=file_id,
+                name=row.filename,
+                data=path.read_bytes(),
+                home=self.home,
+            )
+            if item is not None:
+                jobs_service.add_event(session, job.id, f"file {file_id} sealed to the evaluator's key as {item.id}")
+            elif plan.action == "seal" or plan.reason:
+                jobs_service.add_event(session, job.id, f"file {file_id}: {plan.reason or 'sealing failed'}")
         if doomed:
             home = self.home
 

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
+from airlock.access import sealing
 from airlock.access.acceptance import require_acceptance
 from airlock.access.models import Grant
 from airlock.access.retention import grant_keeps_content
@@ -443,21 +444,42 @@ def keeps_content(session: Session, row: InterpJob) -> bool:
     return grant_keeps_content(session, row.grant_id, "retention_interp")
 
 
-def forget_code(session: Session, job: Job, row: InterpJob) -> None:
-    """Drop a finished job's code and arguments under ``none`` retention (their hash and size stay).
+def forget_code(session: Session, job: Job, row: InterpJob, home: Path | None = None) -> None:
+    """Seal or drop a finished job's code and arguments unless its grant keeps content (their hash and size stay).
 
     A result held for review keeps its code until the lab decides: reviewers read what produced it.
     """
-    if row.review_state == "pending" or keeps_content(session, row):
+    if row.review_state == "pending":
         return
-    job.params = {k: v for k, v in (job.params or {}).items() if k not in ("code", "args")}
+    plan = sealing.disposition(session, row.grant_id, "interp")
+    if plan.action == "keep":
+        return
+    params = job.params or {}
+    if "code" in params or row.args:
+        for kind, name, data in (
+            ("interp_code", "code.py", str(params.get("code", "")).encode()),
+            ("interp_args", "args.json", json.dumps(row.args, sort_keys=True).encode()),
+        ):
+            _seal_or_note(session, plan, job, kind=kind, name=name, data=data, home=home)
+    job.params = {k: v for k, v in params.items() if k not in ("code", "args")}
     row.args = {}
 
 
 def forget_result(session: Session, home: Path, job: Job, row: InterpJob) -> None:
-    """Drop a delivered result's files and the job's logs under ``none`` retention, once the delivery commits."""
-    if keeps_content(session, row):
+    """Seal or drop a delivered result's files and the job's logs unless its grant keeps content.
+
+    The readable files go once the delivery commits; sealed copies are written before it.
+    """
+    plan = sealing.disposition(session, row.grant_id, "interp")
+    if plan.action == "keep":
         return
+    directory = job_dir(home, job.id)
+    for kind, name in (("interp_result", "result.json"), ("interp_arrays", "result.npz")):
+        path = directory / name
+        if path.is_file():
+            _seal_or_note(session, plan, job, kind=kind, name=name, data=path.read_bytes(), home=home)
+    if row.logs:
+        _seal_or_note(session, plan, job, kind="interp_logs", name="logs.txt", data=row.logs.encode(), home=home)
     row.logs = ""
     job_id = job.id
 
@@ -465,6 +487,17 @@ def forget_result(session: Session, home: Path, job: Job, row: InterpJob) -> Non
         discard_result(home, job_id)
 
     event.listen(session, "after_commit", discard, once=True)
+
+
+def _seal_or_note(
+    session: Session, plan: sealing.Disposition, job: Job, *, kind: str, name: str, data: bytes, home: Path | None
+) -> None:
+    """Seal one piece of a job's content as ``plan`` says, and say in the job's events what became of it."""
+    item = sealing.dispose(session, plan, kind=kind, ref=job.id, name=name, data=data, home=home)
+    if item is not None:
+        jobs.add_event(session, job.id, f"{name} sealed to the evaluator's key as {item.id}", type="message")
+    elif plan.action == "seal" or plan.reason:
+        jobs.add_event(session, job.id, f"{name}: {plan.reason or 'sealing failed; dropped'}", type="message")
 
 
 # ---------------------------------------------------------------------------------- ledger

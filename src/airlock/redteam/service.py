@@ -18,12 +18,13 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from airlock.access import sealing
 from airlock.access.acceptance import require_acceptance
 from airlock.access.middleware import AuditContext
 from airlock.access.models import Grant
-from airlock.access.retention import grant_keeps_content
 from airlock.access.service import Principal
 from airlock.backends.protocol import ChatCompletionRequest, Usage
+from airlock.canonical import canonical_bytes
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 from airlock.redteam import events
@@ -155,12 +156,19 @@ def close_session(session: Session, principal: Principal, session_id: str) -> Re
     row.status = "closed"
     row.closed_at = utcnow()
     session.flush()
-    keep = grant_keeps_content(session, row.grant_id, "retention_redteam")
+    plan = sealing.disposition(session, row.grant_id, "redteam")
+    keep = plan.action == "keep"
     events.session_closed(session, row, keep_content=keep)
-    # The closing event has committed to the transcript's digest; a grant that keeps no transcripts
-    # keeps only each turn's counts, verdicts and timings from here on.
+    # The closing event has committed to the transcript's digest; a grant that keeps no readable
+    # transcripts keeps only each turn's counts, verdicts and timings from here on (under "sealed",
+    # plus the transcript sealed to the evaluator: the same canonical JSON, so its SHA-256 is the
+    # digest the ledger committed to).
     if not keep:
-        for turn in transcript(session, row.id):
+        turns = transcript(session, row.id)
+        document = [{"index": t.index, "prompt": t.prompt, "responses": t.responses} for t in turns]
+        name = "transcript.json"
+        sealing.dispose(session, plan, kind="redteam_transcript", ref=row.id, name=name, data=canonical_bytes(document))
+        for turn in turns:
             turn.prompt = ""
             turn.responses = [{**answer, "content": ""} for answer in turn.responses]
         session.flush()

@@ -80,6 +80,10 @@ ROUTE_RESPONSES: dict[tuple[str, str], frozenset[int]] = {
     # the contamination firewall
     ("POST", "/v1/airlock/contamination/registrations/{registration_id}/withdraw"): frozenset({409}),
     ("POST", "/v1/airlock/admin/contamination/checks/{check_id}/result"): frozenset({409}),
+    # sealed items: already released, not yet released, ciphertext missing from the store
+    ("GET", "/v1/airlock/sealed/{item_id}/ciphertext"): frozenset({409}),
+    ("POST", "/v1/airlock/sealed/{item_id}/release"): frozenset({409}),
+    ("GET", "/v1/airlock/admin/sealed/{item_id}/content"): frozenset({409}),
     # the lab's administration
     ("POST", "/v1/airlock/admin/manifest"): frozenset({409}),
     ("POST", "/v1/airlock/admin/evaluators"): frozenset({409}),
