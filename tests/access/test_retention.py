@@ -388,9 +388,7 @@ def test_interp_canary_under_sealed_is_sealed_once_fetched(
 
     lab, directory = interp_lab
     caplog.set_level(logging.DEBUG)
-    gid, key = lab.grant(
-        "org-s", model="tiny", variants=["helpful-only"], scopes=["interp"], retention_interp="sealed"
-    )
+    gid, key = lab.grant("org-s", model="tiny", variants=["helpful-only"], scopes=["interp"], retention_interp="sealed")
     seal_key = _accept(lab, gid, key)
     with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
         body = {"model": "tiny/helpful-only", "code": INTERP_CODE, "args": {"secret": CANARY}}
@@ -418,7 +416,7 @@ def test_interp_canary_under_sealed_is_sealed_once_fetched(
 
 
 def test_redteam_transcript_under_sealed_on_either_database(db: Any, db_url: str) -> None:
-    """Closing a session seals its transcript (the digest the ledger commits to); a dump shows no words until release."""
+    """Closing a session seals its transcript (the digest the ledger commits to); no words in a dump until release."""
     from nacl.public import SealedBox
 
     from airlock.ledger import service as ledger
