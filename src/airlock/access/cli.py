@@ -41,21 +41,16 @@ def _client() -> Any:
 
 
 def _seal_key(path: Path | None) -> Any:
-    """Load the evaluator's X25519 private key (base64 of 32 raw bytes, as ``airlock evaluator keygen`` writes it)."""
-    from nacl.public import PrivateKey
+    """Load the evaluator's X25519 seal key (``airlock evaluator keygen`` writes it beside the signing key)."""
+    from airlock.evals.client import default_seal_key_path, load_seal_key
 
-    from airlock.evals.client import default_key_path
-
-    path = path or default_key_path().parent / "seal.key"
+    path = path or default_seal_key_path()
     try:
-        raw = base64.b64decode(path.read_text(encoding="ascii").strip(), validate=True)
+        return load_seal_key(path)
     except FileNotFoundError:
         raise fail(f"no seal key at {path}; run `airlock evaluator keygen` or pass --seal-key") from None
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, UnicodeDecodeError, ValueError):
         raise fail(f"{path} is not a seal key (base64 of 32 bytes)") from None
-    if len(raw) != 32:
-        raise fail(f"{path} is not a seal key (base64 of 32 bytes)")
-    return PrivateKey(raw)
 
 
 def _open(item_id: str, seal_key: Path | None) -> tuple[dict[str, Any], bytes]:
