@@ -12,7 +12,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, cast
 
@@ -53,6 +53,7 @@ class AuditRecord:
 
 
 _STOP = object()
+_RECORD_FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 class AuditWriter:
@@ -178,7 +179,10 @@ class AuditWriter:
         return stop
 
     def _write(self, batch: list[AuditRecord]) -> None:
-        rows = [asdict(e) for e in batch]
+        # A shallow copy per record: the request is over, so nothing changes its detail any more
+        # (``asdict`` deep-copies every value, which cost more than the insert itself).
+        names = _RECORD_FIELDS
+        rows = [{name: getattr(e, name) for name in names} for e in batch]
         # Token usage is charged to grants in the same transaction as the audit rows, so the
         # quota counters and the audit trail can never disagree after a crash.
         usage: dict[str, int] = {}
