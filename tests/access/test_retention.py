@@ -382,7 +382,7 @@ def test_finetune_canary_under_sealed_is_unreadable_to_the_lab_until_released(
 
 @needs_bwrap
 def test_interp_canary_under_sealed_is_sealed_once_fetched(
-    interp_lab: tuple[Lab, Path], caplog: pytest.LogCaptureFixture
+    interp_lab: tuple[Lab, Path], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     from tests.interp.test_interp_api import _wait
 
@@ -412,7 +412,31 @@ def test_interp_canary_under_sealed_is_sealed_once_fetched(
         assert json.loads(opened["interp_args"]) == {"secret": CANARY}
         assert needle in opened["interp_result"]  # the stored result document, as the evaluator fetched it
         assert needle in opened["interp_logs"]
-        assert all(item["ref"] == job_id for item in http.get("/v1/airlock/sealed").json())
+        items = {item["kind"]: item for item in http.get("/v1/airlock/sealed").json()}
+        assert all(item["ref"] == job_id for item in items.values())
+
+    # The evaluator's CLI releases one item end to end: fetch, open with the seal key, send back.
+    import base64
+
+    from typer.testing import CliRunner
+
+    from airlock.cli import app as cli_app
+
+    key_file = tmp_path / "seal.key"
+    key_file.write_text(base64.b64encode(bytes(seal_key)).decode())
+    env = {"AIRLOCK_BASE_URL": lab.url + "/v1", "AIRLOCK_API_KEY": key}
+    listed = CliRunner().invoke(cli_app, ["sealed", "list"], env=env)
+    assert listed.exit_code == 0 and items["interp_logs"]["id"] in listed.output, listed.output
+    logs_id = items["interp_logs"]["id"]
+    released = CliRunner().invoke(
+        cli_app, ["sealed", "release", logs_id, "--yes", "--seal-key", str(key_file)], env=env
+    )
+    assert released.exit_code == 0, released.output
+    admin = {"Authorization": f"Bearer {lab.admin_token}"}
+    content = httpx.get(f"{lab.url}/v1/airlock/admin/sealed/{logs_id}/content", headers=admin, timeout=30)
+    assert content.status_code == 200 and content.content == opened["interp_logs"]
+    code_id = items["interp_code"]["id"]
+    assert httpx.get(f"{lab.url}/v1/airlock/admin/sealed/{code_id}/content", headers=admin).status_code == 409
 
 
 def test_redteam_transcript_under_sealed_on_either_database(db: Any, db_url: str) -> None:

@@ -75,19 +75,17 @@ def _open(item_id: str, seal_key: Path | None) -> tuple[dict[str, Any], bytes]:
 
 def _table(rows: list[dict[str, Any]]) -> Table:
     table = Table(show_header=True, header_style="bold")
-    for column in ("id", "grant", "capability", "kind", "ref", "name", "bytes", "sha256", "sealed", "released"):
-        table.add_column(column)
+    table.add_column("id", no_wrap=True, min_width=20)
+    for column in ("kind", "ref", "name", "bytes", "sha256", "released"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
             row["id"],
-            row["grant_id"],
-            row["capability"],
             row["kind"],
             row["ref"],
             escape(row["name"]),
             str(row["size"]),
-            row["plaintext_sha256"][:16],
-            str(row["created_at"])[:19],
+            row["plaintext_sha256"][:12],
             f"{str(row['released_at'])[:19]} by {escape(row['released_by'] or '')}" if row["released_at"] else "-",
         )
     return table
