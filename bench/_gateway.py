@@ -161,10 +161,18 @@ LOCAL_MODEL = "tiny/helpful-only"
 
 
 def prepare_local_lab(
-    home: Path, db_url: str, *, weights: str = "tiny-random", scopes: tuple[str, ...] = ("interp",)
+    home: Path,
+    db_url: str,
+    *,
+    weights: str = "tiny-random",
+    scopes: tuple[str, ...] = ("interp",),
+    backend_config: dict[str, Any] | None = None,
 ) -> Lab:
     """Migrate ``db_url``, register ``tiny/helpful-only`` served from local ``weights``, issue one grant and key."""
-    model = {"name": "tiny", "versions": [{"label": "v1", "weights": weights, "variants": [{"name": "helpful-only"}]}]}
+    variant: dict[str, Any] = {"name": "helpful-only"}
+    if backend_config:
+        variant["backend_config"] = backend_config
+    model = {"name": "tiny", "versions": [{"label": "v1", "weights": weights, "variants": [variant]}]}
     return _make_lab(home, db_url, model, variant="helpful-only", scopes=list(scopes))
 
 

@@ -166,6 +166,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="max tokens per stream (default 64; 16 with --quick)")
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams (default 16)")
     parser.add_argument("--weights", default="embedded:smollm2-135m", help="weights served (tiny-random: plumbing)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="the variant's fixed `threads` (default: sized by load)"
+    )
     parser.add_argument("--llama-threads", type=int, default=0, help="llama.cpp threads (default: its own choice)")
     opts = parser.parse_args()
     rounds = max(3, opts.rounds or 3)
@@ -180,7 +183,10 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
         db_url = stack.enter_context(database("sqlite", Path(tmp)))
-        lab = prepare_local_lab(Path(tmp) / "home", db_url, weights=opts.weights, scopes=("sample",))
+        config = {"threads": opts.threads} if opts.threads else None
+        lab = prepare_local_lab(
+            Path(tmp) / "home", db_url, weights=opts.weights, scopes=("sample",), backend_config=config
+        )
         url, _pid = stack.enter_context(serve(lab))
         wait_http(url + "/readyz", timeout=600)
         # Warm-up at both shapes: the first calls allocate and pick kernels.
@@ -209,8 +215,9 @@ def main() -> None:
         extra = f", llama.cpp {rate(llama)[r]:.1f}" if llama else ""
         print(f"  round {r + 1}: 1 stream {o:.1f}, {opts.streams} streams {m:.1f} tokens/s ({m / o:.2f}x){extra}")
     load = f"load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores"
-    print(f"\nembedded engine through HTTP, SmolLM2-135M (float32), {tokens} tokens per stream, {rounds} rounds "
-          f"interleaved ({load}, {time.perf_counter() - started:.0f} s)")  # fmt: skip
+    team = f"threads: {opts.threads}" if opts.threads else "threads sized by load"
+    print(f"\nembedded engine through HTTP, SmolLM2-135M (float32, {team}), {tokens} tokens per stream, "
+          f"{rounds} rounds interleaved ({load}, {time.perf_counter() - started:.0f} s)")  # fmt: skip
     print(f"  1 stream                   {spread(one_rate, '{:.1f}')} tokens/s")
     print(f"  {opts.streams} streams (aggregate)     {spread(many_rate, '{:.1f}')} tokens/s   "
           f"{spread(scaling, '{:.2f}')}x one stream")  # fmt: skip

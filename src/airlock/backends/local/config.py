@@ -29,7 +29,8 @@ class LocalBackendConfig:
     num_gpus: int | None = None
     """GPUs a Ray model worker of these weights asks for (default: 1 on ``cuda``, else 0); unused in-process."""
     threads: int | None = None
-    """Intra-op threads of the engine's worker (None: torch's default, one per core). On a host shared
+    """Intra-op threads of the engine's worker, fixed. None: sized before each new batch from the host's
+    load average, up to torch's default of one per core (`engine.auto_threads`). On a host shared
     with other busy processes fewer threads step faster: an OpenMP team waits at every barrier for
     its slowest thread, and a descheduled one stalls the whole step."""
 
