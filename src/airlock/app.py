@@ -48,6 +48,7 @@ from airlock.governance.service import refuse_gated_manifest_stages
 from airlock.interp.jobs import KIND as INTERP_KIND
 from airlock.interp.jobs import InterpHandler, backend_workers, pool_workers, warm_runners
 from airlock.interp.routes import router as interp_router
+from airlock.interp.service import UnfetchedSweeper
 from airlock.jobs.executor import JobExecutor
 from airlock.jobs.runner import JobHandler, JobRunner
 from airlock.ledger.cosign import CheckpointCosigner
@@ -266,7 +267,11 @@ def create_app(
         publisher = DuePublisher(db, settings.report_publish_interval_s)
         publisher.start()
         runner = None
+        sweeper = None
         if settings.run_jobs:
+            # Interp results and logs never fetched are dropped after a bounded time under retention `none`.
+            sweeper = UnfetchedSweeper(db, settings)
+            sweeper.start()
             handlers = job_handlers(settings, db, state.pool, asyncio.get_running_loop())
             runner = JobRunner(
                 db, handlers, stale_after=settings.job_stale_after_s, executor=job_executor(settings, db)
@@ -300,6 +305,8 @@ def create_app(
             await state.limiter.aclose()
             audit.close()
             await run_in_threadpool(publisher.stop)
+            if sweeper is not None:
+                await run_in_threadpool(sweeper.stop)
             await run_in_threadpool(ledger.stop)
             if cosigner is not None:
                 await run_in_threadpool(cosigner.stop)

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     interp_warm_idle_s: float = Field(
         default=600.0, gt=0, description="A warm interp runner unused this long is killed (and not replaced)."
     )
+    interp_result_ttl_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="Under retention_interp=none, how long an interp result and its logs wait to be fetched.",
+    )
     interp_max_code_bytes: int = Field(default=256 * 1024, gt=0, description="Largest interp code file.")
     interp_max_result_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Largest result of one job.")
     interp_review_over_bytes: int = Field(

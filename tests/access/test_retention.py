@@ -170,6 +170,60 @@ def test_interp_canary_is_gone_once_the_result_is_fetched(
     assert CANARY not in caplog.text
 
 
+FAILING_CODE = f"""
+def main(secret):
+    print(secret)
+    raise ValueError("{CANARY}-raised " + secret)
+"""
+
+
+@needs_bwrap
+def test_interp_failed_and_never_fetched_jobs_leave_no_content(
+    interp_lab: tuple[Lab, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from datetime import timedelta
+
+    from airlock.db import utcnow
+    from airlock.interp.service import UnfetchedSweeper, job_dir
+    from tests.interp.test_interp_api import _wait
+
+    lab, directory = interp_lab
+    caplog.set_level(logging.DEBUG)
+    _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"])
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        failing = {"model": "tiny/helpful-only", "code": FAILING_CODE, "args": {"secret": CANARY}}
+        failed_id = http.post("/v1/airlock/interp/jobs", json=failing).json()["id"]
+        failed = _wait(http, failed_id, until=("succeeded", "failed"))
+        # A failed job keeps neither what it printed nor what it raised once it ends; its error code stays.
+        assert failed["status"] == "failed" and failed["logs"] == "", failed
+        assert CANARY not in json.dumps(failed) and failed["error"]["code"]
+        assert "not kept readable" in failed["error"]["message"]
+        events = http.get(f"/v1/airlock/interp/jobs/{failed_id}/events").text
+        assert CANARY not in events
+        body = {"model": "tiny/helpful-only", "code": INTERP_CODE, "args": {"secret": CANARY}}
+        kept_id = http.post("/v1/airlock/interp/jobs", json=body).json()["id"]
+        assert _wait(http, kept_id, until=("succeeded", "failed"))["status"] == "succeeded"
+        # Never fetched: within its time to live the result waits; after it the sweeper drops it.
+        settings = get_settings()
+        sweeper = UnfetchedSweeper(lab.db, settings)
+        assert sweeper.run_once() == []
+        assert job_dir(settings.artifacts_dir, kept_id).exists()
+        later = UnfetchedSweeper(
+            lab.db, settings, clock=lambda: utcnow() + timedelta(seconds=settings.interp_result_ttl_s + 1)
+        )
+        assert kept_id in later.run_once()
+        assert not job_dir(settings.artifacts_dir, kept_id).exists()
+        gone = http.get(f"/v1/airlock/interp/jobs/{kept_id}/result")
+        assert gone.status_code == 409 and gone.json()["error"]["code"] == "result_missing"
+        assert http.get(f"/v1/airlock/interp/jobs/{kept_id}").json()["logs"] == ""
+        assert later.run_once() == []  # nothing left to sweep
+    lab.server.flush_audit()
+    needle = CANARY.encode()
+    assert CANARY not in _dump(directory / "airlock.db")
+    assert _grep(get_settings().artifacts_dir, needle) == [] and _grep(directory, needle) == []
+    assert CANARY not in caplog.text
+
+
 def test_sampling_and_redteam_transcripts_under_none_leave_no_content(
     tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

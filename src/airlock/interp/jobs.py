@@ -109,10 +109,11 @@ class InterpHandler:
         """Warm sandboxed runners (each taken by one job, never reused); None: every job starts its own."""
 
     def on_finished(self, session: Session, job: Job) -> None:
-        """Seal or drop the job's code and arguments unless its grant keeps content (in the terminal transition)."""
+        """Seal or drop the job's code and arguments, and a failed job's logs, unless its grant keeps content."""
         row = session.get(InterpJob, job.id)
         if row is not None:
             interp.forget_code(session, job, row, self.settings.artifacts_dir)
+            interp.forget_failure(session, self.settings.artifacts_dir, job, row)
 
     def run(self, ctx: JobContext) -> dict[str, Any]:
         """Run the job and return its summary (the result itself is stored under the data dir)."""

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from airlock.access.service import Principal, authorize, check_window
 from airlock.access.terms import terms_of
 from airlock.backends.pool import VariantRuntimeSpec, weights_spec
 from airlock.config import Settings
-from airlock.db import utcnow
+from airlock.db import Database, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from airlock.ids import parse_model_id
 from airlock.interp import _wire
@@ -38,7 +40,8 @@ from airlock.interp.schemas import (
 )
 from airlock.interp.terms import InterpTerms
 from airlock.jobs import service as jobs
-from airlock.jobs.models import Job
+from airlock.jobs.models import Job, JobEvent
+from airlock.jobs.periodic import PeriodicWorker
 from airlock.ledger import service as ledger
 from airlock.registry.models import ModelVersion
 from airlock.registry.service import resolve_variant
@@ -463,6 +466,113 @@ def forget_code(session: Session, job: Job, row: InterpJob, home: Path | None = 
             _seal_or_note(session, plan, job, kind=kind, name=name, data=data, home=home)
     job.params = {k: v for k, v in params.items() if k not in ("code", "args")}
     row.args = {}
+
+
+def forget_failure(session: Session, home: Path, job: Job, row: InterpJob) -> None:
+    """Seal or drop a failed or cancelled job's logs and error text once it ends, unless its grant keeps content.
+
+    What the code printed or raised is the evaluator's content; the error code stays, so the job
+    still says how it ended. A job held for review keeps them until the lab decides.
+    """
+    if job.status not in ("failed", "cancelled") or row.review_state == "pending":
+        return
+    plan = sealing.disposition(session, row.grant_id, "interp")
+    if plan.action == "keep":
+        return
+    error = job.error if job.error and job.error.get("code") in CONTENT_ERRORS else None
+    # Logs withheld past the review threshold stay with the lab's reviewers: never sealed out to the evaluator.
+    if (row.logs or error) and not logs_withheld(row):
+        text = row.logs + (f"\n[airlock] job error ({error['code']}): {error.get('message', '')}" if error else "")
+        _seal_or_note(session, plan, job, kind="interp_logs", name="logs.txt", data=text.encode(), home=home)
+    row.logs = ""
+    if error is not None:
+        job.error = {"code": error["code"], "message": _FORGOTTEN.format(status=job.status, code=error["code"])}
+    # The terminal status event repeats the error: the same text goes there too.
+    for item in session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)):
+        if not (isinstance(item.data, dict) and isinstance(item.data.get("error"), dict)):
+            continue
+        code = item.data["error"].get("code")
+        if code in CONTENT_ERRORS:
+            item.message = f"job {job.status} ({code})"
+            item.data = {
+                **item.data,
+                "error": {"code": code, "message": _FORGOTTEN.format(status=job.status, code=code)},
+            }
+    job_id = job.id
+
+    def discard(_session: Session) -> None:
+        discard_result(home, job_id)
+
+    event.listen(session, "after_commit", discard, once=True)
+
+
+CONTENT_ERRORS = frozenset({"code_error", "runner_error", "invalid_result", "protocol_error"})
+"""Job errors whose message quotes what the evaluator's code raised, printed or returned."""
+_FORGOTTEN = (
+    "the job {status} ({code}); its logs and error text are not kept readable after it ends (retention_interp): "
+    "under 'sealed' they are sealed to your key (`airlock sealed list`), under 'full' the lab keeps them"
+)
+
+
+def sweep_unfetched(session: Session, home: Path, *, now: datetime, ttl_s: float) -> list[str]:
+    """Seal or drop the logs and result files of jobs that ended over ``ttl_s`` seconds ago and were never fetched.
+
+    Unless the grant keeps content: a result the evaluator fetched goes then (:func:`forget_result`);
+    this bounds the rest.
+    Returns the ids of the jobs swept. A job held for review waits for the lab's decision.
+    """
+    cutoff = now - timedelta(seconds=ttl_s)
+    stmt = (
+        select(Job, InterpJob)
+        .join(InterpJob, InterpJob.id == Job.id)
+        .where(
+            Job.kind == KIND,
+            Job.finished_at.is_not(None),
+            Job.finished_at < cutoff,
+            InterpJob.review_state != "pending",
+            (InterpJob.logs != "") | InterpJob.result_sha256.is_not(None),
+        )
+    )
+    swept: list[str] = []
+    for job, row in session.execute(stmt).tuples().all():
+        if not row.logs and not job_dir(home, job.id).exists():
+            continue
+        if sealing.disposition(session, row.grant_id, "interp").action == "keep":
+            continue
+        if row.review_state == "denied" or logs_withheld(row):
+            # What the lab withheld is never sealed out to the evaluator: it is only dropped.
+            row.logs = ""
+            _discard_after_commit(session, home, job.id)
+        else:
+            forget_result(session, home, job, row)  # seals under `sealed`; drops the files after the commit
+        swept.append(job.id)
+    return swept
+
+
+def _discard_after_commit(session: Session, home: Path, job_id: str) -> None:
+    def discard(_session: Session) -> None:
+        discard_result(home, job_id)
+
+    event.listen(session, "after_commit", discard, once=True)
+
+
+class UnfetchedSweeper(PeriodicWorker):
+    """Sweeps, from a background thread, what :func:`sweep_unfetched` bounds (every replica may run one)."""
+
+    name = "interp-sweeper"
+
+    def __init__(self, db: Database, settings: Settings, clock: Callable[[], datetime] = utcnow) -> None:
+        super().__init__(min(3600.0, max(1.0, settings.interp_result_ttl_s / 10)))
+        self.db = db
+        self.settings = settings
+        self.clock = clock
+
+    def run_once(self) -> list[str]:
+        """Sweep once; return the ids of the jobs swept."""
+        with self.db.session() as session:
+            return sweep_unfetched(
+                session, self.settings.artifacts_dir, now=self.clock(), ttl_s=self.settings.interp_result_ttl_s
+            )
 
 
 def forget_result(session: Session, home: Path, job: Job, row: InterpJob) -> None:
