@@ -230,7 +230,7 @@ def test_cli_keygen_terms_proposed_accept_and_ledger_check(
     from typer.testing import CliRunner
 
     from airlock.cli import app
-    from airlock.config import reset_settings
+    from airlock.config import get_settings, reset_settings
     from airlock.evals.client import default_seal_key_path, load_seal_key, seal_public_key_b64
 
     runner = CliRunner()
@@ -259,6 +259,22 @@ def test_cli_keygen_terms_proposed_accept_and_ledger_check(
         grant = session.get(Grant, grant_id)
         assert grant is not None
         assert acceptance.sealing_public_key(session, grant) == base64.b64decode(seal_public)
+
+    # Offline: the exported bundle's grant.accepted entry verifies with nothing but the bundle.
+    from airlock.ledger.verify import acceptance_problems, verify_bundle
+
+    settings = get_settings()
+    signer = ledger.get_signer(settings)
+    ledger.sequence(lab.db)
+    ledger.publish_checkpoint(lab.db, signer, force=True)
+    report = verify_bundle(ledger.export_bundle(lab.db, signer), signer.verifier.vkey())
+    assert report.ok, report.problems
+    (entry,) = [e for e in report.entries if e.get("kind") == "grant.accepted"]
+    issued = {grant_id}
+    assert acceptance_problems(entry["body"], issued) == []
+    forged = {**entry["body"], "seal_public_key": base64.b64encode(bytes(range(32))).decode()}
+    assert any("does not verify" in p for p in acceptance_problems(forged, issued))
+    assert any("no grant.issued" in p for p in acceptance_problems(entry["body"], set()))
 
     # The lab-side check verifies the acceptance; a row edited afterwards is reported.
     monkeypatch.setenv("AIRLOCK_DATABASE_URL", str(lab.db.engine.url.render_as_string(hide_password=False)))

@@ -15,7 +15,10 @@ that one rule, loudly). It checks, in order:
 5. that every published reveal opens the commitment it names;
 6. with witness keys (``--witness KEY … --quorum K``), that a checkpoint carries valid
    tlog-cosignature/v1 cosignatures by at least K of them: the newest such checkpoint is the one
-   the public answers are read against, and entries after it are reported as not yet witnessed.
+   the public answers are read against, and entries after it are reported as not yet witnessed;
+7. that every ``grant.accepted`` entry (an evaluator's acceptance of a grant's terms) carries an
+   Ed25519 signature by the public key it names over the acceptance document it records, that
+   the key's fingerprint is its SHA-256, and that the grant it accepts was issued in the ledger.
 
 It then answers the public questions for a model: which evaluators had which access to which
 versions, how many days before deployment, and which results were attested.
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
+import hashlib
 import itertools
 import json
 import sys
@@ -34,6 +39,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from airlock.canonical import CanonicalJSONError, canonical_bytes
 from airlock.ledger._cosig import WitnessVerifier, cosignatures
 from airlock.ledger._entry import parse_entry, parse_time, verify_opening
 from airlock.ledger._merkle import MemoryTree, ProofError, leaf_hash, verify_consistency, verify_inclusion
@@ -153,6 +162,11 @@ def verify_bundle(
     # 6. Witnesses: the newest checkpoint a quorum cosigned is the one the answers rest on.
     if quorum:
         _check_quorum(report, notes, witnesses, quorum)
+    # 7. Evaluators' acceptances of grant terms re-verify from the entry alone.
+    issued = {e["body"].get("grant") for e in report.entries if e.get("kind") == "grant.issued"}
+    for e in report.entries:
+        if e.get("kind") == "grant.accepted":
+            report.problems += [f"grant.accepted {e.get('id')}: {p}" for p in acceptance_problems(e["body"], issued)]
     # 5. Reveals must open the commitments they name.
     by_id = {e["id"]: e for e in report.entries if e}
     for e in report.entries:
@@ -166,6 +180,34 @@ def verify_bundle(
                     f"reveal {e['id']}: does not open {e['body'].get('event')}/{opening.get('field')}"
                 )
     return report
+
+
+ACCEPTANCE_FORMAT = "airlock.grant-acceptance/v1"
+
+
+def acceptance_problems(body: dict[str, Any], issued: set[Any]) -> list[str]:
+    """Return what is wrong with one ``grant.accepted`` body: its signature, its key's fingerprint, its grant."""
+    problems: list[str] = []
+    document = {
+        "format": ACCEPTANCE_FORMAT,
+        "grant_id": body.get("grant"),
+        "terms_sha256": body.get("terms_sha256"),
+        "seal_public_key": body.get("seal_public_key"),
+        "accepted_at": body.get("accepted_at"),
+    }
+    if body.get("format") != ACCEPTANCE_FORMAT:
+        problems.append(f"unknown acceptance format {body.get('format')!r}")
+    try:
+        raw_key = base64.b64decode(str(body.get("signing_public_key", "")), validate=True)
+        if hashlib.sha256(raw_key).hexdigest() != body.get("key_fingerprint"):
+            problems.append("the signing key's fingerprint is not the SHA-256 of its public key")
+        public = Ed25519PublicKey.from_public_bytes(raw_key)
+        public.verify(base64.b64decode(str(body.get("signature", "")), validate=True), canonical_bytes(document))
+    except (ValueError, binascii.Error, CanonicalJSONError, InvalidSignature):
+        problems.append("its signature does not verify over the acceptance document it records")
+    if body.get("grant") not in issued:
+        problems.append(f"accepts grant {body.get('grant')}, which has no grant.issued entry in this bundle")
+    return problems
 
 
 def _b64d(value: str) -> bytes:
