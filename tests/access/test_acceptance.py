@@ -286,3 +286,16 @@ def test_cli_keygen_terms_proposed_accept_and_ledger_check(
         row.terms_sha256 = "0" * 64
     checked = runner.invoke(app, ["ledger", "check", "--no-audit"])
     assert checked.exit_code != 0 and "differs from its ledger entry" in " ".join(checked.output.split())
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_attested_results_wait_for_acceptance_under_full_evals_retention(lab: Lab, tmp_path: Path) -> None:
+    from tests.publish.report_fixtures import make_org
+
+    kept = make_org(lab.db, tmp_path, "org-kept", retention_evals="full")
+    with pytest.raises(TermsNotAcceptedError, match="retention_evals=full"):
+        kept.attest(lab.db)
+    lab.accept_terms(kept.token)
+    assert kept.attest(lab.db).startswith("res")
+    plain = make_org(lab.db, tmp_path, "org-plain")  # retention_evals=none: no acceptance needed
+    assert plain.attest(lab.db).startswith("res")
