@@ -101,6 +101,16 @@ def job_handlers(
     return {KIND: FineTuneHandler(settings.artifacts_dir), INTERP_KIND: interp, NOISE_KIND: NoiseHandler()}
 
 
+def prime_warm_runners(handlers: dict[str, JobHandler], executor: JobExecutor | None) -> None:
+    """Start the interp handler's warm runners now, so a server's first interp job does not start one cold.
+
+    Only where jobs run in this process's threads: on the Ray plane, interp runs in model workers.
+    """
+    interp = handlers.get(INTERP_KIND)
+    if executor is None and isinstance(interp, InterpHandler):
+        interp.prime()
+
+
 def remote_job_handler(kind: str, settings: Settings, db: Database, backend: Any) -> JobHandler:
     """Build a job kind's handler on the Ray node running the job (``backend``: the model worker's own weights)."""
     if kind == KIND:
@@ -268,14 +278,15 @@ def create_app(
         publisher.start()
         runner = None
         sweeper = None
+        handlers: dict[str, JobHandler] = {}
+        executor: JobExecutor | None = None
         if settings.run_jobs:
             # Interp results and logs never fetched are dropped after a bounded time under retention `none`.
             sweeper = UnfetchedSweeper(db, settings)
             sweeper.start()
             handlers = job_handlers(settings, db, state.pool, asyncio.get_running_loop())
-            runner = JobRunner(
-                db, handlers, stale_after=settings.job_stale_after_s, executor=job_executor(settings, db)
-            )
+            executor = job_executor(settings, db)
+            runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s, executor=executor)
         loading: asyncio.Task[None] | None = None
         if load_weights:
             specs = await run_in_threadpool(served_backends, db)
@@ -286,6 +297,8 @@ def create_app(
                 # loader does can see a half-initialised module.
                 if runner is not None:
                     await run_in_threadpool(runner.start)
+                    # A served gateway (not an app built per test) has its first interp job find a warm runner.
+                    prime_warm_runners(handlers, executor)
 
             loading = asyncio.create_task(load_then_run_jobs())
         else:

@@ -257,7 +257,7 @@ def worker(
     import asyncio
     import signal
 
-    from airlock.app import backend_pool, job_executor, job_handlers
+    from airlock.app import backend_pool, job_executor, job_handlers, prime_warm_runners
     from airlock.jobs.runner import JobRunner
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -271,13 +271,11 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         pool = backend_pool(settings)
-        runner = JobRunner(
-            db,
-            job_handlers(settings, db, pool, loop),
-            stale_after=settings.job_stale_after_s,
-            executor=job_executor(settings, db),
-        )
+        handlers = job_handlers(settings, db, pool, loop)
+        executor = job_executor(settings, db)
+        runner = JobRunner(db, handlers, stale_after=settings.job_stale_after_s, executor=executor)
         runner.start()
+        prime_warm_runners(handlers, executor)
         err.print(f"worker: running jobs from {db.engine.url.render_as_string(hide_password=True)}; Ctrl-C stops")
         try:
             await stop.wait()

@@ -93,3 +93,37 @@ def test_a_closed_pool_hands_out_nothing() -> None:
     pool.close()
     with pytest.raises(RuntimeError):
         pool.acquire(runner_limits(cpu_seconds=1, wall_seconds=1, memory_bytes=2**28, log_bytes=1024))
+
+
+def test_a_served_gateway_starts_warm_runners_for_the_default_limits_before_any_job() -> None:
+    from airlock.app import prime_warm_runners
+    from airlock.config import Settings
+    from airlock.interp.jobs import KIND, InterpHandler
+
+    settings = Settings(interp_cpu_seconds=7, interp_wall_timeout_s=30.0, interp_memory_mb=512)
+    pool = RunnerPool(1, idle_s=120)
+    handler = InterpHandler(None, settings, lambda spec: None, pool)  # type: ignore[arg-type]
+    try:
+        limits = handler.default_limits()
+        # On the Ray plane interp runs in model workers: the gateway starts no runner of its own.
+        prime_warm_runners({KIND: handler}, executor=object())  # type: ignore[arg-type]
+        assert pool.started == 0
+        prime_warm_runners({KIND: handler}, executor=None)
+        _wait(lambda: pool.warm(limits) == 1)
+        # A job with the default limits takes the primed runner instead of starting one.
+        runner = pool.acquire(limits)
+        try:
+            assert pool.started == 1
+        finally:
+            runner.kill()
+            runner.outcome.result(timeout=30)
+            runner.close()
+    finally:
+        pool.close()
+
+
+def test_a_handler_without_a_pool_primes_nothing() -> None:
+    from airlock.config import Settings
+    from airlock.interp.jobs import InterpHandler
+
+    assert InterpHandler(None, Settings(), lambda spec: None, None).prime() is None  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ from airlock.jobs.runner import JobCancelled, JobContext
 from airlock.jobs.service import add_event
 from airlock.mitigations import build_mitigation
 from airlock.registry.models import Variant
-from airlock.sandbox import ResourceLimits
+from airlock.sandbox import ResourceLimits, SandboxError, find_bwrap
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,41 @@ class InterpHandler:
         self.workers = workers
         self.runners = runners
         """Warm sandboxed runners (each taken by one job, never reused); None: every job starts its own."""
+
+    def default_limits(self) -> ResourceLimits:
+        """Return the sandbox limits of a job that asks for none and runs on a grant without a CPU quota."""
+        return runner_limits(
+            cpu_seconds=self.settings.interp_cpu_seconds,
+            wall_seconds=self.settings.interp_wall_timeout_s,
+            memory_bytes=self.settings.interp_memory_mb * MiB,
+            log_bytes=self.settings.interp_log_bytes,
+        )
+
+    def prime(self) -> threading.Thread | None:
+        """Start warm runners for the default limits in the background, so the first job finds one waiting.
+
+        Returns the starting thread (None when this handler keeps no warm runners or no sandbox
+        is installed: jobs then start their own runner, and say why if they cannot).
+        """
+        runners = self.runners
+        if runners is None:
+            return None
+        try:
+            find_bwrap()
+        except SandboxError as exc:
+            log.warning("interp: no warm runners started: %s", exc)
+            return None
+        limits = self.default_limits()
+
+        def start() -> None:
+            try:
+                runners.prime(limits)
+            except Exception:  # a failed start only costs the first job its warm runner
+                log.warning("interp: starting warm runners failed", exc_info=True)
+
+        thread = threading.Thread(target=start, name="airlock-interp-prime", daemon=True)
+        thread.start()
+        return thread
 
     def on_finished(self, session: Session, job: Job) -> None:
         """Seal or drop the job's code and arguments, and a failed job's logs, unless its grant keeps content."""
