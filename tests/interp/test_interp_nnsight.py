@@ -105,10 +105,13 @@ def test_reads_and_edits_match_the_native_rpc(run_code: RunCode) -> None:
     outcome = run_code(code, cpu_seconds=30, wall_seconds=60)
     assert outcome.error is None, outcome.logs
     value = outcome.value
-    for key in ("last", "whole", "attn", "mlp_in", "best_ids", "lens_ids", "added", "swapped"):
+    for key in ("last", "attn", "mlp_in", "best_ids", "lens_ids", "added", "swapped"):
         assert value[key] == 0.0, key
     for key in ("mid", "best_p", "lens_lp", "norm"):
         assert value[key] < 1e-5, key
+    # A padded batch of two against the prompt alone: matrix products of other shapes (and, on a host
+    # whose engine resizes its thread team by load, other splits) sum in another order.
+    assert value["whole"] < 1e-4
     # The shorter prompt is left-padded with zeros, as nnsight's tokenizer pads.
     assert value["whole_shape"] == [2, 5, 64] and value["padding"] == 0.0
     assert value["added_moves"] > 1e-4  # the edit did something
