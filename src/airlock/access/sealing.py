@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +38,7 @@ from airlock.access.models import Grant
 from airlock.access.retention import RetentionTerms
 from airlock.access.seal import GrantIntegrityError, verified_grant
 from airlock.access.terms import terms_of
+from airlock.atomicfile import write_atomically
 from airlock.config import get_settings
 from airlock.db import Base, new_id, utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -128,20 +127,6 @@ def _released_path(home: Path | None, item_id: str) -> Path:
     return sealed_dir(home) / f"{item_id}.released"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` under a temporary name, flushed to disk, then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _undo_on_rollback(session: Session, undo: Callable[[], None]) -> None:
     """Run ``undo`` if the session's transaction rolls back; not once it has committed."""
     # Listeners cannot be removed while the session dispatches an event: a flag retires them instead.
@@ -196,7 +181,7 @@ def seal_bytes(
         created_at=utcnow(),
     )
     path = _ciphertext_path(home, item.id)
-    _write_atomically(path, sealed)
+    write_atomically(path, sealed)
     _undo_on_rollback(session, lambda: path.unlink(missing_ok=True))
     session.add(item)
     session.flush()
@@ -393,7 +378,7 @@ def release(
             param="content_base64",
         )
     path = _released_path(home, item.id)
-    _write_atomically(path, plaintext)
+    write_atomically(path, plaintext)
     _undo_on_rollback(session, lambda: path.unlink(missing_ok=True))
     item.released_at = utcnow()
     item.released_by = released_by[:200]

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from airlock.access.seal import verified_grant
 from airlock.access.terms import terms_of
+from airlock.atomicfile import write_atomically
 from airlock.config import get_settings
 from airlock.db import utcnow
 from airlock.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
@@ -113,26 +113,6 @@ def validate_chat_jsonl(
     return examples
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # fsync the directory so the rename itself survives a crash before the DB row is written.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def create_file(
     session: Session,
     home: Path,
@@ -169,7 +149,7 @@ def create_file(
     examples = validate_chat_jsonl(data)
     file_id = f"file-{secrets.token_hex(12)}"
     path = file_path(home, file_id)
-    _write_atomically(path, data)
+    write_atomically(path, data)
     row = TrainingFile(
         id=file_id,
         evaluator_id=evaluator_id,
