@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from airlock.access.models import Grant
 from airlock.access.retention import grant_keeps_content
 from airlock.access.service import Principal, authorize, check_window
 from airlock.access.terms import terms_of
+from airlock.atomicfile import write_atomically
 from airlock.backends.pool import VariantRuntimeSpec, weights_spec
 from airlock.config import Settings
 from airlock.db import Database, utcnow
@@ -68,14 +68,8 @@ def job_dir(home: Path, job_id: str) -> Path:
 def write_result(home: Path, job_id: str, document: dict[str, Any], npz: bytes) -> None:
     """Store a result atomically (temporary files, then renames)."""
     directory = job_dir(home, job_id)
-    directory.mkdir(parents=True, exist_ok=True)
     for name, data in (("result.npz", npz), ("result.json", json.dumps(document).encode())):
-        tmp = directory / f".{name}.tmp"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / name)
+        write_atomically(directory / name, data)
 
 
 def discard_result(home: Path, job_id: str) -> None:
