@@ -15,12 +15,12 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from airlock.atomicfile import build_directory_atomically
 from airlock.config import get_settings
 from airlock.errors import BackendUnavailableError, ConfigError
 from airlock.registry.weights import (
@@ -86,34 +86,15 @@ def _cache_root() -> Path:
 
 
 def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp)`` in a temporary sibling directory, then rename it to ``final``.
-
-    A crash never leaves a half-written ``final``; a concurrent builder that wins the race is
-    simply reused.
-    """
+    """Build a cache entry once (a concurrent builder that wins the race is reused); sweep stale leftovers."""
     if final.is_dir():
         return final
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of crashed conversions: harmless, but they are large, so sweep old ones.
-    for stale in parent.glob(f".{final.name}.tmp-*"):
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > _STALE_TMP_S:
                 shutil.rmtree(stale, ignore_errors=True)
-    tmp = parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            # Another process finished first; its copy is equivalent.
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_directory_atomically(final, build, replace=False)
 
 
 @contextlib.contextmanager

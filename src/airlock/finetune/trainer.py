@@ -21,15 +21,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airlock.atomicfile import build_directory_atomically
 from airlock.backends import weights
 from airlock.finetune.adapters import adapter_dir_sha256
 
@@ -238,26 +237,6 @@ def resolve_hyperparameters(
 # ---------------------------------------------------------------- atomic writes
 
 
-def _write_dir_atomically(final: Path, build: Callable[[Path], None]) -> None:
-    """Build ``final`` in a temporary sibling and rename it into place (replacing an old one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        if final.exists():
-            # Rename the old copy aside first so ``final`` is always either old or new, never half.
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -404,7 +383,7 @@ def train_lora(
                 }
                 (tmp / "state.json").write_text(json.dumps(body, indent=2))
 
-            _write_dir_atomically(final, build)
+            build_directory_atomically(final, build, replace=True)
             checkpoints.append(entry)
             if on_checkpoint is not None:
                 on_checkpoint(step, final)
@@ -434,7 +413,7 @@ def train_lora(
 
         adapter_dir = out_dir / "adapter"
         model.eval()
-        _write_dir_atomically(adapter_dir, lambda tmp: _save_adapter(model, tmp))
+        build_directory_atomically(adapter_dir, lambda tmp: _save_adapter(model, tmp), replace=True)
     return TrainResult(
         adapter_dir=adapter_dir,
         steps=step,
