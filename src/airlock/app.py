@@ -63,7 +63,7 @@ from airlock.redteam.routes import router as redteam_router
 from airlock.registry.models import Variant
 from airlock.registry.routes import router as registry_router
 from airlock.registry.service import RegistryCache, load_manifest, sync_manifest
-from airlock.serving.pipelines import PipelineCache
+from airlock.serving.pipelines import NoisedExpiry, PipelineCache
 from airlock.serving.routes import SamplingFastPath, airlock_router, tokenizer_router
 from airlock.serving.routes import router as openai_router
 from airlock.web.errors import install_error_handlers
@@ -255,6 +255,8 @@ def create_app(
         auth=AuthCache(settings.auth_cache_ttl_s),
     )
     readiness = Readiness()
+    # Noise-injected variants' copies of the weights are closed at their expiry, not at the next request.
+    noised_expiry = NoisedExpiry(state.pipelines)
     metrics = GatewayMetrics(db, lambda: {"audit": audit.queued()})
     audit.observers.append(metrics.observe)
 
@@ -276,6 +278,7 @@ def create_app(
 
         publisher = DuePublisher(db, settings.report_publish_interval_s)
         publisher.start()
+        noised_expiry.start()
         runner = None
         sweeper = None
         handlers: dict[str, JobHandler] = {}
@@ -313,6 +316,7 @@ def create_app(
                 loading.cancel()
             if runner is not None:
                 await run_in_threadpool(runner.stop)
+            await noised_expiry.stop()
             state.pipelines.clear()
             await state.pool.aclose()
             await state.limiter.aclose()
@@ -334,6 +338,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    app.state.noised_expiry = noised_expiry
     app.state.readiness = readiness
     app.state.metrics = metrics
     install_error_handlers(app)

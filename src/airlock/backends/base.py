@@ -54,6 +54,13 @@ class ModelBackend:
     async def aclose(self) -> None:
         """Release resources; called once at shutdown."""
 
+    async def retire(self) -> None:
+        """Release resources for good: nothing serves this backend's weights any more (an expired noised copy).
+
+        Unlike :meth:`aclose` at a process's shutdown, this may also stop what other processes share.
+        """
+        await self.aclose()
+
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         """Return a chat completion for ``request``."""
         raise InvalidRequestError(f"backend {self.kind!r} does not support chat completions")

@@ -123,11 +123,11 @@ class BackendPool:
         return backend.adapter_view(name)
 
     async def discard(self, spec: VariantRuntimeSpec) -> None:
-        """Close and forget the backend of ``spec`` (a noise-injected variant's copy of the weights)."""
+        """Retire and forget the backend of ``spec`` (a noise-injected variant's copy of the weights)."""
         async with self._lock:
             backend = self._backends.pop(spec.backend_key(), None)
         if backend is not None:
-            await backend.aclose()
+            await backend.retire()
 
     async def aclose(self) -> None:
         """Close every backend."""

@@ -7,6 +7,12 @@ dynamic batching, adapters and model thread) and also runs the jobs that need th
 :class:`~airlock.backends.base.ModelBackend` whose every call is an actor call. A worker that dies
 (its process or node) is restarted by Ray; calls that were in flight end as a 503 with
 ``Retry-After``, never as a hang or a 500.
+
+A noise-injected variant's copy of the weights is a worker of its own, named per ``(job, sigma,
+seed)`` (``airlock-noise-…``). The gateway that retires the copy (at expiry, or evicting it) kills
+that worker for good (:meth:`RayModelBackend.retire`); a base variant's worker, shared by every
+replica, is never killed by a gateway. And the worker knows its expiry: it kills itself
+:data:`NOISE_EXIT_GRACE_S` after it, so a copy whose gateways all crashed does not outlive it.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +41,54 @@ from airlock.cluster.placement import connect, placement_of
 from airlock.config import Settings
 from airlock.errors import AirlockError, BackendError, BackendUnavailableError
 
-__all__ = ["RETRY_AFTER_S", "ModelWorkerActor", "RayModelBackend", "model_worker", "worker_name"]
+__all__ = [
+    "NOISE_EXIT_GRACE_S",
+    "RETRY_AFTER_S",
+    "ModelWorkerActor",
+    "RayModelBackend",
+    "is_noise_copy",
+    "model_worker",
+    "worker_name",
+]
+
+log = logging.getLogger(__name__)
 
 #: What a client is told to wait after its model worker died: about the time Ray needs to restart it.
 RETRY_AFTER_S = 5.0
+#: How long after its expiry a noised copy's worker kills itself: the gateways retire it at expiry,
+#: this is the backstop for gateways gone; the margin absorbs clock skew between nodes.
+NOISE_EXIT_GRACE_S = 10.0
 _CLUSTER_KEYS = ("num_gpus",)
+
+
+def is_noise_copy(config: dict[str, Any]) -> bool:
+    """Whether a local backend ``config`` is a noise-injected variant's own copy of the weights."""
+    return config.get("noise_sigma") is not None
 
 
 def worker_name(config: dict[str, Any]) -> str:
     """Return the Ray actor name of the model worker for a local backend ``config`` (equal configs share one)."""
     body = json.dumps(config, sort_keys=True)
-    return "airlock-model-" + hashlib.sha256(body.encode()).hexdigest()[:16]
+    prefix = "airlock-noise-" if is_noise_copy(config) else "airlock-model-"
+    return prefix + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _exit_delay_s(config: dict[str, Any], now: datetime) -> float | None:
+    """Seconds until a noised copy's worker must be gone (None: a base variant's worker, or no expiry known)."""
+    at = config.get("noise_expires_at")
+    if not is_noise_copy(config) or not isinstance(at, str):
+        return None
+    expires_at = datetime.fromisoformat(at)
+    if expires_at.tzinfo is None:  # the gateway's clock is UTC
+        expires_at = expires_at.replace(tzinfo=UTC)
+    return max(0.0, (expires_at - now).total_seconds() + NOISE_EXIT_GRACE_S)
+
+
+def _kill_self() -> None:
+    """Kill the current actor for good: Ray neither restarts it nor keeps its name."""
+    import ray
+
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 class ModelWorkerActor:
@@ -52,6 +98,13 @@ class ModelWorkerActor:
         self._config = {k: v for k, v in config.items() if k not in _CLUSTER_KEYS}
         self._backend: Any = None
         self._lock = asyncio.Lock()
+        delay = _exit_delay_s(config, datetime.now(UTC))
+        if delay is not None:
+            # A timer thread, started again by every restart: an asyncio task could not end the
+            # actor for good, and no call may ever come to run one.
+            timer = threading.Timer(delay, _kill_self)
+            timer.daemon = True
+            timer.start()
 
     async def _ready(self) -> Any:
         if self._backend is None:
@@ -116,7 +169,7 @@ def model_worker(config: dict[str, Any]) -> Any:
 
     The actor is named and detached: every gateway replica shares it, and Ray restarts it (on any
     node holding the weights) when it dies. In-flight calls are not retried: a generation is not
-    idempotent, so they fail and the client retries.
+    idempotent, so they fail and the client retries. A noised copy's worker ends at its expiry.
     """
     import ray
 
@@ -174,6 +227,7 @@ class RayModelBackend(ModelBackend):
         self._adapter_paths: dict[str, str] = adapter_paths if adapter_paths is not None else {}
         self._handle = handle
         self.worker: dict[str, Any] = {}
+        self.noise_copy = is_noise_copy(self.config)
 
     async def start(self) -> None:
         """Join the cluster, find or place the model worker and wait until its weights are loaded."""
@@ -186,6 +240,28 @@ class RayModelBackend(ModelBackend):
         self.supports_logprobs = bool(self.worker["supports_logprobs"])
         self.supports_echo = bool(self.worker["supports_echo"])
 
+    async def aclose(self) -> None:
+        """Forget the worker, which stays up: other gateway replicas share it (noised copies end at expiry)."""
+
+    async def retire(self) -> None:
+        """Kill a noised copy's worker for good (no restart, its name freed); a base variant's worker stays.
+
+        Another replica may have killed it first, or may still call it: a dead worker is no error here,
+        and a replica whose copy was killed under it places a new one on its next call (:meth:`_worker`).
+        """
+        handle, self._handle = self._handle, None
+        if not self.noise_copy or handle is None:
+            return
+        import ray
+
+        name = worker_name(self.config)
+        try:
+            await asyncio.to_thread(ray.kill, handle, no_restart=True)
+        except Exception:  # already gone, or the cluster unreachable: its own timer ends it at expiry
+            log.warning("could not kill noised model worker %s; it exits on its own after expiry", name, exc_info=True)
+            return
+        log.info("killed noised model worker %s (job %s)", name, self.config.get("noise_job"))
+
     @property
     def handle(self) -> Any:
         """The Ray actor handle of the model worker."""
@@ -194,18 +270,35 @@ class RayModelBackend(ModelBackend):
     def _adapter_arg(self) -> tuple[str, str] | None:
         return None if self._adapter is None else (self._adapter, self._adapter_paths[self._adapter])
 
+    async def _worker(self) -> Any:
+        """Return the worker's handle, finding or placing the worker again if a noised copy's was killed."""
+        if self._handle is None:
+            await self.start()
+        return self._handle
+
+    def _lost(self, exc: BaseException) -> BaseException:
+        """Map an exception out of Ray; a noised copy whose worker died for good is looked up again next call."""
+        import ray.exceptions
+
+        if self.noise_copy and isinstance(exc, ray.exceptions.ActorDiedError):
+            # Another replica retired it (evicted, or at expiry): a still-live id places it again.
+            self._handle = None
+        return _reraise(exc)
+
     async def _call(self, method: str, request: Any) -> Any:
+        handle = await self._worker()
         try:
-            return await self._handle.call.remote(method, request, self._adapter_arg())
+            return await handle.call.remote(method, request, self._adapter_arg())
         except Exception as exc:
-            raise _reraise(exc) from None
+            raise self._lost(exc) from None
 
     async def _stream(self, method: str, request: Any) -> AsyncIterator[Any]:
+        handle = await self._worker()
         try:
-            async for ref in self._handle.stream.remote(method, request, self._adapter_arg()):
+            async for ref in handle.stream.remote(method, request, self._adapter_arg()):
                 yield await ref
         except Exception as exc:
-            raise _reraise(exc) from None
+            raise self._lost(exc) from None
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         """Return a chat completion computed by the model worker."""

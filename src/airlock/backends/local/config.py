@@ -26,6 +26,10 @@ class LocalBackendConfig:
     # on load, never stored): N(0, noise_sigma^2) on every weight, drawn from noise_seed.
     noise_sigma: float | None = None
     noise_seed: int = 0
+    noise_job: str | None = None
+    """The noise-injection job of a noised copy: each job's ``(sigma, seed)`` is its own copy."""
+    noise_expires_at: str | None = None
+    """When a noised copy stops being served (ISO 8601): a Ray model worker holding it exits on its own after it."""
     num_gpus: int | None = None
     """GPUs a Ray model worker of these weights asks for (default: 1 on ``cuda``, else 0); unused in-process."""
     threads: int | None = None
@@ -63,8 +67,9 @@ class LocalBackendConfig:
         wait = values.get("batch_wait_ms", 5.0)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
             raise ConfigError(f"local backend: batch_wait_ms must be a number >= 0, not {wait!r}")
-        for key in ("model", "device", "dtype"):
-            if key in values and not isinstance(values[key], str):
+        for key in ("model", "device", "dtype", "noise_job", "noise_expires_at"):
+            optional = key.startswith("noise_") and values.get(key) is None
+            if key in values and not optional and not isinstance(values[key], str):
                 raise ConfigError(f"local backend: {key} must be a string, not {values[key]!r}")
         sigma = values.get("noise_sigma")
         if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma <= 1):
