@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -248,6 +249,109 @@ def wait_for(condition: Any, *, what: str = "condition") -> None:
 
     while not condition():
         time.sleep(0.05)
+
+
+def _named(prefix: str) -> set[str]:
+    from ray.util import list_named_actors
+
+    return {a["name"] for a in list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+
+def _gone_for_good(name: str) -> None:
+    """Wait until actor ``name`` is dead and its name freed: Ray is not restarting it (a restarting one keeps it)."""
+    import ray
+
+    wait_for(lambda: name not in _named("airlock-noise-"))
+    with pytest.raises(ValueError):
+        ray.get_actor(name, namespace="airlock")
+
+
+def test_noised_workers_are_killed_at_expiry_and_base_workers_stay(env: Env) -> None:
+    import asyncio
+
+    import ray
+
+    from airlock.cluster.worker import NOISE_EXIT_GRACE_S, RayModelBackend, model_worker, worker_name
+    from airlock.config import get_settings
+    from airlock.db import utcnow
+    from airlock.errors import BackendUnavailableError
+    from airlock.ids import parse_noised_id
+
+    with env.http() as http:
+        created = http.post(
+            "/v1/airlock/noise/jobs", json={"model": "tiny@v1/helpful-only", "sigmas": [0.01], "seeds": [1]}
+        )
+        assert created.status_code == 201, created.text
+        job = created.json()
+        done = wait_on_progress(env.lab.db, job["id"], lambda j: j.status in TERMINAL)
+        assert done.status == "succeeded", done.error
+        noised = job["variants"][0]["id"]
+        for model in ("tiny/helpful-only", noised):
+            sampled = http.post("/v1/completions", json={"model": model, "prompt": "one", "max_tokens": 2})
+            assert sampled.status_code == 200, sampled.text
+    [name] = _named("airlock-noise-")  # the copy is a worker of its own, next to the base's
+    base = _named("airlock-model-")
+    assert base
+    copy = ray.get_actor(name, namespace="airlock")
+
+    # The gateway's clock passes the expiry; no request comes: the sweeper kills the copy's worker.
+    state = env.lab.server.app.state
+    expires_at = datetime.fromisoformat(job["expires_at"])
+    state.gateway.pipelines.clock = lambda: expires_at + timedelta(seconds=1)
+    try:
+        state.noised_expiry.poke()
+        _gone_for_good(name)
+    finally:
+        state.gateway.pipelines.clock = utcnow
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(copy.ping.remote())
+    assert _named("airlock-model-") == base  # shared base workers are never killed by a gateway
+    for handle in (ray.get_actor(n, namespace="airlock") for n in base):
+        ray.get(handle.ping.remote())
+    with env.lab.db.session() as session:
+        row = session.get(Job, job["id"])
+        assert row is not None
+        row.params = {**row.params, "expires_at": (utcnow() - timedelta(seconds=1)).isoformat()}
+    with env.http() as http:  # the id expired: a 404 as ever, nothing placed again
+        gone = http.post("/v1/completions", json={"model": noised, "prompt": "one", "max_tokens": 2})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found", gone.text
+    assert not _named("airlock-noise-")
+
+    # Two replicas hold the same copy: the first retires it; the second answers a 503 (not a crash),
+    # then places it again while its id lives, and retiring it twice is no error.
+    ref = parse_noised_id(noised)
+    config = {
+        "model": "tiny-random",
+        "noise_sigma": ref.sigma,
+        "noise_seed": ref.seed,
+        "noise_job": "noise-replicas",
+        "noise_expires_at": (utcnow() + timedelta(hours=1)).isoformat(),
+    }
+
+    async def replicas() -> None:
+        first, second = RayModelBackend(config, get_settings()), RayModelBackend(config, get_settings())
+        await first.start()
+        await second.start()
+        assert first.worker["pid"] == second.worker["pid"]  # one worker, found by name
+        await first.retire()
+        _gone_for_good(worker_name(config))
+        with pytest.raises(BackendUnavailableError):
+            await second.tokenizer_info()
+        assert await second.tokenizer_info()  # placed again: the id is still live
+        await second.retire()
+        await first.retire()
+
+    asyncio.run(replicas())
+    _gone_for_good(worker_name(config))
+
+    # A copy whose gateways are all gone ends on its own after its expiry (here: already past it).
+    orphan = {**config, "noise_job": "noise-orphan"}
+    orphan["noise_expires_at"] = (utcnow() - timedelta(seconds=NOISE_EXIT_GRACE_S)).isoformat()
+    left = model_worker(orphan)
+    _gone_for_good(worker_name(orphan))
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(left.ping.remote())
+    assert _named("airlock-model-") == base
 
 
 SLOW_INTERP = """
