@@ -136,6 +136,10 @@ class PipelineCache:
         """Make the sweeper look again now (the clock was moved); call on the loop the cache serves on."""
         self._noised_changed.set()
 
+    def new_wakeup(self) -> None:
+        """Start the sweeper's wake-ups afresh: an event bound to one loop cannot serve another (an app restarted)."""
+        self._noised_changed = asyncio.Event()
+
     @property
     def noised_loaded(self) -> int:
         """Return how many noise-injected variants hold weights now."""
@@ -165,6 +169,7 @@ class NoisedExpiry:
         """Start the sweeper on the running loop (idempotent)."""
         if self._task is None:
             self._loop = asyncio.get_running_loop()
+            self.pipelines.new_wakeup()
             self._task = asyncio.create_task(self._run(), name="noised-expiry")
 
     async def stop(self) -> None:
