@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from airlock.backends import tokenization
+from airlock.backends import http1, tokenization
 from airlock.backends.base import ModelBackend
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -64,9 +65,6 @@ _FINISH_ALIASES = {"function_call": "tool_calls", "eos_token": "stop", "eos": "s
 _MAX_ERROR_CHARS = 500
 # SSE lines are read whole; a chunk with many top_logprobs can exceed aiohttp's 256 KiB default.
 _READ_BUFSIZE = 1 << 20
-# Failures where the request never reached a working upstream, or a pooled keep-alive
-# connection had gone stale: generation has no side effects, so these are safe to retry.
-_RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError)
 
 
 #: Unmodelled fields an upstream would act on that Airlock must control: refused, with the reason.
@@ -202,6 +200,9 @@ class OpenAIUpstreamBackend(ModelBackend):
         self.supports_echo = config.echo_supported  # type: ignore[misc]
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
+        # Non-streaming calls go through the lean keep-alive client; streams through aiohttp.
+        self._http: http1.Http1Client | None = None
+        self._http_loop: asyncio.AbstractEventLoop | None = None
         # Airlock's adapter name -> the opaque name the server knows it by; names and paths to keep hidden.
         self._adapters: dict[str, str] = {}
         self._adapter_paths: dict[str, Path] = {}
@@ -262,12 +263,30 @@ class OpenAIUpstreamBackend(ModelBackend):
             self._session_loop = loop
         return self._session
 
+    def _client(self) -> http1.Http1Client:
+        # Connections belong to the event loop that opened them, as the aiohttp session's do.
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._http_loop is not loop:
+            # Another loop's connections can be neither used nor closed from this one: they are dropped.
+            headers = {"User-Agent": "airlock", **self._headers()}
+            self._http = http1.Http1Client(
+                self.base_url,
+                headers,
+                limit=self.config.max_connections,
+                connect_timeout_s=self.config.connect_timeout_s,
+            )
+            self._http_loop = loop
+        return self._http
+
     async def start(self) -> None:
         """Open the pooled HTTP session."""
         self._get_session()
 
     async def aclose(self) -> None:
         """Close the HTTP session and its connections."""
+        client, self._http = self._http, None
+        if client is not None and self._http_loop is asyncio.get_running_loop():
+            client.close()
         session, self._session = self._session, None
         if session is None or session.closed:
             return
@@ -335,10 +354,12 @@ class OpenAIUpstreamBackend(ModelBackend):
         return self._redact(text.strip()) or "no details", None
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        status = response.status
-        if status < 400:
-            return
-        message, param = self._error_message(await response.read())
+        if response.status >= 400:
+            self._fail(response.status, await response.read(), _retry_after(response.headers.get("Retry-After")))
+
+    def _fail(self, status: int, raw: bytes, retry_after: float | None) -> NoReturn:
+        """Raise the Airlock error an upstream error answer (``status`` >= 400, body ``raw``) maps onto."""
+        message, param = self._error_message(raw)
         if status in (401, 403):
             logger.error("upstream %s rejected Airlock's credentials (HTTP %d): %s", self.base_url, status, message)
             raise BackendError(
@@ -354,7 +375,7 @@ class OpenAIUpstreamBackend(ModelBackend):
             raise RateLimitError(
                 f"the upstream model server is rate limiting requests: {message}",
                 code="upstream_rate_limited",
-                retry_after=_retry_after(response),
+                retry_after=retry_after,
             )
         if status == 503:
             logger.warning("upstream %s unavailable (HTTP 503): %s", self.base_url, message)
@@ -380,42 +401,44 @@ class OpenAIUpstreamBackend(ModelBackend):
 
     async def _post_json(self, path: str, body: bytes | None, *, root: str | None = None) -> dict[str, Any]:
         """POST ``body`` (GET when None) and return the JSON object answered, retrying connect failures and 503s."""
-        url = (root or self.base_url) + path
         attempt = 0
         while True:
+            answer = await self._exchange(path, body, root=root, retryable=attempt < self.config.max_retries)
+            if answer is None or (answer.status == 503 and attempt < self.config.max_retries):
+                attempt += 1
+                hint = _retry_after(answer.headers.get("retry-after")) if answer is not None else None
+                await asyncio.sleep(_backoff(attempt, hint))
+                continue
+            if answer.status >= 400:
+                self._fail(answer.status, answer.body, _retry_after(answer.headers.get("retry-after")))
             try:
-                method = "GET" if body is None else "POST"
-                async with self._get_session().request(method, url, data=body, timeout=self._timeout) as response:
-                    if response.status == 503 and attempt < self.config.max_retries:
-                        delay = _retry_after(response)
-                        await response.read()
-                        attempt += 1
-                        await asyncio.sleep(_backoff(attempt, delay))
-                        continue
-                    await self._raise_for_status(response)
-                    raw = await response.read()
-            except AirlockError:
-                raise
-            except _RETRYABLE as exc:
-                if attempt < self.config.max_retries:
-                    attempt += 1
-                    await asyncio.sleep(_backoff(attempt))
-                    continue
-                self._unreachable(exc)
-            except TimeoutError:
-                # Not retried: the upstream may still be generating, and a retry would double its load.
-                self._timed_out()
-            except aiohttp.ClientConnectionError as exc:
-                self._unreachable(exc)
-            except (aiohttp.ClientError, HttpProcessingError) as exc:
-                self._bad_response(repr(exc))
-            try:
-                data = json.loads(raw)
+                data = json.loads(answer.body)
             except ValueError:
-                self._bad_response(f"body is not JSON: {raw[:200]!r}")
+                self._bad_response(f"body is not JSON: {answer.body[:200]!r}")
             if not isinstance(data, dict):
-                self._bad_response(f"body is not a JSON object: {raw[:200]!r}")
+                self._bad_response(f"body is not a JSON object: {answer.body[:200]!r}")
             return data
+
+    async def _exchange(
+        self, path: str, body: bytes | None, *, root: str | None = None, retryable: bool = False
+    ) -> http1.Answer | None:
+        """Send one request (GET when ``body`` is None) and return its answer; None: a failure worth retrying."""
+        resource = _resource((root or self.base_url) + path)
+        try:
+            return await self._client().request(
+                "GET" if body is None else "POST", resource, body, self.config.timeout_s
+            )
+        except (http1.ConnectFailed, http1.Disconnected) as exc:
+            # The request never reached a working upstream, or a kept-alive connection had gone
+            # stale: generation has no side effects, so these are safe to retry.
+            if retryable:
+                return None
+            self._unreachable(exc)
+        except TimeoutError:
+            # Not retried: the upstream may still be generating, and a retry would double its load.
+            self._timed_out()
+        except http1.BadResponse as exc:
+            self._bad_response(repr(exc))
 
     async def _stream_events(self, path: str, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         """POST ``body`` with ``stream: true`` and yield each SSE ``data:`` event as a JSON object."""
@@ -561,13 +584,9 @@ class OpenAIUpstreamBackend(ModelBackend):
 
     async def _post_raw(self, path: str, body: bytes) -> tuple[int, bytes]:
         """POST ``body`` to ``base_url + path`` once; return the status and body (transport failures: 503)."""
-        try:
-            async with self._get_session().post(self.base_url + path, data=body, timeout=self._timeout) as response:
-                return response.status, await response.read()
-        except TimeoutError:
-            self._timed_out()
-        except (aiohttp.ClientError, HttpProcessingError) as exc:
-            self._unreachable(exc)
+        answer = await self._exchange(path, body)
+        assert answer is not None  # not retryable: failures raise
+        return answer.status, answer.body
 
     # ------------------------------------------------------------ chat
 
@@ -726,14 +745,16 @@ class _UpstreamAdapterView(OpenAIUpstreamBackend):
             async for event in events:
                 yield event
 
-    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
-        if response.status == 404:
+    def _client(self) -> http1.Http1Client:
+        return self._parent._client()
+
+    def _fail(self, status: int, raw: bytes, retry_after: float | None) -> NoReturn:
+        if status == 404:
             # The server no longer has the adapter (it restarted): load it again on the next request.
             logger.warning("upstream %s lost adapter %s; it will be loaded again", self.base_url, self.model)
             self._adapters.pop(self._name, None)
-            await response.read()
             raise BackendUnavailableError("the fine-tuned model is being reloaded on the model server; retry")
-        await super()._raise_for_status(response)
+        super()._fail(status, raw, retry_after)
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
@@ -755,6 +776,13 @@ async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
         yield "\n".join(data_lines)
 
 
+@functools.lru_cache(maxsize=256)
+def _resource(url: str) -> str:
+    """Return the path and query of ``url`` (what the request line names)."""
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
 def _normalize_choices(data: dict[str, Any]) -> None:
     """Map non-standard finish reasons onto the wire model's set, in place."""
     choices = data.get("choices")
@@ -768,8 +796,8 @@ def _normalize_choices(data: dict[str, Any]) -> None:
             choice["finish_reason"] = _FINISH_ALIASES.get(str(reason), "stop")
 
 
-def _retry_after(response: aiohttp.ClientResponse) -> float | None:
-    value = response.headers.get("Retry-After")
+def _retry_after(value: str | None) -> float | None:
+    """Return a ``Retry-After`` header's delay in seconds (None: absent, a date, or invalid)."""
     if value is None:
         return None
     try:
