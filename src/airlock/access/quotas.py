@@ -149,11 +149,13 @@ class _Pipeline:
     """One Redis connection shared by all of a loop's requests, commands pipelined and answered in order.
 
     redis-py's pooled client checks a connection out, wraps the call in its retry machinery and
-    checks it back in for every command, which costs more CPU than the round trip itself. Here a
-    command is written at once (no waiting for earlier answers) and one reader task hands each
-    reply, in order, to the request that sent it. The connection (address, credentials, database,
-    TLS and the reply parser) is redis-py's own. A broken connection fails the commands waiting on
-    it, as the pooled client did; the next command connects again.
+    reads each reply through a stream reader and a task, which costs more CPU than the round trip
+    itself. Here a command is packed and written at once (hiredis packs it; no waiting for earlier
+    answers) and the socket's data goes straight into hiredis's reply parser, which hands each
+    reply, in order, to the request that sent it. The connection is opened by redis-py (address,
+    credentials, database, TLS: everything the URL says), then its transport is handed to
+    :class:`_Replies`. A broken connection fails the commands waiting on it, as the pooled client
+    did; the next command connects again.
     """
 
     def __init__(self, url: str) -> None:
@@ -161,80 +163,99 @@ class _Pipeline:
 
         self._pool: Any = redis.asyncio.ConnectionPool.from_url(url)
         self._conn: Any = None
-        self._pending: deque[asyncio.Future[Any]] = deque()
-        self._reader: asyncio.Task[None] | None = None
+        self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
 
-    async def _connection(self) -> Any:
-        if self._conn is not None:
-            return self._conn
+    async def _connection(self) -> _Replies:
+        if self._replies is not None and not self._replies.broken:
+            return self._replies
         async with self._connecting:
-            if self._conn is None:
+            if self._replies is None or self._replies.broken:
                 conn = self._pool.make_connection()
-                await conn.connect()
-                self._conn = conn
-                self._reader = asyncio.get_running_loop().create_task(self._read(conn))
-        return self._conn
+                await conn.connect()  # redis-py's handshake: AUTH, SELECT, TLS
+                # The handshake is over and nothing else was sent: from now on replies come to _Replies.
+                transport = conn._writer.transport
+                replies = _Replies(transport)
+                transport.set_protocol(replies)
+                self._conn, self._replies = conn, replies
+        return self._replies
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply (a Redis error reply is raised as ``ResponseError``)."""
-        conn = await self._connection()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        # Queued before the write and written before any await: replies arrive in the order sent.
-        self._pending.append(future)
-        try:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-        except BaseException:
-            self._broken(conn, RedisConnectionError("writing to Redis failed"))
-            raise
-        return await future
+        replies = await self._connection()
+        return await replies.send(args)
 
-    async def _read(self, conn: Any) -> None:
+    async def aclose(self) -> None:
+        """Close the connection."""
+        replies, self._replies = self._replies, None
+        conn, self._conn = self._conn, None
+        if replies is not None:
+            replies.fail(RedisConnectionError("the rate limiter was closed"))
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+        await self._pool.disconnect()
+
+
+class _Replies(asyncio.Protocol):
+    """Receives a Redis connection's replies and resolves the commands' futures in the order they were sent."""
+
+    def __init__(self, transport: Any) -> None:
+        import hiredis
+
+        self._transport = transport
+        self._reader = hiredis.Reader(replyError=ResponseError)
+        self._pack = hiredis.pack_command
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        self.broken = False
+
+    def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Write one command; its reply resolves the future returned."""
+        if self.broken:
+            raise RedisConnectionError("the Redis connection is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Queued and written with no await between: replies arrive in the order sent.
+        self._pending.append(future)
+        self._transport.write(self._pack(args))
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        """Parse replies; each answers the oldest command waiting."""
+        self._reader.feed(data)
         while True:
             try:
-                reply = await conn.read_response(timeout=math.inf)
-            except ResponseError as exc:  # an error reply answers its own command only
-                if self._pending:
-                    future = self._pending.popleft()
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            except BaseException as exc:
-                self._broken(conn, exc if isinstance(exc, Exception) else RedisConnectionError(str(exc)))
+                reply = self._reader.gets()
+            except Exception as exc:  # not the Redis protocol: nothing more on this connection can be trusted
+                self.fail(RedisConnectionError(f"invalid reply from Redis: {exc}"))
                 return
-            if self._pending:
-                future = self._pending.popleft()
-                if not future.done():
-                    future.set_result(reply)
+            if reply is False:
+                return
+            if not self._pending:
+                continue
+            future = self._pending.popleft()
+            if future.done():
+                continue
+            if isinstance(reply, ResponseError):
+                message = str(reply)
+                # An error reply answers its own command only; NOSCRIPT is its own class, as redis-py raises it.
+                future.set_exception(NoScriptError(message) if message.startswith("NOSCRIPT") else reply)
+            else:
+                future.set_result(reply)
 
-    def _broken(self, conn: Any, exc: Exception) -> None:
-        if self._conn is not conn:
-            return
-        self._conn = None
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail the commands still waiting."""
+        self.fail(
+            RedisConnectionError(f"the Redis connection was lost: {exc}" if exc else "Redis closed the connection")
+        )
+
+    def fail(self, exc: Exception) -> None:
+        """Mark the connection broken, fail every waiting command and close the socket."""
+        self.broken = True
         pending, self._pending = self._pending, deque()
         for future in pending:
             if not future.done():
                 future.set_exception(exc)
-        reader, self._reader = self._reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-        asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
-
-    async def aclose(self) -> None:
-        """Close the connection and stop the reader."""
-        conn, self._conn = self._conn, None
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-        for future in self._pending:
-            if not future.done():
-                future.set_exception(RedisConnectionError("the rate limiter was closed"))
-        self._pending.clear()
-        if conn is not None:
-            await conn.disconnect()
-        await self._pool.disconnect()
+        self._transport.close()
 
 
 def tokens_used(session: Session, grant_id: str) -> int:
