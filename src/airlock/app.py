@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import airlock.schema  # noqa: F401  (every table and section of grant terms, installed entry points or not)
 from airlock import __version__
@@ -228,6 +229,30 @@ class MetricsScraper(RequirePermission):
         return await super().__call__(admin, audit)
 
 
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI application, with the sampling fast path in front of its middleware stack.
+
+    Non-streaming sampling requests are answered by :class:`SamplingFastPath` without passing
+    through FastAPI's and Starlette's layers (error middleware, OpenTelemetry hooks, which Airlock
+    does not configure, body limit, which it does not set: the audit middleware enforces its own);
+    every other request, and every one the fast path declines, takes the whole stack.
+    """
+
+    fast_path: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if self.fast_path is not None and scope["type"] == "http":
+            scope["app"] = self  # as Starlette sets it: the fast path reads the gateway's state from it
+            await self.fast_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def full_stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call with FastAPI's whole stack (what the fast path hands on)."""
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -328,7 +353,7 @@ def create_app(
             if cosigner is not None:
                 await run_in_threadpool(cosigner.stop)
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Airlock",
         # Served by the console from packaged assets instead of FastAPI's CDN-backed pages.
         docs_url=None,
@@ -388,16 +413,13 @@ def create_app(
         """Prometheus metrics (requests, latency, tokens per grant, jobs, queues); no request content."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    # Innermost: it fills the audit context the audit middleware creates and records.
-    app.add_middleware(SamplingFastPath)
     # Added before the audit middleware, so it runs inside it: OPTIONS requests are audited too.
     app.add_middleware(OptionsMiddleware)
-    app.add_middleware(
-        AuditMiddleware,
-        writer=audit,
-        max_body_bytes=settings.max_request_bytes,
-        max_upload_bytes=settings.max_file_bytes,
-    )
+    limits = {"max_body_bytes": settings.max_request_bytes, "max_upload_bytes": settings.max_file_bytes}
+    app.add_middleware(AuditMiddleware, writer=audit, **limits)
+    # Outside all of it: the sampling fast path, audited by the same middleware's code, hands
+    # whatever it does not serve itself to the whole stack above.
+    app.fast_path = SamplingFastPath(app.full_stack, AuditMiddleware(app.full_stack, audit, **limits))
     return app
 
 

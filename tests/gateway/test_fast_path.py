@@ -167,3 +167,50 @@ def test_bad_input_gets_the_routes_errors(fast_lab: Lab, served_fast: Counter[st
     rows = fast_lab.audit_rows()
     assert len(rows) == 7 and [r.status_code for r in rows][:5] == [400] * 5
     assert all(r.error_code == "invalid_request" for r in rows[:5])
+
+
+def test_fast_path_bypasses_the_middleware_stack(
+    fast_lab: Lab, served_fast: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.middleware.errors import ServerErrorMiddleware
+
+    through_stack: list[str] = []
+    call = ServerErrorMiddleware.__call__
+
+    async def counting(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        through_stack.append(scope["path"])
+        await call(self, scope, receive, send)
+
+    monkeypatch.setattr(ServerErrorMiddleware, "__call__", counting)
+    _gid, key = fast_lab.grant(model="frontier", variants=["helpful-only"])
+    assert _post(fast_lab, key, _chat("abc")).status_code == 200
+    assert _post(fast_lab, key, {**_chat("abc"), "stream": True}).status_code == 200
+    assert served_fast["fast"] == 1 and through_stack == [CHAT]  # only the stream took the whole stack
+    assert len(fast_lab.audit_rows()) == 2  # each audited once
+
+
+def test_a_bug_on_the_fast_path_is_a_json_500_and_audited(
+    fast_lab: Lab, served_fast: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(routes.serving, "prepare", broken)
+    _gid, key = fast_lab.grant(model="frontier", variants=["helpful-only"])
+    resp = _post(fast_lab, key, _chat("abc"))
+    err = _error(resp, 500)
+    assert err["code"] == "internal_error" and resp.headers["x-request-id"] in err["message"]
+    assert "a bug" not in resp.text
+    (row,) = fast_lab.audit_rows()
+    assert (row.status_code, row.outcome, row.error_code) == (500, "error", "internal_error")
+    assert row.request_id == resp.headers["x-request-id"] and served_fast["fast"] == 1
+
+
+def test_a_body_declared_too_large_is_refused_unread(fast_lab: Lab, served_fast: Counter[str]) -> None:
+    _gid, key = fast_lab.grant(model="frontier", variants=["helpful-only"])
+    body = json.dumps(_chat("x" * (4 * 1024 * 1024 + 1))).encode()
+    err = _error(_post(fast_lab, key, body), 413)
+    assert err["code"] == "request_too_large"
+    assert served_fast["fast"] == 0 and served_fast["routes"] == 0  # never parsed
+    (row,) = fast_lab.audit_rows()
+    assert (row.status_code, row.error_code) == (413, "request_too_large")

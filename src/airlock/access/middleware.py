@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,9 +85,27 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["path"] in UNAUDITED:
             await self.app(scope, receive, send)
             return
+        await self.audited(scope, send, lambda send_wrapper: self.app(scope, receive, send_wrapper))
+
+    def too_large(self, scope: Scope) -> bool:
+        """Whether the request declares a body above its limit (``audited`` answers those with a 413)."""
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        limit = self.max_upload_bytes if scope["path"] == "/v1/files" else self.max_body_bytes
+        return length is not None and length.isdigit() and int(length) > limit
+
+    async def audited(
+        self, scope: Scope, send: Send, handler: Callable[[Send], Awaitable[None]], started: float | None = None
+    ) -> None:
+        """Run ``handler`` (given the ``send`` to answer through) as one audited request.
+
+        The request gets its AuditContext (``scope["airlock.audit"]``) and an ``x-request-id``
+        header; a body declared too large is refused with a 413, an unhandled error becomes a JSON
+        500; whatever happens, one audit event is recorded once the answer is sent. ``started``:
+        when the request began (``time.perf_counter()``), if before this call.
+        """
         ctx = AuditContext(request_id=new_request_id())
         scope["airlock.audit"] = ctx
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         status = 500
         response_started = False
         self.writer.begin()
@@ -102,14 +121,13 @@ class AuditMiddleware:
             await send(message)
 
         try:
-            length = dict(scope.get("headers", [])).get(b"content-length")
-            limit = self.max_upload_bytes if scope["path"] == "/v1/files" else self.max_body_bytes
-            if length is not None and length.isdigit() and int(length) > limit:
+            if self.too_large(scope):
+                limit = self.max_upload_bytes if scope["path"] == "/v1/files" else self.max_body_bytes
                 ctx.error_code = "request_too_large"
                 message = f"request body exceeds {limit} bytes"
                 await _send_json(send_wrapper, 413, error_body(message, "invalid_request_error", "request_too_large"))
                 return
-            await self.app(scope, receive, send_wrapper)
+            await handler(send_wrapper)
         except Exception:
             # The last line of defence: a bug must not reach the client as a traceback, and its
             # request must still be audited (Starlette's own handler runs outside this middleware).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any, ClassVar
@@ -13,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from airlock.access.middleware import AuditContext
+from airlock.access.middleware import AuditContext, AuditMiddleware
 from airlock.access.service import grant_status, granted_model_ids
 from airlock.backends.protocol import (
     ChatCompletion,
@@ -261,15 +262,18 @@ async def tokenizer_info(
 
 
 class SamplingFastPath:
-    """ASGI middleware serving non-streaming ``POST /v1/chat/completions`` and ``/v1/completions`` without FastAPI.
+    """The gateway's outermost ASGI layer: serves non-streaming ``POST /v1/chat/completions`` and ``/v1/completions``.
 
-    FastAPI's routing and dependency resolution cost more per request than the rest of a proxied
-    call. This path runs the very same steps as the routes above (authentication through the
-    revocation-aware cache, ``serving.prepare``: grant, scopes, variant, quotas, the variant's
-    mitigation pipeline; the audit context the audit middleware records) and answers errors with
-    the same handler. Anything it does not serve exactly as the routes would (a body that is not a
-    JSON object of the request model, another content type, a stream) is handed to the routes
-    unchanged, so their validation errors and streaming stay the one implementation.
+    FastAPI's routing, dependency resolution and middleware stack cost more per request than the
+    rest of a proxied call. This path runs the very same steps as the routes above
+    (authentication through the revocation-aware cache, ``serving.prepare``: grant, scopes,
+    variant, quotas, the variant's mitigation pipeline) inside the same audit
+    (``AuditMiddleware.audited``: request id, body limit, JSON 500 on a bug, one audit event per
+    request, metrics) and answers errors with the same handler. Anything it does not serve exactly
+    as the routes would (a body declared too large, one that is not a JSON object of the request
+    model, another content type, a stream) goes to ``app``, the full application, unchanged, so its
+    validation errors and streaming stay the one implementation. ``scope["app"]`` must be the
+    gateway's FastAPI app (its ``state.gateway``).
     """
 
     _MODELS: ClassVar[Mapping[str, type[ChatCompletionRequest] | type[CompletionRequest]]] = {
@@ -277,15 +281,17 @@ class SamplingFastPath:
         "/v1/completions": CompletionRequest,
     }
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, audit: AuditMiddleware) -> None:
         self.app = app
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI call."""
         model = self._MODELS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if model is None:
+        if model is None or self.audit.too_large(scope):
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         authorization = ""
         json_body = False
         for name, value in scope["headers"]:
@@ -298,24 +304,33 @@ class SamplingFastPath:
         if request is None or request.stream:
             await self.app(scope, _replay(body, receive), send)
             return
-        audit = scope.get("airlock.audit")
-        if not isinstance(audit, AuditContext):  # always set by AuditMiddleware; scratch context otherwise
-            audit = scope["airlock.audit"] = AuditContext(request_id="unaudited")
-        state: GatewayState = scope["app"].state.gateway
-        try:
-            principal = await authenticate_evaluator(state, authorization, audit)
-            target = await serving.prepare(state, principal, audit, request)
-            if isinstance(request, ChatCompletionRequest):
-                result: ChatCompletion | Completion = await serving.chat(target, request, audit)
-            else:
-                result = await serving.complete(target, request, audit)
-        except AirlockError as exc:
-            await airlock_error_response(scope, exc)(scope, receive, send)
-            return
-        payload = result.model_dump_json().encode()
-        headers = [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+
+        async def serve(reply: Send) -> None:
+            await _serve(scope, receive, reply, request, authorization)
+
+        await self.audit.audited(scope, send, serve, started)
+
+
+async def _serve(
+    scope: Scope, receive: Receive, send: Send, request: ChatCompletionRequest | CompletionRequest, authorization: str
+) -> None:
+    """Serve one parsed non-streaming request inside its audit, as the routes would."""
+    audit: AuditContext = scope["airlock.audit"]
+    state: GatewayState = scope["app"].state.gateway
+    try:
+        principal = await authenticate_evaluator(state, authorization, audit)
+        target = await serving.prepare(state, principal, audit, request)
+        if isinstance(request, ChatCompletionRequest):
+            result: ChatCompletion | Completion = await serving.chat(target, request, audit)
+        else:
+            result = await serving.complete(target, request, audit)
+    except AirlockError as exc:
+        await airlock_error_response(scope, exc)(scope, receive, send)
+        return
+    payload = result.model_dump_json().encode()
+    headers = [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 async def _read_body(receive: Receive) -> bytes:
