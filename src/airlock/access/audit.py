@@ -218,7 +218,53 @@ def insert_audit_rows(session: Session, rows: list[dict[str, Any]]) -> None:
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_INSERT_LOCK})
-    session.execute(insert(AuditEvent), rows)
+        if rows and all(row.keys() == rows[0].keys() for row in rows):
+            _copy_rows(session, rows)
+            return
+    # The table, not the mapped class: a plain executemany, without the ORM's bulk-insert bookkeeping.
+    session.execute(insert(_AUDIT_TABLE), rows)
+
+
+_AUDIT_TABLE = cast(Table, AuditEvent.__table__)
+
+
+def _copy_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert rows on PostgreSQL with one ``COPY``: one message for the batch, not one per row.
+
+    Each value goes through its column type's bind processing, as an INSERT would send it (UTC
+    timestamps, JSON text); columns the rows leave out get their defaults, as an INSERT's would.
+    """
+    connection = session.connection()
+    dialect = connection.dialect
+    names = list(rows[0])
+    columns = [_AUDIT_TABLE.c[name] for name in names]
+    missing = [c for c in _AUDIT_TABLE.columns if c.name not in rows[0] and not c.primary_key]
+    for column in missing:  # Python-side defaults, as SQLAlchemy applies them to an INSERT
+        names.append(column.name)
+        columns.append(column)
+    processors = [column.type._cached_bind_processor(dialect) for column in columns]
+    defaults = [_default_of(column) for column in columns[len(rows[0]) :]]
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(f"COPY {_AUDIT_TABLE.name} ({', '.join(names)}) FROM STDIN") as copy:
+        for row in rows:
+            values = list(row.values()) + [default() for default in defaults]
+            copy.write_row(
+                [
+                    value if process is None else process(value)
+                    for value, process in zip(values, processors, strict=True)
+                ]
+            )
+
+
+def _default_of(column: Any) -> Callable[[], Any]:
+    """Return a column's Python-side default as a function of nothing (None when it has none)."""
+    default = column.default
+    if default is None:
+        return lambda: None
+    if default.is_callable:
+        return lambda: default.arg(None)
+    return lambda: default.arg
 
 
 def tail(session: Session, limit: int = 20, *, grant_id: str | None = None) -> list[AuditEvent]:

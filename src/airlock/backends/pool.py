@@ -44,8 +44,31 @@ class VariantRuntimeSpec:
 
     def pipeline_key(self) -> str:
         """Identify the pipeline: changes to backend or mitigations make a new one."""
+        # Every request builds a spec from the registry cache's variant, so the same config and
+        # mitigation objects come back again and again: their key is remembered by identity (the
+        # entry holds them, so an id cannot be reused while it is there). Nothing mutates them.
+        memo = _PIPELINE_KEYS.get((id(self.backend_config), id(self.mitigations)))
+        if (
+            memo is not None
+            and memo[0] is self.backend_config
+            and memo[1] is self.mitigations
+            and memo[2] == (self.variant_id, self.backend)
+        ):
+            return memo[3]
         body = json.dumps([self.backend_key(), self.mitigations], sort_keys=True)
-        return self.variant_id + ":" + hashlib.sha256(body.encode()).hexdigest()[:16]
+        key = self.variant_id + ":" + hashlib.sha256(body.encode()).hexdigest()[:16]
+        if len(_PIPELINE_KEYS) >= 1024:
+            _PIPELINE_KEYS.clear()
+        _PIPELINE_KEYS[(id(self.backend_config), id(self.mitigations))] = (
+            self.backend_config,
+            self.mitigations,
+            (self.variant_id, self.backend),
+            key,
+        )
+        return key
+
+
+_PIPELINE_KEYS: dict[tuple[int, int], tuple[dict[str, Any], list[dict[str, Any]], tuple[str, str], str]] = {}
 
 
 @runtime_checkable
