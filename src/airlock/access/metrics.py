@@ -104,6 +104,7 @@ class GatewayMetrics:
         self.registry.register(_JobsCollector(db, queue_depths or dict))
         # Each request would otherwise look its label children up by name twice: keep them by their labels.
         self._children: dict[tuple[str, str, int, str, str], tuple[Any, Any]] = {}
+        self._token_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def observe(self, record: AuditRecord) -> None:
         """Count one audited request (ids and sizes only; the record's detail is never read)."""
@@ -121,11 +122,18 @@ class GatewayMetrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(max(record.latency_ms, 0.0) / 1000.0)
-        model, variant = record.model or "-", record.variant or "-"
-        if record.tokens_in:
-            self.tokens.labels(grant, model, variant, "in").inc(record.tokens_in)
-        if record.tokens_out:
-            self.tokens.labels(grant, model, variant, "out").inc(record.tokens_out)
+        if record.tokens_in or record.tokens_out:
+            token_key = (grant, record.model or "-", record.variant or "-")
+            counters = self._token_children.get(token_key)
+            if counters is None:
+                counters = (self.tokens.labels(*token_key, "in"), self.tokens.labels(*token_key, "out"))
+                if len(self._token_children) >= _MAX_CACHED_CHILDREN:
+                    self._token_children.clear()
+                self._token_children[token_key] = counters
+            if record.tokens_in:
+                counters[0].inc(record.tokens_in)
+            if record.tokens_out:
+                counters[1].inc(record.tokens_out)
 
     def render(self) -> bytes:
         """Return the registry in Prometheus' text exposition format."""
