@@ -119,7 +119,12 @@ class LiveServer:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        from airlock.web.server import CoalescingHttpToolsProtocol
+
+        # The protocol `airlock serve` runs.
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=CoalescingHttpToolsProtocol
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.port = 0

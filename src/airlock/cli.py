@@ -234,9 +234,13 @@ def serve(
         f"start-up: serving on {host or settings.host}:{port or settings.port}; weights load in the background "
         "(/healthz answers now, /readyz turns 200 once every backend is loaded)"
     )
+    from airlock.web.server import CoalescingHttpToolsProtocol
+
     options: dict[str, Any] = {
         "host": host or settings.host,
         "port": port or settings.port,
+        # uvicorn's httptools protocol, each response leaving in one write (airlock.web.server)
+        "http": CoalescingHttpToolsProtocol,
         "log_level": log_level,
         "access_log": settings.access_log if access_log is None else access_log,
         "timeout_graceful_shutdown": 10,
