@@ -450,3 +450,31 @@ def test_key_never_appears_in_config_errors_or_repr() -> None:
     b = OpenAIUpstreamBackend.from_config({"base_url": "http://x/v1/", "model": "m", "api_key": secret})
     assert secret not in repr(b) and secret not in repr(b.config)
     assert b.base_url == "http://x/v1"
+
+
+@pytest.mark.parametrize(
+    ("body", "finish", "has_usage"),
+    [
+        ({"usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}, "stop", True),
+        ({"finish": "eos_token"}, "stop", False),  # not the wire model's: normalised on the general path
+        ({"usage": None}, "stop", False),
+        ({}, "stop", False),
+    ],
+)
+def test_answers_validate_the_same_on_either_path(body: dict[str, Any], finish: str, has_usage: bool) -> None:
+    b = OpenAIUpstreamBackend.from_config({"base_url": "http://127.0.0.1:1/v1", "model": "m"})
+    answer: dict[str, Any] = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "text": "hi", "finish_reason": body.get("finish", "stop"), "logprobs": None}],
+    }
+    if "usage" in body:
+        answer["usage"] = body["usage"]
+    result, reported = b._answer(json.dumps(answer).encode(), Completion, "completion")
+    assert result.choices[0].finish_reason == finish and result.choices[0].text == "hi"
+    assert reported is has_usage
+    for bad in (b"not json", b"[1]", json.dumps({**answer, "choices": "none"}).encode()):
+        with pytest.raises(BackendError):
+            b._answer(bad, Completion, "completion")

@@ -29,7 +29,7 @@ import os
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NoReturn
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -57,6 +57,7 @@ from airlock.errors import (
 )
 
 logger = logging.getLogger(__name__)
+AnswerT = TypeVar("AnswerT", ChatCompletion, Completion)
 
 _FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls"})
 # Older and non-OpenAI servers use other finish reasons; map them onto the wire model's set.
@@ -401,6 +402,41 @@ class OpenAIUpstreamBackend(ModelBackend):
 
     async def _post_json(self, path: str, body: bytes | None, *, root: str | None = None) -> dict[str, Any]:
         """POST ``body`` (GET when None) and return the JSON object answered, retrying connect failures and 503s."""
+        return self._json_object(await self._post_bytes(path, body, root=root))
+
+    def _json_object(self, raw: bytes) -> dict[str, Any]:
+        """Parse an answer's body as a JSON object (anything else is the upstream's fault: 502)."""
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            self._bad_response(f"body is not JSON: {raw[:200]!r}")
+        if not isinstance(data, dict):
+            self._bad_response(f"body is not a JSON object: {raw[:200]!r}")
+        return data
+
+    def _answer(self, raw: bytes, model: type[AnswerT], what: str) -> tuple[AnswerT, bool]:
+        """Validate an upstream answer as ``model``; return it and whether the upstream reported usage.
+
+        A standard answer is parsed and validated in one pass from its bytes; anything that pass
+        refuses (a non-standard finish reason, usage null, invalid JSON) takes the general path,
+        the body as a JSON object with finish reasons normalised, so the result is the same.
+        """
+        try:
+            result = model.model_validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            return result, "usage" in result.model_fields_set and result.usage is not None
+        data = self._json_object(raw)
+        _normalize_choices(data)
+        try:
+            result = model.model_validate(data)
+        except ValidationError as exc:
+            self._bad_response(f"{what} does not validate: {exc.errors(include_input=False)}")
+        return result, data.get("usage") is not None
+
+    async def _post_bytes(self, path: str, body: bytes | None, *, root: str | None = None) -> bytes:
+        """POST ``body`` (GET when None) and return the body of the 2xx answer, retrying connect failures and 503s."""
         attempt = 0
         while True:
             answer = await self._exchange(path, body, root=root, retryable=attempt < self.config.max_retries)
@@ -411,13 +447,7 @@ class OpenAIUpstreamBackend(ModelBackend):
                 continue
             if answer.status >= 400:
                 self._fail(answer.status, answer.body, _retry_after(answer.headers.get("retry-after")))
-            try:
-                data = json.loads(answer.body)
-            except ValueError:
-                self._bad_response(f"body is not JSON: {answer.body[:200]!r}")
-            if not isinstance(data, dict):
-                self._bad_response(f"body is not a JSON object: {answer.body[:200]!r}")
-            return data
+            return answer.body
 
     async def _exchange(
         self, path: str, body: bytes | None, *, root: str | None = None, retryable: bool = False
@@ -598,13 +628,9 @@ class OpenAIUpstreamBackend(ModelBackend):
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         """Forward a chat completion to the upstream."""
         self._check_chat(request)
-        data = await self._post_json("/chat/completions", self._payload(request, stream=False))
-        _normalize_choices(data)
-        try:
-            result = ChatCompletion.model_validate(data)
-        except ValidationError as exc:
-            self._bad_response(f"chat completion does not validate: {exc.errors(include_input=False)}")
-        if data.get("usage") is None:
+        raw = await self._post_bytes("/chat/completions", self._payload(request, stream=False))
+        result, has_usage = self._answer(raw, ChatCompletion, "chat completion")
+        if not has_usage:
             texts = {c.index: [c.message.content or ""] for c in result.choices}
             result = result.model_copy(update={"usage": self._chat_usage(request, texts)})
         return result
@@ -654,13 +680,9 @@ class OpenAIUpstreamBackend(ModelBackend):
     async def complete(self, request: CompletionRequest) -> Completion:
         """Forward a text completion to the upstream."""
         self._check_completion(request)
-        data = await self._post_json("/completions", self._payload(request, stream=False))
-        _normalize_choices(data)
-        try:
-            result = Completion.model_validate(data)
-        except ValidationError as exc:
-            self._bad_response(f"completion does not validate: {exc.errors(include_input=False)}")
-        if data.get("usage") is None:
+        raw = await self._post_bytes("/completions", self._payload(request, stream=False))
+        result, has_usage = self._answer(raw, Completion, "completion")
+        if not has_usage:
             texts = {c.index: [c.text] for c in result.choices}
             result = result.model_copy(update={"usage": self._completion_usage(request, texts)})
         return result
@@ -734,9 +756,9 @@ class _UpstreamAdapterView(OpenAIUpstreamBackend):
         if self._name not in self._adapters:
             await self._parent.load_adapter(self._name, self._adapter_paths[self._name])
 
-    async def _post_json(self, path: str, body: bytes | None, *, root: str | None = None) -> dict[str, Any]:
+    async def _post_bytes(self, path: str, body: bytes | None, *, root: str | None = None) -> bytes:
         await self._ensure_loaded()
-        return await super()._post_json(path, body, root=root)
+        return await super()._post_bytes(path, body, root=root)
 
     async def _stream_events(self, path: str, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         await self._ensure_loaded()
