@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from airlock.access.middleware import AuditContext
+from airlock.access.models import Grant
 from airlock.access.quotas import RateLimiter, SamplingTerms, check_token_quota, tokens_used
 from airlock.access.service import Principal, authorize
 from airlock.access.terms import terms_of
@@ -158,7 +159,7 @@ async def prepare(
     target = await resolve_target(state, principal, request.model, scopes, audit)
     resolved = target.variant
     check_output_budget(request, resolved)
-    terms = terms_of(principal.grant, SamplingTerms)
+    terms = _sampling_terms(principal.grant)
     if terms.quota_total_tokens is not None:
         # The principal may come from the authentication cache: read the usage counter itself.
         used = await run_in_threadpool(_tokens_used, state.db, principal.grant_id)
@@ -182,6 +183,27 @@ async def prepare(
     if request.temperature > 0 and terms.watermark:
         request.set_watermark_key(await run_in_threadpool(_grant_watermark_key, state, principal.grant_id))
     return Target(public_id=request.model, backend=backend)
+
+
+_TERMS: dict[int, tuple[Any, SamplingTerms]] = {}
+
+
+def _sampling_terms(grant: Grant) -> SamplingTerms:
+    """Return a grant's sampling terms, parsed once per stored terms object.
+
+    A principal from the authentication cache brings the same grant, and the same terms dict, on
+    every request; the entry holds that dict, so its id cannot be reused while it is there. A
+    grant read afresh (or changed) brings another dict and is parsed again.
+    """
+    stored = grant.terms
+    memo = _TERMS.get(id(stored))
+    if memo is not None and memo[0] is stored:
+        return memo[1]
+    terms = terms_of(grant, SamplingTerms)
+    if len(_TERMS) >= 1024:
+        _TERMS.clear()
+    _TERMS[id(stored)] = (stored, terms)
+    return terms
 
 
 async def adapter_pipeline(state: ServingState, spec: VariantRuntimeSpec, fine_tune: FineTunedRef) -> VariantPipeline:
