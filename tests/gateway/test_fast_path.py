@@ -214,3 +214,29 @@ def test_a_body_declared_too_large_is_refused_unread(fast_lab: Lab, served_fast:
     assert served_fast["fast"] == 0 and served_fast["routes"] == 0  # never parsed
     (row,) = fast_lab.audit_rows()
     assert (row.status_code, row.error_code) == (413, "request_too_large")
+
+
+def test_watermark_keys_are_derived_once_per_grant(
+    fast_lab: Lab, served_fast: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airlock.backends.protocol import ChatCompletionRequest
+    from airlock.leak.keys import watermark_key
+    from airlock.serving import service
+
+    derived: list[str] = []
+    derive = service._grant_watermark_key
+    monkeypatch.setattr(service, "_grant_watermark_key", lambda s, g: derived.append(g) or derive(s, g))
+    keys: list[bytes] = []
+    set_key = ChatCompletionRequest.set_watermark_key
+    monkeypatch.setattr(
+        ChatCompletionRequest, "set_watermark_key", lambda self, key: keys.append(key) or set_key(self, key)
+    )
+    first, key_a = fast_lab.grant(model="frontier", variants=["helpful-only"])
+    second, key_b = fast_lab.grant(model="frontier", variants=["helpful-only"])
+    for key in (key_a, key_a, key_b, key_a):
+        assert _post(fast_lab, key, {**_chat("abc"), "temperature": 0.7}).status_code == 200
+    assert derived == [first, second] and served_fast["fast"] == 4
+    with fast_lab.db.session() as session:
+        expected = {g: watermark_key(session, g) for g in (first, second)}
+    assert keys == [expected[first], expected[first], expected[second], expected[first]]
+    assert expected[first] != expected[second]

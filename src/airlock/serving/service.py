@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -181,7 +182,14 @@ async def prepare(
     if isinstance(request, CompletionRequest) and request.echo and not backend.supports_echo:
         raise InvalidRequestError(f"variant {resolved.variant_name!r} does not support echo", param="echo")
     if request.temperature > 0 and terms.watermark:
-        request.set_watermark_key(await run_in_threadpool(_grant_watermark_key, state, principal.grant_id))
+        keys = _WATERMARK_KEYS.setdefault(state.db, {})
+        key = keys.get(principal.grant_id)
+        if key is None:
+            key = await run_in_threadpool(_grant_watermark_key, state, principal.grant_id)
+            if len(keys) >= 10_000:
+                keys.clear()
+            keys[principal.grant_id] = key
+        request.set_watermark_key(key)
     return Target(public_id=request.model, backend=backend)
 
 
@@ -219,6 +227,11 @@ async def adapter_pipeline(state: ServingState, spec: VariantRuntimeSpec, fine_t
 def _tokens_used(db: Database, grant_id: str) -> int:
     with db.session() as session:
         return tokens_used(session, grant_id)
+
+
+# A grant's watermark key is an HMAC of its id under the database's grant seal key, which is fixed
+# for the process's life: derived once per grant and database, not in a thread on every request.
+_WATERMARK_KEYS: weakref.WeakKeyDictionary[Database, dict[str, bytes]] = weakref.WeakKeyDictionary()
 
 
 def _grant_watermark_key(state: ServingState, grant_id: str) -> bytes:
