@@ -182,7 +182,9 @@ class _Pipeline:
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its reply (a Redis error reply is raised as ``ResponseError``)."""
-        replies = await self._connection()
+        replies = self._replies
+        if replies is None or replies.broken:
+            replies = await self._connection()
         return await replies.send(args)
 
     async def aclose(self) -> None:
