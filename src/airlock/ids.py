@@ -15,6 +15,7 @@ to what it names is the serving package's (:mod:`airlock.serving.service`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ def parse_version_ref(text: str, *, require_version: bool = False) -> VersionRef
     return VersionRef(model=model, version=version or None)
 
 
+@functools.lru_cache(maxsize=1024)  # every sampling request parses its model id; the result is frozen
 def parse_model_id(model_id: str) -> ModelRef:
     """Parse ``{model}/{variant}`` or ``{model}@{version}/{variant}`` (400 ``invalid_model`` otherwise)."""
     head, sep, variant = model_id.rpartition("/")
