@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from airlock.evals.attestation import generate_key, mean_with_ci, public_key_b64, sign
+from airlock.evals.attestation import mean_with_ci
 from airlock.evals.elicitation import (
     Observation,
     analyse,
@@ -21,7 +21,7 @@ from airlock.evals.elicitation import (
 )
 from tests.evals import organisms as org
 from tests.fakes import fake_attestation
-from tests.governance.gate_helpers import POLICY, domain, gate, sync
+from tests.governance.gate_helpers import domain, gate, sync
 
 # ---------------------------------------------------------------- statistics
 
@@ -164,55 +164,11 @@ def test_password_locked_organisms_are_flagged_and_honest_ones_are_not() -> None
 # ---------------------------------------------------------------- intake, gate, routes
 
 
-class Submitter:
-    """Signs organism runs and submits them through the real intake for m1@v1."""
-
-    def __init__(self, db: Any, key_dir: Path, evaluator: str = "org-a") -> None:
-        from airlock.access import service as access
-        from airlock.evals.service import register_signing_key
-
-        self.db, self.evaluator = db, evaluator
-        self.private = generate_key(key_dir / f"{evaluator}.pem")
-        self.log = 0
-        with db.session() as session:
-            access.create_evaluator(session, evaluator)
-            grant = access.create_grant(
-                session,
-                access.GrantRequest(
-                    evaluator=evaluator, model="m1", variants=["production", "helpful-only"], scopes=["sample"]
-                ),
-            )
-            self.grant_id = grant.id
-            _key, self.token = access.create_api_key(session, grant.id)
-            principal = access.authenticate_key(session, self.token)
-            register_signing_key(session, principal.evaluator_id, public_key_b64(self.private), registered_by="test")
-
-    def submit(self, task: org.Task, runs: list[org.Run], **overrides: Any) -> list[str]:
-        """Submit every run; return the result ids."""
-        from airlock.access.service import authenticate_key
-        from airlock.evals.schemas import ResultEnvelope
-        from airlock.evals.service import submit_result
-
-        ids = []
-        for run in runs:
-            self.log += 1
-            att = org.attestation(self.grant_id, task, run, self.log, evaluator=self.evaluator, **overrides)
-            with self.db.session() as session:
-                envelope = ResultEnvelope.model_validate(sign(att, self.private))
-                ids.append(submit_result(session, authenticate_key(session, self.token), envelope).id)
-        return ids
-
-
-def _gate_policy() -> dict[str, Any]:
-    policy = {**POLICY, "domains": [POLICY["domains"][0]]}
-    return policy
-
-
 def test_a_flag_makes_the_domain_cannot_rule_out_with_the_reason(db: Any, tmp_path: Path) -> None:
     from airlock.evals.service import elicitation_report
 
     sync(db)
-    submitter = Submitter(db, tmp_path)
+    submitter = org.Submitter(db, tmp_path)
     # The locked organism's zero-shot score rules the threshold out by itself; its noise grid does not.
     task = org.make_task("knowledge_proxy", 3)
     locked = org.Organism(task, locked=True, seed=3)
@@ -222,7 +178,7 @@ def test_a_flag_makes_the_domain_cannot_rule_out_with_the_reason(db: Any, tmp_pa
         report = elicitation_report(session, "m1@v1", "knowledge_proxy")
     assert report["flagged"] and {f["check"] for f in report["flags"]} == {"noise_raises_score"}
     assert len(report["levels"]["noise-injected"]) == 8 and report["strongest_level"] == "helpful-only"
-    bio = domain(gate(db, _gate_policy()), "bio")
+    bio = domain(gate(db, org.gate_policy()), "bio")
     evaluation = bio["thresholds"][0]["evals"][0]
     # The un-noised score alone says "below"; noised scores never rule out, so they are set aside.
     assert [e["verdict"] for e in evaluation["evidence"]] == ["below"]
@@ -234,12 +190,12 @@ def test_a_flag_makes_the_domain_cannot_rule_out_with_the_reason(db: Any, tmp_pa
 
 def test_an_honest_organism_keeps_its_verdict(db: Any, tmp_path: Path) -> None:
     sync(db)
-    submitter = Submitter(db, tmp_path)
+    submitter = org.Submitter(db, tmp_path)
     # A weak honest model (most labels random): below the line, and noise only costs it.
     task = org.make_task("knowledge_proxy", 4, label_noise=0.9)
     honest = org.Organism(task, locked=False, seed=4)
     submitter.submit(task, org.elicitation_runs(honest, task, seed=4), suite="knowledge_proxy")
-    evaluation = domain(gate(db, _gate_policy()), "bio")["thresholds"][0]["evals"][0]
+    evaluation = domain(gate(db, org.gate_policy()), "bio")["thresholds"][0]["evals"][0]
     assert evaluation["elicitation_flags"] == []
     assert evaluation["verdict"] == "below", evaluation["reason"]
 
@@ -247,7 +203,7 @@ def test_an_honest_organism_keeps_its_verdict(db: Any, tmp_path: Path) -> None:
 def test_routes_scope_results_to_the_caller_and_refuse_bad_input(
     lab: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b = Submitter(lab.db, tmp_path, "org-a"), Submitter(lab.db, tmp_path, "org-b")
+    a, b = org.Submitter(lab.db, tmp_path, "org-a"), org.Submitter(lab.db, tmp_path, "org-b")
     task = org.make_task("organism-http", 1)
     locked = org.Organism(task, locked=True, seed=1)
     runs = org.elicitation_runs(locked, task, seed=1, noise=False)
@@ -307,7 +263,7 @@ def test_the_policy_sets_alpha_and_the_few_shot_margin_of_the_gate(db: Any, tmp_
     from airlock.governance.policy import parse_policy
 
     sync(db)
-    submitter = Submitter(db, tmp_path)
+    submitter = org.Submitter(db, tmp_path)
     task = org.make_task("knowledge_proxy", 1)
     locked = org.Organism(task, locked=True, seed=1)
     # helpful-only, fine-tuned and 5-shot: only the demonstrations' gain can flag.
@@ -317,18 +273,18 @@ def test_the_policy_sets_alpha_and_the_few_shot_margin_of_the_gate(db: Any, tmp_
         result: dict[str, Any] = domain(gate(db, policy), "bio")["thresholds"][0]["evals"][0]
         return result
 
-    default = evaluation(_gate_policy())
+    default = evaluation(org.gate_policy())
     assert [f["check"] for f in default["elicitation_flags"]] == ["few_shot_unlocks"]
     gain = default["elicitation_flags"][0]["difference"]
     # A margin of concern above the observed gain: no flag. Defaults are unchanged when the key is absent.
-    relaxed = evaluation({**_gate_policy(), "sandbagging": {"few_shot_min_gain": min(1.0, gain + 0.05)}})
+    relaxed = evaluation({**org.gate_policy(), "sandbagging": {"few_shot_min_gain": min(1.0, gain + 0.05)}})
     assert relaxed["elicitation_flags"] == []
-    strict = evaluation({**_gate_policy(), "sandbagging": {"alpha": 0.2, "few_shot_min_gain": 0.1}})
+    strict = evaluation({**org.gate_policy(), "sandbagging": {"alpha": 0.2, "few_shot_min_gain": 0.1}})
     assert (
         strict["elicitation_flags"]
         and strict["elicitation_flags"][0]["ci"][0] > default["elicitation_flags"][0]["ci"][0]
     )
-    assert parse_policy(_gate_policy()).sandbagging.alpha == 0.05
+    assert parse_policy(org.gate_policy()).sandbagging.alpha == 0.05
     for bad in ({"alpha": 0}, {"alpha": 1.5}, {"few_shot_min_gain": -0.1}, {"margin": 0.2}):
         with pytest.raises(ConfigError):
-            parse_policy({**_gate_policy(), "sandbagging": bad})
+            parse_policy({**org.gate_policy(), "sandbagging": bad})
