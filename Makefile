@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BENCH_ENV) $(BIN)/python bench/bench_witness.py $(BENCH_ARGS)
 	$(BENCH_ENV) $(BIN)/python bench/bench_finetune.py $(BENCH_ARGS)
 	$(BENCH_ENV) $(BIN)/python bench/bench_contamination.py $(BENCH_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/sandbagging_organisms.py --lora $(BENCH_ARGS)
 	$(BENCH_ENV) $(BIN)/python bench/bench_ray.py $(BENCH_ARGS)
 	$(BIN)/python bench/table.py $(BENCH_RESULTS)
 
