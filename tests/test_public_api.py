@@ -167,7 +167,7 @@ PINNED: dict[str, list[str]] = {
         "seccomp_filter",
     ],
     "serving": ["pipelines", "responses", "routes", "service"],
-    "web": ["errors", "health", "openapi", "routing", "uploads"],
+    "web": ["errors", "health", "openapi", "routing", "server", "uploads"],
 }
 
 

@@ -1,4 +1,4 @@
-"""The HTTP kit every capability's routes use: OpenAI-shaped errors, method routing, uploads, the OpenAPI document.
+"""The HTTP kit: OpenAI-shaped errors, method routing, uploads, the OpenAPI document, the server protocol.
 
 It knows no capability: what it needs from above (which dependencies carry which credential) is
 handed to it by the app.
@@ -10,5 +10,6 @@ __all__ = [
     "health",
     "openapi",
     "routing",
+    "server",
     "uploads",
 ]
