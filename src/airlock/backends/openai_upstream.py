@@ -404,14 +404,14 @@ class OpenAIUpstreamBackend(ModelBackend):
         """POST ``body`` (GET when None) and return the JSON object answered, retrying connect failures and 503s."""
         return self._json_object(await self._post_bytes(path, body, root=root))
 
-    def _json_object(self, raw: bytes) -> dict[str, Any]:
-        """Parse an answer's body as a JSON object (anything else is the upstream's fault: 502)."""
+    def _json_object(self, raw: bytes | str, what: str = "body") -> dict[str, Any]:
+        """Parse an answer's body (or a stream event) as a JSON object (anything else is the upstream's fault: 502)."""
         try:
             data = json.loads(raw)
         except ValueError:
-            self._bad_response(f"body is not JSON: {raw[:200]!r}")
+            self._bad_response(f"{what} is not JSON: {raw[:200]!r}")
         if not isinstance(data, dict):
-            self._bad_response(f"body is not a JSON object: {raw[:200]!r}")
+            self._bad_response(f"{what} is not a JSON object: {raw[:200]!r}")
         return data
 
     def _answer(self, raw: bytes, model: type[AnswerT], what: str) -> tuple[AnswerT, bool]:
@@ -482,12 +482,7 @@ class OpenAIUpstreamBackend(ModelBackend):
                 async for data in _sse_data(response.content):
                     if data == "[DONE]":
                         return
-                    try:
-                        event = json.loads(data)
-                    except ValueError:
-                        self._bad_response(f"stream event is not JSON: {data[:200]!r}")
-                    if not isinstance(event, dict):
-                        self._bad_response(f"stream event is not a JSON object: {data[:200]!r}")
+                    event = self._json_object(data, "stream event")
                     if "error" in event and not event.get("choices"):
                         message, _ = self._error_message(json.dumps(event).encode())
                         logger.warning("upstream %s reported an error mid-stream: %s", self.base_url, message)
