@@ -3,7 +3,8 @@
 A writer calls :func:`emit` inside its transaction; when (and only if) that transaction
 commits, every subscriber of the channel is called: in the writer's own process at once, in other
 processes through PostgreSQL ``NOTIFY`` (delivered on commit to every replica that ``LISTEN``)
-or, on SQLite, through a small file beside the database that each process watches. Subscribers
+or, on SQLite, through a small file beside the database that each process watches (with inotify,
+so an idle process spends nothing; by polling where inotify is unavailable). Subscribers
 must be quick and thread-safe (clear a cache, set an ``Event``): they run on the committing thread
 or on the listener thread. A signal says *something changed*, never what: receivers re-read the
 database, so a lost or doubled signal costs a re-read, never correctness (and after a reconnect
@@ -12,9 +13,12 @@ every channel is signalled, since notifications may have been missed meanwhile).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import select
+import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -74,6 +78,8 @@ class Signals:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._listening: set[str] = set()
+        self._wake: socket.socket | None = None
+        """The write end of the file watcher's wake-up pair (a new channel to watch, or stop)."""
         _BY_ENGINE[engine] = self
 
     # ---------------------------------------------------------------- sending
@@ -110,6 +116,8 @@ class Signals:
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._listen, name="airlock-signals", daemon=True)
                 self._thread.start()
+        if not start:
+            self._poke()  # the file watcher reads the new channel's content before it next waits
 
         def unsubscribe() -> None:
             with self._lock:
@@ -122,6 +130,7 @@ class Signals:
     def close(self) -> None:
         """Stop listening (the thread ends within a poll interval, or a second on PostgreSQL)."""
         self._stop.set()
+        self._poke()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
@@ -177,23 +186,79 @@ class Signals:
                 conn.execute(f'LISTEN "{channel}"')
                 self._listening.add(channel)
 
+    def _poke(self) -> None:
+        """Wake the file watcher from its wait (a closed pair is ignored: the watcher has ended)."""
+        with self._lock:
+            wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"\0")
+
     def _watch_files(self) -> None:
         assert self._dir is not None
         seen: dict[str, bytes | None] = {}
-        while not self._stop.wait(self._poll_interval):
-            for channel in self._channels():
-                try:
-                    with open(self._dir / channel, "rb") as fh:
-                        content: bytes | None = fh.read(16)
-                except FileNotFoundError:
-                    content = None
-                except OSError:
-                    continue
-                if channel not in seen:
-                    seen[channel] = content
-                elif seen[channel] != content:
-                    seen[channel] = content
-                    self._dispatch(channel)
+        notify = self._inotify(self._dir)
+        if notify is None:
+            log.info("watching %s by polling every %g s (no inotify)", self._dir, self._poll_interval)
+            while True:
+                self._read_channels(seen)
+                if self._stop.wait(self._poll_interval):
+                    return
+        wake_read, wake_write = socket.socketpair()
+        with self._lock:
+            self._wake = wake_write
+        try:
+            with notify:
+                while not self._stop.is_set():
+                    # Read every channel after each wake-up, and once before the first wait: a
+                    # channel's first content is its baseline, and a change between two reads is
+                    # signalled by the second (an event only says that one happened).
+                    self._read_channels(seen)
+                    readable, _, _ = select.select([notify, wake_read], [], [])
+                    if notify in readable:
+                        notify.read(timeout=0)  # drain: which file changed is re-read above
+                    if wake_read in readable:
+                        wake_read.recv(4096)
+        finally:
+            with self._lock:
+                self._wake = None
+            wake_write.close()
+            wake_read.close()
+
+    def _inotify(self, directory: Path) -> Any:
+        """Return an inotify watch on ``directory`` (created if missing), or None where inotify is unavailable."""
+        try:
+            from inotify_simple import INotify, flags
+        except ImportError:  # not Linux, or the server extra is not installed
+            return None
+        notify = None
+        try:
+            directory.mkdir(exist_ok=True)
+            notify = INotify()
+            notify.add_watch(str(directory), flags.MODIFY | flags.CREATE | flags.MOVED_TO | flags.Q_OVERFLOW)
+        except OSError:  # a read-only data dir, or the inotify watch limit reached
+            log.warning("cannot watch %s with inotify; polling instead", directory, exc_info=True)
+            if notify is not None:
+                notify.close()
+            return None
+        return notify
+
+    def _read_channels(self, seen: dict[str, bytes | None]) -> None:
+        """Dispatch each channel whose file changed since the last read (a new channel's first read is its baseline)."""
+        assert self._dir is not None
+        for channel in self._channels():
+            try:
+                with open(self._dir / channel, "rb") as fh:
+                    content: bytes | None = fh.read(16)
+            except FileNotFoundError:
+                content = None
+            except OSError:
+                continue
+            if channel not in seen:
+                seen[channel] = content
+            elif seen[channel] != content:
+                seen[channel] = content
+                self._dispatch(channel)
 
 
 def _check(channel: str) -> None:

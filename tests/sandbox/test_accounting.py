@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,46 @@ def test_cpu_watch_kills_once_the_count_and_its_lag_reach_the_limit() -> None:
     watch.stop()
     assert watch.exceeded and kills == [0.95] and taken == [(0.2, 0.1), (0.5, 0.1), (0.85, 0.1), (0.95, 0.1)]
     assert samples == []
+
+
+def test_a_waiting_warm_run_is_sampled_seldom_until_its_work_starts() -> None:
+    samples = 0
+    sampled = threading.Event()
+
+    def meter() -> tuple[float, float]:
+        nonlocal samples
+        samples += 1
+        sampled.set()
+        return (0.0, 0.0)
+
+    watch = CpuWatch(meter, 100.0, 0.001, kill=lambda: None, wake=lambda: None, waiting_interval=3600)
+    watch.start()
+    threading.Event().wait(0.2)  # a thousand samples' worth at the working pace
+    assert samples == 0
+    watch.work_started()
+    assert sampled.wait(10)
+    while samples < 5:  # now at the working pace
+        threading.Event().wait(0.01)
+    watch.stop()
+
+
+def test_a_waiting_warm_run_still_cannot_pass_its_limit() -> None:
+    # The sandbox burns every core from the start: the wait before each sample never exceeds the
+    # CPU left over the cores, so the kill comes at the limit, not after the hour-long waiting pace.
+    start = time.monotonic()
+    woken = threading.Event()
+    watch = CpuWatch(
+        lambda: ((time.monotonic() - start) * (os.cpu_count() or 1), 0.0),
+        0.2 * (os.cpu_count() or 1),
+        0.01,
+        kill=lambda: None,
+        wake=woken.set,
+        waiting_interval=3600,
+    )
+    watch.start()
+    assert woken.wait(30)
+    watch.stop()
+    assert watch.exceeded and watch.used >= 0.2 * (os.cpu_count() or 1)
 
 
 @needs_bwrap

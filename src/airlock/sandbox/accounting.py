@@ -26,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "CGROUP_SAMPLE_S",
     "PROC_SAMPLE_S",
+    "WAITING_SAMPLE_S",
     "Cgroup",
     "CpuWatch",
     "ProcTree",
@@ -39,6 +40,8 @@ CGROUP_SAMPLE_S = 0.05
 """How often a run's cgroup CPU counter is read (one small file)."""
 PROC_SAMPLE_S = 0.1
 """How often the process tree is sampled without a cgroup (a scan of /proc: about 1.5 ms per 100 host processes)."""
+WAITING_SAMPLE_S = 1.0
+"""How often a warm run is sampled while it waits for its work (it runs only the platform's runner then)."""
 _CGROUP_PREFIX = "airlock-sbx-"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -320,6 +323,8 @@ class CpuWatch:
     ``(limit - used) / cores`` never lets it pass the limit unseen by more than the sampling
     floor (5 ms) times the cores. ``meter`` returns the time counted and how far that may lag
     the truth; the sandbox is killed once their sum reaches the limit (so never late by the lag).
+    A warm run waiting for its work is sampled every ``waiting_interval`` until :meth:`work_started`
+    (that bound still holds meanwhile, so the limit is kept just the same; only idle CPU is saved).
     """
 
     def __init__(
@@ -330,10 +335,12 @@ class CpuWatch:
         *,
         kill: Callable[[], None],
         wake: Callable[[], None],
+        waiting_interval: float | None = None,
     ) -> None:
         self.meter = meter
         self.limit = limit
         self.interval = interval
+        self._pace = interval if waiting_interval is None else max(waiting_interval, interval)
         self.kill = kill
         self.wake = wake
         self.exceeded = False
@@ -342,20 +349,31 @@ class CpuWatch:
         self.lag = 0.0
         # Every CPU of the machine, not this process's affinity: sandboxed code may widen its own.
         self.cores = os.cpu_count() or 1
-        self._stop = threading.Event()
+        self._stopped = False
+        self._nudge = threading.Event()
         self._thread = threading.Thread(target=self._run, name="airlock-sandbox-cpu", daemon=True)
 
     def start(self) -> None:
         """Start sampling."""
         self._thread.start()
 
+    def work_started(self) -> None:
+        """Sample every ``interval`` from now on (a warm run has been handed its work)."""
+        self._pace = self.interval
+        self._nudge.set()
+
     def stop(self) -> None:
         """Stop sampling and wait for the thread (it never signals anything after this returns)."""
-        self._stop.set()
+        self._stopped = True
+        self._nudge.set()
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(self.interval, max((self.limit - self.used - self.lag) / self.cores, 0.005))):
+        while True:
+            if self._nudge.wait(min(self._pace, max((self.limit - self.used - self.lag) / self.cores, 0.005))):
+                self._nudge.clear()
+            if self._stopped:
+                return
             try:
                 self.used, self.lag = self.meter()
             except (OSError, ValueError):

@@ -29,6 +29,7 @@ from typing import Any
 from airlock.sandbox.accounting import (
     CGROUP_SAMPLE_S,
     PROC_SAMPLE_S,
+    WAITING_SAMPLE_S,
     Cgroup,
     CpuWatch,
     ProcTree,
@@ -328,6 +329,7 @@ class Run:
                     CGROUP_SAMPLE_S if cgroup is not None else PROC_SAMPLE_S,
                     kill=functools.partial(_kill_sandbox, cgroup, status),
                     wake=functools.partial(_wake, loop, cpu_over),
+                    waiting_interval=WAITING_SAMPLE_S if self.start_clock is not None else None,
                 )
                 watch.start()
             overflowed = asyncio.ensure_future(overflow.wait())
@@ -342,6 +344,8 @@ class Run:
                 idle_left = max(self.idle_timeout - (time.monotonic() - started), 0.0)
                 await asyncio.wait(waited, timeout=idle_left, return_when="FIRST_COMPLETED")
                 clock.cancel()
+                if watch is not None:
+                    watch.work_started()
                 # Idle past its limit (or ended before its work came): no wall clock is left.
                 clock_started = time.monotonic() if self.start_clock.is_set() else started - self.wall
             else:
