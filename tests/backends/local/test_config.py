@@ -75,6 +75,7 @@ def test_batch_stats_as_dict() -> None:
         "rows",
         "prefills",
         "prefill_tokens",
+        "shared_prefix_tokens",
         "decode_steps",
         "tokens_generated",
         "max_batch_rows_seen",

@@ -42,6 +42,38 @@ async def test_concurrent_requests_share_one_batch(model_cache: Path) -> None:
         await backend.aclose()
 
 
+async def test_a_shared_prompt_prefix_is_computed_once_with_the_same_output(tiny_backend: LocalBackend) -> None:
+    # The chat template's system prompt plus a long shared opening, then prompts of unequal length:
+    # each row's own tokens run after one copy of the shared tokens' cache, padded in between.
+    opening = "Answer the question below in one short sentence, plainly and without any preamble. "
+    prompts = [opening + p for p in PROMPTS]
+    reqs = [chat(p, max_tokens=10, logprobs=True) for p in prompts]
+    solo = [await tiny_backend.chat(r) for r in reqs]
+    before = tiny_backend.stats.shared_prefix_tokens
+    together = await asyncio.gather(*(tiny_backend.chat(r) for r in reqs))
+    shared = tiny_backend.stats.shared_prefix_tokens - before
+    assert shared >= (len(prompts) - 1) * 20  # the template's opening and the shared text, once
+    assert [text_of(r) for r in together] == [text_of(r) for r in solo]
+    for alone, batched in zip(solo, together, strict=True):
+        assert alone.choices[0].logprobs is not None and batched.choices[0].logprobs is not None
+        expected = [t.logprob for t in alone.choices[0].logprobs.content or []]
+        got = [t.logprob for t in batched.choices[0].logprobs.content or []]
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_only_a_long_enough_prefix_of_one_adapter_is_shared() -> None:
+    engine = Engine.__new__(Engine)
+    engine.mergeable = True
+    same = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+    assert engine._shared_prefix([(*same, 11, 12), (*same, 13)], [None, None]) == 10
+    assert engine._shared_prefix([same, same], [None, None]) == 9  # each row keeps its last token
+    assert engine._shared_prefix([(*same, 11), (*same[:7], 0, 0, 0)], [None, None]) == 0  # 7: too few
+    assert engine._shared_prefix([(*same, 11), (*same, 12)], ["a", None]) == 0  # another adapter
+    assert engine._shared_prefix([(*same, 11)], [None]) == 0  # one prompt
+    engine.mergeable = False  # e.g. sliding-window layers: the cache is not a plain one to copy
+    assert engine._shared_prefix([(*same, 11), (*same, 12)], [None, None]) == 0
+
+
 async def test_latecomer_joins_running_batch_with_same_output(tiny_backend: LocalBackend) -> None:
     long_req, late_req = chat(PROMPTS[4], max_tokens=300), chat(PROMPTS[1], max_tokens=10)
     long_solo = text_of(await tiny_backend.chat(long_req))
@@ -288,8 +320,10 @@ def test_stop_string_split_across_tokens_is_held_back(tiny_backend: LocalBackend
 async def test_smollm2_batched_greedy_and_scoring(smol_backend: LocalBackend) -> None:
     reqs = [chat(p, max_tokens=6) for p in PROMPTS[:4]]
     solo = [text_of(await smol_backend.chat(r)) for r in reqs[:2]]
+    shared = smol_backend.stats.shared_prefix_tokens
     together = await asyncio.gather(*(smol_backend.chat(r) for r in reqs))
     assert [text_of(r) for r in together[:2]] == solo
+    assert smol_backend.stats.shared_prefix_tokens > shared  # the chat template's system prompt, once
     ids = smol_backend.tokenizer("The capital of France is Paris.")["input_ids"]
     scored = await smol_backend.complete(
         CompletionRequest(model="smol", prompt=[ids], max_tokens=0, echo=True, logprobs=1, temperature=0)

@@ -87,6 +87,8 @@ class BatchStats:
     rows: int = 0
     prefills: int = 0
     prefill_tokens: int = 0
+    shared_prefix_tokens: int = 0
+    """Prompt tokens not computed again because the rows of a prefill shared them."""
     decode_steps: int = 0
     tokens_generated: int = 0
     max_batch_rows_seen: int = 0

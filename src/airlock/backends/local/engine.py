@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 # Prompt log-probabilities need full-vocabulary logits for every prompt position; cap the logits
 # one prefill materialises (positions x vocab floats) so an echo batch cannot exhaust memory.
 _ECHO_LOGITS_BUDGET = 64 * 1024 * 1024
+_MIN_SHARED_PREFIX = 8
+"""The fewest leading tokens that every prompt of a prefill must share to be computed once for all
+(below it, the extra forward pass costs more than it saves)."""
 
 
 # ---------------------------------------------------------------- worker data
@@ -535,23 +538,29 @@ class Engine:
             for job, events in _group((r.job, r.finish_empty()) for r in rows if not r.job.dead).items():
                 job.deliver(events)
             return None
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for u, prompt in enumerate(prompts):
-            ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[u, width - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=bool(generating),
-            logits_to_keep=0 if full_logits else 1,
-            **self._adapter_kwargs([adapter for adapter, _prompt in unique]),
-        )
+        adapters = [adapter for adapter, _prompt in unique]
+        shared = 0 if full_logits else self._shared_prefix(prompts, adapters)
+        if shared:
+            out, mask = self._prefill_after_prefix(prompts, adapters, shared)
+        else:
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for u, prompt in enumerate(prompts):
+                ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+                mask[u, width - len(prompt) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=bool(generating),
+                logits_to_keep=0 if full_logits else 1,
+                **self._adapter_kwargs(adapters),
+            )
         self.stats.prefills += 1
-        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        self.stats.prefill_tokens += sum(len(p) for p in prompts) - shared * (len(prompts) - 1)
+        self.stats.shared_prefix_tokens += shared * (len(prompts) - 1)
         self.stats.rows += len(rows)
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(rows))
         logits = out.logits
@@ -576,6 +585,61 @@ class Engine:
             next_pos=mask.sum(-1),
             logits=logits[:, -1, :].float()[index],
         )
+
+    def _shared_prefix(self, prompts: list[tuple[int, ...]], adapters: list[str | None]) -> int:
+        """Return how many leading tokens all ``prompts`` share, when computing them once pays (else 0).
+
+        Chat prompts open with the same template and system prompt, and evaluation prompts often
+        with the same few-shot examples. Only for a plain KV cache (it is copied per row) and one
+        adapter (the same tokens under two adapters differ); every row keeps at least its last
+        token, whose logits are its first.
+        """
+        if len(prompts) < 2 or not self.mergeable or len(set(adapters)) > 1:
+            return 0
+        shared = 0
+        for column in zip(*prompts, strict=False):
+            if any(token != column[0] for token in column):
+                break
+            shared += 1
+        shared = min(shared, min(len(p) for p in prompts) - 1)
+        return shared if shared >= _MIN_SHARED_PREFIX else 0
+
+    def _prefill_after_prefix(
+        self, prompts: list[tuple[int, ...]], adapters: list[str | None], shared: int
+    ) -> tuple[Any, torch.Tensor]:
+        """Run the ``shared`` leading tokens once, then each prompt's own tokens on a copy of their cache.
+
+        Returns the second pass's output and the batch's attention mask. Each row's padding sits
+        between the shared tokens and its own, hidden by the mask; positions count only unmasked
+        tokens, so every row attends to exactly its own prompt, as if prefilled alone.
+        """
+        prefix = self.model(
+            input_ids=torch.tensor([prompts[0][:shared]], dtype=torch.long, device=self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_kwargs(adapters[:1]),
+        )
+        cache = self._cache_of(prefix)
+        cache.batch_repeat_interleave(len(prompts))
+        own = [prompt[shared:] for prompt in prompts]
+        width = max(len(tokens) for tokens in own)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for u, tokens in enumerate(own):
+            ids[u, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[u, shared + width - len(tokens) :] = 1
+        positions = (mask.cumsum(-1) - 1)[:, shared:]
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+            **self._adapter_kwargs(adapters),
+        )
+        return out, mask
 
     def _send_prompt_logprobs(
         self, rows: list[Row], which: list[int], prompts: list[tuple[int, ...]], logits: torch.Tensor
