@@ -175,3 +175,21 @@ def test_a_live_gateway_closes_an_expired_copy_with_no_request_and_keeps_the_bas
         time.sleep(0.02)  # the test's timeout bounds a sweeper that never comes
     assert gateway.gateway.pipelines.noised_loaded == 0
     assert sample("tiny/helpful-only").status_code == 200  # the base variant's backend is untouched
+
+
+async def test_concurrent_sweeps_count_only_the_copies_each_closed(sweeping: Sweeping) -> None:
+    cache, clock = sweeping.cache, sweeping.clock
+    gate = asyncio.Event()
+    for job in ("noise-e", "noise-f"):
+        await cache.noise_pipeline(_spec(), _noise(job), T0 + timedelta(seconds=5))
+    for backend in cache.pool._backends.values():
+        assert isinstance(backend, Copy)
+        backend.retire = gate.wait  # type: ignore[method-assign]  # each close waits for the gate
+    clock.now = T0 + timedelta(seconds=6)
+    first = asyncio.create_task(cache.retire_expired())  # takes one copy, then waits on its close
+    await asyncio.sleep(0)
+    second = asyncio.create_task(cache.retire_expired())  # takes the other one meanwhile
+    await asyncio.sleep(0)
+    gate.set()
+    assert sorted(await asyncio.gather(first, second)) == [1, 1]
+    assert cache.noised_loaded == 0

@@ -90,16 +90,18 @@ class PipelineCache:
         return pipeline
 
     async def _retire(self, *, keep: str | None = None) -> int:
-        """Close noised backends that expired, and the least recently used beyond ``max_noised``; return how many."""
+        """Close expired noised copies and the least recently used beyond ``max_noised``; return how many it closed."""
         now = self.clock()
         expired = [k for k, (_spec, at) in self._noised.items() if at <= now and k != keep]
         surplus = [k for k in self._noised if k != keep and k not in expired]
         surplus = surplus[: max(0, len(surplus) + (keep is not None) - self.max_noised)]
+        retired = 0
         for key in expired + surplus:
             entry = self._noised.pop(key, None)
             if entry is None:  # another pass retired it while this one awaited a close
                 continue
             spec, at = entry
+            retired += 1
             self._pipelines.pop(key, None)
             reason = "expired" if key in expired else "least recently used"
             config = spec.backend_config
@@ -116,7 +118,7 @@ class PipelineCache:
                 await self.pool.discard(spec)
             except Exception:  # the others must still be closed; the copy's id no longer resolves anyway
                 log.exception("closing the noise-injected copy of variant %s failed", spec.variant_id)
-        return len(expired) + len(surplus)
+        return retired
 
     async def retire_expired(self) -> int:
         """Close every noised backend whose variant has expired by ``clock()``; return how many."""
