@@ -235,7 +235,7 @@ class Signals:
         try:
             directory.mkdir(exist_ok=True)
             notify = INotify()
-            notify.add_watch(str(directory), flags.MODIFY | flags.CREATE | flags.MOVED_TO | flags.Q_OVERFLOW)
+            notify.add_watch(str(directory), flags.MODIFY | flags.CREATE | flags.MOVED_TO)
         except OSError:  # a read-only data dir, or the inotify watch limit reached
             log.warning("cannot watch %s with inotify; polling instead", directory, exc_info=True)
             if notify is not None:

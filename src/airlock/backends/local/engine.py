@@ -543,13 +543,7 @@ class Engine:
         if shared:
             out, mask = self._prefill_after_prefix(prompts, adapters, shared)
         else:
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for u, prompt in enumerate(prompts):
-                ids[u, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-                mask[u, width - len(prompt) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = self._padded(prompts, 0)
             out = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
@@ -559,8 +553,9 @@ class Engine:
                 **self._adapter_kwargs(adapters),
             )
         self.stats.prefills += 1
-        self.stats.prefill_tokens += sum(len(p) for p in prompts) - shared * (len(prompts) - 1)
-        self.stats.shared_prefix_tokens += shared * (len(prompts) - 1)
+        saved = shared * (len(prompts) - 1)
+        self.stats.prefill_tokens += sum(len(p) for p in prompts) - saved
+        self.stats.shared_prefix_tokens += saved
         self.stats.rows += len(rows)
         self.stats.max_batch_rows_seen = max(self.stats.max_batch_rows_seen, len(rows))
         logits = out.logits
@@ -621,15 +616,7 @@ class Engine:
         )
         cache = self._cache_of(prefix)
         cache.batch_repeat_interleave(len(prompts))
-        own = [prompt[shared:] for prompt in prompts]
-        width = max(len(tokens) for tokens in own)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
-        for u, tokens in enumerate(own):
-            ids[u, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            mask[u, shared + width - len(tokens) :] = 1
-        positions = (mask.cumsum(-1) - 1)[:, shared:]
+        ids, mask, positions = self._padded(prompts, shared)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -640,6 +627,24 @@ class Engine:
             **self._adapter_kwargs(adapters),
         )
         return out, mask
+
+    def _padded(self, prompts: list[tuple[int, ...]], shared: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the input ids, attention mask and positions of ``prompts`` after their first ``shared`` tokens.
+
+        Each row's tokens are left-padded to the longest; the mask also covers the ``shared``
+        tokens already in the cache (padding sits between them and the row's own); positions
+        count only unmasked tokens (padding gets a harmless one).
+        """
+        own = [prompt[shared:] for prompt in prompts]
+        width = max(len(tokens) for tokens in own)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for u, tokens in enumerate(own):
+            ids[u, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[u, shared + width - len(tokens) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        return ids, mask, positions
 
     def _send_prompt_logprobs(
         self, rows: list[Row], which: list[int], prompts: list[tuple[int, ...]], logits: torch.Tensor
