@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PG_ADMIN_URL = os.environ.get("AIRLOCK_TEST_PG_URL", f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test")
+# Test clients wait this long for a response. httpx's own 5 s default is a wall-clock race: a
+# loaded CI host has stalled one plain request past it. A hung server still fails, by
+# pytest-timeout's limit or by this one.
+HTTP_TIMEOUT = 60.0
 
 
 def _pg_reachable() -> bool:

@@ -21,7 +21,7 @@ from airlock.backends.registry import register_backend
 from airlock.config import get_settings, reset_settings
 from airlock.db import Database
 from airlock.errors import ConfigError
-from tests.conftest import FAKE_MANIFEST, LiveServer, running_lab
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, LiveServer, running_lab
 from tests.fakes import EchoBackend
 
 runner = CliRunner()
@@ -113,7 +113,7 @@ def test_readyz_turns_ready_only_after_every_backend_has_loaded(db: Database) ->
     with db.session() as session:
         sync_manifest(session, parse_manifest(manifest))
     app = create_app(get_settings(), db=db, sync_manifest=False, load_weights=True)
-    with LiveServer(app) as server, httpx.Client(base_url=server.url) as http:
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as http:
         assert http.get("/healthz").status_code == 200  # alive while loading
         loading = http.get("/readyz")
         assert loading.status_code == 503
@@ -144,7 +144,7 @@ def test_metrics_count_requests_and_tokens_per_grant_without_content_and_only_fo
     monkeypatch.setenv("AIRLOCK_METRICS_TOKEN", "scrape-secret-0123456789")
     monkeypatch.setenv("AIRLOCK_RUN_JOBS", "false")  # the queued job below must stay queued
     reset_settings()
-    with running_lab(db, FAKE_MANIFEST) as lab, httpx.Client(base_url=lab.url) as http:
+    with running_lab(db, FAKE_MANIFEST) as lab, httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         grant_id, key = lab.grant("org-a")
         with db.session() as session:
             _row, reviewer = create_admin_token(session, "rita", role="reviewer")

@@ -22,7 +22,7 @@ from airlock.db import utcnow
 from airlock.evals.attestation import fingerprint, public_key_b64
 from airlock.evals.models import SigningKey
 from airlock.ledger import service as ledger
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 
 def _client(lab: Lab, key: str) -> httpx.Client:
@@ -124,7 +124,9 @@ def test_accept_round_trip_ledger_and_voiding(lab: Lab) -> None:
 
     # The admin view shows the state.
     admin = httpx.get(
-        f"{lab.url}/v1/airlock/admin/grants/{grant_id}", headers={"Authorization": f"Bearer {lab.admin_token}"}
+        f"{lab.url}/v1/airlock/admin/grants/{grant_id}",
+        headers={"Authorization": f"Bearer {lab.admin_token}"},
+        timeout=HTTP_TIMEOUT,
     )
     state = admin.json()["acceptance"]
     assert state["accepted"] is True and state["key_fingerprint"] == body["key_fingerprint"]

@@ -11,7 +11,7 @@ import pytest
 from airlock.access import service
 from airlock.config import reset_settings
 from airlock.db import Database
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 CHAT = {"model": "m1/helpful-only", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -46,7 +46,7 @@ def _wait_for_status(http: httpx.Client, key: str, status: int, timeout: float =
 def test_revocation_through_the_api_ends_a_cached_key_at_once(long_cache: None, lab: Lab) -> None:
     grant_id, key = lab.grant("org-a")
     auth = lab.server.app.state.gateway.auth
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         assert _chat(http, key).status_code == 200
         assert auth.lookup(key) is not None  # served from the cache from now on
         admin = {"Authorization": f"Bearer {lab.admin_token}"}
@@ -60,7 +60,7 @@ def test_revocation_through_the_api_ends_a_cached_key_at_once(long_cache: None, 
 def test_revocation_by_another_process_ends_a_cached_grant(long_cache: None, lab: Lab) -> None:
     grant_id, key = lab.grant("org-a")
     auth = lab.server.app.state.gateway.auth
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         assert _chat(http, key).status_code == 200
         assert auth.lookup(key) is not None
         # Another engine on the same database stands for another process or replica (the CLI, say):

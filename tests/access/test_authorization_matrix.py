@@ -10,7 +10,7 @@ import httpx
 from airlock.access import service
 from airlock.access.seal import seal_grant
 from airlock.db import utcnow
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 GRANTED = ["production", "helpful-only"]
 VARIANTS = [*GRANTED, "base"]  # base exists but is never granted here
@@ -70,7 +70,7 @@ def test_authorization_matrix(lab: Lab) -> None:
     }
     failures = []
     sent = 0
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         for (state, scope_name), variant, request in itertools.product(keys, VARIANTS, REQUESTS):
             key = keys[(state, scope_name)]
             body: dict[str, object] = {"model": f"m1/{variant}", "messages": [{"role": "user", "content": "hi"}]}

@@ -21,7 +21,7 @@ from airlock.access.models import AuditEvent, Grant
 from airlock.config import get_settings, reset_settings
 from airlock.db import Database, UTCDateTime, utcnow
 from airlock.registry import service as registry
-from tests.conftest import FAKE_MANIFEST, Lab, grant_request
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, Lab, grant_request
 
 CHAT = {"model": "m1/production", "messages": [{"role": "user", "content": "hi"}]}
 LOGPROBS = {**CHAT, "logprobs": True, "top_logprobs": 1}
@@ -192,7 +192,7 @@ def test_a_grant_widened_in_the_database_is_refused_alerted_and_reported(
         "revocation": lab.grant("org-d", variants=["production"], scopes=["sample"]),
     }
     ids = {name: gid for name, (gid, _key) in grants.items()}
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         for _gid, key in grants.values():
             assert _chat(http, key).status_code == 200
         refused = _chat(http, grants["scopes"][1], LOGPROBS)
@@ -246,7 +246,7 @@ def test_a_grant_widened_in_the_database_is_refused_alerted_and_reported(
 def test_honest_changes_through_the_service_keep_working(lab: Lab) -> None:
     grant_id, key = lab.grant("org-a", variants=["production"], scopes=["sample"], quota_total_tokens=10_000)
     admin = {"Authorization": f"Bearer {lab.admin_token}"}
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         assert _chat(http, key).status_code == 200
         lab.server.flush_audit()  # the audit writer adds usage to the row: a counter, not a term
         with lab.db.session() as session:
@@ -278,7 +278,9 @@ def test_a_result_attested_under_a_widened_grant_is_refused_as_an_alert(lab: Lab
     # The result is about helpful-only, which neither grant covers until the row is widened.
     _sql(lab.db, "UPDATE grants SET variants = :scopes WHERE id = :id", scopes=["helpful-only", "production"], id=other)
     private = generate_key(tmp_path / "org-a.pem")
-    with httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"}) as http:
+    with httpx.Client(
+        base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+    ) as http:
         assert http.post("/signing-keys", json={"public_key": public_key_b64(private)}).status_code == 201
         resp = http.post("/results", json=sign(fake_attestation(other), private))
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "grant_integrity_error", resp.text
@@ -320,7 +322,7 @@ def test_a_replaced_key_stops_the_start(lab_db: Database, monkeypatch: pytest.Mo
 
 def test_a_request_without_the_key_fails_closed_without_details(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     _gid, key = lab.grant("org-a")
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         assert _chat(http, key).status_code == 200
         # As if the process had never loaded the key and the file were gone since.
         monkeypatch.setattr(seal, "_SEALERS", weakref.WeakKeyDictionary())
@@ -338,7 +340,7 @@ def test_a_seal_made_under_another_key_is_refused(lab: Lab) -> None:
     with lab.db.session() as session:
         forged = other.seal(service.get_grant(session, grant_id))
     _sql(lab.db, "UPDATE grants SET seal = :seal WHERE id = :id", seal=forged, id=grant_id)
-    with httpx.Client(base_url=lab.url) as http:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as http:
         assert _chat(http, key).json()["error"]["code"] == "grant_integrity_error"
     (alert,) = _alerts(lab.audit_rows())
     assert alert.detail["reason"] == "other_key"

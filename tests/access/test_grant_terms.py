@@ -21,7 +21,7 @@ from airlock.interp.terms import InterpTerms
 from airlock.migrations import alembic_config
 from airlock.redteam.terms import DEFAULT_REDTEAM_HOURS, redteam_hours
 from airlock.registry import service as registry
-from tests.conftest import FAKE_MANIFEST, Lab, grant_request
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, Lab, grant_request
 
 GRANTS = "/v1/airlock/admin/grants"
 
@@ -145,7 +145,7 @@ def test_issued_entries_publish_public_terms_and_commit_quotas(lab_db: Database)
 def test_the_admin_api_takes_terms_in_either_form_and_names_a_bad_one(lab: Lab) -> None:
     headers = {"Authorization": f"Bearer {lab.admin_token}"}
     base = {"evaluator": "org-a", "model": "m1", "variants": ["production"], "scopes": ["sample"]}
-    with httpx.Client(base_url=lab.url, headers=headers) as http:
+    with httpx.Client(base_url=lab.url, headers=headers, timeout=HTTP_TIMEOUT) as http:
         http.post("/v1/airlock/admin/evaluators", json={"name": "org-a"})
         made = http.post(
             GRANTS, json={**base, "quota_requests_per_minute": 7, "terms": {"finetune": {"quota_file_bytes": 99}}}
@@ -256,7 +256,12 @@ def test_the_watermark_term_decides_whether_sampled_requests_carry_the_grant_key
     body = {"model": "m1/helpful-only", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7}
     for watermark in (True, False):
         _gid, key = lab.grant(watermark=watermark)
-        reply = httpx.post(lab.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        reply = httpx.post(
+            lab.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=HTTP_TIMEOUT,
+        )
         assert reply.status_code == 200, reply.text
     on, off = seen
     assert isinstance(on, bytes) and len(on) == 32 and off is None

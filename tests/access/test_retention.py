@@ -19,7 +19,7 @@ import pytest
 from airlock.access import terms
 from airlock.access.retention import RetentionTerms, keeps_content
 from airlock.config import get_settings
-from tests.conftest import Lab, needs_bwrap, single_variant_manifest, sqlite_lab
+from tests.conftest import HTTP_TIMEOUT, Lab, needs_bwrap, single_variant_manifest, sqlite_lab
 
 CANARY = "CANARY-7f3e9b1c-retention"
 
@@ -490,7 +490,12 @@ def test_interp_canary_under_sealed_is_sealed_once_fetched(
     content = httpx.get(f"{lab.url}/v1/airlock/admin/sealed/{logs_id}/content", headers=admin, timeout=30)
     assert content.status_code == 200 and content.content == opened["interp_logs"]
     code_id = items["interp_code"]["id"]
-    assert httpx.get(f"{lab.url}/v1/airlock/admin/sealed/{code_id}/content", headers=admin).status_code == 409
+    assert (
+        httpx.get(
+            f"{lab.url}/v1/airlock/admin/sealed/{code_id}/content", headers=admin, timeout=HTTP_TIMEOUT
+        ).status_code
+        == 409
+    )
 
 
 def test_redteam_transcript_under_sealed_on_either_database(db: Any, db_url: str) -> None:

@@ -32,7 +32,7 @@ from airlock.backends.tools import (
 )
 from airlock.mitigations import Verdict
 from airlock.mitigations.pipeline import build_pipeline, chat_input_texts
-from tests.conftest import KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab
+from tests.conftest import HTTP_TIMEOUT, KEY_ENV, UPSTREAM_KEY, UPSTREAM_MODEL, Lab
 
 if TYPE_CHECKING:
     from airlock.backends.local import LocalBackend
@@ -503,7 +503,9 @@ def client(lab: Lab, key: str) -> openai.OpenAI:
 
 
 def _post(lab: Lab, key: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{lab.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    return httpx.post(
+        f"{lab.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+    )
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from airlock.backends.pool import VariantRuntimeSpec, weights_spec
 from airlock.backends.protocol import CompletionRequest
 from airlock.backends.tokenization import DetokenizeRequest, TokenizeCompletionRequest
 from airlock.errors import AirlockError, BackendUnavailableError
-from tests.conftest import running_lab
+from tests.conftest import HTTP_TIMEOUT, running_lab
 
 SERVER = Path(__file__).with_name("vllm_server.py")
 KEY = "sk-vllm-operator-key"
@@ -123,7 +123,7 @@ async def test_lora_adapter_is_loaded_under_an_opaque_name_and_hidden(vllm: str,
         assert tuned.choices[0].text != base.choices[0].text
 
         # The server restarted and lost the adapter: a clean 503, then it is loaded again.
-        httpx.post(f"{vllm}/_debug/forget_adapters")
+        httpx.post(f"{vllm}/_debug/forget_adapters", timeout=HTTP_TIMEOUT)
         with pytest.raises(BackendUnavailableError) as lost:
             await view.complete(request)
         assert served not in lost.value.message and vllm not in lost.value.message

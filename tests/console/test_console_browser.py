@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FAKE_MANIFEST, REPO, Lab, sqlite_lab
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, REPO, Lab, sqlite_lab
 from tests.governance.gate_helpers import write_policy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -164,7 +164,7 @@ def test_lab_grant_redteam_finding_gate_triage_public(console_lab: Lab, browser:
 def test_forms_need_their_csrf_token_and_revocation_ends_sessions(console_lab: Lab) -> None:
     lab = console_lab
     _gid, key = lab.grant("csrf-org", scopes=["redteam"])
-    with httpx.Client(base_url=lab.url, follow_redirects=False) as client:
+    with httpx.Client(base_url=lab.url, follow_redirects=False, timeout=HTTP_TIMEOUT) as client:
         # Sign-in itself needs the token its page set.
         refused = client.post("/ui/sign-in", data={"credential": key})
         assert refused.status_code == 403 and "security token" in refused.text
@@ -214,7 +214,7 @@ def test_organisations_and_red_teamers_do_not_see_each_other(console_lab: Lab) -
             json={"models": ["m1/production"], "title": "alice's secret"},
             headers={"Authorization": f"Bearer {alice}"},
         ).json()["id"]
-    with httpx.Client(base_url=lab.url, follow_redirects=False) as client:
+    with httpx.Client(base_url=lab.url, follow_redirects=False, timeout=HTTP_TIMEOUT) as client:
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/ui/sign-in").text)
         assert token is not None
         client.post("/ui/sign-in", data={"credential": mallory, "csrf_token": token.group(1)})

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from airlock.access.service import create_admin_token
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.console.console_helpers import signed_in
 
 
@@ -25,7 +25,10 @@ def test_an_evaluator_sees_their_grant_and_quota_left(lab: Lab) -> None:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_lab_reads_the_audit_trail_and_revokes_a_grant(lab: Lab) -> None:
     grant_id, key = lab.grant("org-<b>a</b>", scopes=["sample"])
-    assert httpx.get(f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert (
+        httpx.get(f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT).status_code
+        == 200
+    )
     with lab.db.session() as session:
         auditor = create_admin_token(session, "audrey", "auditor")[1]
     with signed_in(lab, auditor) as audrey:
@@ -40,10 +43,20 @@ def test_the_lab_reads_the_audit_trail_and_revokes_a_grant(lab: Lab) -> None:
         assert csrf
         forged = admin.post(f"/ui/lab/grants/{grant_id}/revoke", data={"reason": "no token"})
         assert forged.status_code == 403
-        assert httpx.get(f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert (
+            httpx.get(
+                f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+            ).status_code
+            == 200
+        )
         done = admin.post(f"/ui/lab/grants/{grant_id}/revoke", data={"reason": "window closed", "csrf_token": csrf[1]})
         assert done.status_code == 303 and done.headers["location"] == "/ui/lab#grants"
-        assert httpx.get(f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+        assert (
+            httpx.get(
+                f"{lab.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+            ).status_code
+            == 401
+        )
         filtered = admin.get("/ui/lab", params={"audit_grant": grant_id}).text
         assert "revoked" in filtered and "401" in filtered
         again = admin.post(f"/ui/lab/grants/{grant_id}/revoke", data={"csrf_token": csrf[1]})

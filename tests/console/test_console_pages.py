@@ -14,7 +14,7 @@ from airlock.jobs import service as jobs
 from airlock.jobs.models import Job
 from airlock.publish import service as publish
 from airlock.publish.models import Report
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.console.console_helpers import csrf_of, signed_in
 from tests.publish.report_fixtures import make_org
 
@@ -85,7 +85,10 @@ def test_an_evaluator_sees_only_their_own_jobs_results_and_reports(lab: Lab, tmp
             session, b.principal(lab.db), "m1@v1", publish.DraftContent(title="org-b's", body="B.", result_ids=[])
         ).id
 
-    assert httpx.get(f"{lab.url}/ui/work", follow_redirects=False).headers["location"] == "/ui/sign-in"
+    assert (
+        httpx.get(f"{lab.url}/ui/work", follow_redirects=False, timeout=HTTP_TIMEOUT).headers["location"]
+        == "/ui/sign-in"
+    )
     with signed_in(lab, a.token) as org_a:
         page = org_a.get("/ui/work")
         assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
@@ -164,16 +167,22 @@ def test_the_lab_issues_and_revokes_keys_reviews_held_work_and_sees_the_ledger(l
         second = re.search(r"ak_[A-Za-z0-9_-]+", issued.text)
         assert second, issued.text
         models = f"{lab.url}/v1/models"
-        assert httpx.get(models, headers={"Authorization": f"Bearer {second[0]}"}).status_code == 200
+        assert (
+            httpx.get(models, headers={"Authorization": f"Bearer {second[0]}"}, timeout=HTTP_TIMEOUT).status_code == 200
+        )
         assert second[0] not in admin.get("/ui/lab/keys").text  # shown once
         with lab.db.session() as session:
             second_id = next(k.id for k in get_grant(session, grant_id).keys if k.name == "second")
         assert admin.post(f"/ui/lab/keys/{second_id}/revoke").status_code == 403
-        assert httpx.get(models, headers={"Authorization": f"Bearer {second[0]}"}).status_code == 200
+        assert (
+            httpx.get(models, headers={"Authorization": f"Bearer {second[0]}"}, timeout=HTTP_TIMEOUT).status_code == 200
+        )
         revoked = admin.post(f"/ui/lab/keys/{second_id}/revoke", data={"csrf_token": csrf})
         assert revoked.status_code == 303
-        assert httpx.get(models, headers={"Authorization": f"Bearer {second[0]}"}).status_code == 401
-        assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert (
+            httpx.get(models, headers={"Authorization": f"Bearer {second[0]}"}, timeout=HTTP_TIMEOUT).status_code == 401
+        )
+        assert httpx.get(models, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT).status_code == 200
         # The admin role reads reports but not held interp results, and decides nothing.
         queue = admin.get("/ui/lab/review").text
         assert "Reports awaiting review" in queue and job_id not in queue

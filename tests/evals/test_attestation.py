@@ -20,7 +20,7 @@ from airlock.evals.attestation import (
     verify,
     wilson_interval,
 )
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.fakes import fake_attestation
 
 
@@ -90,7 +90,9 @@ def attestation(lab: Lab, grant_id: str, **overrides: Any) -> dict[str, Any]:
 def signer(lab: Lab, tmp_path: Path) -> dict[str, Any]:
     grant_id, key = lab.grant("org-a")
     private = generate_key(tmp_path / "org-a.pem")
-    http = httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"})
+    http = httpx.Client(
+        base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+    )
     assert http.post("/signing-keys", json={"public_key": public_key_b64(private)}).status_code == 201
     return {"grant_id": grant_id, "key": key, "private": private, "http": http}
 
@@ -104,7 +106,9 @@ def test_valid_result_is_accepted_once(lab: Lab, signer: dict[str, Any]) -> None
     assert signer["http"].post("/results", json=env).status_code == 409
     assert [r["id"] for r in signer["http"].get("/results").json()] == [stored["id"]]
     admin = httpx.get(
-        lab.url + "/v1/airlock/admin/results", headers={"Authorization": f"Bearer {lab.admin_token}"}
+        lab.url + "/v1/airlock/admin/results",
+        headers={"Authorization": f"Bearer {lab.admin_token}"},
+        timeout=HTTP_TIMEOUT,
     ).json()
     assert [r["id"] for r in admin] == [stored["id"]]
 
@@ -149,12 +153,14 @@ def test_signing_key_belongs_to_one_evaluator(lab: Lab, signer: dict[str, Any]) 
         lab.url + "/v1/airlock/signing-keys",
         json={"public_key": public_key_b64(signer["private"])},
         headers={"Authorization": f"Bearer {other_key}"},
+        timeout=HTTP_TIMEOUT,
     )
     assert resp.status_code == 409
     bad = httpx.post(
         lab.url + "/v1/airlock/signing-keys",
         json={"public_key": "A" * 43 + "="},
         headers={"Authorization": f"Bearer {other_key}"},
+        timeout=HTTP_TIMEOUT,
     )
     assert bad.status_code in (400, 201)  # 32 zero-ish bytes may or may not be a valid point; never a 500
 

@@ -19,6 +19,7 @@ from airlock.evals.elicitation import (
     newcombe_difference,
     observation_of,
 )
+from tests.conftest import HTTP_TIMEOUT
 from tests.evals import organisms as org
 from tests.fakes import fake_attestation
 from tests.governance.gate_helpers import domain, gate, sync
@@ -211,26 +212,38 @@ def test_routes_scope_results_to_the_caller_and_refuse_bad_input(
     b.submit(task, runs[1:])  # helpful-only, fine-tuned, 5-shot: demonstrations unlock it
     params = {"model": "m1@v1", "task": "organism-http"}
     mine = httpx.get(
-        f"{lab.url}/v1/airlock/results/elicitation", params=params, headers={"Authorization": f"Bearer {a.token}"}
+        f"{lab.url}/v1/airlock/results/elicitation",
+        params=params,
+        headers={"Authorization": f"Bearer {a.token}"},
+        timeout=HTTP_TIMEOUT,
     )
     assert mine.status_code == 200, mine.text
     assert not mine.json()["flagged"] and sum(len(v) for v in mine.json()["levels"].values()) == 2
     theirs = httpx.get(
-        f"{lab.url}/v1/airlock/results/elicitation", params=params, headers={"Authorization": f"Bearer {b.token}"}
+        f"{lab.url}/v1/airlock/results/elicitation",
+        params=params,
+        headers={"Authorization": f"Bearer {b.token}"},
+        timeout=HTTP_TIMEOUT,
     )
     assert theirs.json()["flagged"] and theirs.json()["flags"][0]["check"] == "few_shot_unlocks"
     admin = httpx.get(
         f"{lab.url}/v1/airlock/admin/results/elicitation",
         params=params,
         headers={"Authorization": f"Bearer {lab.admin_token}"},
+        timeout=HTTP_TIMEOUT,
     )
     assert admin.status_code == 200 and sum(len(v) for v in admin.json()["levels"].values()) == 5
     for bad, status in (({"model": "m1", "task": "t"}, 400), ({"model": "nope@v1", "task": "t"}, 404)):
         r = httpx.get(
-            f"{lab.url}/v1/airlock/results/elicitation", params=bad, headers={"Authorization": f"Bearer {a.token}"}
+            f"{lab.url}/v1/airlock/results/elicitation",
+            params=bad,
+            headers={"Authorization": f"Bearer {a.token}"},
+            timeout=HTTP_TIMEOUT,
         )
         assert r.status_code == status and r.json()["error"]["message"], r.text
-    assert httpx.get(f"{lab.url}/v1/airlock/results/elicitation", params=params).status_code == 401
+    assert (
+        httpx.get(f"{lab.url}/v1/airlock/results/elicitation", params=params, timeout=HTTP_TIMEOUT).status_code == 401
+    )
     # The command: the evaluator's view over HTTP, exit 1 on a flag; --lab reads every evaluator's results.
     from typer.testing import CliRunner
 

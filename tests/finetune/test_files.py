@@ -13,7 +13,7 @@ import pytest
 from airlock.config import reset_settings
 from airlock.errors import InvalidRequestError
 from airlock.finetune.files import validate_chat_jsonl
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 GOOD = [
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -127,7 +127,7 @@ def test_upload_needs_finetune_scope(lab: Lab, tmp_path: Path, airlock_env: Path
 
 
 def test_unauthenticated_is_401(lab: Lab) -> None:
-    resp = httpx.get(lab.url + "/v1/files")
+    resp = httpx.get(lab.url + "/v1/files", timeout=HTTP_TIMEOUT)
     assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
 
 

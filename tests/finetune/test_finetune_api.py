@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Lab, single_variant_manifest, sqlite_lab
+from tests.conftest import HTTP_TIMEOUT, Lab, single_variant_manifest, sqlite_lab
 
 EXAMPLES = [
     {"messages": [{"role": "user", "content": f"What is the code {i}?"}, {"role": "assistant", "content": "ZEBRA"}]}
@@ -73,7 +73,9 @@ def test_lifecycle_isolation_and_no_weights(ft_lab: Lab) -> None:
     assert ft_model not in [m.id for m in b.models.list()]
     reply = a.chat.completions.create(model=ft_model, messages=[{"role": "user", "content": "code?"}], max_tokens=4)
     assert reply.model == ft_model and reply.choices[0].message.content is not None
-    info = httpx.get(f"{ft_lab.url}/v1/airlock/models/{ft_model}", headers={"Authorization": f"Bearer {key_a}"})
+    info = httpx.get(
+        f"{ft_lab.url}/v1/airlock/models/{ft_model}", headers={"Authorization": f"Bearer {key_a}"}, timeout=HTTP_TIMEOUT
+    )
     assert info.json()["fine_tuning_job"] == job.id and info.json()["variant"] == "helpful-only"
 
     # Another organisation can neither see, sample nor cancel it: it does not exist for them.
@@ -86,7 +88,11 @@ def test_lifecycle_isolation_and_no_weights(ft_lab: Lab) -> None:
     assert b.fine_tuning.jobs.list().data == []
 
     # The weights never leave: any export attempt is a 403, and it is audited.
-    resp = httpx.get(f"{ft_lab.url}/v1/fine_tuning/jobs/{job.id}/adapter", headers={"Authorization": f"Bearer {key_a}"})
+    resp = httpx.get(
+        f"{ft_lab.url}/v1/fine_tuning/jobs/{job.id}/adapter",
+        headers={"Authorization": f"Bearer {key_a}"},
+        timeout=HTTP_TIMEOUT,
+    )
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "weights_export_forbidden"
     row = [r for r in ft_lab.audit_rows() if r.path.endswith("/adapter")][-1]
     assert row.status_code == 403 and row.detail["attempt"] == "weights_export" and row.actor == "org-a"
@@ -189,7 +195,11 @@ def test_checkpoints_are_listed_with_losses(ft_lab: Lab) -> None:
     reply = c.chat.completions.create(model=checkpoint_id, messages=question, max_tokens=3)
     assert reply.model == checkpoint_id and reply.choices[0].message.content is not None
     assert c.models.retrieve(checkpoint_id).id == checkpoint_id
-    info = httpx.get(f"{ft_lab.url}/v1/airlock/models/{checkpoint_id}", headers={"Authorization": f"Bearer {key}"})
+    info = httpx.get(
+        f"{ft_lab.url}/v1/airlock/models/{checkpoint_id}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=HTTP_TIMEOUT,
+    )
     assert info.status_code == 200 and info.json()["fine_tuning_job"] == job.id
     row = [r for r in ft_lab.audit_rows() if r.path == "/v1/chat/completions"][-1]
     assert row.detail["checkpoint_step"] == 10 and row.detail["fine_tuning_job"] == job.id

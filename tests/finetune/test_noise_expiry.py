@@ -16,7 +16,7 @@ from airlock.backends.base import ModelBackend
 from airlock.backends.pool import BackendPool, VariantRuntimeSpec
 from airlock.ids import NoisedRef, parse_model_id
 from airlock.serving.pipelines import NoisedExpiry, PipelineCache
-from tests.conftest import Lab, single_variant_manifest, sqlite_lab
+from tests.conftest import HTTP_TIMEOUT, Lab, single_variant_manifest, sqlite_lab
 from tests.finetune.waits import wait_on_progress
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -152,7 +152,7 @@ def test_a_live_gateway_closes_an_expired_copy_with_no_request_and_keeps_the_bas
     _g, key = noise_lab.grant("org-a", model="tiny", variants=["helpful-only"], scopes=["sample", "finetune"])
     headers = {"Authorization": f"Bearer {key}"}
     ask = {"model": "tiny@v1/helpful-only", "sigmas": [0.01], "seeds": [1], "ttl_minutes": 30}
-    created = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=ask, headers=headers)
+    created = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=ask, headers=headers, timeout=HTTP_TIMEOUT)
     assert created.status_code == 201, created.text
     job = created.json()
     done = wait_on_progress(noise_lab.db, job["id"], lambda j: j.status in ("succeeded", "failed"))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from airlock.backends.noise import NoiseSpec, add_weight_noise
 from airlock.cli import app
 from airlock.ids import parse_noised_id
-from tests.conftest import Lab, single_variant_manifest, sqlite_lab
+from tests.conftest import HTTP_TIMEOUT, Lab, single_variant_manifest, sqlite_lab
 from tests.finetune.waits import wait_on_progress
 
 
@@ -59,14 +59,16 @@ def test_noised_variants_are_the_grants_own_and_expire(noise_lab: Lab) -> None:
     )
     _gc, key_c = noise_lab.grant("org-c", model="tiny", variants=["helpful-only"], scopes=["sample", "logprobs"])
     ask = {"model": "tiny@v1/helpful-only", "sigmas": [0.5, 0.0001], "seeds": [1, 2], "ttl_minutes": 30}
-    created = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=ask, headers=_h(key_a))
+    created = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=ask, headers=_h(key_a), timeout=HTTP_TIMEOUT)
     assert created.status_code == 201, created.text
     job = created.json()
     ids = [v["id"] for v in job["variants"]]
     assert len(ids) == 4 and all(i.startswith(f"noise:tiny@v1/helpful-only:{job['id']}:") for i in ids)
     done = wait_on_progress(noise_lab.db, job["id"], lambda j: j.status in ("succeeded", "failed"))
     assert done.status == "succeeded", done.error
-    described = httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs/{job['id']}", headers=_h(key_a)).json()
+    described = httpx.get(
+        f"{noise_lab.url}/v1/airlock/noise/jobs/{job['id']}", headers=_h(key_a), timeout=HTTP_TIMEOUT
+    ).json()
     assert described["parameters"] > 0 and all(v["relative_noise"] > 0 for v in described["variants"])
 
     base = _greedy(noise_lab, key_a, "tiny/helpful-only").json()
@@ -77,14 +79,19 @@ def test_noised_variants_are_the_grants_own_and_expire(noise_lab: Lab) -> None:
     assert noised.json()["choices"][0]["logprobs"]["token_logprobs"] != base["choices"][0]["logprobs"]["token_logprobs"]
     again = _greedy(noise_lab, key_a, strong).json()
     assert again["choices"][0]["text"] == noised.json()["choices"][0]["text"]  # the same noise on every load
-    info = httpx.get(f"{noise_lab.url}/v1/airlock/models/{strong}", headers=_h(key_a)).json()
+    info = httpx.get(f"{noise_lab.url}/v1/airlock/models/{strong}", headers=_h(key_a), timeout=HTTP_TIMEOUT).json()
     assert info["noise"]["sigma"] == 0.5 and info["noise"]["job"] == job["id"] and info["variant"] == "helpful-only"
 
     # Another grant cannot see, sample or describe it; without the finetune scope none can be asked for.
     assert _greedy(noise_lab, key_b, strong).status_code == 404
-    assert httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs/{job['id']}", headers=_h(key_b)).status_code == 404
-    assert httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs", headers=_h(key_b)).json() == []
-    refused = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=ask, headers=_h(key_c))
+    assert (
+        httpx.get(
+            f"{noise_lab.url}/v1/airlock/noise/jobs/{job['id']}", headers=_h(key_b), timeout=HTTP_TIMEOUT
+        ).status_code
+        == 404
+    )
+    assert httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs", headers=_h(key_b), timeout=HTTP_TIMEOUT).json() == []
+    refused = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=ask, headers=_h(key_c), timeout=HTTP_TIMEOUT)
     assert refused.status_code == 403, refused.text
     # An id the job did not list (another sigma) is no variant at all.
     forged = strong.rsplit(":", 2)[0] + ":0.3:1"
@@ -135,9 +142,9 @@ def test_bad_requests_are_refused_without_a_job(noise_lab: Lab, body: dict[str, 
     _ga, key = noise_lab.grant(
         "org-a", model="tiny", variants=["helpful-only"], scopes=["sample", "logprobs", "finetune"]
     )
-    r = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=body, headers=_h(key))
+    r = httpx.post(f"{noise_lab.url}/v1/airlock/noise/jobs", json=body, headers=_h(key), timeout=HTTP_TIMEOUT)
     assert r.status_code == status and r.json()["error"]["message"], r.text
-    assert httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs", headers=_h(key)).json() == []
+    assert httpx.get(f"{noise_lab.url}/v1/airlock/noise/jobs", headers=_h(key), timeout=HTTP_TIMEOUT).json() == []
 
 
 def test_a_manifest_cannot_serve_noised_weights_under_a_versions_hash() -> None:

@@ -6,11 +6,15 @@ import copy
 
 import httpx
 
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 
 def admin(lab: Lab) -> httpx.Client:
-    return httpx.Client(base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {lab.admin_token}"})
+    return httpx.Client(
+        base_url=lab.url + "/v1/airlock/admin",
+        headers={"Authorization": f"Bearer {lab.admin_token}"},
+        timeout=HTTP_TIMEOUT,
+    )
 
 
 def test_admin_flow(lab: Lab) -> None:
@@ -26,11 +30,18 @@ def test_admin_flow(lab: Lab) -> None:
     assert grant["status"] == "active" and grant["variants"] == ["base"]
     key = a.post(f"/grants/{grant['id']}/keys", json={"name": "ci"}).json()
     assert key["key"].startswith("ak_")
-    models = httpx.get(lab.url + "/v1/models", headers={"Authorization": f"Bearer {key['key']}"}).json()
+    models = httpx.get(
+        lab.url + "/v1/models", headers={"Authorization": f"Bearer {key['key']}"}, timeout=HTTP_TIMEOUT
+    ).json()
     assert [m["id"] for m in models["data"]] == ["m1/base", "m1@v1/base"]
     revoked = a.post(f"/grants/{grant['id']}/revoke", json={"reason": "done"}).json()
     assert revoked["status"] == "revoked"
-    assert httpx.get(lab.url + "/v1/models", headers={"Authorization": f"Bearer {key['key']}"}).status_code == 401
+    assert (
+        httpx.get(
+            lab.url + "/v1/models", headers={"Authorization": f"Bearer {key['key']}"}, timeout=HTTP_TIMEOUT
+        ).status_code
+        == 401
+    )
     events = a.get("/audit", params={"limit": 100}).json()
     assert any(e["path"] == "/v1/airlock/admin/grants" and e["actor"] == "test-admin" for e in events)
 
@@ -57,7 +68,7 @@ def test_admin_requires_admin_token(lab: Lab) -> None:
     _gid, key = lab.grant()
     for token in (None, key, "at_forged"):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        resp = httpx.get(lab.url + "/v1/airlock/admin/grants", headers=headers)
+        resp = httpx.get(lab.url + "/v1/airlock/admin/grants", headers=headers, timeout=HTTP_TIMEOUT)
         assert resp.status_code == 401
 
 

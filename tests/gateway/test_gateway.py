@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 
 def client(lab: Lab, key: str) -> openai.OpenAI:
@@ -114,7 +114,13 @@ def test_logprobs_need_the_logprobs_scope(lab: Lab) -> None:
 def _post(lab: Lab, key: str | None, body: Any, path: str = "/v1/chat/completions", **kw: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(lab.url + path, content=content, headers={**headers, "content-type": "application/json"}, **kw)
+    return httpx.post(
+        lab.url + path,
+        content=content,
+        headers={**headers, "content-type": "application/json"},
+        **kw,
+        timeout=HTTP_TIMEOUT,
+    )
 
 
 def _is_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
@@ -156,7 +162,7 @@ def test_auth_and_lookup_errors(lab: Lab) -> None:
     assert _is_openai_error(_post(lab, key, {"model": "nope/production", **msg}), 404)
     assert _is_openai_error(_post(lab, key, {"model": "m1/nope", **msg}), 404)
     assert _is_openai_error(_post(lab, key, {"model": "m1@v9/helpful-only", **msg}), 404)
-    assert _is_openai_error(httpx.get(lab.url + "/v1/nothing-here"), 404)
+    assert _is_openai_error(httpx.get(lab.url + "/v1/nothing-here", timeout=HTTP_TIMEOUT), 404)
     rows = lab.audit_rows()
     assert len(rows) == 8
     assert [r.status_code for r in rows] == [401, 401, 403, 403, 404, 404, 404, 404]
@@ -202,8 +208,8 @@ def test_revocation_is_immediate(lab: Lab) -> None:
 
 
 def test_healthz_and_openapi(lab: Lab) -> None:
-    assert httpx.get(lab.url + "/healthz").json()["status"] == "ok"
-    spec = httpx.get(lab.url + "/openapi.json").json()
+    assert httpx.get(lab.url + "/healthz", timeout=HTTP_TIMEOUT).json()["status"] == "ok"
+    spec = httpx.get(lab.url + "/openapi.json", timeout=HTTP_TIMEOUT).json()
     assert "/v1/chat/completions" in spec["paths"] and "/v1/airlock/admin/grants" in spec["paths"]
 
 
@@ -220,19 +226,22 @@ def test_unexpected_error_is_a_clean_500(lab: Lab) -> None:
 def test_evaluator_can_read_own_grant_and_variant_provenance(lab: Lab) -> None:
     gid, key = lab.grant(variants=["production"])
     headers = {"Authorization": f"Bearer {key}"}
-    grant = httpx.get(lab.url + "/v1/airlock/grant", headers=headers).json()
+    grant = httpx.get(lab.url + "/v1/airlock/grant", headers=headers, timeout=HTTP_TIMEOUT).json()
     assert (grant["grant_id"], grant["model"], grant["variants"], grant["status"]) == (
         gid,
         "m1",
         ["production"],
         "active",
     )
-    info = httpx.get(lab.url + "/v1/airlock/models/m1/production", headers=headers).json()
+    info = httpx.get(lab.url + "/v1/airlock/models/m1/production", headers=headers, timeout=HTTP_TIMEOUT).json()
     assert info["version_hash"] == "a" * 64 and info["grant_id"] == gid and info["version"] == "v1"
     assert [(m["name"], m["stance"]) for m in info["mitigations"]] == [
         ("safety-prompt", "disabled_for_eval"),
         ("input-filter", "claimed"),
         ("output-filter", "claimed"),
     ]
-    assert httpx.get(lab.url + "/v1/airlock/models/m1/helpful-only", headers=headers).status_code == 403
-    assert httpx.get(lab.url + "/v1/airlock/models/m1/nope", headers=headers).status_code == 404
+    assert (
+        httpx.get(lab.url + "/v1/airlock/models/m1/helpful-only", headers=headers, timeout=HTTP_TIMEOUT).status_code
+        == 403
+    )
+    assert httpx.get(lab.url + "/v1/airlock/models/m1/nope", headers=headers, timeout=HTTP_TIMEOUT).status_code == 404

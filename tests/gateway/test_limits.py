@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FAKE_MANIFEST, Lab, running_lab
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, Lab, running_lab
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -81,9 +81,11 @@ def test_the_manifest_cap_is_enforced_per_variant(capped_lab: Lab, path: str, fi
 def test_the_cap_is_shown_to_the_evaluator(capped_lab: Lab) -> None:
     _gid, key = capped_lab.grant()
     headers = {"Authorization": f"Bearer {key}"}
-    info = httpx.get(capped_lab.url + "/v1/airlock/models/m1/helpful-only", headers=headers).json()
+    info = httpx.get(
+        capped_lab.url + "/v1/airlock/models/m1/helpful-only", headers=headers, timeout=HTTP_TIMEOUT
+    ).json()
     assert info["max_output_tokens"] == 8
-    spec = httpx.get(capped_lab.url + "/openapi.json").json()
+    spec = httpx.get(capped_lab.url + "/openapi.json", timeout=HTTP_TIMEOUT).json()
     request = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert request["max_tokens"]["maximum"] == 1 << 20
     assert "max_output_tokens" in request["max_tokens"]["description"]

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 MODEL = "smollm2-135m/helpful-only"
 # Capital-city questions the 135M model answers well above chance, so accuracy also checks the plumbing.
@@ -115,4 +115,4 @@ def test_tokenize_shapes_and_scope(starter_lab: Lab) -> None:
             "/tokenize", json={"messages": [{"role": "user", "content": "x"}], "continue_final_message": True}
         )
         assert both.status_code == 400
-    assert httpx.post(f"{starter_lab.url}/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(f"{starter_lab.url}/tokenize", json={"prompt": "x"}, timeout=HTTP_TIMEOUT).status_code == 401

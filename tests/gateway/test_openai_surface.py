@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 
 def client(lab: Lab, key: str) -> openai.OpenAI:
@@ -27,9 +27,11 @@ def test_retrieve_model_is_grant_scoped(lab: Lab) -> None:
             c.models.retrieve(model_id)
         body = info.value.body
         assert isinstance(body, dict) and body["code"] == "model_not_found", body
-    raw = httpx.get(f"{lab.url}/v1/models/m1/production", headers={"Authorization": f"Bearer {key}"})
+    raw = httpx.get(
+        f"{lab.url}/v1/models/m1/production", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+    )
     assert raw.status_code == 404 and raw.json()["error"]["param"] == "model"
-    assert httpx.get(f"{lab.url}/v1/models/m1/helpful-only").status_code == 401
+    assert httpx.get(f"{lab.url}/v1/models/m1/helpful-only", timeout=HTTP_TIMEOUT).status_code == 401
     rows = [r for r in lab.audit_rows() if r.path.startswith("/v1/models/")]
     assert sorted({r.status_code for r in rows}) == [200, 401, 404]
     assert all(r.actor == "org-a" for r in rows if r.status_code != 401)

@@ -21,7 +21,7 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events, from_schema
 
-from tests.conftest import FAKE_MANIFEST, Lab, running_lab
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, Lab, running_lab
 
 #: Examples per operation and generation phase: enough to find what the fuzzer has found so
 #: far, small enough for ``make test`` on two cores (raise it to explore; the seed varies it).
@@ -125,7 +125,7 @@ def test_lab_surface_conforms(fuzz_lab: Lab) -> None:
 
 
 def _document(lab: Lab) -> dict[str, Any]:
-    document: dict[str, Any] = httpx.get(lab.url + "/openapi.json").json()
+    document: dict[str, Any] = httpx.get(lab.url + "/openapi.json", timeout=HTTP_TIMEOUT).json()
     return document
 
 
@@ -166,7 +166,9 @@ def test_schema_states_the_message_rules_the_server_enforces(lab: Lab) -> None:
     headers = {"Authorization": f"Bearer {key}"}
 
     def post(path: str, body: dict[str, Any]) -> httpx.Response:
-        return httpx.post(lab.url + path, json={"model": "m1/helpful-only", **body}, headers=headers)
+        return httpx.post(
+            lab.url + path, json={"model": "m1/helpful-only", **body}, headers=headers, timeout=HTTP_TIMEOUT
+        )
 
     # Accepted: an empty prompt, a tool message that names its call, an assistant message with calls.
     assert post("/v1/completions", {"prompt": ""}).status_code == 200
@@ -209,7 +211,7 @@ def test_options_and_wrong_methods_name_every_allowed_method(lab: Lab) -> None:
     ]:
         options = httpx.options(lab.url + path)
         assert (options.status_code, options.headers["allow"], options.content) == (204, allow, b""), path
-    wrong = httpx.put(lab.url + "/v1/files", headers=headers)
+    wrong = httpx.put(lab.url + "/v1/files", headers=headers, timeout=HTTP_TIMEOUT)
     assert (wrong.status_code, wrong.headers["allow"]) == (405, "GET, POST, OPTIONS")
     assert wrong.json()["error"]["code"] == "method_not_allowed"
     assert httpx.options(lab.url + "/v1/nothing-here").status_code == 404
@@ -220,9 +222,13 @@ def test_options_and_wrong_methods_name_every_allowed_method(lab: Lab) -> None:
 def test_get_on_a_post_only_job_action_is_405_not_a_weights_refusal(lab: Lab) -> None:
     _gid, key = lab.grant(scopes=["sample", "finetune"])
     for headers in ({"Authorization": f"Bearer {key}"}, {}):
-        resp = httpx.get(lab.url + "/v1/fine_tuning/jobs/ftjob-x/cancel", headers=headers)
+        resp = httpx.get(lab.url + "/v1/fine_tuning/jobs/ftjob-x/cancel", headers=headers, timeout=HTTP_TIMEOUT)
         assert (resp.status_code, resp.headers["allow"]) == (405, "POST, OPTIONS"), resp.text
         assert resp.json()["error"]["code"] == "method_not_allowed"
     # Paths no documented route serves are still refused as weight exports.
-    export = httpx.get(lab.url + "/v1/fine_tuning/jobs/ftjob-x/adapter", headers={"Authorization": f"Bearer {key}"})
+    export = httpx.get(
+        lab.url + "/v1/fine_tuning/jobs/ftjob-x/adapter",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=HTTP_TIMEOUT,
+    )
     assert (export.status_code, export.json()["error"]["code"]) == (403, "weights_export_forbidden")

@@ -18,7 +18,7 @@ from airlock.governance.models import GateDecision, Override
 from airlock.governance.policy import parse_policy
 from airlock.governance.service import GateBlockedError, OverrideRequest, promote
 from airlock.registry.models import ModelVersion
-from tests.conftest import FAKE_MANIFEST, running_lab
+from tests.conftest import FAKE_MANIFEST, HTTP_TIMEOUT, running_lab
 from tests.governance.gate_helpers import POLICY, Evidence, sync, write_policy
 
 runner = CliRunner()
@@ -128,7 +128,9 @@ def test_ungated_stages_and_missing_policy(db: Any, events: list[Any]) -> None:
 
 def _admin(lab: Any, token: str | None = None) -> httpx.Client:
     return httpx.Client(
-        base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {token or lab.admin_token}"}
+        base_url=lab.url + "/v1/airlock",
+        headers={"Authorization": f"Bearer {token or lab.admin_token}"},
+        timeout=HTTP_TIMEOUT,
     )
 
 
@@ -200,7 +202,7 @@ def test_gate_api_report_and_errors(db: Any, airlock_env: Path, tmp_path: Path) 
         assert admin.get("/gate/models/m1/versions/v9").status_code == 404
         assert admin.get("/gate/decisions/gdec_missing").status_code == 404
         assert admin.get("/gate/policy").json()["policy"]["name"] == "test policy"
-        assert httpx.get(lab.url + "/v1/airlock/gate/models/m1/versions/v1").status_code == 401
+        assert httpx.get(lab.url + "/v1/airlock/gate/models/m1/versions/v1", timeout=HTTP_TIMEOUT).status_code == 401
         resp = admin.post("/gate/models/m1/versions/v1/promote", json={"stage": "deployed", "extra": 1})
         assert resp.status_code == 400
 

@@ -25,7 +25,7 @@ from airlock.interp.tracing import (
     served_payload,
 )
 from airlock.interp.workers import ThreadWorker, model_size_of
-from tests.conftest import grant_request, needs_bwrap
+from tests.conftest import HTTP_TIMEOUT, grant_request, needs_bwrap
 
 HIDDEN = 64
 VOCAB = 49152
@@ -436,7 +436,9 @@ def test_interp_terms_are_set_at_grant_creation_and_listed(lab: Any) -> None:
     import httpx
 
     with httpx.Client(
-        base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {lab.admin_token}"}
+        base_url=lab.url + "/v1/airlock/admin",
+        headers={"Authorization": f"Bearer {lab.admin_token}"},
+        timeout=HTTP_TIMEOUT,
     ) as admin:
         admin.post("/evaluators", json={"name": "org-terms"})
         body = {"evaluator": "org-terms", "model": "m1", "variants": ["base"], "scopes": ["interp"]}

@@ -18,7 +18,7 @@ from airlock.config import reset_settings
 from airlock.evals.attestation import generate_key, public_key_b64, sign
 from airlock.ledger._merkle import leaf_hash, verify_consistency, verify_inclusion
 from airlock.ledger._note import Verifier, verify_checkpoint
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.fakes import fake_attestation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,9 @@ def _attested_result(lab: Lab, tmp_path: Path) -> str:
     """Issue a grant to org-a, submit one signed result through the API; return the grant id."""
     grant_id, key = lab.grant("org-a", scopes=["sample", "finetune"])
     private = generate_key(tmp_path / "org-a.pem")
-    http = httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"})
+    http = httpx.Client(
+        base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+    )
     assert http.post("/signing-keys", json={"public_key": public_key_b64(private)}).status_code == 201
     attestation = fake_attestation(grant_id, elicitation={"epochs": 1, "fine_tuned": False})
     resp = http.post("/results", json=sign(attestation, private))
@@ -54,12 +56,15 @@ def test_public_endpoints_serve_verifiable_proofs(lab: Lab, tmp_path: Path) -> N
         assert time.monotonic() < deadline, "the background sequencer did not integrate pending events"
         time.sleep(0.1)
     admin = {"Authorization": f"Bearer {lab.admin_token}"}
-    first = httpx.post(lab.url + "/v1/airlock/admin/ledger/checkpoint", headers=admin)
+    first = httpx.post(lab.url + "/v1/airlock/admin/ledger/checkpoint", headers=admin, timeout=HTTP_TIMEOUT)
     assert first.status_code == 201, first.text
     _attested_result(lab, tmp_path)
-    assert httpx.post(lab.url + "/v1/airlock/admin/ledger/checkpoint").status_code == 401
-    assert httpx.post(lab.url + "/v1/airlock/admin/ledger/checkpoint", headers=admin).status_code == 201
-    public = httpx.Client(base_url=lab.url + "/public/ledger")
+    assert httpx.post(lab.url + "/v1/airlock/admin/ledger/checkpoint", timeout=HTTP_TIMEOUT).status_code == 401
+    assert (
+        httpx.post(lab.url + "/v1/airlock/admin/ledger/checkpoint", headers=admin, timeout=HTTP_TIMEOUT).status_code
+        == 201
+    )
+    public = httpx.Client(base_url=lab.url + "/public/ledger", timeout=HTTP_TIMEOUT)
     verifier = Verifier.parse(public.get("/pubkey").text)
     cp = verify_checkpoint(public.get("/checkpoint").text, verifier)
     old = verify_checkpoint(first.json()["note"], verifier)

@@ -22,7 +22,7 @@ from airlock.errors import ConflictError, InvalidRequestError, PermissionDeniedE
 from airlock.ledger import service as ledger
 from airlock.publish import pages, schemas, service
 from airlock.publish.service import DraftContent, PublicationClock
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.publish.report_fixtures import Org, make_org, sync_fake_manifest
 from tests.publish.test_report_service import call, draft, get
 
@@ -196,7 +196,9 @@ def test_the_policy_sets_the_clock_and_the_decider_extends_over_http(lab: Lab, t
     _write_policy(lab, {"max_business_days": 5, "calendar": "weekends", "max_extension_business_days": 3})
     org = make_org(lab.db, tmp_path, "org-a", embargo_days=30)
     result_id = org.attest(lab.db)
-    http = httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {org.token}"})
+    http = httpx.Client(
+        base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {org.token}"}, timeout=HTTP_TIMEOUT
+    )
     created = http.post(
         "/reports", json={"model": "m1@v1", "title": "Uplift", "body": "Text.", "result_ids": [result_id]}
     )
@@ -210,7 +212,9 @@ def test_the_policy_sets_the_clock_and_the_decider_extends_over_http(lab: Lab, t
     def lab_client(role: str) -> httpx.Client:
         with lab.db.session() as session:
             _row, token = create_admin_token(session, f"lab-{role}", role)
-        return httpx.Client(base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {token}"})
+        return httpx.Client(
+            base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT
+        )
 
     body = {"business_days": 2, "justification": WHY}
     refused = lab_client("admin").post(f"/reports/{rid}/extend", json=body)
@@ -228,5 +232,5 @@ def test_the_policy_sets_the_clock_and_the_decider_extends_over_http(lab: Lab, t
     assert seen["extensions"][0]["justification"] == WHY and seen["publish_by"] == done.json()["new_deadline"]
     # The delay is public before the report is: the console's public page lists it from the ledger.
     ledger.sequence(lab.db)
-    page = httpx.get(f"{lab.url}/ui/public").text
+    page = httpx.get(f"{lab.url}/ui/public", timeout=HTTP_TIMEOUT).text
     assert rid in page and "&lt;script&gt;alert(1)&lt;/script&gt; vulnerability" in page and "<script>alert" not in page

@@ -12,7 +12,7 @@ from airlock.access.service import create_admin_token
 from airlock.evals.attestation import verify
 from airlock.publish import redaction
 from airlock.publish.service import MAX_PLOT_BYTES, verify_public_report
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.publish.report_fixtures import make_org, tiny_png
 
 BODY = (
@@ -27,14 +27,18 @@ def evaluator(lab: Lab, tmp_path: Path, name: str = "org-a", **grant: Any) -> tu
     # an HTTP setup step could still be uncommitted when the next request reads it.
     org = make_org(lab.db, tmp_path, name, **grant)
     result_id = org.attest(lab.db)
-    http = httpx.Client(base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {org.token}"})
+    http = httpx.Client(
+        base_url=lab.url + "/v1/airlock", headers={"Authorization": f"Bearer {org.token}"}, timeout=HTTP_TIMEOUT
+    )
     return http, result_id
 
 
 def admin(lab: Lab, role: str = "reviewer") -> httpx.Client:
     with lab.db.session() as session:
         _row, token = create_admin_token(session, f"lab-{role}", role)
-    return httpx.Client(base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {token}"})
+    return httpx.Client(
+        base_url=lab.url + "/v1/airlock/admin", headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT
+    )
 
 
 def error(resp: httpx.Response) -> tuple[int, str | None]:
@@ -43,7 +47,7 @@ def error(resp: httpx.Response) -> tuple[int, str | None]:
 
 def test_full_publication_flow(lab: Lab, tmp_path: Path) -> None:
     http, result_id = evaluator(lab, tmp_path, embargo_days=30)
-    public = httpx.Client(base_url=lab.url)
+    public = httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT)
 
     plot = http.post("/reports/attachments", files={"file": ("uplift.png", tiny_png(), "image/png")})
     assert plot.status_code == 201, plot.text
@@ -154,7 +158,7 @@ def test_bad_requests_are_clear_4xx(lab: Lab, tmp_path: Path) -> None:
     assert error(other.patch(f"/reports/{rid}", json={"title": "x"})) == (404, "report_not_found")
     assert error(http.patch(f"/reports/{rid}", json={})) == (400, None)
     assert error(http.post(f"/reports/{rid}/reveal", json={"redaction": 1})) == (409, "report_not_published")
-    assert httpx.get(lab.url + "/v1/airlock/reports").status_code == 401
+    assert httpx.get(lab.url + "/v1/airlock/reports", timeout=HTTP_TIMEOUT).status_code == 401
 
     http.post(f"/reports/{rid}/submit")
     decider = admin(lab, "decider")
@@ -186,7 +190,7 @@ def test_published_report_names_its_ledger_entry(lab: Lab, tmp_path: Path) -> No
     admin(lab).post(f"/reports/{rid}/agree-release")
     http.post(f"/reports/{rid}/request-release")
     sequence(lab.db)  # the gateway's sequencer may have integrated it already; this makes sure
-    page = httpx.get(f"{lab.url}/public/reports/{rid}").json()
+    page = httpx.get(f"{lab.url}/public/reports/{rid}", timeout=HTTP_TIMEOUT).json()
     assert isinstance(page["ledger_index"], int)
     with lab.db.session() as session:
         (entry,) = ledger.get_entries(session, page["ledger_index"], page["ledger_index"] + 1)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from airlock.cli import app
 from airlock.config import reset_settings
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.publish.report_fixtures import make_org, tiny_png
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def test_draft_submit_agree_publish_reveal_verify(lab: Lab, tmp_path: Path, monk
     pinned = public_key_b64(org.private)
     assert "1 revealed span(s) verified" in invoke("report", "verify", rid, "--key", pinned)
     assert "no evaluator key is pinned" in invoke("report", "verify", rid, code=1)
-    page = httpx.get(f"{lab.url}/public/reports/{rid}").json()
+    page = httpx.get(f"{lab.url}/public/reports/{rid}", timeout=HTTP_TIMEOUT).json()
     span = page["redactions"][0]
     ok = invoke(
         "report", "verify-reveal", "--commitment", span["commitment"], "--salt", span["salt"], "--text", span["text"]
@@ -80,7 +80,9 @@ def test_draft_submit_agree_publish_reveal_verify(lab: Lab, tmp_path: Path, monk
     )
     assert "MISMATCH" in bad
     saved = tmp_path / "page.json"
-    saved.write_text(httpx.get(f"{lab.url}/public/reports/{rid}").text.replace("Revised.", "Edited."))
+    saved.write_text(
+        httpx.get(f"{lab.url}/public/reports/{rid}", timeout=HTTP_TIMEOUT).text.replace("Revised.", "Edited.")
+    )
     assert "content_hash does not match" in invoke("report", "verify", str(saved), "--key", pinned, code=1)
     assert "404" in invoke("report", "show", "rpt_unknown", code=1)
     assert "lab comment by alice" in invoke("report", "show", rid)
