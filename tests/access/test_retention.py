@@ -147,7 +147,7 @@ def test_interp_canary_is_gone_once_the_result_is_fetched(
     lab, directory = interp_lab
     caplog.set_level(logging.DEBUG)
     _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"])
-    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as http:
         body = {"model": "tiny/helpful-only", "code": INTERP_CODE, "args": {"secret": CANARY}}
         created = http.post("/v1/airlock/interp/jobs", json=body)
         assert created.status_code == 200, created.text
@@ -190,7 +190,7 @@ def test_interp_failed_and_never_fetched_jobs_leave_no_content(
     lab, directory = interp_lab
     caplog.set_level(logging.DEBUG)
     _gid, key = lab.grant(model="tiny", variants=["helpful-only"], scopes=["interp"])
-    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as http:
         failing = {"model": "tiny/helpful-only", "code": FAILING_CODE, "args": {"secret": CANARY}}
         failed_id = http.post("/v1/airlock/interp/jobs", json=failing).json()["id"]
         failed = _wait(http, failed_id, until=("succeeded", "failed"))
@@ -243,7 +243,7 @@ def test_sampling_and_redteam_transcripts_under_none_leave_no_content(
                 model="m1/helpful-only", messages=[{"role": "wizard", "content": CANARY}], max_tokens=8
             )
         assert CANARY not in str(refused.value)
-        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as rt:
             sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
             turn = rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": f"say {CANARY}"})
             assert turn.status_code == 201 and CANARY in turn.json()["responses"][0]["content"]
@@ -272,7 +272,7 @@ def test_redteam_words_leave_no_trace_in_a_database_dump(db: Any, db_url: str) -
 
     with running_lab(db, FAKE_MANIFEST) as lab:
         _gid, key = lab.grant("org-a", scopes=["sample", "redteam"], retention_redteam="none")
-        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as rt:
             sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
             assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": CANARY}).status_code == 201
             assert CANARY in _database_dump(db_url)  # the open session keeps its transcript: the dump can see it
@@ -398,7 +398,7 @@ def test_finetune_canary_under_sealed_is_unreadable_to_the_lab_until_released(
     assert _grep(home, needle) == [] and _grep(directory, needle) == []
     assert canary not in caplog.text
 
-    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as http:
         (item,) = http.get("/v1/airlock/sealed").json()
         assert (item["kind"], item["ref"], item["capability"], item["grant_id"]) == (
             "training_file",
@@ -444,7 +444,7 @@ def test_interp_canary_under_sealed_is_sealed_once_fetched(
     caplog.set_level(logging.DEBUG)
     gid, key = lab.grant("org-s", model="tiny", variants=["helpful-only"], scopes=["interp"], retention_interp="sealed")
     seal_key = _accept(lab, gid, key)
-    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as http:
         body = {"model": "tiny/helpful-only", "code": INTERP_CODE, "args": {"secret": CANARY}}
         job_id = http.post("/v1/airlock/interp/jobs", json=body).json()["id"]
         done = _wait(http, job_id, until=("succeeded", "failed"))
@@ -508,7 +508,7 @@ def test_redteam_transcript_under_sealed_on_either_database(db: Any, db_url: str
     with running_lab(db, FAKE_MANIFEST) as lab:
         gid, key = lab.grant("org-s", scopes=["sample", "redteam"], retention_redteam="sealed")
         seal_key = _accept(lab, gid, key)
-        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rt:
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as rt:
             sid = rt.post("/v1/airlock/redteam/sessions", json={"models": ["m1/helpful-only"]}).json()["id"]
             assert rt.post(f"/v1/airlock/redteam/sessions/{sid}/turns", json={"content": CANARY}).status_code == 201
             assert rt.get("/v1/airlock/sealed").json() == []  # nothing sealed while the session is open

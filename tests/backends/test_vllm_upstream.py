@@ -171,7 +171,7 @@ def test_vllm_variant_through_the_gateway(db: Any, vllm: str) -> None:
     }
     with running_lab(db, manifest) as lab:
         _gid, key = lab.grant(model="frontier", variants=["helpful-only"], scopes=["sample"])
-        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        with httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT) as http:
             tokens = http.post("/tokenize", json={"prompt": "Hi there"}).json()["tokens"]
             assert http.post("/detokenize", json={"tokens": tokens}).json() == {"prompt": "Hi there"}
             info = http.get("/tokenizer_info")

@@ -208,7 +208,7 @@ def test_organisations_and_red_teamers_do_not_see_each_other(console_lab: Lab) -
     _g1, alice = lab.grant("iso-a", scopes=["redteam"])
     _g2, mallory = lab.grant("iso-b", scopes=["redteam"])
     lab.accept_terms(alice)
-    with httpx.Client(base_url=lab.url, timeout=60) as api:
+    with httpx.Client(base_url=lab.url, timeout=HTTP_TIMEOUT) as api:
         sid = api.post(
             "/v1/airlock/redteam/sessions",
             json={"models": ["m1/production"], "title": "alice's secret"},

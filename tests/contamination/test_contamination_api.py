@@ -18,7 +18,7 @@ from airlock.contamination.matcher import Checker
 from airlock.contamination.scheme import Fingerprint, fingerprint_items
 from airlock.ledger import service as ledger
 from airlock.ledger.models import LedgerPending
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 
 ITEMS = [
     ("q1", "Which enzyme unwinds the double helix ahead of the replication fork in bacterial cells?"),
@@ -29,7 +29,7 @@ KINDS = ["contamination.registered", "contamination.withdrawn", "contamination.c
 
 
 def _client(lab: Lab, token: str) -> httpx.Client:
-    return httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT)
 
 
 def _lab_token(lab: Lab, role: str, name: str = "") -> str:

@@ -160,7 +160,7 @@ def test_a_live_gateway_closes_an_expired_copy_with_no_request_and_keeps_the_bas
 
     def sample(model: str) -> httpx.Response:
         body = {"model": model, "prompt": "one two", "max_tokens": 2, "temperature": 0}
-        return httpx.post(f"{noise_lab.url}/v1/completions", json=body, headers=headers, timeout=60)
+        return httpx.post(f"{noise_lab.url}/v1/completions", json=body, headers=headers, timeout=HTTP_TIMEOUT)
 
     assert sample("tiny/helpful-only").status_code == 200
     assert sample(job["variants"][0]["id"]).status_code == 200

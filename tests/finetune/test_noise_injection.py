@@ -31,7 +31,7 @@ def _h(key: str) -> dict[str, str]:
 
 def _greedy(lab: Lab, key: str, model: str) -> httpx.Response:
     body = {"model": model, "prompt": "one two three", "max_tokens": 8, "temperature": 0, "logprobs": 1}
-    return httpx.post(f"{lab.url}/v1/completions", json=body, headers=_h(key), timeout=60)
+    return httpx.post(f"{lab.url}/v1/completions", json=body, headers=_h(key), timeout=HTTP_TIMEOUT)
 
 
 def test_noise_is_a_pure_function_of_sigma_and_seed() -> None:

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Lab, needs_bwrap, running_lab
+from tests.conftest import HTTP_TIMEOUT, Lab, needs_bwrap, running_lab
 
 MANIFEST: dict[str, Any] = {
     "models": [
@@ -56,7 +56,7 @@ def interp_lab(db: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
 
 
 def _client(lab: Lab, token: str) -> httpx.Client:
-    return httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT)
 
 
 def _wait(http: httpx.Client, job_id: str, *, until: tuple[str, ...], seconds: float = 60) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, Lab, needs_bwrap
+from tests.conftest import HTTP_TIMEOUT, REPO, Lab, needs_bwrap
 
 pytestmark = [pytest.mark.slow, needs_bwrap]
 
@@ -18,7 +18,9 @@ def test_logit_lens_example_finds_paris(starter_lab: Lab) -> None:
         "interp-org", model="smollm2-135m", variants=["helpful-only"], scopes=["interp"], quota_interp_cpu_seconds=600
     )
     code = (REPO / "examples" / "interp" / "logit_lens.py").read_text()
-    with httpx.Client(base_url=starter_lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with httpx.Client(
+        base_url=starter_lab.url, headers={"Authorization": f"Bearer {key}"}, timeout=HTTP_TIMEOUT
+    ) as http:
         body = {"model": "smollm2-135m/helpful-only", "code": code, "args": {"prompt": "The capital of France is"}}
         job_id = http.post("/v1/airlock/interp/jobs", json=body).json()["id"]
         deadline = time.monotonic() + 300

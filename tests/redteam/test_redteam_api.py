@@ -15,12 +15,12 @@ from airlock.ledger import service as ledger
 from airlock.redteam.models import RedteamSession
 from airlock.registry.models import Model
 from airlock.registry.service import get_version
-from tests.conftest import Lab
+from tests.conftest import HTTP_TIMEOUT, Lab
 from tests.governance.gate_helpers import POLICY
 
 
 def _client(lab: Lab, token: str) -> httpx.Client:
-    return httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return httpx.Client(base_url=lab.url, headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT)
 
 
 def _gate(lab: Lab) -> dict[str, Any]:
